@@ -1,0 +1,196 @@
+"""Telemetry store: a Zarr v3 group with one subgroup of float64 per-expert sums per MoE layer.
+
+Layout of TELEMETRY.zarr:
+    zarr.json                 root attributes: format, schema_version, model (structure +
+                              fingerprint), calibration, routing, tool_version
+    layer_007/                one committed MoE layer (attributes: layer, num_experts, hidden, tokens)
+        frequency             [E]     |A_j|, tokens whose top-k holds j
+        weighted_frequency_sum[E]     sum over A_j of the router weight g
+        ean_sum               [E]     sum over A_j of ||f_j(x)||_2
+        weighted_ean_sum      [E]     sum over A_j of g * ||f_j(x)||_2
+        expert_output_sum     [E, H]  sum over A_j of f_j(x)        (for ean_ca)
+        max_activations       [E]     signed max element of f_j(x)  (-inf when never routed)
+        coactivation          [E, E]  tokens routed to both i and j (diagonal = frequency)
+
+Every array merges across chunks, runs and machines by addition (max for max_activations).
+A layer is committed by writing it under a temporary name and renaming the directory, so a
+killed run leaves either a whole layer or none.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from .errors import BadInput
+
+TELEMETRY_FORMAT = "reap-stream-telemetry"
+TELEMETRY_SCHEMA_VERSION = 1
+
+
+@dataclass
+class LayerStats:
+    layer: int
+    tokens: int
+    frequency: np.ndarray
+    weighted_frequency_sum: np.ndarray
+    ean_sum: np.ndarray
+    weighted_ean_sum: np.ndarray
+    expert_output_sum: np.ndarray
+    max_activations: np.ndarray
+    coactivation: np.ndarray
+
+    ARRAYS = ("frequency", "weighted_frequency_sum", "ean_sum", "weighted_ean_sum",
+              "expert_output_sum", "max_activations", "coactivation")
+
+    @classmethod
+    def zeros(cls, layer: int, num_experts: int, hidden: int) -> "LayerStats":
+        e = num_experts
+        return cls(layer, 0, np.zeros(e), np.zeros(e), np.zeros(e), np.zeros(e),
+                   np.zeros((e, hidden)), np.full(e, -np.inf), np.zeros((e, e)))
+
+    @property
+    def num_experts(self) -> int:
+        return self.frequency.shape[0]
+
+    def add(self, other: "LayerStats") -> None:
+        if other.frequency.shape != self.frequency.shape or other.expert_output_sum.shape != self.expert_output_sum.shape:
+            raise BadInput(f"layer {self.layer}", "cannot merge telemetry of different shapes")
+        self.tokens += other.tokens
+        for name in self.ARRAYS:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if name == "max_activations":
+                np.maximum(mine, theirs, out=mine)
+            else:
+                mine += theirs
+
+    def equal(self, other: "LayerStats") -> bool:
+        return self.tokens == other.tokens and all(
+            np.array_equal(getattr(self, n), getattr(other, n)) for n in self.ARRAYS)
+
+
+def layer_key(layer: int) -> str:
+    return f"layer_{layer:03d}"
+
+
+class TelemetryStore:
+    """A telemetry directory. Attributes live in the root group; layers are subgroups."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, path: str | Path, attrs: dict) -> "TelemetryStore":
+        path = Path(path)
+        root = zarr.open_group(str(path), mode="w", zarr_format=3)
+        root.attrs.update({"format": TELEMETRY_FORMAT, "schema_version": TELEMETRY_SCHEMA_VERSION, **attrs})
+        return cls(path)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "TelemetryStore":
+        path = Path(path)
+        meta = path / "zarr.json"
+        try:
+            attrs = json.loads(meta.read_text()).get("attributes", {})
+        except FileNotFoundError:
+            raise BadInput(path, "not a telemetry store (no zarr.json)") from None
+        except ValueError as e:
+            raise BadInput(meta, f"invalid JSON: {e}") from None
+        if attrs.get("format") != TELEMETRY_FORMAT:
+            raise BadInput(path, f"not a reap-stream telemetry store (format {attrs.get('format')!r})")
+        if attrs.get("schema_version") != TELEMETRY_SCHEMA_VERSION:
+            raise BadInput(path, f"telemetry schema_version {attrs.get('schema_version')!r} is not supported")
+        return cls(path)
+
+    @property
+    def attrs(self) -> dict:
+        return dict(zarr.open_group(str(self.path), mode="r").attrs)
+
+    def update_attrs(self, **attrs: object) -> None:
+        zarr.open_group(str(self.path), mode="r+").attrs.update(attrs)
+
+    def layers(self) -> list[int]:
+        """Committed layers, ascending."""
+        out = []
+        for p in self.path.iterdir():
+            if p.is_dir() and p.name.startswith("layer_") and p.name[6:].isdigit():
+                out.append(int(p.name[6:]))
+        return sorted(out)
+
+    def read(self, layer: int) -> LayerStats:
+        path = self.path / layer_key(layer)
+        if not path.is_dir():
+            raise BadInput(self.path, f"layer {layer} has no committed telemetry")
+        g = zarr.open_group(str(path), mode="r")
+        arrays = {}
+        for name in LayerStats.ARRAYS:
+            if name not in g:
+                raise BadInput(path, f"telemetry array {name!r} is missing")
+            arrays[name] = np.asarray(g[name][...], dtype=np.float64)
+        return LayerStats(layer=layer, tokens=int(g.attrs["tokens"]), **arrays)
+
+    def fingerprint(self) -> str:
+        """sha256 over every committed layer's arrays and token count."""
+        h = hashlib.sha256()
+        for layer in self.layers():
+            st = self.read(layer)
+            h.update(f"{layer}:{st.tokens}".encode())
+            for name in LayerStats.ARRAYS:
+                h.update(np.ascontiguousarray(getattr(st, name), dtype="<f8").tobytes())
+        return "sha256:" + h.hexdigest()
+
+    def commit(self, stats: LayerStats) -> None:
+        """Write one layer atomically: into a temporary directory, then rename into place."""
+        final = self.path / layer_key(stats.layer)
+        tmp = self.path / f".{layer_key(stats.layer)}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        g.attrs.update({"layer": stats.layer, "num_experts": stats.num_experts,
+                        "hidden": int(stats.expert_output_sum.shape[1]), "tokens": int(stats.tokens)})
+        for name in LayerStats.ARRAYS:
+            data = np.ascontiguousarray(getattr(stats, name), dtype=np.float64)
+            arr = g.create_array(name, shape=data.shape, dtype="float64", chunks=data.shape,
+                                 compressors=None, fill_value=0.0)
+            arr[...] = data
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def merge_stores(paths: list[Path], out: Path) -> TelemetryStore:
+    """Add stores of the same model and routing settings, collected on disjoint calibration shards."""
+    stores = [TelemetryStore.open(p) for p in paths]
+    first = stores[0].attrs
+    for s in stores[1:]:
+        a = s.attrs
+        for key in ("model", "routing"):
+            if a.get(key) != first.get(key):
+                raise BadInput(s.path, f"{key} differs from {stores[0].path} (telemetry of another model or routing setting)")
+        if s.layers() != stores[0].layers():
+            raise BadInput(s.path, f"layers {s.layers()} differ from {stores[0].path}'s {stores[0].layers()}")
+    calib = [s.attrs.get("calibration") for s in stores]
+    attrs = {k: v for k, v in first.items() if k not in ("format", "schema_version", "calibration")}
+    attrs["calibration"] = {"merged": calib,
+                            "num_tokens": sum(int((c or {}).get("num_tokens", 0)) for c in calib)}
+    merged = TelemetryStore.create(out, attrs)
+    for layer in stores[0].layers():
+        total = stores[0].read(layer)
+        for s in stores[1:]:
+            total.add(s.read(layer))
+        merged.commit(total)
+    return merged

@@ -1,0 +1,36 @@
+"""Shared pytest fixtures: cached tiny checkpoints and deterministic calibration text."""
+
+from __future__ import annotations
+
+import inspect
+import argparse
+from pathlib import Path
+
+import pytest
+
+from reap_stream import synth
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE_ROOT = REPO / "fixtures" / "generated"
+
+
+@pytest.fixture(scope="session")
+def fixture_model():
+    """fixture_model(family, variant="fp32") -> Path of a cached tiny checkpoint.
+    variant: "fp32" | "fp16" | "bf16" | "q4" (synth.QUANTIZED_FAMILIES) | "hf" (synth.HF_FAMILIES)."""
+
+    def get(family: str, variant: str = "fp32") -> Path:
+        return synth.cached_fixture(family, variant, FIXTURE_ROOT)
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def calib_text():
+    """calib_text(n_chars=4000) -> a deterministic chunk of real text (Python stdlib source)."""
+    source = inspect.getsource(argparse)
+
+    def get(n_chars: int = 4000) -> str:
+        return (source * (1 + n_chars // len(source)))[:n_chars]
+
+    return get

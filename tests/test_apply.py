@@ -1,0 +1,207 @@
+"""`reap-stream apply` on safetensors checkpoints: the pruned model computes exactly what the
+original computes with the pruned experts masked out of routing."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from reap_stream import synth
+from reap_stream.checkpoint import Checkpoint, read_array
+from reap_stream.cli import cli
+from reap_stream.families import classify, family_of
+from reap_stream.plan import LayerPlan, Plan
+from reap_stream.structure import checkpoint_structure, fingerprint
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def make_plan(model_dir: Path, n_prune: int = 3, seed: int = 0, per_layer: dict[int, int] | None = None) -> Plan:
+    """Prune n_prune experts per MoE layer (equal drop per group), chosen pseudo-randomly."""
+    ckpt = Checkpoint.open(model_dir)
+    st = checkpoint_structure(ckpt)
+    rng = np.random.default_rng(seed)
+    layers = {}
+    for layer, n in st.layer_experts.items():
+        k = (per_layer or {}).get(layer, n_prune)
+        size = n // st.n_group
+        pruned: list[int] = []
+        for g in range(st.n_group):
+            pruned += sorted(int(e) + g * size for e in rng.choice(size, k // st.n_group, replace=False))
+        layers[layer] = LayerPlan(sorted(set(range(n)) - set(pruned)), sorted(pruned))
+    model = {**st.to_json(), "fingerprint": fingerprint(ckpt)}
+    return Plan(layers=layers, method="random", ratio=None, model=model)
+
+
+def tokens(n: int = 48) -> np.ndarray:
+    return (np.arange(n) * 37 + 11) % synth.VOCAB_SIZE
+
+
+def pruned_logits(out_dir: Path, toks: np.ndarray) -> np.ndarray:
+    import mlx.core as mx
+    from mlx_lm import load
+
+    model, _ = load(str(out_dir))
+    return np.array(model(mx.array(toks.reshape(1, -1)))[0].astype(mx.float32))
+
+
+CASES = [(f, "fp32") for f in synth.FAMILIES] + [(f, "q4") for f in synth.QUANTIZED_FAMILIES]
+
+
+@pytest.mark.parametrize("family,variant", CASES)
+def test_pruned_output_equals_masked_original(family, variant, fixture_model, tmp_path):
+    from reap_stream.masking import masked_logits
+
+    src = fixture_model(family, variant)
+    n_prune = 4 if family in ("deepseek_v3", "glm4_moe") else 3
+    plan = make_plan(src, n_prune=n_prune)
+    plan.save(tmp_path / "plan.json")
+    res = run("apply", src, tmp_path / "plan.json", "--out", tmp_path / "out", "--quiet")
+    assert res.exit_code == 0, res.output
+
+    toks = tokens()
+    want = masked_logits(src, plan.pruned_map(), toks)
+    got = pruned_logits(tmp_path / "out", toks)
+    assert got.shape == want.shape
+    assert np.max(np.abs(got - want)) <= 1e-5
+
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    fam = family_of(cfg)
+    n = json.loads((src / "config.json").read_text())[fam.experts_key]
+    assert cfg[fam.experts_key] == n - n_prune
+    assert cfg["reap_stream"]["kept"] == {str(k): v for k, v in plan.kept_map().items()}
+    if variant == "q4":
+        assert cfg["quantization"] == json.loads((src / "config.json").read_text())["quantization"]
+
+
+def test_masking_is_not_a_no_op(fixture_model):
+    """The equality above means something only if pruning changes the output."""
+    from reap_stream.masking import masked_logits
+
+    src = fixture_model("qwen3_moe")
+    plan = make_plan(src, n_prune=3)
+    toks = tokens()
+    assert np.max(np.abs(masked_logits(src, plan.pruned_map(), toks) - masked_logits(src, {}, toks))) > 1e-3
+
+
+@pytest.mark.parametrize("family", synth.HF_FAMILIES)
+def test_hf_layout_loads_in_transformers_and_equals_masked_original(family, fixture_model, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from reap_stream.masking import masked_logits
+
+    src = fixture_model(family, "hf")
+    plan = make_plan(src, n_prune=3, seed=1)
+    plan.save(tmp_path / "plan.json")
+    res = run("apply", src, tmp_path / "plan.json", "--out", tmp_path / "out", "--quiet")
+    assert res.exit_code == 0, res.output
+    out = Checkpoint.open(tmp_path / "out")
+    fam = family_of(out.config)
+    # per-expert tensors renumbered 0..k-1
+    for layer, lp in plan.layers.items():
+        ids = {classify(n, fam).expert for n in out.tensors
+               if classify(n, fam) and classify(n, fam).layer == layer and classify(n, fam).kind == "per_expert"}
+        assert ids == set(range(len(lp.kept)))
+
+    toks = tokens()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", torch_dtype=torch.float32)
+    with torch.no_grad():
+        got = model(torch.tensor(toks[None], dtype=torch.long)).logits[0].numpy()
+    want = masked_logits(src, plan.pruned_map(), toks)
+    assert np.max(np.abs(got - want)) <= 1e-4
+
+
+@pytest.mark.parametrize("variant", ["bf16", "fp16"])
+def test_half_precision_kept_experts_are_the_source_bytes(variant, fixture_model, tmp_path):
+    src = fixture_model("qwen3_moe", variant)
+    plan = make_plan(src, n_prune=2)
+    plan.save(tmp_path / "plan.json")
+    assert run("apply", src, tmp_path / "plan.json", "--out", tmp_path / "out", "--quiet").exit_code == 0
+    a, b = Checkpoint.open(src), Checkpoint.open(tmp_path / "out")
+    fam = family_of(a.config)
+    checked = 0
+    for name, ref in a.tensors.items():
+        rel = classify(name, fam)
+        src_arr = read_array(ref)
+        out_arr = read_array(b.tensors[name])
+        if rel is None:
+            assert np.array_equal(src_arr, out_arr)
+        else:
+            assert np.array_equal(src_arr[plan.layers[rel.layer].kept], out_arr)
+            checked += 1
+    assert checked > 0
+    assert b.tensors[next(iter(b.tensors))].dtype == ("BF16" if variant == "bf16" else "F16")
+
+
+def test_same_inputs_give_byte_identical_outputs(fixture_model, tmp_path):
+    src = fixture_model("deepseek_v3")
+    make_plan(src, n_prune=2).save(tmp_path / "plan.json")
+    for out in ("a", "b"):
+        assert run("apply", src, tmp_path / "plan.json", "--out", tmp_path / out, "--quiet",
+                   "--max-shard-size", "400KB").exit_code == 0
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert "model.safetensors.index.json" in names  # several shards were written
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_small_shards_load_and_manifest_matches(fixture_model, tmp_path):
+    from reap_stream.checkpoint import sha256_file
+    from reap_stream.masking import masked_logits
+
+    src = fixture_model("mixtral")
+    plan = make_plan(src, n_prune=2)
+    plan.save(tmp_path / "plan.json")
+    assert run("apply", src, tmp_path / "plan.json", "--out", tmp_path / "out", "--quiet",
+               "--max-shard-size", "300KB").exit_code == 0
+    out = tmp_path / "out"
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) >= 3
+    manifest = json.loads((out / "reap_manifest.json").read_text())
+    assert set(manifest["files"]) == {p.name for p in out.iterdir()} - {"reap_manifest.json"}
+    for name, entry in manifest["files"].items():
+        assert sha256_file(out / name) == entry["sha256"]
+    assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    toks = tokens()
+    assert np.max(np.abs(pruned_logits(out, toks) - masked_logits(src, plan.pruned_map(), toks))) <= 1e-5
+
+
+def test_non_uniform_plan_loads_through_the_reap_stream_loader(fixture_model, tmp_path):
+    import mlx.core as mx
+
+    from reap_stream.loader import load_pruned
+    from reap_stream.masking import masked_logits
+
+    src = fixture_model("qwen3_moe")
+    st = checkpoint_structure(Checkpoint.open(src))
+    per_layer = {layer: i % 3 + 1 for i, layer in enumerate(st.moe_layers)}
+    plan = make_plan(src, per_layer=per_layer)
+    assert not plan.uniform
+    plan.save(tmp_path / "plan.json")
+    assert run("apply", src, tmp_path / "plan.json", "--out", tmp_path / "out", "--quiet").exit_code == 0
+
+    from mlx_lm import load
+    with pytest.raises(Exception):
+        load(str(tmp_path / "out"))  # mlx_lm alone cannot build per-layer counts
+    model, _ = load_pruned(tmp_path / "out")
+    toks = tokens()
+    got = np.array(model(mx.array(toks[None]))[0].astype(mx.float32))
+    assert np.max(np.abs(got - masked_logits(src, plan.pruned_map(), toks))) <= 1e-5
+
+
+def test_dry_run_validates_and_writes_nothing(fixture_model, tmp_path):
+    src = fixture_model("olmoe")
+    make_plan(src).save(tmp_path / "plan.json")
+    res = run("apply", src, tmp_path / "plan.json", "--out", tmp_path / "out", "--dry-run", "--json")
+    assert res.exit_code == 0
+    summary = json.loads(res.output)
+    assert summary["dry_run"] and summary["tensor_bytes"] < summary["source_tensor_bytes"]
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
