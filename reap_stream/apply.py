@@ -8,11 +8,13 @@ index and the manifest are written last.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,7 @@ MANIFEST_NAME = "reap_manifest.json"
 PLAN_COPY_NAME = "reap_plan.json"
 MANIFEST_FORMAT = "reap-stream-manifest"
 DEFAULT_MAX_SHARD = 5 * 10**9
+_HAS_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
 # files of the source directory that describe the source weights, never copied
 _SOURCE_ONLY = re.compile(r".*\.safetensors$|^model\.safetensors\.index\.json$|^" + re.escape(MANIFEST_NAME) + "$|^" + re.escape(PLAN_COPY_NAME) + "$")
 
@@ -215,49 +218,61 @@ def check_output_path(source: Path, out: Path, overwrite: bool) -> None:
         raise BadInput(out, "output exists and is not a directory")
 
 
-class _HashingWriter:
-    """A file written sequentially, hashed as it goes."""
+def _copy_range(src_fd: int, dst_fd: int, start: int, end: int, buffer: memoryview, path: Path) -> None:
+    """Append source bytes [start, end) to dst: in the kernel where it can, else via `buffer`."""
+    global _HAS_COPY_FILE_RANGE
+    pos = start
+    while pos < end:
+        n = 0
+        if _HAS_COPY_FILE_RANGE:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, end - pos, pos)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                _HAS_COPY_FILE_RANGE = False  # e.g. across file systems on older kernels
+                continue
+        else:
+            n = os.preadv(src_fd, [buffer[: min(len(buffer), end - pos)]], pos)
+            if n > 0:
+                _write_all(dst_fd, buffer[:n])
+        if n <= 0:
+            raise BadInput(path, f"unexpected end of file at byte {pos}")
+        pos += n
 
-    def __init__(self, path: Path):
-        self.f = open(path, "wb")
-        self.sha = hashlib.sha256()
-        self.size = 0
 
-    def write(self, data) -> None:
-        self.f.write(data)
-        self.sha.update(data)
-        self.size += len(data)
-
-    def close(self) -> dict:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        return {"sha256": self.sha.hexdigest(), "size": self.size}
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
-def _copy_ranges(shard: OutShard, dst: Path, buffer: bytearray, bar: tqdm) -> dict:
-    view = memoryview(buffer)
-    out = _HashingWriter(dst)
+def _copy_shard(shard: OutShard, dst: Path, buffer: memoryview, bar: tqdm) -> None:
     handles: dict[Path, int] = {}
+    out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        out.write(shard.header())
+        _write_all(out, shard.header())
         for t in shard.tensors:
             for path, start, end in t.ranges:
-                fd = handles.get(path)
-                if fd is None:
-                    fd = handles[path] = os.open(path, os.O_RDONLY)
-                pos = start
-                while pos < end:
-                    n = os.preadv(fd, [view[: min(len(buffer), end - pos)]], pos)
-                    if n <= 0:
-                        raise BadInput(path, f"unexpected end of file at byte {pos}")
-                    out.write(view[:n])
-                    pos += n
-                    bar.update(n)
+                if path not in handles:
+                    handles[path] = os.open(path, os.O_RDONLY)
+                _copy_range(handles[path], out, start, end, buffer, path)
+                bar.update(end - start)
     finally:
+        os.close(out)
         for fd in handles.values():
             os.close(fd)
-    return out.close()
+
+
+def _seal(path: Path) -> dict:
+    """sha256 and size of a finished file, flushed to disk (runs on a worker thread)."""
+    digest = sha256_file(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return {"sha256": digest, "size": path.stat().st_size}
 
 
 def _write_json(path: Path, data: object) -> dict:
@@ -293,11 +308,17 @@ def write_layout(layout: Layout, out: Path, *, overwrite: bool = False, buffer_b
 
 
 def _write_into(layout: Layout, tmp: Path, buffer_bytes: int, progress: bool) -> dict:
-    files: dict[str, dict] = {}
-    buffer = bytearray(buffer_bytes)
-    with tqdm(total=layout.total_bytes, unit="B", unit_scale=True, desc="apply", disable=not progress) as bar:
+    # Shards are copied one after another; each finished shard is hashed and synced on a worker
+    # thread while the next one is copied (hashlib releases the GIL).
+    buffer = memoryview(bytearray(buffer_bytes))
+    workers = max(1, min(4, (os.cpu_count() or 2) - 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            tqdm(total=layout.total_bytes, unit="B", unit_scale=True, desc="apply", disable=not progress) as bar:
+        sealed = {}
         for shard in layout.shards:
-            files[shard.name] = _copy_ranges(shard, tmp / shard.name, buffer, bar)
+            _copy_shard(shard, tmp / shard.name, buffer, bar)
+            sealed[shard.name] = pool.submit(_seal, tmp / shard.name)
+        files = {name: fut.result() for name, fut in sealed.items()}
     for name in layout.copied_files:
         shutil.copyfile(layout.source.root / name, tmp / name)
         files[name] = {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size}

@@ -25,13 +25,6 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-def _is_gguf(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
-
-
 @click.command("apply")
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.argument("plan_path", metavar="PLAN", type=click.Path(path_type=Path))
@@ -48,10 +41,12 @@ def apply_cmd(model: Path, plan_path: Path, out: Path, dry_run: bool, max_shard_
     """Apply PLAN to MODEL (a safetensors model directory or a GGUF file) and write OUT."""
     plan = Plan.load(plan_path)
     buffer_bytes = parse_size(buffer_size)
-    if _is_gguf(model):
-        from .gguf_apply import apply_gguf
+    from .gguf_apply import apply_gguf, is_gguf
+
+    if model.is_file() and is_gguf(model):
         summary = apply_gguf(model, plan, out, overwrite=overwrite, dry_run=dry_run,
-                             ignore_fingerprint=ignore_fingerprint, buffer_bytes=buffer_bytes)
+                             ignore_fingerprint=ignore_fingerprint, buffer_bytes=buffer_bytes,
+                             plan_where=str(plan_path))
     elif model.is_file() and model.suffix == ".gguf":
         raise BadInput(model, "not a GGUF file (bad magic)")
     else:
@@ -91,4 +86,5 @@ def _print_summary(s: dict) -> None:
         for sh in s["shards"]:
             click.echo(f"  {sh['name']}: {sh['tensors']} tensors, {sh['bytes']:,} bytes")
     else:
-        click.echo(f"{verb} {s.get('out')}: " + json.dumps({k: v for k, v in s.items() if k != "files"}, sort_keys=True))
+        click.echo(f"{verb} {', '.join(s['out'])}: {s['arch']} ({s['layout']}), "
+                   f"experts {s['experts_before']} -> {s['experts_after']}, kept per pruned layer: {kept}")

@@ -167,9 +167,10 @@ def ensure_blas() -> dict:
         _state = {"state": "native", "source": None, "kind": "platform", "path": None}
     elif "mlx.core" in sys.modules and env.lower() not in _DISABLE:
         provider = global_sgemm_provider()
-        _state = {"state": "too-late" if provider is None else "preloaded", "source": None,
-                  "kind": "reference" if provider is None else "unknown", "path": provider}
-        if provider is None:
+        if provider is not None:  # LD_PRELOAD: MLX bound to it all the same
+            _state = {**_load(provider, "preloaded"), "state": "preloaded"}
+        else:
+            _state = {"state": "too-late", "source": None, "kind": "reference", "path": None}
             _warn("mlx was imported before reap_stream.blas.ensure_blas(); "
                   "MLX keeps its slow reference BLAS in this process")
     else:

@@ -12,7 +12,10 @@ from .errors import BadInput
 # command name -> "module:attribute" of its click command
 COMMANDS = {
     "apply": "reap_stream.apply_cmd:apply_cmd",
+    "plan": "reap_stream.plan_cmd:plan_cmd", "init": "reap_stream.plan_cmd:init_cmd", "parity": "reap_stream.parity_cmd:parity_cmd", "report": "reap_stream.report_cmd:report_cmd", "verify": "reap_stream.verify_cmd:verify_cmd",
     "doctor": "reap_stream.doctor_cmd:doctor_cmd",
+    "collect": "reap_stream.collect_cmd:collect_cmd", "merge": "reap_stream.collect_cmd:merge_cmd",
+    "eval": "reap_stream.eval_cmd:eval_cmd", "compare": "reap_stream.eval_cmd:compare_cmd",
 }
 
 
@@ -42,4 +45,15 @@ def cli() -> None:
 
 
 def main() -> None:
+    # The optimised BLAS must be in the process before anything imports mlx.
+    from .blas import ensure_blas
+    try:
+        ensure_blas()
+    except BadInput as e:
+        click.echo(f"reap-stream: error: {e}", err=True)
+        sys.exit(2)
     cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -67,7 +67,8 @@ def diagnose(probe: bool = True) -> dict:
 def _blas_line(b: dict) -> str:
     state = b["state"]
     if state in ("loaded", "preloaded"):
-        threads = f", {b['threads']} threads ({b['threads_env']})" if b.get("threads") else ""
+        n = b.get("threads")
+        threads = f", {n} thread{'s' if n != 1 else ''} ({b['threads_env']})" if n else ""
         return f"{b['kind']} {b['path']}{threads}"
     if state == "disabled":
         return f"disabled by {ENV_VAR}=none: MLX's reference BLAS"

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .errors import BadInput
 from .families import FAMILIES
 from .gguf_layout import (KV, MAGIC, GGUFFile, OutTensor, VType, encode_header, encode_kv,
-                          plan_offsets, read_model, split_name, _SPLIT)
+                          align, plan_offsets, read_model, split_name, SPLIT_PATTERN)
 from .plan import Plan
 from .structure import MoEStructure, check_plan
 
@@ -198,12 +198,7 @@ class OutPart:
     @property
     def size(self) -> int:
         last = self.tensors[-1] if self.tensors else None
-        data = plan_offsets([last.offset + last.nbytes], self.source.alignment)[0] if last else 0
-        return len(self.header) + _padded(last.offset + last.nbytes if last else 0, self.source.alignment) + 0 * data
-
-
-def _padded(n: int, alignment: int) -> int:
-    return n + (-n % alignment)
+        return len(self.header) + (align(last.offset + last.nbytes, self.source.alignment) if last else 0)
 
 
 def _runs(ids: list[int]) -> list[tuple[int, int]]:
@@ -223,14 +218,14 @@ def _out_tensors(part: GGUFFile, spec: GGUFArch, kept: dict[int, list[int]]) -> 
         m = _BLK.match(t.name)
         ids = kept.get(int(m.group(1))) if m and m.group(2) in spec.expert_tensors else None
         if ids is None or len(ids) == t.ne[-1]:
-            planned.append((t.name, t.ne, t.ggml_type, t.nbytes, ((t.start, t.nbytes),)))
+            planned.append((t.name, t.ne, t.ggml_type, t.nbytes, ((t.start, t.nbytes),), False))
             continue
         stride = t.outer_stride
         pieces = tuple((t.start + first * stride, n * stride) for first, n in _runs(ids))
-        planned.append((t.name, t.ne[:-1] + (len(ids),), t.ggml_type, len(ids) * stride, pieces))
+        planned.append((t.name, t.ne[:-1] + (len(ids),), t.ggml_type, len(ids) * stride, pieces, True))
     offsets = plan_offsets([p[3] for p in planned], part.alignment)
-    return [OutTensor(name, ne, typ, off, nbytes, pieces)
-            for (name, ne, typ, nbytes, pieces), off in zip(planned, offsets)]
+    return [OutTensor(name, ne, typ, off, nbytes, pieces, sliced)
+            for (name, ne, typ, nbytes, pieces, sliced), off in zip(planned, offsets)]
 
 
 def _metadata(part: GGUFFile, edits: dict[str, bytes], additions: list[bytes]) -> list[bytes]:
@@ -241,7 +236,7 @@ def _metadata(part: GGUFFile, edits: dict[str, bytes], additions: list[bytes]) -
 def _out_paths(out: Path, n_parts: int) -> list[Path]:
     if n_parts == 1:
         return [out]
-    m = _SPLIT.match(out.name)
+    m = SPLIT_PATTERN.match(out.name)
     prefix = m.group("prefix") if m else (out.name[:-5] if out.name.endswith(".gguf") else out.name)
     return [out.with_name(split_name(prefix, i + 1, n_parts)) for i in range(n_parts)]
 
@@ -270,36 +265,35 @@ def plan_layout(gm: GGUFModel, plan: Plan, out: Path, where: str) -> tuple[list[
     after = {L: len(kept.get(L, range(n))) for L, n in st.layer_experts.items()}
     counts = sorted(set(after.values()))
     edits: dict[str, bytes] = {}
-    additions: list[bytes] = []
+    additions: dict[str, bytes] = {}
     if gm.spec.compact_layout:
         layout = gm.spec.compact_layout
         policy, count, keep = _layer_policy(gm, kept)
-        additions = [
-            encode_kv("reap.enabled", VType.BOOL, True),
-            encode_kv("reap.layout", VType.STRING, layout),
-            encode_kv("reap.layer.policy", VType.ARRAY, policy, VType.UINT32),
-            encode_kv("reap.layer.expert_count", VType.ARRAY, count, VType.UINT32),
-            encode_kv("reap.layer.keep_count", VType.ARRAY, keep, VType.UINT32),
-        ]
+        additions = {
+            "reap.enabled": encode_kv("reap.enabled", VType.BOOL, True),
+            "reap.layout": encode_kv("reap.layout", VType.STRING, layout),
+            "reap.layer.policy": encode_kv("reap.layer.policy", VType.ARRAY, policy, VType.UINT32),
+            "reap.layer.expert_count": encode_kv("reap.layer.expert_count", VType.ARRAY, count, VType.UINT32),
+            "reap.layer.keep_count": encode_kv("reap.layer.keep_count", VType.ARRAY, keep, VType.UINT32),
+        }
     elif len(counts) == 1:
         layout = "uniform"
         key = f"{arch}.expert_count"
         kv: KV = gm.meta.kvs[key]
         edits[key] = encode_kv(key, kv.vtype, counts[0])
     else:
-        raise BadInput(where, f"plan keeps {counts[0]}..{counts[-1]} experts in different layers; llama.cpp's "
+        frozen = f" (layers {st.frozen_layers} are never pruned)" if st.frozen_layers else ""
+        raise BadInput(where, f"plan keeps {counts[0]}..{counts[-1]} experts in different layers{frozen}; llama.cpp's "
                               f"{arch!r} loader reads one {arch}.expert_count for all layers, so only uniform "
                               f"plans apply to this GGUF (ds4-compact-v1 exists for deepseek4 only)")
     parts = []
     for i, (src, path) in enumerate(zip(gm.parts, _out_paths(out, len(gm.parts)))):
         tensors = _out_tensors(src, gm.spec, kept)
-        kv_raw = _metadata(src, edits, additions if i == 0 else [])
+        kv_raw = _metadata(src, edits, list(additions.values()) if i == 0 else [])
         parts.append(OutPart(path, src, encode_header(src.version, kv_raw, tensors, src.alignment), tensors))
-    info = {"layout": layout, "experts_after": counts[0] if len(counts) == 1 else
-            {str(L): n for L, n in sorted(after.items())},
-            "metadata_changed": sorted(edits) + [e for e in ("reap.enabled", "reap.layout", "reap.layer.policy",
-                                                              "reap.layer.expert_count", "reap.layer.keep_count")
-                                                   if additions]}
+    info = {"layout": layout,
+            "experts_after": counts[0] if len(counts) == 1 else {str(L): n for L, n in sorted(after.items())},
+            "metadata_changed": sorted(edits) + list(additions)}
     return parts, info
 
 
@@ -346,7 +340,7 @@ def apply_gguf(model: Path, plan: Plan, out: Path, *, overwrite: bool, dry_run: 
         if p.path.exists() and not overwrite:
             raise BadInput(p.path, "output exists; pass --overwrite to replace it")
     if buffer_bytes < 4096:
-        raise BadInput("--buffer-bytes", "copy buffer must be at least 4096 bytes")
+        raise BadInput("--buffer-size", "copy buffer must be at least 4096 bytes")
 
     st = gm.structure
     summary = {
@@ -363,10 +357,10 @@ def apply_gguf(model: Path, plan: Plan, out: Path, *, overwrite: bool, dry_run: 
         "frozen_layers": st.frozen_layers,
         "experts_before": st.to_json()["num_experts"],
         "experts_after": info["experts_after"],
+        "kept_per_layer": {str(L): len(lp.kept) for L, lp in sorted(plan.layers.items())},
         "metadata_changed": info["metadata_changed"],
         "tensors": sum(len(p.tensors) for p in parts),
-        "tensors_sliced": sum(1 for p in parts for t in p.tensors if t.pieces != ((t.pieces[0][0], t.nbytes),)
-                              or len(t.pieces) != 1),
+        "tensors_sliced": sum(t.sliced for p in parts for t in p.tensors),
         "bytes_in": sum(g.size for g in gm.parts),
         "bytes_out": sum(p.size for p in parts),
         "fingerprint": "not compared: a GGUF is matched to the plan by structure "

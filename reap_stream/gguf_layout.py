@@ -54,6 +54,11 @@ _SCALAR_SIZE = {t: struct.calcsize("<" + c) for t, c in _SCALAR.items()}
 _MIN_VALUE_SIZE = {**_SCALAR_SIZE, VType.STRING: 8}
 # arrays this long are validated and copied raw, not decoded (tokenizer vocabularies)
 _DECODE_LIMIT = 4096
+# sanity limits far above any real model (vocabularies ~300k entries, templates ~100 KiB); they keep
+# a corrupt count or length that happens to fit in a 400 GB file from looping or allocating for hours
+MAX_STRING = 256 << 20
+MAX_ARRAY = 1 << 26
+MAX_TENSORS = 1 << 24
 _MIN_KV_BYTES = 8 + 4 + 1          # empty key, type, a one-byte value
 _MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8
 
@@ -138,10 +143,12 @@ class _Cursor:
         self.pos += n
         return v[0] if len(v) == 1 else v
 
-    def string(self, what: str) -> str:
+    def string(self, what: str, limit: int = MAX_STRING) -> str:
         n = self.unpack("Q", f"length of {what}")
         if n > self.size - self.pos:
             raise self.fail(f"{what}: string length {n} exceeds the file ({self.size - self.pos} bytes left)")
+        if n > limit:
+            raise self.fail(f"{what}: string length {n} exceeds the limit of {limit} bytes")
         raw = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
         try:
@@ -169,9 +176,14 @@ def _read_value(cur: _Cursor, vt: VType, what: str):
     if count * _MIN_VALUE_SIZE[et] > cur.size - cur.pos:
         raise cur.fail(f"{what}: array of {count} elements cannot fit in the file "
                        f"({cur.size - cur.pos} bytes left)")
+    if count > MAX_ARRAY:
+        raise cur.fail(f"{what}: array of {count} elements exceeds the limit of {MAX_ARRAY}")
     if et == VType.STRING:
-        items = [cur.string(f"{what}[{i}]") for i in range(count)]
-        return (items if count <= _DECODE_LIMIT else None), et, count
+        if count > _DECODE_LIMIT:   # validated, not kept
+            for i in range(count):
+                cur.string(f"{what}[{i}]")
+            return None, et, count
+        return [cur.string(f"{what}[{i}]") for i in range(count)], et, count
     n = count * _SCALAR_SIZE[et]
     cur.need(n, what)
     items = None
@@ -214,13 +226,13 @@ def _parse_cursor(cur: _Cursor, path: Path, size: int) -> GGUFFile:
     n_tensors, n_kv = cur.unpack("QQ", "tensor and metadata counts")
     if n_kv * _MIN_KV_BYTES > size - cur.pos:
         raise cur.fail(f"metadata count {n_kv} cannot fit in the file")
-    if n_tensors * _MIN_TENSOR_INFO_BYTES > size - cur.pos:
+    if n_tensors * _MIN_TENSOR_INFO_BYTES > size - cur.pos or n_tensors > MAX_TENSORS:
         raise cur.fail(f"tensor count {n_tensors} cannot fit in the file")
 
     kvs: dict[str, KV] = {}
     for i in range(n_kv):
         start = cur.pos
-        key = cur.string(f"metadata key #{i}")
+        key = cur.string(f"metadata key #{i}", limit=1 << 16)
         if key in kvs:
             raise cur.fail(f"duplicate metadata key {key!r}")
         vt = _vtype(cur, cur.unpack("I", f"type of {key!r}"), f"metadata {key!r}")
@@ -237,9 +249,7 @@ def _parse_cursor(cur: _Cursor, path: Path, size: int) -> GGUFFile:
     infos = []
     names = set()
     for i in range(n_tensors):
-        name = cur.string(f"tensor name #{i}")
-        if len(name.encode()) >= MAX_NAME:
-            raise cur.fail(f"tensor name {name[:40]!r}… is longer than {MAX_NAME - 1} bytes")
+        name = cur.string(f"tensor name #{i}", limit=MAX_NAME - 1)
         if name in names:
             raise cur.fail(f"duplicate tensor {name!r}")
         names.add(name)
@@ -288,7 +298,7 @@ def _product(ne) -> int:
 
 # ---------------------------------------------------------------- split files
 
-_SPLIT = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+SPLIT_PATTERN = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
 def split_name(prefix: str, no: int, count: int) -> str:
@@ -303,7 +313,7 @@ def read_model(path: str | Path) -> list[GGUFFile]:
     count = first.get("split.count", 1)
     if count in (0, 1):
         return [first]
-    m = _SPLIT.match(path.name)
+    m = SPLIT_PATTERN.match(path.name)
     if first.get("split.no", 0) != 0 or not m:
         raise BadInput(path, f"part of a {count}-way split GGUF: open the first part "
                              f"(NAME-00001-of-{count:05d}.gguf)")
@@ -357,6 +367,7 @@ class OutTensor:
     offset: int
     nbytes: int
     pieces: tuple[tuple[int, int], ...]   # (absolute start, length) in the source part, in order
+    sliced: bool = False                  # expert axis shortened by the plan
 
 
 def encode_header(version: int, kv_raw: list[bytes], tensors: list[OutTensor], alignment: int) -> bytes:

@@ -53,6 +53,9 @@ def _num_experts(block, spec: Family) -> int:
     return int(router.weight.shape[0])
 
 
+num_experts = _num_experts  # public name: routed experts of one MoE block (router shape)
+
+
 def _top_k(block) -> int:
     for attr in ("top_k", "num_experts_per_tok"):
         if hasattr(block, attr):

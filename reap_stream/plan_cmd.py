@@ -39,10 +39,12 @@ def plan_cmd(telemetry: Path, out: Path, method: str, ratio: float | None, n_pru
              model_dir: Path | None, as_json: bool) -> None:
     """Choose the experts to prune from TELEMETRY and write a plan."""
     store = TelemetryStore.open(telemetry)
+    if out.is_dir() or not out.parent.is_dir():
+        raise BadInput(out, "is a directory" if out.is_dir() else f"directory {out.parent} does not exist")
     config = _check_model(store, model_dir) if model_dir else None
     plan = make_plan(store, method=method, ratio=ratio, n_prune=n_prune, keep=keep, min_experts=min_experts,
                      skip_layers=parse_layer_spec(skip_layers), preserve_super_experts=preserve_super_experts,
-                     budget=budget, seed=seed, config=config)
+                     budget=budget, seed=seed, config=config, progress=not as_json)
     plan.save(out)
     summary = {
         "out": str(out), "method": plan.method, "ratio": plan.ratio, "uniform": plan.uniform,
@@ -58,8 +60,10 @@ def plan_cmd(telemetry: Path, out: Path, method: str, ratio: float | None, n_pru
     kept = str(counts[0]) if len(counts) == 1 else f"{counts[0]}..{counts[-1]} (non-uniform)"
     gone = sum(len(v) for v in summary["pruned_per_layer"].values())
     click.echo(f"wrote {out}: {plan.method}, {gone} experts pruned over {len(plan.layers)} layers, kept per layer: {kept}")
-    for layer, ids in summary["super_experts"].items():
-        click.echo(f"  layer {layer}: super expert(s) {ids} protected")
+    guarded = summary["super_experts"]
+    if guarded:
+        shown = "; ".join(f"layer {k}: {v}" for k, v in list(guarded.items())[:5])
+        click.echo(f"  super experts protected in {len(guarded)} layer(s): {shown}" + (" …" if len(guarded) > 5 else ""))
 
 
 def _check_model(store: TelemetryStore, model_dir: Path) -> dict:
@@ -83,11 +87,11 @@ def _check_model(store: TelemetryStore, model_dir: Path) -> dict:
 # ---- init: synthetic telemetry -------------------------------------------------------------------
 
 def synthetic_layer(layer: int, rng: np.random.Generator, *, experts: int, top_k: int, tokens: int,
-                    hidden: int, dead: int, spike: int | None) -> LayerStats:
+                    hidden: int, dead: int, spike: bool) -> LayerStats:
     """Route `tokens` random tokens like a softmax-top-k MoE and accumulate what collect would.
 
     Popularity is log-normal (a few busy experts, a long tail), `dead` experts are never routed,
-    and `spike` (if given) is a super expert: one huge activation on one token.
+    and with `spike` one routed expert is a super expert: one huge activation on one token.
     """
     popularity = rng.normal(0.0, 1.0, experts)
     dead_ids = rng.choice(experts, size=dead, replace=False) if dead else np.zeros(0, int)
@@ -103,10 +107,9 @@ def synthetic_layer(layer: int, rng: np.random.Generator, *, experts: int, top_k
     direction = rng.normal(0.0, 0.5, (experts, hidden))
     ids = chosen.reshape(-1)
     out = scale[ids, None] * (direction[ids] + rng.normal(0.0, 1.0, (ids.size, hidden)))
-    if spike is not None and spike not in dead_ids:
-        rows = np.flatnonzero(ids == spike)
-        if rows.size:
-            out[rows[0], 0] = 50.0 * np.abs(out).max()
+    if spike:
+        rows = np.flatnonzero(ids == rng.choice(np.unique(ids)))
+        out[rows[0], 0] = 50.0 * np.abs(out).max()
     g, norms = gates.reshape(-1), np.linalg.norm(out, axis=1)
 
     st = LayerStats.zeros(layer, experts, hidden)
@@ -123,23 +126,46 @@ def synthetic_layer(layer: int, rng: np.random.Generator, *, experts: int, top_k
     return st
 
 
+def synthetic_model(*, layers: int, experts: int, top_k: int, n_group: int, topk_group: int, tag: str) -> dict:
+    """The `model` block of a store for a model that does not exist (fingerprint names the draw)."""
+    return {"model_type": "synthetic", "num_layers": layers, "moe_layers": list(range(layers)),
+            "num_experts": experts, "top_k": top_k, "n_group": n_group, "topk_group": topk_group,
+            "fingerprint": f"sha256:synthetic-{tag}"}
+
+
+def model_block_like(model_dir: Path) -> tuple[dict, int]:
+    """The `model` block collect would write for MODEL_DIR, and its hidden size."""
+    from .checkpoint import Checkpoint
+    from .structure import checkpoint_structure, fingerprint
+
+    ckpt = Checkpoint.open(model_dir)
+    return ({**checkpoint_structure(ckpt).to_json(), "fingerprint": fingerprint(ckpt)},
+            int(ckpt.config.get("hidden_size", 32)))
+
+
 def write_synthetic_telemetry(out: Path, *, layers: int = 8, experts: int = 16, seed: int = 0, top_k: int = 2,
                               tokens: int = 2048, hidden: int = 32, n_group: int = 1, topk_group: int = 1,
-                              progress: bool = False) -> TelemetryStore:
+                              model: dict | None = None, progress: bool = False) -> TelemetryStore:
     """A complete synthetic telemetry store with the attributes collect writes; written under a
-    temporary name and renamed, so `out` is either absent or whole."""
+    temporary name and renamed, so `out` is either absent or whole. With `model` (a model block,
+    e.g. from `model_block_like`) the store is shaped like that real model and plans made from it
+    apply to it."""
     where = str(out)
-    if layers < 1 or experts < 2 or not (1 <= top_k < experts) or tokens < 1 or hidden < 1:
-        raise BadInput(where, "need --layers >= 1, --experts >= 2, 1 <= --top-k < --experts, --tokens >= 1, --hidden >= 1")
-    if n_group < 1 or experts % n_group or not (1 <= topk_group <= n_group):
-        raise BadInput(where, f"--n-group {n_group} must divide --experts {experts}, with 1 <= --topk-group <= n_group")
-    tag = f"{seed}-{layers}x{experts}-k{top_k}-t{tokens}-h{hidden}-g{n_group}.{topk_group}"
-    model = {"model_type": "synthetic", "num_layers": layers, "moe_layers": list(range(layers)),
-             "num_experts": experts, "top_k": top_k, "n_group": n_group, "topk_group": topk_group,
-             "fingerprint": f"sha256:synthetic-{tag}"}
+    if model is None:
+        if layers < 1 or experts < 2 or not (1 <= top_k < experts) or tokens < 1 or hidden < 1:
+            raise BadInput(where, "need --layers >= 1, --experts >= 2, 1 <= --top-k < --experts, --tokens >= 1, --hidden >= 1")
+        if n_group < 1 or experts % n_group or not (1 <= topk_group <= n_group):
+            raise BadInput(where, f"--n-group {n_group} must divide --experts {experts}, with 1 <= --topk-group <= n_group")
+        tag = f"{seed}-{layers}x{experts}-k{top_k}-t{tokens}-h{hidden}-g{n_group}.{topk_group}"
+        model = synthetic_model(layers=layers, experts=experts, top_k=top_k, n_group=n_group,
+                                topk_group=topk_group, tag=tag)
+    counts = model["num_experts"]
+    per_layer = {int(k): int(v) for k, v in counts.items()} if isinstance(counts, dict) else \
+        {int(i): int(counts) for i in model["moe_layers"]}
+    top_k = int(model["top_k"])
     attrs = {
         "model": model,
-        "calibration": {"fingerprint": "sha256:" + hashlib.sha256(f"synthetic-calibration-{tag}".encode()).hexdigest(),
+        "calibration": {"fingerprint": "sha256:" + hashlib.sha256(f"synthetic-calibration-{seed}-{tokens}".encode()).hexdigest(),
                         "num_tokens": tokens, "source": f"synthetic (seed {seed})"},
         "routing": {"renorm_topk": True, "mode": "softmax_topk", "synthetic": True},
         "tool_version": __version__,
@@ -149,12 +175,15 @@ def write_synthetic_telemetry(out: Path, *, layers: int = 8, experts: int = 16, 
         shutil.rmtree(tmp)  # leftover of a killed run: ours by name
     store = TelemetryStore.create(tmp, attrs)
     rng = np.random.default_rng(seed)
-    # never-routed experts from the second layer on, at most what top-k routing can spare
-    dead = min(max(1, experts // 8), experts - top_k - 1) if experts > top_k + 1 else 0
-    for layer in tqdm(range(layers), desc="init", unit="layer", disable=not progress):
-        spike = int(rng.integers(experts)) if layer == min(1, layers - 1) else None
-        store.commit(synthetic_layer(layer, rng, experts=experts, top_k=top_k, tokens=tokens, hidden=hidden,
-                                     dead=dead if layer > 0 else 0, spike=spike))
+    first = min(per_layer)
+    for layer in tqdm(sorted(per_layer), desc="init", unit="layer", leave=False, disable=None if progress else True):
+        e = per_layer[layer]
+        # never-routed experts from the second MoE layer on, as many as top-k routing can spare
+        dead = min(max(1, e // 8), e - top_k - 1) if layer > first and e > top_k + 1 else 0
+        # one super expert, in the second MoE layer (inside the guarded first 75%)
+        spike = layer == sorted(per_layer)[min(1, len(per_layer) - 1)]
+        store.commit(synthetic_layer(layer, rng, experts=e, top_k=top_k, tokens=tokens, hidden=hidden,
+                                     dead=dead, spike=spike))
     if out.exists():
         shutil.rmtree(out)
     tmp.replace(out)
@@ -171,15 +200,22 @@ def write_synthetic_telemetry(out: Path, *, layers: int = 8, experts: int = 16, 
 @click.option("--n-group", default=1, show_default=True, help="Expert groups (DeepSeek-style group routing).")
 @click.option("--topk-group", default=1, show_default=True, help="Groups each token may use.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--like", "like", type=click.Path(path_type=Path),
+              help="Shape the store like this model directory (its MoE layers, experts, top_k, fingerprint).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 def init_cmd(out: Path, layers: int, experts: int, top_k: int, tokens: int, hidden: int, n_group: int,
-             topk_group: int, seed: int, overwrite: bool) -> None:
+             topk_group: int, seed: int, like: Path | None, overwrite: bool) -> None:
     """Write synthetic telemetry (varied experts, never-routed ones, a super expert) for demos and tests."""
     if out.exists() and not overwrite:
         raise BadInput(out, "exists; pass --overwrite to replace it")
     if out.exists():
         TelemetryStore.open(out)  # only ever replace a telemetry store
+    model = None
+    if like is not None:
+        model, hidden = model_block_like(like)
     store = write_synthetic_telemetry(out, layers=layers, experts=experts, seed=seed, top_k=top_k, tokens=tokens,
-                                      hidden=hidden, n_group=n_group, topk_group=topk_group, progress=True)
-    click.echo(f"wrote {out}: {layers} layers x {experts} experts, top_k={top_k}, {tokens} tokens, "
-               f"telemetry {store.fingerprint()[:19]}…")
+                                      hidden=hidden, n_group=n_group, topk_group=topk_group, model=model,
+                                      progress=True)
+    m = store.attrs["model"]
+    click.echo(f"wrote {out}: {len(m['moe_layers'])} MoE layers x {m['num_experts']} experts, top_k={m['top_k']}, "
+               f"{tokens} tokens, telemetry {store.fingerprint()[:19]}…")

@@ -10,6 +10,7 @@ import heapq
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from tqdm import tqdm
 
 from . import __version__
 from .criteria import METHODS, NEEDS, lacks, scores
@@ -241,6 +242,9 @@ def _drops_global(layers: dict[int, LayerScores], st: MoEStructure, o: PlanOptio
         drops[layer] += len(unit)
         if i + 1 < len(queues[layer]):
             heapq.heappush(heap, (queues[layer][i + 1][0], layer, i + 1))
+    if budget - spent >= st.n_group:  # more than group rounding left over: every layer is at its floor
+        raise BadInput(where, f"the global budget of {budget} experts cannot be met: every layer reaches its minimum "
+                              f"(top_k / --min-experts / groups / super experts) after {spent}")
     return drops
 
 
@@ -303,7 +307,7 @@ def _read_layer(store: TelemetryStore, layer: int, o: PlanOptions, expected: int
 def make_plan(store: TelemetryStore, *, method: str, ratio: float | None = None, n_prune: int | None = None,
               keep: int | None = None, min_experts: int = 1, skip_layers: tuple[int, ...] | list[int] = (),
               preserve_super_experts: bool = True, budget: str = "uniform", seed: int = 0,
-              config: dict | None = None) -> Plan:
+              config: dict | None = None, progress: bool = False) -> Plan:
     """Score every committed MoE layer of `store` by `method`, pick the experts to drop under the
     budget and constraints, and return a checked Plan with scores, reasons and provenance.
 
@@ -334,7 +338,8 @@ def make_plan(store: TelemetryStore, *, method: str, ratio: float | None = None,
         raise BadInput(where, f"--skip-layers names layer {bad_skip[0]}, which is not an MoE layer")
 
     observed = {}
-    for layer in committed:
+    # a bar only on a terminal, erased when done: a refusal stays the one line on stderr
+    for layer in tqdm(committed, desc="plan", unit="layer", leave=False, disable=None if progress else True):
         stats = _read_layer(store, layer, o, st.layer_experts[layer], where)
         observed[layer] = LayerScores(layer, scores(o.method, stats, seed=o.seed), stats.max_activations)
 

@@ -30,10 +30,30 @@ class Routed:
     probs: mx.array    # [T, E] float32 full router probabilities (softmax, or sigmoid scores)
 
 
+def _top_low(scores: mx.array, k: int) -> mx.array:
+    return mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k]
+
+
+def _top_high(scores: mx.array, k: int) -> mx.array:
+    return mx.argpartition(scores, kth=-k, axis=-1)[..., -k:]
+
+
+# How each block spells its top-k. Both give the same set except among exactly tied scores,
+# which half-precision probabilities produce often enough to matter; default _top_low.
+TOP_K_OP: dict[str, Callable[[mx.array, int], mx.array]] = {
+    "qwen3_moe": _top_high,
+    "gpt_oss": _top_high,
+}
+
+
+def _top_k(fam: Family, scores: mx.array, k: int) -> mx.array:
+    return TOP_K_OP.get(fam.model_type, _top_low)(scores, k)
+
+
 def _softmax_topk(block, fam: Family, x: mx.array, k: int) -> Routed:
     # Qwen2/3-MoE, OLMoE: softmax over all experts, top-k, renormalise if the block says so.
     gates = mx.softmax(getattr(block, fam.router)(x), axis=-1, precise=True)
-    inds = mx.argpartition(-gates, kth=k - 1, axis=-1)[..., :k]
+    inds = _top_k(fam, gates, k)
     scores = mx.take_along_axis(gates, inds, axis=-1)
     if getattr(block, "norm_topk_prob", False):
         scores = scores / mx.sum(scores, axis=-1, keepdims=True)
@@ -43,7 +63,7 @@ def _softmax_topk(block, fam: Family, x: mx.array, k: int) -> Routed:
 def _topk_softmax(block, fam: Family, x: mx.array, k: int) -> Routed:
     # Mixtral, gpt-oss: top-k on the raw logits (router bias included), softmax over the k.
     logits = getattr(block, fam.router)(x)
-    inds = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
+    inds = _top_k(fam, logits, k)
     scores = mx.softmax(mx.take_along_axis(logits, inds, axis=-1), axis=-1, precise=True)
     return Routed(inds, scores, mx.softmax(logits.astype(mx.float32), axis=-1))
 
@@ -62,7 +82,7 @@ def _sigmoid_group(block, fam: Family, x: mx.array, k: int) -> Routed:
         group_idx = mx.argpartition(group_scores, kth=losers - 1, axis=-2)[..., :losers, :]
         select = mx.put_along_axis(select, group_idx, mx.array(0.0), axis=-2)
         select = mx.flatten(select, -2, -1)
-    inds = mx.argpartition(-select, kth=k - 1, axis=-1)[..., :k]
+    inds = _top_k(fam, select, k)
     weights = mx.take_along_axis(scores, inds, axis=-1)
     if k > 1 and gate.norm_topk_prob:
         weights = weights / weights.sum(axis=-1, keepdims=True)
@@ -182,11 +202,30 @@ def capture(block, fam: Family, x: mx.array, top_k: int, num_experts: int) -> Ca
 SELF_CHECK_RTOL = {mx.float32: 1e-4, mx.float16: 2e-2, mx.bfloat16: 5e-2}
 
 
-def self_check(block, cap: Capture, layer: int, where: str) -> float:
+def _float32_stack(switch) -> list:
+    """Upcast half-precision expert stacks in place (CPU gather_mm is float32-only); returns undo list."""
+    undo = []
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        lin = getattr(switch, name, None)
+        if lin is None or "scales" in lin:
+            continue
+        for key in ("weight", "bias"):
+            if key in lin and lin[key].dtype in (mx.float16, mx.bfloat16):
+                undo.append((lin, key, lin[key]))
+                lin[key] = lin[key].astype(mx.float32)
+    return undo
+
+
+def self_check(block, fam: Family, cap: Capture, layer: int, where: str) -> float:
     """Raise BadInput unless Σ w·f(x) (+ shared) reproduces the block's own output on cap.x."""
-    ref = block(cap.x[None])[0].astype(mx.float32)
-    mine = cap.output.astype(mx.float32)
-    err = float(mx.sqrt(mx.sum((ref - mine) ** 2)) / (mx.sqrt(mx.sum(ref ** 2)) + 1e-30))
+    undo = _float32_stack(getattr(block, fam.stacked)) if mx.default_device() == mx.cpu else []
+    try:
+        ref = block(cap.x[None])[0].astype(mx.float32)
+        mine = cap.output.astype(mx.float32)
+        err = float(mx.sqrt(mx.sum((ref - mine) ** 2)) / (mx.sqrt(mx.sum(ref ** 2)) + 1e-30))
+    finally:
+        for lin, key, old in undo:
+            lin[key] = old
     tol = SELF_CHECK_RTOL.get(cap.x.dtype, 1e-4)
     if not np.isfinite(err) or err > tol:
         raise BadInput(where, f"layer {layer}: routing capture does not reproduce the MoE block "

@@ -202,8 +202,6 @@ def tiny_config(family: str) -> dict:
 # ---------------------------------------------------------------- weights
 
 def _build_model(cfg: dict):
-    import mlx_lm.models  # noqa: F401
-
     module = importlib.import_module(f"mlx_lm.models.{cfg['model_type']}")
     return module.Model(module.ModelArgs.from_dict(cfg))
 

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import inspect
 import argparse
+import inspect
+import os
 from pathlib import Path
 
 import pytest
 
-from reap_stream import synth
+from reap_stream.blas import ensure_blas
+
+ensure_blas()  # before anything imports mlx, as the CLI does
+
+from reap_stream import synth  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURE_ROOT = REPO / "fixtures" / "generated"
+FIXTURE_ROOT = Path(os.environ.get("REAP_STREAM_FIXTURES", REPO / "fixtures" / "generated"))
 
 
 @pytest.fixture(scope="session")

@@ -205,3 +205,24 @@ def test_dry_run_validates_and_writes_nothing(fixture_model, tmp_path):
     assert summary["dry_run"] and summary["tensor_bytes"] < summary["source_tensor_bytes"]
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+
+
+def test_peak_memory_stays_far_below_the_model_size(tmp_path):
+    """A 400 MB checkpoint prunes in a process whose peak RSS is a fraction of the data moved."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    spec = importlib.util.spec_from_file_location("bench_apply", Path(__file__).parents[1] / "tools" / "bench_apply.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = bench.make_checkpoint(tmp_path / "model", 0.4)
+    plan = bench.make_plan(model, 0.25)
+    proc = subprocess.Popen([sys.executable, "-m", "reap_stream.cli", "apply", str(model), str(plan),
+                             "--out", str(tmp_path / "out"), "--quiet"])
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert status == 0
+    out_bytes = sum(p.stat().st_size for p in (tmp_path / "out").glob("*.safetensors"))
+    assert out_bytes > 250e6
+    assert usage.ru_maxrss * 1024 < 160 * 2**20

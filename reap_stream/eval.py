@@ -1,0 +1,178 @@
+"""Perplexity and logit comparison through the same streaming runner as collect.
+
+    perplexity(model_dir, sequences, mask=None)  -> PerplexityResult
+    compare_logits(model_a, model_b, sequences)  -> LogitDiff
+
+Both run runner.StreamRunner (one layer's weights in memory, hidden states spilled to a work
+dir) or, with mode="memory", runner.MemoryRunner (the whole model: the parity baseline). A mask
+({layer: [expert ids]}) evaluates the "masked original": the experts a plan would prune are never
+routed, so a plan's damage is measured before anything is written.
+
+Perplexity is exp(mean NLL) over every next-token prediction inside each sequence (position t
+predicts token t+1; a sequence of L tokens gives L-1 predictions). NLLs are summed in float64 from
+the model's float32 logits.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from contextlib import closing, contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .errors import BadInput
+from .plan import Plan
+from .structure import check_plan, checkpoint_structure, fingerprint
+
+MODES = ("stream", "memory")
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    num_sequences: int
+    num_predictions: int  # tokens predicted (sum of L-1 over sequences)
+    nll_sum: float
+    mean_nll: float
+    perplexity: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LogitDiff:
+    num_tokens: int
+    max_abs_diff: float
+    mean_abs_diff: float
+    top1_agreement: float  # fraction of positions where both models' argmax agree
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def mask_from_plan(plan_path: str | Path, model_dir: str | Path, *, ignore_fingerprint: bool = False) -> dict[int, list[int]]:
+    """The plan's pruned experts per layer, after checking the plan fits the model."""
+    plan = Plan.load(plan_path)
+    ckpt = Checkpoint.open(model_dir)
+    check_plan(plan, checkpoint_structure(ckpt), str(plan_path),
+               model_fingerprint=None if ignore_fingerprint else fingerprint(ckpt))
+    return {layer: ids for layer, ids in plan.pruned_map().items() if ids}
+
+
+def token_nll(logits, tokens: np.ndarray) -> np.ndarray:
+    """NLL (float64) of tokens[:, 1:] under logits[:, :-1]; logits [B, L, V], tokens [B, L]."""
+    x = np.asarray(logits, dtype=np.float64)[:, :-1]
+    target = np.asarray(tokens)[:, 1:]
+    m = x.max(axis=-1, keepdims=True)
+    lse = m[..., 0] + np.log(np.exp(x - m).sum(axis=-1))
+    picked = np.take_along_axis(x, target[..., None].astype(np.int64), axis=-1)[..., 0]
+    return lse - picked
+
+
+@contextmanager
+def _work_dir(work_dir: str | Path | None) -> Iterator[Path]:
+    """A fresh spill directory (removed afterwards); inside `work_dir` when given."""
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="reap-eval-", dir=None if work_dir is None else str(work_dir)))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def logits_per_chunk(model_dir: str | Path, sequences: list[np.ndarray], *, mask: dict[int, list[int]] | None = None,
+                     mode: str = "stream", work_dir: str | Path | None = None, chunk_tokens: int = 4096,
+                     progress: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(tokens [B, L], float32 logits [B, L, V]) for each chunk of `sequences`, in order.
+
+    The only place that knows the runner: a new execution strategy changes this function alone."""
+    from .runner import MemoryRunner, StreamRunner
+
+    if mode not in MODES:
+        raise BadInput("--mode", f"unknown mode {mode!r} (choose {', '.join(MODES)})")
+    if mode == "memory":
+        runner = MemoryRunner(model_dir, chunk_tokens=chunk_tokens, progress=progress)
+        chunks = runner.chunks(sequences)
+        hidden = runner.run(chunks, mask=mask)
+        for c, h in zip(chunks, hidden):
+            yield c.tokens, _as_f32(runner.final_logits(c, h))
+        return
+    with _work_dir(work_dir) as spill:
+        runner = StreamRunner(model_dir, spill, chunk_tokens=chunk_tokens, progress=progress)
+        chunks = runner.chunks(sequences)
+        for _ in runner.run(chunks, mask=mask):
+            pass
+        for c in chunks:
+            yield c.tokens, _as_f32(runner.final_logits(c))
+
+
+def _as_f32(a) -> np.ndarray:
+    import mlx.core as mx
+
+    return np.array(a.astype(mx.float32))
+
+
+def _predictions(sequences: list[np.ndarray], where: str) -> int:
+    n = sum(max(len(s) - 1, 0) for s in sequences)
+    if n == 0:
+        raise BadInput(where, "no sequence has 2 tokens or more: nothing to predict")
+    return n
+
+
+def perplexity(model_dir: str | Path, sequences: list[np.ndarray], *, mask: dict[int, list[int]] | None = None,
+               mode: str = "stream", work_dir: str | Path | None = None, chunk_tokens: int = 4096,
+               progress: bool = True, where: str = "--prompt/--dataset-file") -> PerplexityResult:
+    """Perplexity of the model at `model_dir` on `sequences` (optionally with experts masked)."""
+    n_expected = _predictions(sequences, where)
+    total = 0.0
+    count = 0
+    for tokens, logits in logits_per_chunk(model_dir, sequences, mask=mask, mode=mode, work_dir=work_dir,
+                                           chunk_tokens=chunk_tokens, progress=progress):
+        nll = token_nll(logits, tokens)
+        total += float(nll.sum())
+        count += nll.size
+    assert count == n_expected, (count, n_expected)
+    mean = total / count
+    return PerplexityResult(num_sequences=len(sequences), num_predictions=count, nll_sum=total,
+                            mean_nll=mean, perplexity=math.exp(mean))
+
+
+def _vocab_size(model_dir: str | Path) -> int | None:
+    cfg = Checkpoint.open(model_dir).config
+    return cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size"))
+
+
+def compare_logits(model_a: str | Path, model_b: str | Path, sequences: list[np.ndarray], *,
+                   mask_a: dict[int, list[int]] | None = None, mode: str = "stream",
+                   work_dir: str | Path | None = None, chunk_tokens: int = 4096,
+                   progress: bool = True) -> LogitDiff:
+    """Max and mean |logit_a - logit_b| over every position and vocabulary entry."""
+    va, vb = _vocab_size(model_a), _vocab_size(model_b)
+    if va != vb:
+        raise BadInput(Path(model_b) / "config.json", f"vocab_size {vb} differs from {model_a}'s {va}")
+    if not sum(len(s) for s in sequences):
+        raise BadInput("--prompt/--dataset-file", "no tokens to compare on")
+    run = dict(mode=mode, work_dir=work_dir, chunk_tokens=chunk_tokens, progress=progress)
+    # chunk by chunk: neither model's logits are ever held whole
+    max_diff = 0.0
+    abs_sum = 0.0
+    n_values = n_pos = agree = 0
+    with closing(logits_per_chunk(model_a, sequences, mask=mask_a, **run)) as a_iter, \
+            closing(logits_per_chunk(model_b, sequences, **run)) as b_iter:
+        for (_, la), (_, lb) in zip(a_iter, b_iter):
+            if la.shape[-1] != lb.shape[-1]:
+                raise BadInput(Path(model_b) / "config.json", f"logit width {lb.shape[-1]} differs from {la.shape[-1]}")
+            d = np.abs(la.astype(np.float64) - lb.astype(np.float64))
+            max_diff = max(max_diff, float(d.max()))
+            abs_sum += float(d.sum())
+            n_values += d.size
+            n_pos += la.shape[0] * la.shape[1]
+            agree += int((la.argmax(axis=-1) == lb.argmax(axis=-1)).sum())
+    return LogitDiff(num_tokens=n_pos, max_abs_diff=max_diff, mean_abs_diff=abs_sum / n_values,
+                     top1_agreement=agree / n_pos)

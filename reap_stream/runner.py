@@ -1,0 +1,542 @@
+"""Layer-major streaming forward pass over an mlx_lm model that is never whole in memory.
+
+API (shared by `collect` and, later, `eval`):
+
+    runner = StreamRunner(model_dir, work_dir, chunk_tokens=4096)
+    chunks = runner.chunks(sequences)              # deterministic batches of equal-length sequences
+    for layer in runner.run(chunks, on_moe=cb, mask=pruned_map, stop=None, on_layer_done=commit):
+        ...                                        # yields each layer once its output is spilled
+    logits = runner.final_logits(chunk)            # [B, L, V] from the last spilled hidden state
+
+    cb(layer: int, chunk: Chunk, cap: routing.Capture) is called for every MoE layer and chunk;
+    on_layer_done(layer) runs after layer's output is complete and before its input is deleted,
+    which is where callers commit per-layer results atomically. `mask` ({layer: [expert ids]})
+    routes as the "masked original" (masking.mask_experts), so pruned experts are never chosen.
+
+    MemoryRunner(model_dir, chunk_tokens=...) has the same run()/final_logits() over the whole
+    model in memory (chunk-major, no spill): the parity and speed baseline.
+
+How a layer is run: the whole mlx_lm `Model(args)` is instantiated (its random init stays lazy and
+is never evaluated), and only layer i's tensors are read, from the shards' byte ranges, into it.
+Each layer's call convention (mask, cache, extra arguments) is taken from the model's own forward:
+the decoder layers are swapped for tracers that record their arguments and pass the hidden state
+through, so attention masks, sliding windows and the like are exactly what mlx_lm builds. The MoE
+block of a layer is swapped for a hook that routes exactly and evaluates experts grouped by
+expert (routing.capture); everything else is mlx_lm's own code.
+
+Hidden states between layers live in WORK_DIR/hidden_NNN/ as one Zarr array per chunk, in the
+model's dtype (bf16 as its uint16 bits), compressed. progress.json says which layer comes next;
+a killed run resumes there and recomputes at most one layer.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .checkpoint import Checkpoint, TensorRef, read_array
+from .errors import BadInput
+from .families import Family, family_of
+
+# mlx is imported lazily (after blas.ensure_blas) by _mx()
+
+
+def _mx():
+    try:
+        from . import blas
+        blas.ensure_blas()
+    except ImportError:  # blas.py not present yet: plain mlx
+        pass
+    import mlx.core as mx
+    return mx
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A batch of equal-length sequences processed together."""
+
+    index: int
+    tokens: np.ndarray   # [B, L] int32
+    start: int           # first row of this chunk in the flattened calibration tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.size)
+
+
+def make_chunks(sequences: list[np.ndarray], chunk_tokens: int) -> list[Chunk]:
+    """Consecutive sequences of equal length, grouped up to chunk_tokens tokens (at least one)."""
+    chunks: list[Chunk] = []
+    batch: list[np.ndarray] = []
+    start = row = 0
+    for seq in sequences:
+        seq = np.asarray(seq, dtype=np.int32).reshape(-1)
+        if batch and (len(seq) != len(batch[0]) or (len(batch) + 1) * len(seq) > chunk_tokens):
+            chunks.append(Chunk(len(chunks), np.stack(batch), start))
+            start, batch = row, []
+        batch.append(seq)
+        row += len(seq)
+    if batch:
+        chunks.append(Chunk(len(chunks), np.stack(batch), start))
+    return chunks
+
+
+# ------------------------------------------------------------------ model skeleton + weights
+
+class _ShapeProxy:
+    """What mlx_lm's quantisation inference reads of a weight: shape and dtype."""
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = shape, dtype
+
+
+_MX_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "U8": "uint8",
+              "I32": "int32", "I8": "int8", "U16": "uint16", "I64": "int64"}
+
+
+def to_mx(ref: TensorRef):
+    """An mx.array holding exactly the bytes of one tensor (read from its byte range only)."""
+    mx = _mx()
+    if ref.dtype not in _MX_DTYPES:
+        raise BadInput(ref.file, f"tensor {ref.name!r}: dtype {ref.dtype} is not supported by the streaming runner")
+    arr = np.ascontiguousarray(read_array(ref))
+    if ref.dtype == "BF16":
+        return mx.array(arr).view(mx.bfloat16)
+    return mx.array(arr)
+
+
+def build_skeleton(ckpt: Checkpoint):
+    """The mlx_lm Model of ckpt's config, quantised like the checkpoint, with nothing evaluated."""
+    mx = _mx()
+    import mlx.nn as nn
+    from mlx_lm.utils import _get_classes, infer_quant_config
+
+    config = dict(ckpt.config)
+    try:
+        model_class, args_class = _get_classes(config)
+    except ValueError as e:
+        raise BadInput(ckpt.root / "config.json", str(e)) from None
+    model = model_class(args_class.from_dict(config))
+    quant = config.get("quantization")
+    if quant is not None:
+        proxies = {n: _ShapeProxy(r.shape, getattr(mx, _MX_DTYPES.get(r.dtype, "uint8")))
+                   for n, r in ckpt.tensors.items()}
+
+        def predicate(path, module):
+            if path in quant:
+                return quant[path]
+            if not hasattr(module, "to_quantized") or f"{path}.scales" not in proxies:
+                return False
+            return infer_quant_config(path, module, proxies)
+
+        nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"],
+                    mode=quant.get("mode", "affine"), class_predicate=predicate)
+    return model
+
+
+def layer_list(model) -> list:
+    """The list object the inner model iterates over (so its items can be swapped)."""
+    for holder in (getattr(model, "model", None), model):
+        layers = getattr(holder, "layers", None) if holder is not None else None
+        if isinstance(layers, list) and layers and layers[0] is model.layers[0]:
+            return layers
+    raise BadInput("model", f"cannot find the decoder layer list of {type(model).__module__}")
+
+
+class _Tracer:
+    """Stands in for a decoder layer: records its call arguments, passes the hidden state on."""
+
+    def __init__(self, out=None):
+        self.args: tuple = ()
+        self.kwargs: dict = {}
+        self.x = None
+        self.out = out
+
+    def __call__(self, x, *args, **kwargs):
+        self.x, self.args, self.kwargs = x, args, kwargs
+        return x if self.out is None else self.out
+
+
+def trace_layers(model, tokens: np.ndarray, final=None) -> list[_Tracer]:
+    """Run the model's own forward with tracers in place of its layers (nothing heavy is evaluated).
+
+    Tracer i holds layer i's arguments; tracer 0's input `x` is the embedding output. With `final`
+    given, every tracer returns it, so the model's output is its head applied to `final`.
+    """
+    mx = _mx()
+    layers = layer_list(model)
+    saved = list(layers)
+    tracers = [_Tracer(final) for _ in layers]
+    try:
+        layers[:] = tracers
+        out = model(mx.array(tokens))
+    finally:
+        layers[:] = saved
+    tracers[0].model_output = out
+    return tracers
+
+
+# ------------------------------------------------------------------ MoE hook
+
+class _MoEHook:
+    """Replaces a layer's MoE block for one call: exact routing, grouped experts, callback."""
+
+    def __init__(self, block, fam: Family, layer: int, top_k: int, num_experts: int,
+                 on_capture: Callable | None, check: bool, where: str):
+        self.block, self.fam, self.layer = block, fam, layer
+        self.top_k, self.num_experts = top_k, num_experts
+        self.on_capture, self.check, self.where = on_capture, check, where
+
+    def __call__(self, x):
+        from . import routing
+
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        cap = routing.capture(self.block, self.fam, flat, self.top_k, self.num_experts)
+        if self.check:
+            routing.self_check(self.block, self.fam, cap, self.layer, self.where)
+        if self.on_capture is not None:
+            self.on_capture(cap)
+        return cap.output.reshape(shape)
+
+
+class _Forward:
+    """What both runners share: the skeleton, its MoE layers, and one layer's forward with hooks."""
+
+    def __init__(self, model, config: dict, where: str):
+        from .masking import moe_blocks
+
+        self.model = model
+        self.config = config
+        self.family = family_of(config, where)
+        self.where = where
+        self.blocks = moe_blocks(model)           # layer -> MoE block
+        self.num_layers = len(model.layers)
+        self.top_k = int(config["num_experts_per_tok"])
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return sorted(self.blocks)
+
+    def num_experts(self, layer: int) -> int:
+        from .masking import _num_experts
+        return _num_experts(self.blocks[layer], self.family)
+
+    def layer_forward(self, i: int, h, tracer: _Tracer, on_capture: Callable | None, check: bool):
+        layer = self.model.layers[i]
+        if i not in self.blocks:
+            return layer(h, *tracer.args, **tracer.kwargs)
+        block = self.blocks[i]
+        hook = _MoEHook(block, self.family, i, self.top_k, self.num_experts(i), on_capture, check, self.where)
+        # decoder layers call self.<block>(x); swapping the dict entry keeps the rest mlx_lm's code
+        layer[self.family.block] = hook
+        try:
+            return layer(h, *tracer.args, **tracer.kwargs)
+        finally:
+            layer[self.family.block] = block
+
+
+# ------------------------------------------------------------------ hidden-state spill
+
+class HiddenSpill:
+    """WORK_DIR/hidden_NNN: the input of layer NNN, one Zarr array per chunk."""
+
+    def __init__(self, work_dir: Path):
+        self.root = Path(work_dir)
+
+    def path(self, layer: int, tmp: bool = False) -> Path:
+        return self.root / (f".hidden_{layer:03d}.tmp" if tmp else f"hidden_{layer:03d}")
+
+    def complete(self, layer: int) -> bool:
+        return (self.path(layer) / "zarr.json").is_file()
+
+    def begin(self, layer: int) -> None:
+        tmp = self.path(layer, tmp=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        import zarr
+        zarr.open_group(str(tmp), mode="w", zarr_format=3)
+
+    def write(self, layer: int, chunk: int, h) -> None:
+        import zarr
+        mx = _mx()
+        g = zarr.open_group(str(self.path(layer, tmp=True)), mode="r+")
+        if h.dtype == mx.bfloat16:
+            data, dtype = np.array(h.view(mx.uint16)), "bfloat16"
+        else:
+            data = np.array(h)
+            dtype = data.dtype.name
+        rows = data.reshape(-1, data.shape[-1])
+        arr = g.create_array(f"c{chunk:06d}", shape=data.shape, dtype=data.dtype,
+                             chunks=(1,) + data.shape[1:] if data.ndim == 3 else data.shape,
+                             attributes={"dtype": dtype})
+        arr[...] = data
+        del rows
+
+    def finish(self, layer: int) -> None:
+        tmp, final = self.path(layer, tmp=True), self.path(layer)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+    def read(self, layer: int, chunk: int):
+        import zarr
+        mx = _mx()
+        arr = zarr.open_array(str(self.path(layer) / f"c{chunk:06d}"), mode="r")
+        data = mx.array(np.asarray(arr[...]))
+        if arr.attrs.get("dtype") == "bfloat16":
+            data = data.view(mx.bfloat16)
+        return data
+
+    def drop(self, layer: int) -> None:
+        for p in (self.path(layer), self.path(layer, tmp=True)):
+            if p.exists():
+                shutil.rmtree(p)
+
+
+# ------------------------------------------------------------------ runners
+
+MoECallback = Callable[[int, Chunk, object], None]
+
+
+class StreamRunner:
+    """Layer-major forward: one layer's weights in memory, hidden states spilled to work_dir."""
+
+    def __init__(self, model_dir: str | Path, work_dir: str | Path, chunk_tokens: int = 4096,
+                 progress: bool = True):
+        self.ckpt = Checkpoint.open(model_dir)
+        self.where = str(self.ckpt.root / "config.json")
+        family_of(self.ckpt.config, self.where)
+        self.work_dir = Path(work_dir)
+        self.chunk_tokens = int(chunk_tokens)
+        self.progress = progress
+        self.fwd = _Forward(build_skeleton(self.ckpt), self.ckpt.config, self.where)
+        self.model = self.fwd.model
+        self.spill = HiddenSpill(self.work_dir)
+        self._params = None
+        self._layer_prefix = self._find_layer_prefix()
+        self._mlx_layout = self._is_mlx_layout()
+
+    # -- facts about the model
+    @property
+    def family(self) -> Family:
+        return self.fwd.family
+
+    @property
+    def num_layers(self) -> int:
+        return self.fwd.num_layers
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return self.fwd.moe_layers
+
+    def chunks(self, sequences: list[np.ndarray]) -> list[Chunk]:
+        return make_chunks(sequences, self.chunk_tokens)
+
+    def _find_layer_prefix(self) -> str:
+        first = self.model.layers[0]
+        for path, module in self.model.named_modules():
+            if module is first:
+                return path[: -len(".0")] + "."
+        raise BadInput(self.where, "cannot locate decoder layers in the mlx_lm model")
+
+    def _param_table(self) -> dict:
+        from mlx.utils import tree_flatten
+        if self._params is None:
+            self._params = {n: (tuple(a.shape), a.dtype) for n, a in tree_flatten(self.model.parameters())}
+        return self._params
+
+    def _is_mlx_layout(self) -> bool:
+        return set(self.ckpt.tensors) <= set(self._param_table())
+
+    def _names_of(self, layer: int | None) -> list[str]:
+        pre = self._layer_prefix
+        if layer is None:  # everything outside the decoder layers
+            return sorted(n for n in self.ckpt.tensors if not n.startswith(pre))
+        p = f"{pre}{layer}."
+        return sorted(n for n in self.ckpt.tensors if n.startswith(p))
+
+    def _load(self, layer: int | None, skip=lambda name: False) -> list[str]:
+        """Read one layer's (or the non-layer) tensors into the skeleton; returns parameter names."""
+        weights = {n: to_mx(self.ckpt.tensors[n]) for n in self._names_of(layer) if not skip(n)}
+        if not self._mlx_layout and hasattr(self.model, "sanitize"):
+            weights = self._sanitize(weights, layer)
+        table = self._param_table()
+        for n, a in weights.items():
+            if n not in table:
+                raise BadInput(self.ckpt.tensors.get(n, self.ckpt.root).file if n in self.ckpt.tensors else self.ckpt.root,
+                               f"tensor {n!r} is not a parameter of mlx_lm's {self.ckpt.model_type} model")
+            if tuple(a.shape) != table[n][0]:
+                raise BadInput(self.ckpt.root, f"tensor {n!r} has shape {list(a.shape)}, the model expects {list(table[n][0])}")
+        if layer is not None:
+            want = [n for n in table if n.startswith(f"{self._layer_prefix}{layer}.")]
+            missing = sorted(set(want) - set(weights))
+            if missing:
+                raise BadInput(self.ckpt.root, f"layer {layer}: tensor {missing[0]!r} is missing from the checkpoint")
+        self.model.load_weights(list(weights.items()), strict=False)
+        return list(weights)
+
+    def _sanitize(self, weights: dict, layer: int | None) -> dict:
+        # Family sanitizers look for layer 0's names (e.g. mixtral); present layer i as layer 0.
+        if layer is None:
+            return self.model.sanitize(weights)
+        pre = self._layer_prefix
+        src, dst = f"{pre}{layer}.", f"{pre}0."
+        renamed = {dst + n[len(src):]: a for n, a in weights.items()}
+        out = self.model.sanitize(renamed)
+        return {src + n[len(dst):] if n.startswith(dst) else n: a for n, a in out.items()}
+
+    def _drop(self, names: list[str]) -> None:
+        """Replace loaded tensors by lazy zeros, which hold no memory."""
+        mx = _mx()
+        table = self._param_table()
+        self.model.load_weights([(n, mx.zeros(table[n][0], table[n][1])) for n in names], strict=False)
+        mx.clear_cache()
+
+    # -- progress
+    def _progress_path(self) -> Path:
+        return self.work_dir / "progress.json"
+
+    def next_layer(self) -> int:
+        try:
+            return int(json.loads(self._progress_path().read_text())["next_layer"])
+        except (FileNotFoundError, ValueError, KeyError):
+            return 0
+
+    def _set_next_layer(self, n: int) -> None:
+        tmp = self.work_dir / ".progress.json.tmp"
+        tmp.write_text(json.dumps({"next_layer": n}))
+        os.replace(tmp, self._progress_path())
+
+    # -- the pass
+    def embed(self, chunks: list[Chunk]) -> None:
+        """h_0 for every chunk, from the model's own embedding code (non-layer weights only)."""
+        mx = _mx()
+        if self.spill.complete(0):
+            return
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        names = self._load(None, skip=lambda n: n.startswith("lm_head."))
+        self.spill.begin(0)
+        for c in self._bar(chunks, "embed"):
+            h = trace_layers(self.model, c.tokens)[0].x
+            mx.eval(h)
+            self.spill.write(0, c.index, h)
+        self.spill.finish(0)
+        self._drop(names)
+
+    def run(self, chunks: list[Chunk], on_moe: MoECallback | None = None,
+            mask: dict[int, list[int]] | None = None, stop: int | None = None,
+            on_layer_done: Callable[[int], None] | None = None, self_check: bool = True) -> Iterator[int]:
+        """Stream layers next_layer()..stop-1 (default: all); yields each finished layer."""
+        mx = _mx()
+        from .masking import mask_experts
+
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        stop = self.num_layers if stop is None else stop
+        start = self.next_layer()
+        if start == 0:
+            self.embed(chunks)
+        if not self.spill.complete(start) and start < stop:
+            raise BadInput(self.work_dir, f"hidden states for layer {start} are missing; delete the work dir and rerun")
+        for i in range(start, stop):
+            names = self._load(i)
+            if mask and mask.get(i):
+                mask_experts(self.model, {i: mask[i]})
+            self.spill.begin(i + 1)
+            for c in self._bar(chunks, f"layer {i}"):
+                h = self.spill.read(i, c.index)
+                tracer = trace_layers(self.model, c.tokens)[i]
+                cb = None if on_moe is None else (lambda cap, c=c, i=i: on_moe(i, c, cap))
+                out = self.fwd.layer_forward(i, h, tracer, cb, self_check and c.index == 0)
+                mx.eval(out)
+                self.spill.write(i + 1, c.index, out)
+            self.spill.finish(i + 1)
+            if on_layer_done is not None:
+                on_layer_done(i)
+            self._set_next_layer(i + 1)
+            self.spill.drop(i)
+            self._drop(names)
+            yield i
+
+    def final_logits(self, chunk: Chunk):
+        """Logits of a chunk from the spilled output of the last layer (model's own head code)."""
+        mx = _mx()
+        n = self.num_layers
+        if not self.spill.complete(n):
+            raise BadInput(self.work_dir, "the last layer's output is not in the work dir; run all layers first")
+        names = self._load(None)
+        try:
+            h = self.spill.read(n, chunk.index)
+            out = trace_layers(self.model, chunk.tokens, final=h)[0].model_output
+            mx.eval(out)
+            return out
+        finally:
+            self._drop(names)
+
+    def cleanup(self) -> None:
+        for i in range(self.num_layers + 1):
+            self.spill.drop(i)
+
+    def _bar(self, items, desc: str):
+        from tqdm import tqdm
+        total = sum(c.num_tokens for c in items)
+        bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True, leave=False, disable=None if self.progress else True)
+        for c in items:
+            yield c
+            bar.update(c.num_tokens)
+        bar.close()
+
+
+class MemoryRunner:
+    """The whole model in memory (mlx_lm.utils.load_model), chunk-major, the same hooks."""
+
+    def __init__(self, model_dir: str | Path, chunk_tokens: int = 4096, progress: bool = True):
+        from mlx_lm.utils import load_model
+
+        self.ckpt = Checkpoint.open(model_dir)
+        self.where = str(self.ckpt.root / "config.json")
+        family_of(self.ckpt.config, self.where)
+        _mx()
+        model, _ = load_model(Path(model_dir))
+        self.fwd = _Forward(model, self.ckpt.config, self.where)
+        self.model = model
+        self.chunk_tokens = int(chunk_tokens)
+        self.progress = progress
+
+    family = StreamRunner.family
+    num_layers = StreamRunner.num_layers
+    moe_layers = StreamRunner.moe_layers
+    chunks = StreamRunner.chunks
+    _bar = StreamRunner._bar
+
+    def run(self, chunks: list[Chunk], on_moe: MoECallback | None = None,
+            mask: dict[int, list[int]] | None = None, stop: int | None = None,
+            self_check: bool = True) -> list:
+        """Final hidden state per chunk, after layers 0..stop-1."""
+        mx = _mx()
+        from .masking import mask_experts
+
+        if mask:
+            mask_experts(self.model, {i: ids for i, ids in mask.items() if ids})
+        stop = self.num_layers if stop is None else stop
+        outs = []
+        for c in self._bar(chunks, "chunks"):
+            tracers = trace_layers(self.model, c.tokens)
+            h = tracers[0].x
+            for i in range(stop):
+                cb = None if on_moe is None else (lambda cap, c=c, i=i: on_moe(i, c, cap))
+                h = self.fwd.layer_forward(i, h, tracers[i], cb, self_check and c.index == 0)
+                mx.eval(h)
+            outs.append(h)
+        return outs
+
+    def final_logits(self, chunk: Chunk, h):
+        out = trace_layers(self.model, chunk.tokens, final=h)[0].model_output
+        _mx().eval(out)
+        return out

@@ -1,0 +1,240 @@
+"""`eval` and `compare`: streaming perplexity equals mlx_lm's own in-memory forward; a masked
+original evaluates exactly like its pruned output; bad input ends in exit 2 and one line."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from reap_stream.blas import ensure_blas
+from reap_stream.checkpoint import Checkpoint
+from reap_stream.cli import cli
+from reap_stream.eval import perplexity
+from reap_stream.plan import LayerPlan, Plan
+from reap_stream.structure import checkpoint_structure, fingerprint
+
+ensure_blas()
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+
+
+def tokens_of(model_dir: Path, text: str) -> np.ndarray:
+    from transformers import AutoTokenizer
+
+    return np.asarray(AutoTokenizer.from_pretrained(str(model_dir)).encode(text), dtype=np.int32)
+
+
+def mlx_lm_perplexity(model_dir: Path, windows: np.ndarray, pruned: dict | None = None) -> float:
+    """The reference: mlx_lm's whole model in memory, float32 cross-entropy over every window."""
+    from mlx_lm.utils import load_model
+
+    from reap_stream.masking import mask_experts
+
+    model, _ = load_model(model_dir)
+    if pruned:
+        mask_experts(model, pruned)
+    x = mx.array(windows)
+    logits = model(x[:, :-1]).astype(mx.float32)
+    return math.exp(nn.losses.cross_entropy(logits, x[:, 1:], reduction="mean").item())
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def run_json(*args: str) -> dict:
+    res = invoke(*args, "--json")
+    assert res.exit_code == 0, res.output
+    return json.loads(res.output.strip().splitlines()[-1])
+
+
+def uniform_plan(model_dir: Path, n_prune: int, *, seed: int = 0) -> Plan:
+    """Prune `n_prune` seeded-random experts from every MoE layer (a valid, uniform plan)."""
+    ckpt = Checkpoint.open(model_dir)
+    st = checkpoint_structure(ckpt)
+    rng = np.random.default_rng(seed)
+    layers = {}
+    for layer in st.moe_layers:
+        pruned = sorted(int(e) for e in rng.choice(st.layer_experts[layer], n_prune, replace=False))
+        kept = [e for e in range(st.layer_experts[layer]) if e not in pruned]
+        layers[layer] = LayerPlan(kept, pruned)
+    model = {"model_type": st.model_type, "num_layers": st.num_layers, "fingerprint": fingerprint(ckpt)}
+    return Plan(layers=layers, method="random", model=model)
+
+
+@pytest.fixture(scope="module")
+def text(calib_text) -> str:
+    return calib_text(3000)
+
+
+# ---------------------------------------------------------------- equals mlx_lm in memory
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3"])
+def test_streamed_perplexity_equals_mlx_lm_in_memory(fixture_model, text, family):
+    model_dir = fixture_model(family)
+    ids = tokens_of(model_dir, text)
+    windows = ids[: len(ids) // 65 * 65].reshape(-1, 65)[:6]
+    # 2 windows per chunk: three chunks spilled and read back layer by layer
+    got = perplexity(model_dir, list(windows), chunk_tokens=130, progress=False)
+    want = mlx_lm_perplexity(model_dir, windows)
+    assert got.num_sequences == 6 and got.num_predictions == 6 * 64
+    assert got.perplexity == pytest.approx(want, rel=1e-5)
+
+
+def test_memory_mode_equals_stream_mode(fixture_model, text):
+    model_dir = fixture_model("qwen3_moe", "bf16")
+    ids = tokens_of(model_dir, text)[:200]
+    seqs = [ids[:120], ids[120:200]]  # unequal lengths: one chunk each
+    stream = perplexity(model_dir, seqs, mode="stream", progress=False)
+    memory = perplexity(model_dir, seqs, mode="memory", progress=False)
+    assert stream.num_predictions == 119 + 79
+    assert stream.perplexity == pytest.approx(memory.perplexity, rel=1e-6)
+
+
+def test_bf16_checkpoint_matches_its_float32_upcast_reference(fixture_model, text, tmp_path):
+    """The CPU backend runs experts in float32; the result stays within bf16 rounding of a float32
+    forward of the same bf16 weights."""
+    from mlx_lm.utils import load_model
+
+    model_dir = fixture_model("qwen3_moe", "bf16")
+    ids = tokens_of(model_dir, text)[:129][None]
+    model, _ = load_model(model_dir)
+    model.set_dtype(mx.float32)
+    x = mx.array(ids)
+    want = math.exp(nn.losses.cross_entropy(model(x[:, :-1]), x[:, 1:], reduction="mean").item())
+    got = perplexity(model_dir, list(ids), progress=False)
+    assert got.perplexity == pytest.approx(want, rel=2e-2)
+
+
+def test_eval_command_on_a_prompt_matches_mlx_lm(fixture_model, text):
+    model_dir = fixture_model("qwen3_moe")
+    prompt = text[:1200]
+    out = run_json("eval", model_dir, "--prompt", prompt)
+    ids = tokens_of(model_dir, prompt)
+    assert out["num_predictions"] == len(ids) - 1
+    assert out["perplexity"] == pytest.approx(mlx_lm_perplexity(model_dir, ids[None]), rel=1e-5)
+    assert out["mean_nll"] == pytest.approx(math.log(out["perplexity"]), rel=1e-12)
+
+
+# ---------------------------------------------------------------- masked original == pruned
+
+@pytest.fixture(scope="module")
+def pruned_pair(fixture_model, tmp_path_factory):
+    """(original, plan path, pruned output written by `apply`)."""
+    src = fixture_model("qwen3_moe")
+    root = tmp_path_factory.mktemp("pruned")
+    plan_path = root / "plan.json"
+    uniform_plan(src, n_prune=4).save(plan_path)
+    res = invoke("apply", src, plan_path, "--out", root / "out", "--quiet")
+    assert res.exit_code == 0, res.output
+    return src, plan_path, root / "out"
+
+
+def test_mask_plan_on_the_original_equals_eval_of_the_pruned_output(pruned_pair, text):
+    src, plan_path, pruned = pruned_pair
+    prompt = text[:1500]
+    masked = run_json("eval", src, "--prompt", prompt, "--mask-plan", plan_path)
+    direct = run_json("eval", pruned, "--prompt", prompt)
+    plain = run_json("eval", src, "--prompt", prompt)
+    assert masked["num_predictions"] == direct["num_predictions"]
+    assert masked["perplexity"] == pytest.approx(direct["perplexity"], rel=1e-6)
+    assert abs(masked["perplexity"] - plain["perplexity"]) > 1e-3 * plain["perplexity"]
+    assert sum(len(v) for v in masked["masked_experts"].values()) == 4 * 4
+
+
+def test_masked_perplexity_equals_mlx_lm_with_masked_routing(pruned_pair, text):
+    src, plan_path, _ = pruned_pair
+    pruned = Plan.load(plan_path).pruned_map()
+    ids = tokens_of(src, text)[:257][None]
+    got = perplexity(src, list(ids), mask=pruned, progress=False)
+    assert got.perplexity == pytest.approx(mlx_lm_perplexity(src, ids, pruned), rel=1e-5)
+
+
+def test_compare_masked_original_with_pruned_output(pruned_pair, text):
+    src, plan_path, pruned = pruned_pair
+    prompt = text[:800]
+    same = run_json("compare", src, pruned, "--prompt", prompt, "--mask-plan", plan_path)
+    assert same["max_abs_diff"] < 1e-4 and same["top1_agreement"] == 1.0
+    differ = run_json("compare", src, pruned, "--prompt", prompt)
+    assert differ["max_abs_diff"] > 1e-2
+    assert 0 < differ["mean_abs_diff"] <= differ["max_abs_diff"]
+    assert differ["num_tokens"] == same["num_tokens"] == len(tokens_of(src, prompt))
+
+
+def test_compare_a_model_with_itself_is_zero(fixture_model):
+    model_dir = fixture_model("mixtral")
+    out = run_json("compare", model_dir, model_dir, "--prompt", "import os\nprint(os.getcwd())\n")
+    assert out["max_abs_diff"] == 0.0 and out["mean_abs_diff"] == 0.0 and out["top1_agreement"] == 1.0
+
+
+# ---------------------------------------------------------------- bad input
+
+def refused(*args: str) -> str:
+    res = invoke(*args)
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.output, res.output
+    assert lines[0].startswith("reap-stream: error: "), lines[0]
+    return lines[0]
+
+
+def test_eval_of_a_missing_model_dir(tmp_path):
+    line = refused("eval", tmp_path / "nope", "--prompt", "x = 1")
+    assert str(tmp_path / "nope") in line
+
+
+def test_eval_without_text_or_with_nothing_to_predict(fixture_model):
+    model_dir = fixture_model("qwen3_moe")
+    assert "calibration source" in refused("eval", model_dir)
+    assert "nothing to predict" in refused("eval", model_dir, "--prompt", "x")
+
+
+def test_eval_with_bad_chunk_tokens(fixture_model):
+    assert "--chunk-tokens" in refused("eval", fixture_model("qwen3_moe"), "--prompt", "a = 1", "--chunk-tokens", "0")
+
+
+def test_eval_with_a_missing_dataset_file(fixture_model, tmp_path):
+    line = refused("eval", fixture_model("qwen3_moe"), "--dataset-file", tmp_path / "held.txt")
+    assert "held.txt" in line
+
+
+@pytest.mark.parametrize("fault, needle", [
+    ("missing", "plan file not found"),
+    ("not_json", "invalid JSON"),
+    ("other_model", "another model"),
+    ("below_top_k", "fewer than top_k"),
+    ("not_moe_layer", "not an MoE layer"),
+])
+def test_eval_with_a_bad_mask_plan(fixture_model, tmp_path, fault, needle):
+    model_dir = fixture_model("qwen3_moe")
+    path = tmp_path / "plan.json"
+    plan = uniform_plan(model_dir, n_prune=2)
+    if fault == "not_json":
+        path.write_text("{ not json")
+    elif fault != "missing":
+        if fault == "other_model":
+            plan.model["fingerprint"] = "sha256:" + "0" * 64
+        elif fault == "below_top_k":
+            plan = uniform_plan(model_dir, n_prune=7)
+        elif fault == "not_moe_layer":
+            plan.layers[99] = plan.layers[0]
+        plan.save(path)
+    line = refused("eval", model_dir, "--prompt", "def f(): pass", "--mask-plan", path)
+    assert str(path) in line and needle in line
+
+
+def test_compare_with_a_missing_or_mismatched_model(fixture_model, tmp_path):
+    a = fixture_model("qwen3_moe")
+    assert str(tmp_path / "b") in refused("compare", a, tmp_path / "b", "--prompt", "y = 2")
+    b = tmp_path / "wider"
+    shutil.copytree(fixture_model("mixtral"), b)
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["vocab_size"] = cfg["vocab_size"] * 2
+    (b / "config.json").write_text(json.dumps(cfg))
+    line = refused("compare", a, b, "--prompt", "y = 2")
+    assert str(b / "config.json") in line and "vocab_size" in line

@@ -1,0 +1,214 @@
+"""Bad input to `reap-stream apply MODEL.gguf`: exit code 2 and one line naming the file and the
+fault; no traceback, no output (not even a partial one), the source untouched."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from reap_stream.cli import cli
+from reap_stream.plan import Plan
+from test_gguf_apply import gguf_model, manual_plan, mlx_plan  # noqa: F401  (fixture)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def refuse(tmp_path: Path, model: Path, plan: Plan | Path, *needles: str, extra: tuple[str, ...] = ()) -> str:
+    plan_path = plan if isinstance(plan, Path) else tmp_path / "plan.json"
+    if isinstance(plan, Plan):
+        plan.save(plan_path)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir(exist_ok=True)
+    before = digest(model)
+    res = CliRunner().invoke(cli, ["apply", str(model), str(plan_path), "--out", str(out_dir / "o.gguf"), *extra])
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2, res.output
+    assert len(lines) == 1 and lines[0].startswith("reap-stream: error: "), res.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert digest(model) == before
+    assert list(out_dir.iterdir()) == []
+    return lines[0]
+
+
+@pytest.fixture
+def model(gguf_model, tmp_path) -> Path:
+    """A private copy of the qwen3moe Q8_0 GGUF that a test may corrupt."""
+    dst = tmp_path / "model.gguf"
+    shutil.copyfile(gguf_model("qwen3_moe", "q8_0"), dst)
+    return dst
+
+
+def patch(path: Path, pos: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        f.write(data)
+
+
+def tensor_info_pos(path: Path, name: str) -> tuple[int, int]:
+    """(position of n_dims, position of the data offset) of a tensor's info, found in the raw bytes."""
+    raw = path.read_bytes()
+    key = struct.pack("<Q", len(name)) + name.encode()
+    at = raw.index(key) + len(key)
+    n_dims = struct.unpack_from("<I", raw, at)[0]
+    return at, at + 4 + 8 * n_dims + 4
+
+
+def key_pos(path: Path, key: str) -> int:
+    """Position right after a metadata key's name (its value type)."""
+    raw = path.read_bytes()
+    k = struct.pack("<Q", len(key)) + key.encode()
+    return raw.index(k) + len(k)
+
+
+# ---------------------------------------------------------------- broken files
+
+def test_bad_magic(model, tmp_path):
+    patch(model, 0, b"GGUX")
+    refuse(tmp_path, model, mlx_plan("qwen3_moe"), "model.gguf", "not a GGUF file")
+
+
+def test_truncated_header(model, tmp_path):
+    dims, _ = tensor_info_pos(model, "blk.3.ffn_up_exps.weight")
+    with open(model, "r+b") as f:
+        f.truncate(dims + 2)
+    refuse(tmp_path, model, mlx_plan("qwen3_moe"), "model.gguf", "truncated file: dims of 'blk.3.ffn_up_exps.weight'")
+    with open(model, "r+b") as f:
+        f.truncate(100)
+    refuse(tmp_path, model, mlx_plan("qwen3_moe"), "model.gguf", "cannot fit in the file")
+
+
+def test_truncated_tensor_data(model, tmp_path):
+    with open(model, "r+b") as f:
+        f.truncate(model.stat().st_size - 1000)
+    refuse(tmp_path, model, mlx_plan("qwen3_moe"), "model.gguf", "'output.weight'", "runs past the end of the file")
+
+
+def test_tensor_data_past_the_end(model, tmp_path):
+    _, off = tensor_info_pos(model, "blk.1.ffn_up_exps.weight")
+    patch(model, off, struct.pack("<Q", 1 << 40))
+    refuse(tmp_path, model, mlx_plan("qwen3_moe"), "model.gguf", "'blk.1.ffn_up_exps.weight'", "past the end")
+
+
+def test_misaligned_tensor_offset(model, tmp_path):
+    _, off = tensor_info_pos(model, "blk.2.ffn_gate_exps.weight")
+    value = struct.unpack("<Q", model.read_bytes()[off:off + 8])[0]
+    patch(model, off, struct.pack("<Q", value + 4))
+    refuse(tmp_path, model, mlx_plan("qwen3_moe"), "model.gguf", f"data offset {value + 4} is not aligned to 32")
+
+
+def test_overlapping_tensors(model, tmp_path):
+    _, a = tensor_info_pos(model, "blk.0.ffn_down_exps.weight")
+    _, b = tensor_info_pos(model, "blk.0.ffn_gate_exps.weight")
+    patch(model, b, model.read_bytes()[a:a + 8])
+    refuse(tmp_path, model, mlx_plan("qwen3_moe"), "model.gguf", "overlap")
+
+
+@pytest.mark.parametrize("pos,what", [(8, "tensor count"), (16, "metadata count")])
+def test_absurd_counts(model, tmp_path, pos, what):
+    patch(model, pos, struct.pack("<Q", 1 << 60))
+    refuse(tmp_path, model, mlx_plan("qwen3_moe"), "model.gguf", f"{what} {1 << 60} cannot fit in the file")
+
+
+def test_absurd_string_length(model, tmp_path):
+    at = key_pos(model, "general.name")   # type u32, then the string's u64 length
+    patch(model, at + 4, struct.pack("<Q", 1 << 62))
+    refuse(tmp_path, model, mlx_plan("qwen3_moe"), "model.gguf", "'general.name'", f"string length {1 << 62} exceeds the file")
+
+
+def test_absurd_array_length(model, tmp_path):
+    at = key_pos(model, "tokenizer.ggml.tokens")   # type u32, element type u32, count u64
+    patch(model, at + 8, struct.pack("<Q", 1 << 61))
+    refuse(tmp_path, model, mlx_plan("qwen3_moe"), "model.gguf", "'tokenizer.ggml.tokens'", "cannot fit in the file")
+
+
+def test_unknown_value_and_tensor_types(model, tmp_path):
+    copy = tmp_path / "copy.gguf"
+    shutil.copyfile(model, copy)
+    patch(model, key_pos(model, "general.name"), struct.pack("<I", 99))
+    refuse(tmp_path, model, mlx_plan("qwen3_moe"), "unknown metadata value type 99")
+    _, off = tensor_info_pos(copy, "blk.0.ffn_up_exps.weight")
+    patch(copy, off - 4, struct.pack("<I", 1234))
+    refuse(tmp_path, copy, mlx_plan("qwen3_moe"), "copy.gguf", "unknown ggml type 1234")
+
+
+def test_too_many_dimensions(model, tmp_path):
+    dims, _ = tensor_info_pos(model, "blk.0.ffn_up_exps.weight")
+    patch(model, dims, struct.pack("<I", 7))
+    refuse(tmp_path, model, mlx_plan("qwen3_moe"), "7 dimensions")
+
+
+def test_missing_split_part(gguf_model, tmp_path):
+    first = gguf_model("qwen3_moe", "f32", split=20)
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for p in sorted(first.parent.glob("*.gguf"))[:2]:
+        shutil.copyfile(p, parts / p.name)
+    refuse(tmp_path, parts / first.name, mlx_plan("qwen3_moe"), "model-00003-of-00003.gguf", "split part 3 of 3 is missing")
+    refuse(tmp_path, parts / "model-00002-of-00003.gguf", mlx_plan("qwen3_moe"), "open the first part")
+
+
+# ---------------------------------------------------------------- plans that do not fit
+
+def test_plan_with_the_wrong_layer_count(model, tmp_path):
+    plan = mlx_plan("qwen3_moe")
+    plan.model["num_layers"] = 6
+    refuse(tmp_path, model, plan, "plan is for 6 layers; model.gguf has qwen3moe.block_count=4")
+
+
+def test_plan_with_the_wrong_expert_count(model, tmp_path):
+    plan = mlx_plan("qwen3_moe")
+    plan.model["num_experts"] = 16
+    refuse(tmp_path, model, plan, "plan is for 16 experts in layer 0; model.gguf holds 8 there")
+    plan = manual_plan({1: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]}, n=10)
+    refuse(tmp_path, model, plan, "layer 1: expert 8 does not exist (layer has 8 experts)")
+
+
+def test_plan_for_another_architecture(model, tmp_path):
+    refuse(tmp_path, model, mlx_plan("mixtral"), "plan is for model_type 'mixtral' (GGUF architecture 'llama')",
+           "model.gguf is architecture 'qwen3moe'")
+
+
+def test_plan_for_a_layer_that_does_not_exist(model, tmp_path):
+    refuse(tmp_path, model, manual_plan({9: [0, 1, 2, 3]}), "layer 9 is not an MoE layer")
+
+
+def test_non_uniform_plan_for_a_llama_cpp_arch(model, tmp_path):
+    line = refuse(tmp_path, model, manual_plan({1: [0, 1, 2, 3, 4, 5], 2: [0, 1, 2, 3]}),
+                  "keeps 4..8 experts in different layers", "one qwen3moe.expert_count for all layers")
+    assert "ds4-compact-v1" in line
+
+
+def test_keeping_fewer_than_top_k(model, tmp_path):
+    refuse(tmp_path, model, manual_plan({L: [3] for L in range(4)}), "keeps 1 experts, fewer than top_k=2")
+
+
+def test_existing_output_without_overwrite(model, tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "o.gguf").write_bytes(b"x")
+    plan_path = tmp_path / "plan.json"
+    mlx_plan("qwen3_moe").save(plan_path)
+    res = CliRunner().invoke(cli, ["apply", str(model), str(plan_path), "--out", str(out_dir / "o.gguf")])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
+    assert "o.gguf: output exists; pass --overwrite" in res.output
+    assert (out_dir / "o.gguf").read_bytes() == b"x"
+
+
+def test_the_cli_applies_a_good_plan(model, tmp_path):
+    """The same command with a fitting plan succeeds and prints a JSON summary."""
+    import json
+
+    plan_path = tmp_path / "plan.json"
+    mlx_plan("qwen3_moe").save(plan_path)
+    out = tmp_path / "o.gguf"
+    res = CliRunner().invoke(cli, ["apply", str(model), str(plan_path), "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output[res.output.index("{"):])
+    assert summary["layout"] == "uniform" and summary["experts_after"] == 6 and summary["out"] == [str(out)]
