@@ -133,6 +133,8 @@ def collect(model_dir: str | Path, calib, out: str | Path, work_dir: str | Path 
     """Collect telemetry of `calib` (a calibration.CalibrationSet) into `out`; returns a summary."""
     from tqdm import tqdm
 
+    import mlx_lm.utils  # noqa: F401  (import time is not collection time)
+
     started = time.perf_counter()
     out = Path(out)
     work_dir = Path(work_dir) if work_dir is not None else default_work_dir(out)

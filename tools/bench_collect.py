@@ -43,9 +43,17 @@ def child(model: str, mode: str, num_tokens: int, seq_len: int, chunk_tokens: in
     calib = CalibrationSet(seqs, token_fingerprint(seqs, {}), {"bench": True}, True, seq_len)
     summary = collect(model, calib, out, options=CollectOptions(mode=mode, chunk_tokens=chunk_tokens),
                       progress=False)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = peak_rss()
     print(json.dumps({"tokens_per_s": summary["tokens_per_s"], "seconds": summary["seconds"],
                       "peak_rss": rss, "fingerprint": summary["telemetry_fingerprint"]}))
+
+
+def peak_rss() -> int:
+    """This process's high-water RSS in bytes (VmHWM: unlike ru_maxrss, not inherited across fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def largest_layer_bytes(model_dir: Path) -> int:
