@@ -41,9 +41,10 @@ def apply_cmd(model: Path, plan_path: Path, out: Path, dry_run: bool, max_shard_
     """Apply PLAN to MODEL (a safetensors model directory or a GGUF file) and write OUT."""
     plan = Plan.load(plan_path)
     buffer_bytes = parse_size(buffer_size)
-    from .gguf_apply import apply_gguf, is_gguf
+    from .checkpoint import is_gguf
 
-    if model.is_file() and is_gguf(model):
+    if is_gguf(model):
+        from .gguf_apply import apply_gguf
         summary = apply_gguf(model, plan, out, overwrite=overwrite, dry_run=dry_run,
                              ignore_fingerprint=ignore_fingerprint, buffer_bytes=buffer_bytes,
                              plan_where=str(plan_path))

@@ -229,6 +229,15 @@ def to_float32(ref: TensorRef, arr: np.ndarray | None = None) -> np.ndarray:
     return np.asarray(arr, np.float32)
 
 
+def is_gguf(path: str | Path) -> bool:
+    """True for a regular file that starts with the GGUF magic."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def sha256_file(path: Path, bufsize: int = 8 << 20) -> str:
     h = hashlib.sha256()
     buf = bytearray(bufsize)

@@ -84,18 +84,20 @@ class Accumulator:
         if self.renorm_topk:
             g = g / g.sum(axis=1, keepdims=True)
         b = cap.batch
-        y = np.array(b.outputs, dtype=np.float64)               # [T*k, H], grouped by expert
-        norms = np.sqrt(np.einsum("ij,ij->i", y, y))
-        g_sorted = g.reshape(-1)[b.order]
+        y32 = np.array(b.outputs, copy=False)                   # [T*k, H] float32, grouped by expert
+        norms = np.empty(len(y32))
         st.tokens += t
+        for e in np.flatnonzero(np.diff(b.bounds)):
+            lo, hi = b.bounds[e], b.bounds[e + 1]
+            y = y32[lo:hi].astype(np.float64)   # one expert at a time: no float64 copy of the chunk
+            norms[lo:hi] = np.sqrt(np.einsum("ij,ij->i", y, y))
+            st.expert_output_sum[e] += y.sum(axis=0)
+            st.max_activations[e] = max(st.max_activations[e], y.max())
+        g_sorted = g.reshape(-1)[b.order]
         st.frequency += np.bincount(b.experts, minlength=e_count)
         st.weighted_frequency_sum += np.bincount(b.experts, weights=g_sorted, minlength=e_count)
         st.ean_sum += np.bincount(b.experts, weights=norms, minlength=e_count)
         st.weighted_ean_sum += np.bincount(b.experts, weights=g_sorted * norms, minlength=e_count)
-        for e in np.flatnonzero(np.diff(b.bounds)):
-            lo, hi = b.bounds[e], b.bounds[e + 1]
-            st.expert_output_sum[e] += y[lo:hi].sum(axis=0)
-            st.max_activations[e] = max(st.max_activations[e], y[lo:hi].max())
         pairs = (inds[:, :, None] * e_count + inds[:, None, :]).reshape(-1)
         st.coactivation += np.bincount(pairs, minlength=e_count * e_count).reshape(e_count, e_count)
 
@@ -217,7 +219,7 @@ def collect(model_dir: str | Path, calib, out: str | Path, work_dir: str | Path 
     seconds = time.perf_counter() - started
 
     _publish(store_path, out)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    _clean_work_dir(work_dir)
     done = TelemetryStore.open(out)
     return {
         "out": str(out), "mode": options.mode, "layers": done.layers(), "num_tokens": calib.num_tokens,
@@ -238,6 +240,19 @@ def _already_done(out: Path, attrs: dict) -> dict:
         raise BadInput(out, "already exists and holds another run's telemetry; choose another --out or delete it")
     return {"out": str(out), "layers": store.layers(), "layers_run": 0, "already_complete": True,
             "telemetry_fingerprint": store.fingerprint()}
+
+
+def _clean_work_dir(work_dir: Path) -> None:
+    """Remove what collect put in the work dir (and the dir itself when that leaves it empty)."""
+    for p in sorted(work_dir.iterdir()):
+        ours = p.name in (RUN_FILE, "progress.json", "tokens.zarr", "telemetry.zarr") or \
+            p.name.startswith(("hidden_", ".hidden_", ".progress", ".run.json", ".tokens.zarr"))
+        if ours:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    try:
+        work_dir.rmdir()
+    except OSError:
+        pass
 
 
 def _publish(src: Path, out: Path) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .checkpoint import is_gguf  # noqa: F401  (part of this module's API)
 from .errors import BadInput
 from .families import FAMILIES
 from .gguf_layout import (KV, MAGIC, GGUFFile, OutTensor, VType, encode_header, encode_kv,
@@ -63,15 +64,6 @@ GGUF_ARCHS: dict[str, GGUFArch] = {
 }
 
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
-
-
-def is_gguf(path: str | Path) -> bool:
-    """True for a regular file that starts with the GGUF magic."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == MAGIC
-    except OSError:
-        return False
 
 
 # ---------------------------------------------------------------- structure

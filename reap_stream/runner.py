@@ -157,6 +157,7 @@ class _Tracer:
         self.kwargs: dict = {}
         self.x = None
         self.out = out
+        self.model_output = None  # set on tracer 0: the model's (lazy) output
 
     def __call__(self, x, *args, **kwargs):
         self.x, self.args, self.kwargs = x, args, kwargs
@@ -265,6 +266,7 @@ class HiddenSpill:
 
     def write(self, layer: int, chunk: int, h) -> None:
         import zarr
+        from zarr.codecs import BloscCodec
         mx = _mx()
         g = zarr.open_group(str(self.path(layer, tmp=True)), mode="r+")
         if h.dtype == mx.bfloat16:
@@ -272,12 +274,11 @@ class HiddenSpill:
         else:
             data = np.array(h)
             dtype = data.dtype.name
-        rows = data.reshape(-1, data.shape[-1])
-        arr = g.create_array(f"c{chunk:06d}", shape=data.shape, dtype=data.dtype,
-                             chunks=(1,) + data.shape[1:] if data.ndim == 3 else data.shape,
+        # one Zarr chunk per activation chunk (it is always read whole); lz4: cheap, still compressed
+        arr = g.create_array(f"c{chunk:06d}", shape=data.shape, dtype=data.dtype, chunks=data.shape,
+                             compressors=BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"),
                              attributes={"dtype": dtype})
         arr[...] = data
-        del rows
 
     def finish(self, layer: int) -> None:
         tmp, final = self.path(layer, tmp=True), self.path(layer)
@@ -370,8 +371,8 @@ class StreamRunner:
         table = self._param_table()
         for n, a in weights.items():
             if n not in table:
-                raise BadInput(self.ckpt.tensors.get(n, self.ckpt.root).file if n in self.ckpt.tensors else self.ckpt.root,
-                               f"tensor {n!r} is not a parameter of mlx_lm's {self.ckpt.model_type} model")
+                where = self.ckpt.tensors[n].file if n in self.ckpt.tensors else self.ckpt.root
+                raise BadInput(where, f"tensor {n!r} is not a parameter of mlx_lm's {self.ckpt.model_type} model")
             if tuple(a.shape) != table[n][0]:
                 raise BadInput(self.ckpt.root, f"tensor {n!r} has shape {list(a.shape)}, the model expects {list(table[n][0])}")
         if layer is not None:
@@ -446,6 +447,8 @@ class StreamRunner:
             raise BadInput(self.work_dir, f"hidden states for layer {start} are missing; delete the work dir and rerun")
         for i in range(start, stop):
             names = self._load(i)
+            router = getattr(self.fwd.blocks[i], self.family.router) if i in self.fwd.blocks else None
+            had_bias = router is not None and "bias" in router
             if mask and mask.get(i):
                 mask_experts(self.model, {i: mask[i]})
             self.spill.begin(i + 1)
@@ -462,6 +465,8 @@ class StreamRunner:
             self._set_next_layer(i + 1)
             self.spill.drop(i)
             self._drop(names)
+            if router is not None and not had_bias and "bias" in router:
+                del router["bias"]  # the -inf bias masking added
             yield i
 
     def final_logits(self, chunk: Chunk):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint, sha256_file
+from .checkpoint import Checkpoint, is_gguf, sha256_file
 from .errors import BadInput
 from .families import classify, family_of
 from .plan import Plan
@@ -155,11 +155,6 @@ def check_plan_copy(out: Path, config: dict, findings: list[Finding]) -> None:
                                 f"({source[:19]}… vs {rec['source_fingerprint'][:19]}…)"))
 
 
-def _is_gguf(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
-
-
 def check_gguf(path: Path, findings: list[Finding]) -> int:
     """A recompacted GGUF (one file or the first of a split): llama.cpp's layout rules, and every
     expert-axis tensor as long as the metadata says its layer is. Returns the parts checked."""
@@ -198,7 +193,7 @@ def verify_output(out: str | Path, *, progress: bool = False) -> dict:
     """Run every check on a pruned output directory (or recompacted GGUF file); JSON-ready result
     with `ok` and `findings`."""
     out = Path(out)
-    if out.is_file() and _is_gguf(out):
+    if out.is_file() and is_gguf(out):
         findings: list[Finding] = []
         checked = check_gguf(out, findings)
         return {"out": str(out), "format": "gguf", "files_checked": checked, "checksums": False,

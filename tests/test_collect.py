@@ -160,3 +160,22 @@ def test_stream_mode_reads_only_the_current_layers_tensors(fixture_model, tmp_pa
     for layer, names in seen.items():
         assert names and all(n.startswith(f"model.layers.{layer}.") for n in names)
     assert not any(n.startswith("lm_head") for n in everything)  # the head is not needed to collect
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_runner_streams_to_the_logits_of_the_masked_original(family, fixture_model, tmp_path):
+    """The runner API eval reuses: stream every layer with pruned experts masked, then the head."""
+    import mlx.core as mx
+
+    from reap_stream.masking import masked_logits
+    from reap_stream.runner import StreamRunner
+
+    model = fixture_model(family)
+    r = StreamRunner(model, tmp_path / "w", chunk_tokens=64, progress=False)
+    pruned = {layer: [0, 5] if family != "deepseek_v3" else [0, 4] for layer in r.moe_layers}
+    chunks = r.chunks(CALIB.sequences[:2])
+    assert list(r.run(chunks, mask=pruned)) == list(range(r.num_layers))
+    for chunk in chunks:
+        streamed = np.array(r.final_logits(chunk).astype(mx.float32))
+        for b, seq in enumerate(chunk.tokens):
+            np.testing.assert_allclose(streamed[b], masked_logits(model, pruned, seq), rtol=1e-4, atol=1e-4)

@@ -238,3 +238,57 @@ def test_compare_with_a_missing_or_mismatched_model(fixture_model, tmp_path):
     (b / "config.json").write_text(json.dumps(cfg))
     line = refused("compare", a, b, "--prompt", "y = 2")
     assert str(b / "config.json") in line and "vocab_size" in line
+
+
+# ---------------------------------------------------------------- the trainer (tools/train_tiny_moe.py)
+
+@pytest.fixture(scope="module")
+def trainer():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "train_tiny_moe.py"
+    spec = importlib.util.spec_from_file_location("train_tiny_moe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_splits_are_by_file_and_decided_by_the_path_alone(trainer, tmp_path):
+    for rel in ("a.py", "pkg/b.py", "pkg/c.py", "test/test_a.py", "site-packages/x.py", "z.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(f"# {rel}\n")
+    splits = trainer.build_splits(tmp_path)
+    files = [rel for s in trainer.SPLITS for rel, _ in splits[s]]
+    assert sorted(files) == ["a.py", "pkg/b.py", "pkg/c.py"]  # tests, site-packages, non-.py left out
+    for s in trainer.SPLITS:
+        assert all(trainer.split_of(rel) == s for rel, _ in splits[s])
+    names = [f"m{i}.py" for i in range(2000)]
+    share = {s: sum(trainer.split_of(n) == s for n in names) / len(names) for s in trainer.SPLITS}
+    assert 0.03 < share["heldout"] < 0.07 and 0.07 < share["calib"] < 0.13
+
+
+def test_training_forward_is_mlx_lm_forward(trainer):
+    """The exact training forward equals mlx_lm's; the capacity-limited one equals it when no
+    expert overflows."""
+    from mlx_lm.models.qwen3_moe import Model, ModelArgs
+
+    mx.random.seed(3)
+    cfg = {**trainer.MODEL_CONFIG, "num_hidden_layers": 2, "hidden_size": 64, "num_experts": 8}
+    model = Model(ModelArgs.from_dict(cfg))
+    x = mx.array(np.random.default_rng(0).integers(0, cfg["vocab_size"], (2, 24)).astype(np.int32))
+    dense, aux = trainer.forward(model, x, mx, nn)
+    roomy, _ = trainer.forward(model, x, mx, nn, capacity_factor=float(cfg["num_experts"]))
+    assert mx.abs(dense - model(x)).max().item() < 1e-4
+    assert mx.abs(roomy - dense).max().item() < 1e-5
+    assert aux.item() >= 1.0 - 1e-5  # E * sum(f * P) is 1 at perfect balance, more otherwise
+
+
+def test_the_committed_trained_model_is_a_valid_mlx_lm_checkpoint(trainer):
+    root = Path(__file__).resolve().parents[1] / "fixtures" / "trained"
+    ckpt = Checkpoint.open(root)
+    st = checkpoint_structure(ckpt)
+    assert st.model_type == "qwen3_moe" and st.moe_layers == [0, 1, 2, 3]
+    assert set(st.layer_experts.values()) == {32} and st.top_k == 2
+    assert ckpt.config == json.loads(json.dumps(trainer.MODEL_CONFIG))
+    for split in ("calib", "heldout"):
+        assert (root / "data" / f"{split}.txt").stat().st_size > 100_000

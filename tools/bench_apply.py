@@ -83,7 +83,10 @@ def make_plan(model: Path, ratio: float) -> Path:
     return path
 
 
-HASH = "import sys, pathlib; from reap_stream.checkpoint import sha256_file; [sha256_file(p) for p in sorted(pathlib.Path(sys.argv[1]).iterdir())]"
+# checksum and flush every copied file, as apply does for its outputs
+HASH = ("import os, sys, pathlib; from reap_stream.checkpoint import sha256_file\n"
+        "for p in sorted(pathlib.Path(sys.argv[1]).iterdir()):\n"
+        "    sha256_file(p); fd = os.open(p, os.O_RDONLY); os.fsync(fd); os.close(fd)")
 
 NAIVE = r"""
 import sys, json, mlx.core as mx
@@ -103,15 +106,18 @@ mx.save_safetensors(out + "/model.safetensors", w, metadata={"format": "mlx"})
 """
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of one child process."""
+def timed(cmd: list[str], python_module: bool = False) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one child process; peak RSS only for Python modules, which
+    report their own VmHWM (a fork of this process would inherit this process's ru_maxrss)."""
+    report = Path(f"/tmp/bench-apply-peak-{os.getpid()}.json")
+    if python_module:
+        cmd = [sys.executable, "-m", "reap_stream.procstats", str(report), *cmd]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wall = time.perf_counter() - t0
-    if status != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()}")
-    return wall, usage.ru_maxrss / 1024
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.decode()}")
+    return wall, json.loads(report.read_text())["peak_rss"] / 2**20 if python_module else float("nan")
 
 
 @click.command()
@@ -131,15 +137,17 @@ def main(sizes: str, repeats: int, workdir: Path, naive_max_gb: float, as_json: 
         for _ in range(repeats):
             for d in (out, copy, naive):
                 shutil.rmtree(d, ignore_errors=True)
-            runs["apply"].append(timed([sys.executable, "-m", "reap_stream.cli", "apply", str(model), str(plan),
-                                        "--out", str(out), "--quiet"]))
-            # the same kept bytes, as plain files: what a copy costs, and a copy plus the checksums
-            # apply's manifest holds (sha256 of every output file)
+            runs["apply"].append(timed(["reap_stream.cli", "apply", str(model), str(plan), "--out", str(out), "--quiet"],
+                                       python_module=True))
+            # the same kept bytes, as plain files: what a copy costs, and a copy plus what apply
+            # also does for every output file (sha256 for the manifest, fsync)
             runs["cp"].append(timed(["cp", "-r", str(out), str(copy)]))
             shutil.rmtree(copy)
             runs["cp+sha256"].append(timed(["sh", "-c", f"cp -r {out} {copy} && {sys.executable} -c '{HASH}' {copy}"]))
             if gb <= naive_max_gb:
-                runs["naive"].append(timed([sys.executable, "-c", NAIVE, str(model), str(plan), str(naive)]))
+                script = workdir / "naive_apply.py"
+                script.write_text(NAIVE)
+                runs["naive"].append(timed([str(script), str(model), str(plan), str(naive)], python_module=True))
         out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
         med = {k: (statistics.median(w for w, _ in v), max(r for _, r in v)) for k, v in runs.items() if v}
         row = {"expert_gb": gb, "out_gb": round(out_bytes / 1e9, 3),
@@ -147,7 +155,7 @@ def main(sizes: str, repeats: int, workdir: Path, naive_max_gb: float, as_json: 
                "apply_over_cp": round(med["apply"][0] / med["cp"][0], 3),
                "cp_sha256_s": round(med["cp+sha256"][0], 3),
                "apply_over_cp_sha256": round(med["apply"][0] / med["cp+sha256"][0], 3),
-               "apply_rss_mib": round(med["apply"][1], 1), "cp_rss_mib": round(med["cp"][1], 1)}
+               "apply_rss_mib": round(med["apply"][1], 1)}
         if "naive" in med:
             row.update({"naive_s": round(med["naive"][0], 3), "naive_over_apply": round(med["naive"][0] / med["apply"][0], 3),
                         "naive_rss_mib": round(med["naive"][1], 1)})
@@ -157,7 +165,7 @@ def main(sizes: str, repeats: int, workdir: Path, naive_max_gb: float, as_json: 
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo("| experts (GB) | output (GB) | apply (s) | cp (s) | apply / cp | cp + sha256 (s) | apply / (cp + sha256) "
+    click.echo("| experts (GB) | output (GB) | apply (s) | cp (s) | apply / cp | cp + sha256 + fsync (s) | apply / (cp + sha256 + fsync) "
                "| apply peak RSS (MiB) | naive (s) | naive peak RSS (MiB) |")
     click.echo("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -1,0 +1,40 @@
+"""Peak memory of this process, measured the same way by the CLI summaries, tests and benchmarks."""
+from __future__ import annotations
+
+import atexit
+import json
+import resource
+import runpy
+import sys
+from pathlib import Path
+
+
+def peak_rss_bytes() -> int:
+    """High-water RSS of this process.
+
+    VmHWM belongs to the process image: unlike ru_maxrss it does not carry the parent's peak
+    across fork + exec (a child of a 500 MB pytest would otherwise report 500 MB).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+def run_reporting_peak(report: str, target: str, *args: str) -> None:
+    """Run a module (`python -m target`) or a script (target ending in .py) with `args` in this
+    process; at exit write {"peak_rss": bytes} to `report`."""
+    atexit.register(lambda: Path(report).write_text(json.dumps({"peak_rss": peak_rss_bytes()})))
+    sys.argv = [target, *args]
+    if target.endswith(".py"):
+        runpy.run_path(target, run_name="__main__")
+    else:
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":  # python -m reap_stream.procstats REPORT MODULE|SCRIPT.py ARGS...
+    run_reporting_peak(*sys.argv[1:])
