@@ -84,7 +84,7 @@ class Accumulator:
         if self.renorm_topk:
             g = g / g.sum(axis=1, keepdims=True)
         b = cap.batch
-        y32 = np.array(b.outputs, copy=False)                   # [T*k, H] float32, grouped by expert
+        y32 = b.outputs                                         # [T*k, H] float32, grouped by expert
         norms = np.empty(len(y32))
         st.tokens += t
         for e in np.flatnonzero(np.diff(b.bounds)):

@@ -143,11 +143,17 @@ class ExpertBatch:
     order: np.ndarray    # [T*k] flat (token*k + slot) indices, grouped by expert, stable
     experts: np.ndarray  # [T*k] expert of each sorted pair
     bounds: np.ndarray   # [E+1] segment start of each expert in the sorted order
-    outputs: mx.array    # [T*k, D] float32 un-gated expert outputs in sorted order
+    outputs: np.ndarray  # [T*k, D] float32 un-gated expert outputs f_e(x_t), in sorted order
 
 
-def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int) -> ExpertBatch:
-    """Every routed expert output f_e(x_t), one grouped matmul chain per expert."""
+def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int,
+                weights: np.ndarray | None = None) -> tuple[ExpertBatch, mx.array | None]:
+    """Every routed expert output f_e(x_t), one dense matmul chain per expert, and (with
+    `weights` [T, k]) the weighted sum Σ_k w·f(x) per token in float32.
+
+    Experts are evaluated one after another, so the working set is one expert's rows plus the
+    outputs, not the k-fold expansion of the whole chunk at once.
+    """
     if not all(hasattr(switch, p) for p in ("gate_proj", "up_proj", "down_proj")):
         raise BadInput("model", f"expert module {type(switch).__name__} is not a gated (SwitchGLU) expert stack")
     k = inds.shape[1]
@@ -155,19 +161,23 @@ def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int) -> Expe
     order = np.argsort(flat, kind="stable")
     experts = flat[order]
     bounds = np.searchsorted(experts, np.arange(num_experts + 1))
-    tokens = mx.array((order // k).astype(np.int32))
-    xs = x[tokens]
-    parts = []
-    for e in range(num_experts):
+    tokens = (order // k).astype(np.int32)
+    w_sorted = None if weights is None else weights.reshape(-1)[order].astype(np.float32)
+    outputs = np.empty((len(order), x.shape[-1]), np.float32)
+    y = None if weights is None else mx.zeros((x.shape[0], x.shape[-1]), mx.float32)
+    for e in np.flatnonzero(np.diff(bounds)):
         lo, hi = int(bounds[e]), int(bounds[e + 1])
-        if lo == hi:
-            continue
-        xe = xs[lo:hi]
+        rows = mx.array(tokens[lo:hi])
+        xe = x[rows]
         up = _expert_linear(switch.up_proj, e, xe)
         gate = _expert_linear(switch.gate_proj, e, xe)
-        parts.append(_expert_linear(switch.down_proj, e, switch.activation(up, gate)).astype(mx.float32))
-    outputs = mx.concatenate(parts, axis=0) if parts else mx.zeros((0, x.shape[-1]), mx.float32)
-    return ExpertBatch(order, experts, bounds, outputs)
+        out = _expert_linear(switch.down_proj, e, switch.activation(up, gate)).astype(mx.float32)
+        if y is not None:
+            # each token appears once per expert, so the scatter-add is a plain indexed add
+            y = y.at[rows].add(out * mx.array(w_sorted[lo:hi])[:, None])
+            mx.eval(out, y)
+        outputs[lo:hi] = np.array(out)
+    return ExpertBatch(order, experts, bounds, outputs), y
 
 
 @dataclass
@@ -184,17 +194,15 @@ class Capture:
 def capture(block, fam: Family, x: mx.array, top_k: int, num_experts: int) -> Capture:
     """Route x [T, D] exactly as `block` does and evaluate its experts grouped by expert."""
     routed = ROUTERS[fam.routing](block, fam, x, top_k)
-    mx.eval(routed.inds, routed.weights, routed.probs)
+    mx.eval(x, routed.inds, routed.weights, routed.probs)
     inds = np.array(routed.inds).astype(np.int64)
-    batch = run_experts(getattr(block, fam.stacked), x, inds, num_experts)
-    # back to (token, slot) order, then the router-weighted sum the block computes
-    per_slot = batch.outputs[mx.array(np.argsort(batch.order, kind="stable").astype(np.int32))]
-    per_slot = per_slot.reshape(x.shape[0], top_k, -1)
-    y = (per_slot * routed.weights.astype(mx.float32)[..., None]).sum(axis=-2).astype(x.dtype)
+    weights = np.array(routed.weights.astype(mx.float32))
+    batch, y = run_experts(getattr(block, fam.stacked), x, inds, num_experts, weights)
+    y = y.astype(x.dtype)
     shared = shared_output(block, fam, x)
     if shared is not None:
         y = y + shared
-    mx.eval(y, batch.outputs)
+    mx.eval(y)
     return Capture(x, routed, inds, batch, y)
 
 

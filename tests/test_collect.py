@@ -128,10 +128,12 @@ def test_grouped_experts_equal_the_gather_path(fixture_model):
     rng = np.random.default_rng(1)
     x = mx.array(rng.normal(size=(40, synth.HIDDEN)).astype(np.float32))
     inds = np.stack([rng.permutation(8)[:4] for _ in range(40)])
-    batch = routing.run_experts(switch, x, inds, 8)
-    grouped = np.array(batch.outputs)[np.argsort(batch.order, kind="stable")].reshape(40, 4, -1)
+    weights = rng.uniform(size=(40, 4)).astype(np.float32)
+    batch, weighted_sum = routing.run_experts(switch, x, inds, 8, weights)
+    grouped = batch.outputs[np.argsort(batch.order, kind="stable")].reshape(40, 4, -1)
     gathered = np.array(switch(x, mx.array(inds)))
     np.testing.assert_allclose(grouped, gathered, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(weighted_sum), (gathered * weights[..., None]).sum(1), rtol=1e-5, atol=1e-6)
     assert np.array_equal(np.bincount(batch.experts, minlength=8), np.bincount(inds.reshape(-1), minlength=8))
 
 
