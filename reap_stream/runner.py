@@ -48,11 +48,9 @@ from .families import Family, family_of
 
 
 def _mx():
-    try:
-        from . import blas
-        blas.ensure_blas()
-    except ImportError:  # blas.py not present yet: plain mlx
-        pass
+    from .blas import ensure_blas
+
+    ensure_blas()
     import mlx.core as mx
     return mx
 
@@ -226,8 +224,8 @@ class _Forward:
         return sorted(self.blocks)
 
     def num_experts(self, layer: int) -> int:
-        from .masking import _num_experts
-        return _num_experts(self.blocks[layer], self.family)
+        from .masking import num_experts
+        return num_experts(self.blocks[layer], self.family)
 
     def layer_forward(self, i: int, h, tracer: _Tracer, on_capture: Callable | None, check: bool):
         layer = self.model.layers[i]

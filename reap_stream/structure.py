@@ -39,6 +39,7 @@ class MoEStructure:
             "top_k": self.top_k,
             "n_group": self.n_group,
             "topk_group": self.topk_group,
+            "frozen_layers": self.frozen_layers,
         }
 
 

@@ -14,14 +14,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .apply import MANIFEST_FORMAT, MANIFEST_NAME, PLAN_COPY_NAME
 from .checkpoint import Checkpoint, is_gguf, sha256_file
 from .errors import BadInput
 from .families import classify, family_of
 from .plan import Plan
-
-MANIFEST_NAME = "reap_manifest.json"
-MANIFEST_FORMAT = "reap-stream-manifest"
-PLAN_COPY_NAME = "reap_plan.json"
 
 
 @dataclass(frozen=True)

@@ -14,19 +14,14 @@ if [ "$(uname -s)" != "Linux" ]; then
     exit 0
 fi
 
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+
 find_blas() {
-    # the same search reap_stream.blas does, without importing mlx
-    "$PYTHON" - <<'EOF' 2>/dev/null || true
-import ctypes.util, glob, platform, sys
-arch = f"{platform.machine()}-linux-gnu"
-dirs = [f"/usr/lib/{arch}", f"/lib/{arch}", "/usr/lib64", "/usr/lib", "/usr/local/lib", "/opt/OpenBLAS/lib"]
-names = ["openblas-pthread/libblas.so.3", "openblas-pthread/libopenblas.so.0", "libopenblas.so.0",
-         "openblas-openmp/libblas.so.3", "openblas-openmp/libopenblas.so.0", "libopenblasp-r*.so", "libopenblas.so"]
-hits = [p for d in dirs for n in names for p in sorted(glob.glob(f"{d}/{n}"))]
-hits += sorted(glob.glob(f"{sys.prefix}/lib/libmkl_rt.so*"))
-lib = ctypes.util.find_library("openblas") or ctypes.util.find_library("mkl_rt")
-print(hits[0] if hits else (lib or ""))
-EOF
+    # reap_stream.blas's own search (stdlib only, importable before the package is installed)
+    PYTHONPATH="$REPO" "$PYTHON" -c '
+from reap_stream.blas import mkl_candidates, openblas_candidates
+hits = openblas_candidates() + mkl_candidates()
+print(hits[0] if hits else "")' 2>/dev/null || true
 }
 
 found=$(find_blas)
