@@ -319,6 +319,10 @@ class StreamRunner:
         self.model = self.fwd.model
         self.spill = HiddenSpill(self.work_dir)
         self._params = None
+        self._head: list[str] | None = None
+        # a non-uniform prune (apply's config record): MoE layer -> experts it holds
+        record = self.ckpt.config.get("reap_stream") or {}
+        self._layer_experts = {int(k): int(v) for k, v in (record.get("layer_experts") or {}).items()}
         self._layer_prefix = self._find_layer_prefix()
         self._mlx_layout = self._is_mlx_layout()
 
@@ -371,7 +375,7 @@ class StreamRunner:
             if n not in table:
                 where = self.ckpt.tensors[n].file if n in self.ckpt.tensors else self.ckpt.root
                 raise BadInput(where, f"tensor {n!r} is not a parameter of mlx_lm's {self.ckpt.model_type} model")
-            if tuple(a.shape) != table[n][0]:
+            if tuple(a.shape) != table[n][0] and not self._pruned_shape(n, tuple(a.shape), table[n][0], layer):
                 raise BadInput(self.ckpt.root, f"tensor {n!r} has shape {list(a.shape)}, the model expects {list(table[n][0])}")
         if layer is not None:
             want = [n for n in table if n.startswith(f"{self._layer_prefix}{layer}.")]
@@ -380,6 +384,15 @@ class StreamRunner:
                 raise BadInput(self.ckpt.root, f"layer {layer}: tensor {missing[0]!r} is missing from the checkpoint")
         self.model.load_weights(list(weights.items()), strict=False)
         return list(weights)
+
+    def _pruned_shape(self, name: str, shape: tuple, model_shape: tuple, layer: int | None) -> bool:
+        """True for an expert-axis tensor of a non-uniform prune: mlx_lm builds every layer with one
+        count, the stored tensor holds this layer's (routing follows the router's width)."""
+        from .families import classify
+
+        rel = classify(name, self.family)
+        return (rel is not None and layer is not None and rel.kind in ("stacked", "router")
+                and shape[1:] == model_shape[1:] and shape[0] == self._layer_experts.get(layer))
 
     def _sanitize(self, weights: dict, layer: int | None) -> dict:
         # Family sanitizers look for layer 0's names (e.g. mixtral); present layer i as layer 0.
@@ -468,21 +481,25 @@ class StreamRunner:
             yield i
 
     def final_logits(self, chunk: Chunk):
-        """Logits of a chunk from the spilled output of the last layer (model's own head code)."""
+        """Logits of a chunk from the spilled output of the last layer (model's own head code).
+
+        The non-layer weights (embedding, norm, head) are read on the first call and kept for the
+        following chunks until cleanup()."""
         mx = _mx()
         n = self.num_layers
         if not self.spill.complete(n):
             raise BadInput(self.work_dir, "the last layer's output is not in the work dir; run all layers first")
-        names = self._load(None)
-        try:
-            h = self.spill.read(n, chunk.index)
-            out = trace_layers(self.model, chunk.tokens, final=h)[0].model_output
-            mx.eval(out)
-            return out
-        finally:
-            self._drop(names)
+        if self._head is None:
+            self._head = self._load(None)
+        h = self.spill.read(n, chunk.index)
+        out = trace_layers(self.model, chunk.tokens, final=h)[0].model_output
+        mx.eval(out)
+        return out
 
     def cleanup(self) -> None:
+        if self._head is not None:
+            self._drop(self._head)
+            self._head = None
         for i in range(self.num_layers + 1):
             self.spill.drop(i)
 

@@ -292,3 +292,23 @@ def test_the_committed_trained_model_is_a_valid_mlx_lm_checkpoint(trainer):
     assert ckpt.config == json.loads(json.dumps(trainer.MODEL_CONFIG))
     for split in ("calib", "heldout"):
         assert (root / "data" / f"{split}.txt").stat().st_size > 100_000
+
+
+def test_eval_streams_a_non_uniform_prune_like_its_masked_original(fixture_model, tmp_path):
+    """mlx_lm cannot build per-layer expert counts; the streaming runner reads them from the shapes."""
+    from click.testing import CliRunner
+
+    from reap_stream.cli import cli
+    from reap_stream.eval import perplexity
+    from test_apply import make_plan
+
+    src = fixture_model("qwen3_moe")
+    plan = make_plan(src, per_layer={0: 1, 1: 3, 2: 2, 3: 4})
+    assert not plan.uniform
+    plan.save(tmp_path / "plan.json")
+    res = CliRunner().invoke(cli, ["apply", str(src), str(tmp_path / "plan.json"), "--out", str(tmp_path / "out"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    seqs = [np.arange(1, 65, dtype=np.int32) * 7 % 500, np.arange(3, 67, dtype=np.int32) * 11 % 500]
+    pruned = perplexity(tmp_path / "out", seqs, progress=False)
+    masked = perplexity(src, seqs, mask=plan.pruned_map(), progress=False)
+    assert pruned.perplexity == pytest.approx(masked.perplexity, rel=1e-6)
