@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ from . import __version__
 from .checkpoint import Checkpoint
 from .errors import BadInput
 from .families import family_of
+from .procstats import peak_rss_bytes
 from .structure import checkpoint_structure, fingerprint
 from .telemetry import LayerStats, TelemetryStore
 
@@ -225,7 +225,7 @@ def collect(model_dir: str | Path, calib, out: str | Path, work_dir: str | Path 
         "out": str(out), "mode": options.mode, "layers": done.layers(), "num_tokens": calib.num_tokens,
         "layers_run": layers_run, "seconds": round(seconds, 3),
         "tokens_per_s": round(calib.num_tokens * layers_run / max(stop, 1) / seconds, 1) if seconds > 0 else None,
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": round(peak_rss_bytes() / 2**20, 1),
         "telemetry_fingerprint": done.fingerprint(), "model_fingerprint": attrs["model"]["fingerprint"],
         "calibration_fingerprint": calib.fingerprint, "routing": attrs["routing"],
     }

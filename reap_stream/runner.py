@@ -25,7 +25,7 @@ block of a layer is swapped for a hook that routes exactly and evaluates experts
 expert (routing.capture); everything else is mlx_lm's own code.
 
 Hidden states between layers live in WORK_DIR/hidden_NNN/ as one Zarr array per chunk, in the
-model's dtype (bf16 as its uint16 bits), compressed. progress.json says which layer comes next;
+model's dtype (bf16 as its uint16 bits), uncompressed. progress.json says which layer comes next;
 a killed run resumes there and recomputes at most one layer.
 """
 from __future__ import annotations
@@ -264,7 +264,6 @@ class HiddenSpill:
 
     def write(self, layer: int, chunk: int, h) -> None:
         import zarr
-        from zarr.codecs import BloscCodec
         mx = _mx()
         g = zarr.open_group(str(self.path(layer, tmp=True)), mode="r+")
         if h.dtype == mx.bfloat16:
@@ -272,10 +271,11 @@ class HiddenSpill:
         else:
             data = np.array(h)
             dtype = data.dtype.name
-        # one Zarr chunk per activation chunk (it is always read whole); lz4: cheap, still compressed
+        # one Zarr chunk per activation chunk (it is always read whole). Uncompressed: lz4+shuffle
+        # saves only ~5% (f32) / ~12% (bf16) of these near-random values but makes the spill
+        # 1.4-2.6x slower to write and read back (docs/reference_bench.md).
         arr = g.create_array(f"c{chunk:06d}", shape=data.shape, dtype=data.dtype, chunks=data.shape,
-                             compressors=BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"),
-                             attributes={"dtype": dtype})
+                             compressors=None, attributes={"dtype": dtype})
         arr[...] = data
 
     def finish(self, layer: int) -> None:

@@ -251,8 +251,9 @@ def main() -> None:
     ours = [x["fingerprint"] for c in ("stream", "memory") for x in runs[c]]
     per_run = {c: [{k: x[k] for k in ("tokens_per_s", "peak_rss", "seconds", "fingerprint") if k in x} for x in v]
                for c, v in runs.items()}
-    result = {"runs": per_run, "model": str(model), "tokens": NUM_SEQS * SEQ_LEN, "threads": args.threads, "repeats": args.repeats,
-              "chunk_tokens": args.chunk_tokens, "blas": runs["stream"][0]["blas"], "medians": med,
+    result = {"runs": per_run, "model": str(model), "tokens": NUM_SEQS * SEQ_LEN, "threads": args.threads,
+              "repeats": args.repeats, "chunk_tokens": args.chunk_tokens, "blas": runs["stream"][0]["blas"],
+              "medians": med,
               "stream_vs_memory": med["stream"]["tokens_per_s"] / med["memory"]["tokens_per_s"],
               "identical_telemetry_stream_memory": len(set(ours)) == 1, "reference_skipped": skipped}
     if skipped is None:
