@@ -73,7 +73,7 @@ def _plan_options(f):
         click.option("--min-experts", type=int, default=1, show_default=True),
         click.option("--preserve-super-experts/--no-preserve-super-experts", default=True, show_default=True),
         click.option("--budget", type=click.Choice(["uniform", "global"]), default="uniform", show_default=True),
-        click.option("--seed", "plan_seed", type=int, default=0, show_default=True, help="Seed of the random method."),
+        click.option("--plan-seed", "plan_seed", type=int, default=0, show_default=True, help="Seed of the random method (--seed shuffles the calibration rows)."),
     ]):
         f = deco(f)
     return f

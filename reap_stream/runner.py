@@ -34,6 +34,8 @@ import importlib
 import json
 import os
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -241,6 +243,128 @@ class _Forward:
             layer[self.family.block] = block
 
 
+# ------------------------------------------------------------------ two CPU lanes
+
+class _Rendezvous:
+    """The MoE block of a layer run as two half-batches: both halves meet here, the block runs
+    once on the whole chunk (so routing, expert grouping and telemetry are those of the chunk),
+    and each half gets its rows of the output back."""
+
+    def __init__(self, hook: _MoEHook):
+        self.hook = hook
+        self.parts: list = [None, None]
+        self.out = None
+        self.barrier = threading.Barrier(2)
+        self.lane = threading.local()
+
+    def __call__(self, x):
+        mx = _mx()
+        part = self.lane.part
+        mx.eval(x)  # this half's attention and norms, on this lane's stream: the lanes overlap here
+        self.parts[part] = x
+        self.barrier.wait()
+        if part == 0:
+            self.out = self.hook(mx.concatenate(self.parts, axis=0))
+            mx.eval(self.out)
+        self.barrier.wait()
+        rows = self.parts[0].shape[0]
+        return self.out[:rows] if part == 0 else self.out[rows:]
+
+
+class Lanes:
+    """The calling thread plus one worker thread with its own MLX CPU stream.
+
+    MLX runs each CPU stream's element-wise kernels on that stream's one thread, so two halves of
+    a chunk evaluated on two streams use both cores where one stream leaves one idle (attention's
+    softmax dominates small-hidden models on the CPU backend). Streams belong to the thread that
+    made them, hence a persistent worker that makes its own."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="reap-lane", initializer=self._init_worker)
+        self._local = threading.local()
+
+    def _init_worker(self) -> None:
+        self._local.stream = _mx().new_stream(_mx().cpu)
+
+    def _on_worker(self, fn):
+        with _mx().stream(self._local.stream):
+            return fn()
+
+    def both(self, first: Callable, second: Callable, barrier: threading.Barrier) -> tuple:
+        """first() here and second() on the worker, at the same time; an error in either breaks
+        `barrier` (so the other stops waiting) and is raised here, first's before second's."""
+        def guarded(fn):
+            def run():
+                try:
+                    return fn()
+                except BaseException:
+                    barrier.abort()
+                    raise
+            return run
+
+        future = self._pool.submit(self._on_worker, guarded(second))
+        try:
+            a = guarded(first)()
+        except BaseException:
+            future.exception()  # wait for the worker to stop before the caller moves on
+            raise
+        return a, future.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def _ready(obj) -> None:
+    """Evaluate every mx.array in a tracer's arguments (masks): the worker must not depend on
+    lazy work queued on the caller's stream."""
+    mx = _mx()
+    from mlx.utils import tree_flatten
+    leaves = [v for _, v in tree_flatten(obj) if isinstance(v, mx.array)]
+    if leaves:
+        mx.eval(leaves)
+
+
+def split_layer_forward(fwd: _Forward, lanes: Lanes, i: int, h, tokens: np.ndarray,
+                        on_capture: Callable | None, check: bool):
+    """Layer i on a chunk of >= 2 sequences as two half-batches on two lanes; bytes as one call.
+
+    Everything row-wise (norms, attention per sequence, projections, residuals) is computed per
+    half; the MoE block sees the whole chunk (routing.capture groups experts over all its tokens,
+    which fixes the order of every float sum). Attention is mlx_lm's own code, called per half
+    with the arguments its forward builds for that half."""
+    mx = _mx()
+    rows = tokens.shape[0] // 2
+    halves = (tokens[:rows], tokens[rows:])
+    tracers = [trace_layers(fwd.model, t)[i] for t in halves]  # model surgery: caller's thread only
+    for t in tracers:
+        _ready((t.args, t.kwargs))
+    layer = fwd.model.layers[i]
+    meet = None
+    if i in fwd.blocks:
+        block = fwd.blocks[i]
+        meet = _Rendezvous(_MoEHook(block, fwd.family, i, fwd.top_k, fwd.num_experts(i), on_capture, check,
+                                    fwd.where))
+        layer[fwd.family.block] = meet
+
+    def half(part: int):
+        def run():
+            if meet is not None:
+                meet.lane.part = part
+            x = h[:rows] if part == 0 else h[rows:]
+            out = layer(x, *tracers[part].args, **tracers[part].kwargs)
+            mx.eval(out)
+            return out
+        return run
+
+    barrier = meet.barrier if meet is not None else threading.Barrier(2)
+    try:
+        a, b = lanes.both(half(0), half(1), barrier)
+    finally:
+        if meet is not None:
+            layer[fwd.family.block] = block
+    return mx.concatenate([a, b], axis=0)
+
+
 # ------------------------------------------------------------------ hidden-state spill
 
 class HiddenSpill:
@@ -308,8 +432,11 @@ class StreamRunner:
     """Layer-major forward: one layer's weights in memory, hidden states spilled to work_dir."""
 
     def __init__(self, model_dir: str | Path, work_dir: str | Path, chunk_tokens: int = 4096,
-                 progress: bool = True):
+                 progress: bool = True, parallel: bool = True):
         self.ckpt = Checkpoint.open(model_dir)
+        # run chunks of >= 2 sequences as two half-batches on two CPU streams (same bytes)
+        self.parallel = parallel
+        self._lane_pool: Lanes | None = None
         self.where = str(self.ckpt.root / "config.json")
         family_of(self.ckpt.config, self.where)
         self.work_dir = Path(work_dir)
@@ -465,9 +592,12 @@ class StreamRunner:
             self.spill.begin(i + 1)
             for c in self._bar(chunks, f"layer {i}"):
                 h = self.spill.read(i, c.index)
-                tracer = trace_layers(self.model, c.tokens)[i]
                 cb = None if on_moe is None else (lambda cap, c=c, i=i: on_moe(i, c, cap))
-                out = self.fwd.layer_forward(i, h, tracer, cb, self_check and c.index == 0)
+                check = self_check and c.index == 0
+                if self.parallel and c.tokens.shape[0] >= 2:
+                    out = split_layer_forward(self.fwd, self._lanes(), i, h, c.tokens, cb, check)
+                else:
+                    out = self.fwd.layer_forward(i, h, trace_layers(self.model, c.tokens)[i], cb, check)
                 mx.eval(out)
                 self.spill.write(i + 1, c.index, out)
             self.spill.finish(i + 1)
@@ -497,11 +627,19 @@ class StreamRunner:
         return out
 
     def cleanup(self) -> None:
+        if self._lane_pool is not None:
+            self._lane_pool.close()
+            self._lane_pool = None
         if self._head is not None:
             self._drop(self._head)
             self._head = None
         for i in range(self.num_layers + 1):
             self.spill.drop(i)
+
+    def _lanes(self) -> Lanes:
+        if self._lane_pool is None:
+            self._lane_pool = Lanes()
+        return self._lane_pool
 
     def _bar(self, items, desc: str):
         from tqdm import tqdm
