@@ -32,8 +32,11 @@ PLAN_COPY_NAME = "reap_plan.json"
 MANIFEST_FORMAT = "reap-stream-manifest"
 DEFAULT_MAX_SHARD = 5 * 10**9
 _HAS_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
-# files of the source directory that describe the source weights, never copied
-_SOURCE_ONLY = re.compile(r".*\.safetensors$|^model\.safetensors\.index\.json$|^" + re.escape(MANIFEST_NAME) + "$|^" + re.escape(PLAN_COPY_NAME) + "$")
+# Source files never copied: weights in any format (they would hold the unpruned experts), their
+# indexes, and the source's own reap-stream records. Everything else (tokenizer, generation config,
+# chat template, licence, custom code) is copied as is.
+_NOT_COPIED = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|gguf|h5|msgpack|npz|onnx)$|.*\.index\.json$|^"
+                         + re.escape(MANIFEST_NAME) + "$|^" + re.escape(PLAN_COPY_NAME) + "$|^config\.json$")
 
 
 @dataclass
@@ -120,10 +123,9 @@ def _renumbered(name: str, fam: Family, keep_index: dict[int, dict[int, int]]) -
     return None if new is None else f"{rel.prefix}{new}.{rel.suffix}" if rel.suffix else f"{rel.prefix}{new}"
 
 
-def _out_tensors(ckpt: Checkpoint, plan: Plan, fam: Family) -> list[OutTensor]:
+def _out_tensors(ckpt: Checkpoint, plan: Plan, fam: Family, st_experts: dict[int, int]) -> list[OutTensor]:
     kept = plan.kept_map()
     keep_index = {layer: {e: i for i, e in enumerate(ids)} for layer, ids in kept.items()}
-    st_experts = checkpoint_structure(ckpt).layer_experts
     out = []
     for shard in ckpt.shards:
         for name, ref in shard.tensors.items():
@@ -196,13 +198,12 @@ def plan_layout(ckpt: Checkpoint, plan: Plan, *, max_shard_bytes: int = DEFAULT_
     """Check the plan against the checkpoint and lay out every output file."""
     fam = family_of(ckpt.config, str(ckpt.root / "config.json"))
     st = checkpoint_structure(ckpt)
-    fp = fingerprint(ckpt)
+    fp = fingerprint(ckpt, st)
     check_plan(plan, st, plan_where, model_fingerprint=None if ignore_fingerprint else fp)
-    tensors = _out_tensors(ckpt, plan, fam)
+    tensors = _out_tensors(ckpt, plan, fam, st.layer_experts)
     metadata = ckpt.shards[0].metadata if ckpt.shards else {}
     shards = _shard(tensors, dict(metadata), max_shard_bytes)
-    copied = sorted(p.name for p in ckpt.root.iterdir()
-                    if p.is_file() and p.name != "config.json" and not _SOURCE_ONLY.match(p.name))
+    copied = sorted(p.name for p in ckpt.root.iterdir() if p.is_file() and not _NOT_COPIED.match(p.name))
     return Layout(ckpt, plan, shards, _new_config(ckpt.config, plan, fam, fp), copied)
 
 
@@ -304,8 +305,10 @@ def write_layout(layout: Layout, out: Path, *, overwrite: bool = False, buffer_b
     out = Path(out)
     check_output_path(layout.source.root, out, overwrite)
     tmp = out.parent / f".{out.name}.reap-tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # leftover of a killed run: ours by name
+    trash = out.parent / f".{out.name}.reap-old"
+    for leftover in (tmp, trash):  # of a killed run: ours by name
+        if leftover.exists():
+            shutil.rmtree(leftover)
     tmp.mkdir(parents=True)
     try:
         files = _write_into(layout, tmp, buffer_bytes, progress)
@@ -313,9 +316,6 @@ def write_layout(layout: Layout, out: Path, *, overwrite: bool = False, buffer_b
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written output behind
         raise
     if out.exists():
-        trash = out.parent / f".{out.name}.reap-old"
-        if trash.exists():
-            shutil.rmtree(trash)
         os.replace(out, trash)
         os.replace(tmp, out)
         shutil.rmtree(trash)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
@@ -13,15 +14,15 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, option: str = "--max-shard-size") -> int:
     s = text.strip().upper().replace(" ", "")
     num = s.rstrip("KMGTIB")
     try:
         value = float(num) * _UNITS[s[len(num):]]
     except (ValueError, KeyError):
-        raise BadInput("--max-shard-size", f"cannot read size {text!r} (e.g. 5GB, 500MB, 2GiB)") from None
-    if value < 1:
-        raise BadInput("--max-shard-size", f"size {text!r} must be positive")
+        value = math.nan
+    if not math.isfinite(value) or value < 1:
+        raise BadInput(option, f"cannot read size {text!r} (a positive size such as 5GB, 500MB, 2GiB)")
     return int(value)
 
 
@@ -40,7 +41,7 @@ def apply_cmd(model: Path, plan_path: Path, out: Path, dry_run: bool, max_shard_
               ignore_fingerprint: bool, buffer_size: str, as_json: bool, quiet: bool) -> None:
     """Apply PLAN to MODEL (a safetensors model directory or a GGUF file) and write OUT."""
     plan = Plan.load(plan_path)
-    buffer_bytes = parse_size(buffer_size)
+    buffer_bytes = parse_size(buffer_size, "--buffer-size")
     from .checkpoint import is_gguf
 
     if is_gguf(model):

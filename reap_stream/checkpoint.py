@@ -161,20 +161,24 @@ class Checkpoint:
             config = json.loads(config_path.read_text())
         except FileNotFoundError:
             raise BadInput(config_path, "missing") from None
+        except OSError as e:
+            raise BadInput(config_path, f"cannot read: {e.strerror}") from None
         except ValueError as e:
             raise BadInput(config_path, f"invalid JSON: {e}") from None
-        if not isinstance(config, dict) or "model_type" not in config:
-            raise BadInput(config_path, "no model_type")
+        if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+            raise BadInput(config_path, "no model_type string")
 
         index_path = root / INDEX_NAME
         weight_map: dict[str, str] | None = None
         if index_path.exists():
             try:
-                index = json.loads(index_path.read_text(), object_pairs_hook=_no_duplicates)
-                weight_map = index["weight_map"]
-                assert isinstance(weight_map, dict)
-            except (ValueError, KeyError, TypeError, AssertionError) as e:
+                weight_map = json.loads(index_path.read_text(), object_pairs_hook=_no_duplicates)["weight_map"]
+            except OSError as e:
+                raise BadInput(index_path, f"cannot read: {e.strerror}") from None
+            except (ValueError, KeyError, TypeError) as e:
                 raise BadInput(index_path, f"invalid index: {e}") from None
+            if not isinstance(weight_map, dict):
+                raise BadInput(index_path, "invalid index: weight_map is not an object")
             for name, fname in weight_map.items():
                 if not isinstance(fname, str) or not _inside(root, fname):
                     raise BadInput(index_path, f"weight_map entry {name!r} -> {fname!r} escapes the model directory")

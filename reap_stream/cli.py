@@ -12,12 +12,18 @@ from .errors import BadInput
 # command name -> "module:attribute" of its click command
 COMMANDS = {
     "apply": "reap_stream.apply_cmd:apply_cmd",
-    "plan": "reap_stream.plan_cmd:plan_cmd", "init": "reap_stream.plan_cmd:init_cmd", "parity": "reap_stream.parity_cmd:parity_cmd", "report": "reap_stream.report_cmd:report_cmd", "verify": "reap_stream.verify_cmd:verify_cmd",
+    "plan": "reap_stream.plan_cmd:plan_cmd",
+    "init": "reap_stream.plan_cmd:init_cmd",
+    "parity": "reap_stream.parity_cmd:parity_cmd",
+    "report": "reap_stream.report_cmd:report_cmd",
+    "verify": "reap_stream.verify_cmd:verify_cmd",
     "doctor": "reap_stream.doctor_cmd:doctor_cmd",
     "full": "reap_stream.full_cmd:full_cmd",
     "demo": "reap_stream.full_cmd:demo_cmd",
-    "collect": "reap_stream.collect_cmd:collect_cmd", "merge": "reap_stream.collect_cmd:merge_cmd",
-    "eval": "reap_stream.eval_cmd:eval_cmd", "compare": "reap_stream.eval_cmd:compare_cmd",
+    "collect": "reap_stream.collect_cmd:collect_cmd",
+    "merge": "reap_stream.collect_cmd:merge_cmd",
+    "eval": "reap_stream.eval_cmd:eval_cmd",
+    "compare": "reap_stream.eval_cmd:compare_cmd",
 }
 
 

@@ -64,14 +64,47 @@ def mask_from_plan(plan_path: str | Path, model_dir: str | Path, *, ignore_finge
     return {layer: ids for layer, ids in plan.pruned_map().items() if ids}
 
 
-def token_nll(logits, tokens: np.ndarray) -> np.ndarray:
-    """NLL (float64) of tokens[:, 1:] under logits[:, :-1]; logits [B, L, V], tokens [B, L]."""
-    x = np.asarray(logits, dtype=np.float64)[:, :-1]
-    target = np.asarray(tokens)[:, 1:]
-    m = x.max(axis=-1, keepdims=True)
-    lse = m[..., 0] + np.log(np.exp(x - m).sum(axis=-1))
-    picked = np.take_along_axis(x, target[..., None].astype(np.int64), axis=-1)[..., 0]
-    return lse - picked
+# Rows of [*, V] logits handled at once: bounds every temporary to ~16 MB of float32 whatever the
+# chunk length (a 4096-token chunk of a 150k vocabulary is 2.4 GB of logits already).
+_SLICE_VALUES = 1 << 22
+
+
+def _row_slices(n_rows: int, width: int) -> Iterator[slice]:
+    step = max(1, _SLICE_VALUES // max(width, 1))
+    for i in range(0, n_rows, step):
+        yield slice(i, min(i + step, n_rows))
+
+
+def token_nll(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """NLL (float64) of tokens[:, 1:] under logits[:, :-1]; logits [B, L, V], tokens [B, L].
+
+    The log-sum-exp runs in float32 over bounded row slices (no full-size copies); each row's
+    result and the picked logit are combined in float64."""
+    x = np.asarray(logits)
+    if x.dtype != np.float32:
+        x = x.astype(np.float32)
+    target = np.asarray(tokens)[:, 1:].astype(np.int64)
+    out = np.empty(target.shape, dtype=np.float64)
+    for b in range(x.shape[0]):
+        rows = x[b, :-1]
+        for sl in _row_slices(rows.shape[0], rows.shape[-1]):
+            r = rows[sl]
+            m = r.max(axis=-1, keepdims=True)
+            lse = m[:, 0].astype(np.float64) + np.log(np.exp(r - m).sum(axis=-1, dtype=np.float64))
+            picked = np.take_along_axis(r, target[b, sl, None], axis=-1)[:, 0]
+            out[b, sl] = lse - picked.astype(np.float64)
+    return out
+
+
+def _abs_diff_stats(la: np.ndarray, lb: np.ndarray) -> tuple[float, float]:
+    """(max, float64 sum) of |la - lb| over [..., V] float32 logits, slice by slice."""
+    a, b = la.reshape(-1, la.shape[-1]), lb.reshape(-1, lb.shape[-1])
+    top, total = 0.0, 0.0
+    for sl in _row_slices(a.shape[0], a.shape[-1]):
+        d = np.abs(a[sl] - b[sl])
+        top = max(top, float(d.max()))
+        total += float(d.sum(dtype=np.float64))
+    return top, total
 
 
 @contextmanager
@@ -168,10 +201,10 @@ def compare_logits(model_a: str | Path, model_b: str | Path, sequences: list[np.
         for (_, la), (_, lb) in zip(a_iter, b_iter):
             if la.shape[-1] != lb.shape[-1]:
                 raise BadInput(Path(model_b) / "config.json", f"logit width {lb.shape[-1]} differs from {la.shape[-1]}")
-            d = np.abs(la.astype(np.float64) - lb.astype(np.float64))
-            max_diff = max(max_diff, float(d.max()))
-            abs_sum += float(d.sum())
-            n_values += d.size
+            top, total = _abs_diff_stats(la, lb)
+            max_diff = max(max_diff, top)
+            abs_sum += total
+            n_values += la.size
             n_pos += la.shape[0] * la.shape[1]
             agree += int((la.argmax(axis=-1) == lb.argmax(axis=-1)).sum())
     return LogitDiff(num_tokens=n_pos, max_abs_diff=max_diff, mean_abs_diff=abs_sum / n_values,

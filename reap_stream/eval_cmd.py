@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import click
 
 from .calibration import CalibrationOptions, calibration_options
 from .errors import BadInput
 
+F = TypeVar("F", bound=Callable)
+
 _run_options = (
+    click.option("--mask-plan", type=click.Path(path_type=Path), default=None,
+                 help="Evaluate as if this plan's pruned experts were gone (masked from routing; "
+                      "in compare, from MODEL_A's routing: e.g. the original vs its pruned output)."),
+    click.option("--ignore-fingerprint", is_flag=True,
+                 help="Accept a --mask-plan made for another copy of the same structure."),
     click.option("--mode", type=click.Choice(["stream", "memory"]), default="stream", show_default=True,
                  help="stream: layer by layer, one layer in memory; memory: whole model (baseline)."),
     click.option("--work-dir", type=click.Path(path_type=Path), default=None,
@@ -21,7 +29,8 @@ _run_options = (
 )
 
 
-def run_options(command):
+def run_options(command: F) -> F:
+    """The options eval and compare share (masking, execution mode, spill dir, chunking, --json)."""
     for option in reversed(_run_options):
         command = option(command)
     return command
@@ -49,9 +58,6 @@ def _check_chunk_tokens(chunk_tokens: int) -> None:
 @click.command("eval")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @calibration_options
-@click.option("--mask-plan", type=click.Path(path_type=Path), default=None,
-              help="Evaluate as if this plan's pruned experts were gone (masked from routing).")
-@click.option("--ignore-fingerprint", is_flag=True, help="Accept a --mask-plan made for another copy of the same structure.")
 @run_options
 def eval_cmd(model_dir: Path, calibration: CalibrationOptions, mask_plan: Path | None, ignore_fingerprint: bool,
              mode: str, work_dir: Path | None, chunk_tokens: int, as_json: bool) -> None:
@@ -80,9 +86,6 @@ def eval_cmd(model_dir: Path, calibration: CalibrationOptions, mask_plan: Path |
 @click.argument("model_a", type=click.Path(path_type=Path))
 @click.argument("model_b", type=click.Path(path_type=Path))
 @calibration_options
-@click.option("--mask-plan", type=click.Path(path_type=Path), default=None,
-              help="Mask this plan's pruned experts in MODEL_A (e.g. original vs its pruned output).")
-@click.option("--ignore-fingerprint", is_flag=True, help="Accept a --mask-plan made for another copy of the same structure.")
 @run_options
 def compare_cmd(model_a: Path, model_b: Path, calibration: CalibrationOptions, mask_plan: Path | None,
                 ignore_fingerprint: bool, mode: str, work_dir: Path | None, chunk_tokens: int, as_json: bool) -> None:

@@ -68,12 +68,19 @@ def family_of(config: dict, where: str = "config.json") -> Family:
     return fam
 
 
-def num_experts(config: dict, fam: Family) -> int:
-    return int(config[fam.experts_key])
+def _config_int(config: dict, key: str, where: str) -> int:
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadInput(where, f"{key} must be a positive integer (got {value!r})")
+    return value
 
 
-def top_k(config: dict) -> int:
-    return int(config["num_experts_per_tok"])
+def num_experts(config: dict, fam: Family, where: str = "config.json") -> int:
+    return _config_int(config, fam.experts_key, where)
+
+
+def top_k(config: dict, where: str = "config.json") -> int:
+    return _config_int(config, "num_experts_per_tok", where)
 
 
 @dataclass(frozen=True)

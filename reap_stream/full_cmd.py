@@ -8,10 +8,9 @@ from pathlib import Path
 import click
 
 from .calibration import CalibrationOptions, calibration_options
+from .criteria import METHODS
 from .errors import BadInput
-
-METHODS = ("reap", "frequency", "weighted_frequency_sum", "ean_sum", "ean_mean", "ean_ca",
-           "weighted_ean_sum", "max_activations", "random")
+from .planner import BUDGETS
 
 
 def run_full(model: Path, calibration: CalibrationOptions, out: Path, *, method: str = "reap",
@@ -33,11 +32,14 @@ def run_full(model: Path, calibration: CalibrationOptions, out: Path, *, method:
     from .structure import checkpoint_structure
     from .telemetry import TelemetryStore
 
+    if chunk_tokens < 1:
+        raise BadInput("--chunk-tokens", f"must be at least 1 (got {chunk_tokens})")
     model, out = Path(model), Path(out)
     work = Path(work_dir) if work_dir else out.with_name(out.name + ".reap-work")
     ckpt = Checkpoint.open(model)
     checkpoint_structure(ckpt)
-    if out.exists() and not (out / "reap_manifest.json").exists() and not overwrite:
+    previous = out / PLAN_COPY_NAME
+    if out.exists() and not previous.is_file() and not overwrite:
         raise BadInput(out, "output exists and is not a reap-stream output; pass --overwrite to replace it")
     check_output_path(model, out, overwrite=True)
 
@@ -54,10 +56,13 @@ def run_full(model: Path, calibration: CalibrationOptions, out: Path, *, method:
 
     summary = {"out": str(out), "work_dir": str(work), "telemetry": str(telemetry), "plan": str(plan_path),
                "collect": collected, "kept_per_layer": {str(k): len(v.kept) for k, v in sorted(plan.layers.items())}}
-    previous = out / PLAN_COPY_NAME
-    if previous.exists() and previous.read_text() == plan.dumps():
-        summary["apply"] = "already complete"
-        return summary
+    if previous.is_file():
+        if previous.read_text() == plan.dumps():
+            summary["apply"] = "already complete"
+            return summary
+        if not overwrite:
+            raise BadInput(out, f"holds a prune made from another plan; pass --overwrite to replace it "
+                                f"(this run's plan: {plan_path})")
     layout = plan_layout(ckpt, plan, max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD, plan_where=str(plan_path))
     write_layout(layout, out, overwrite=True, progress=progress)
     summary["apply"] = layout.summary()
@@ -72,7 +77,7 @@ def _plan_options(f):
         click.option("--keep", type=int, default=None, help="Experts kept per layer."),
         click.option("--min-experts", type=int, default=1, show_default=True),
         click.option("--preserve-super-experts/--no-preserve-super-experts", default=True, show_default=True),
-        click.option("--budget", type=click.Choice(["uniform", "global"]), default="uniform", show_default=True),
+        click.option("--budget", type=click.Choice(BUDGETS), default="uniform", show_default=True),
         click.option("--plan-seed", "plan_seed", type=int, default=0, show_default=True, help="Seed of the random method (--seed shuffles the calibration rows)."),
     ]):
         f = deco(f)

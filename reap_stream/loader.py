@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .errors import BadInput
 
-def load_pruned(path: str | Path):
+
+def load_pruned(path: str | Path) -> tuple:
     """(model, tokenizer) for any reap-stream output; plain mlx_lm.load for uniform ones."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -31,10 +33,10 @@ def load_pruned(path: str | Path):
     params = dict(tree_flatten(model.parameters()))
     missing = sorted(set(params) - set(stored))
     if missing:
-        raise ValueError(f"{path}: parameter {missing[0]} is not stored in the checkpoint")
+        raise BadInput(path, f"parameter {missing[0]} is not stored in the checkpoint")
     wrong = [k for k, v in params.items() if tuple(v.shape) != tuple(stored[k])]
     if wrong:
-        raise ValueError(f"{path}: parameter {wrong[0]} has shape {params[wrong[0]].shape}, stored {stored[wrong[0]]}")
+        raise BadInput(path, f"parameter {wrong[0]} has shape {params[wrong[0]].shape}, stored {stored[wrong[0]]}")
     mx.eval(model.parameters())
     model.eval()
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))

@@ -85,8 +85,8 @@ class Plan:
             raise BadInput(where, "plan has no 'layers' object")
         layers: dict[int, LayerPlan] = {}
         for key, entry in layers_in.items():
-            if not str(key).isdigit():
-                raise BadInput(where, f"layer key {key!r} is not a layer index")
+            if not (key.isascii() and key.isdigit() and str(int(key)) == key):
+                raise BadInput(where, f"layer key {key!r} is not a layer index (write it as e.g. \"7\")")
             if not isinstance(entry, dict):
                 raise BadInput(where, f"layer {key}: entry is not an object")
             kept, pruned = entry.get("kept"), entry.get("pruned")
@@ -100,6 +100,9 @@ class Plan:
                 raise BadInput(where, f"layer {key}: expert {both[0]} is both kept and pruned")
             extra = {k: v for k, v in entry.items() if k not in ("kept", "pruned")}
             layers[int(key)] = LayerPlan(sorted(kept), sorted(pruned), extra)
+        for name in ("model", "telemetry"):
+            if data.get(name) is not None and not isinstance(data[name], dict):
+                raise BadInput(where, f"'{name}' must be an object or null")
         known = {"format", "schema_version", "method", "ratio", "model", "telemetry", "layers"}
         return cls(layers=layers, method=str(data.get("method", "manual")), ratio=data.get("ratio"),
                    model=data.get("model") or {}, telemetry=data.get("telemetry"),

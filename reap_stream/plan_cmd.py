@@ -47,7 +47,7 @@ def plan_cmd(telemetry: Path, out: Path, method: str, ratio: float | None, n_pru
                      budget=budget, seed=seed, config=config, progress=not as_json)
     plan.save(out)
     summary = {
-        "out": str(out), "method": plan.method, "ratio": plan.ratio, "uniform": plan.uniform,
+        "out": str(out), "telemetry": str(telemetry), "method": plan.method, "ratio": plan.ratio, "uniform": plan.uniform,
         "kept_per_layer": {str(k): len(lp.kept) for k, lp in sorted(plan.layers.items())},
         "pruned_per_layer": {str(k): lp.pruned for k, lp in sorted(plan.layers.items())},
         "super_experts": {str(k): lp.extra["super_experts"] for k, lp in sorted(plan.layers.items())

@@ -199,8 +199,10 @@ def _drops_uniform(layers: dict[int, LayerScores], st: MoEStructure, o: PlanOpti
 def _check_drop(layer: int, e: int, n: int, st: MoEStructure, o: PlanOptions, where: str) -> None:
     option = (f"--ratio {o.ratio}" if o.ratio is not None else f"--n-prune {o.n_prune}" if o.n_prune is not None
               else f"--keep {o.keep}")
-    if n < 0 or n > e:
+    if n < 0:
         raise BadInput(where, f"layer {layer}: {option} asks to keep more experts than the layer's {e}")
+    if n > e:
+        raise BadInput(where, f"layer {layer}: {option} asks to prune {n} experts, more than the layer's {e}")
     if st.n_group > 1 and n % st.n_group:
         raise BadInput(where, f"layer {layer}: {option} drops {n} experts, not a multiple of n_group={st.n_group} "
                               "(every group must drop the same number)")
@@ -366,7 +368,8 @@ def make_plan(store: TelemetryStore, *, method: str, ratio: float | None = None,
         layers=layers, method=o.method,
         ratio=o.ratio if o.ratio is not None else round(gone / max(total, 1), 6),
         model=dict(attrs["model"]),
-        telemetry={"fingerprint": store.fingerprint(), "calibration": calib.get("fingerprint"), "path": where},
+        # no store path: the same store named relatively or absolutely must give the same plan bytes
+        telemetry={"fingerprint": store.fingerprint(), "calibration": calib.get("fingerprint")},
         extra={"provenance": {
             "tool_version": __version__,
             "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(o).items()},

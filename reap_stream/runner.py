@@ -305,6 +305,9 @@ class Lanes:
         future = self._pool.submit(self._on_worker, guarded(second))
         try:
             a = guarded(first)()
+        except threading.BrokenBarrierError:
+            future.result()  # the worker failed first: raise its error
+            raise
         except BaseException:
             future.exception()  # wait for the worker to stop before the caller moves on
             raise
@@ -315,13 +318,65 @@ class Lanes:
 
 
 def _ready(obj) -> None:
-    """Evaluate every mx.array in a tracer's arguments (masks): the worker must not depend on
-    lazy work queued on the caller's stream."""
+    """Evaluate every mx.array in obj: work queued on the caller's stream cannot be run from the
+    worker thread (MLX streams belong to their thread)."""
     mx = _mx()
     from mlx.utils import tree_flatten
     leaves = [v for _, v in tree_flatten(obj) if isinstance(v, mx.array)]
     if leaves:
         mx.eval(leaves)
+
+
+# Modules whose parameters act on each token's row alone: splitting the batch cannot change them.
+ROW_WISE_MODULES = ("RMSNorm", "LayerNorm", "RoPE", "SuScaledRoPE", "Llama3RoPE", "YarnRoPE")
+# Modules that are a matmul over the rows: BLAS may pick another kernel (another summation order)
+# for fewer rows, e.g. OpenBLAS's small-matrix path, so each shape is probed before a split.
+MATMUL_MODULES = ("Linear", "QuantizedLinear")
+
+
+class SplitCheck:
+    """Whether running layer i as two half-batches gives the bytes of one call, per chunk shape.
+
+    Verdicts are cached by the shapes that matter (module type, weight shapes and dtype, rows),
+    so a model whose layers look alike probes once per chunk shape."""
+
+    def __init__(self):
+        self._verdicts: dict[tuple, bool] = {}
+
+    def ok(self, fwd: _Forward, i: int, batch: int, length: int) -> bool:
+        layer = fwd.model.layers[i]
+        block = fwd.blocks.get(i)
+        inside_block = {id(m) for _, m in block.named_modules()} if block is not None else set()
+        for _, module in layer.named_modules():
+            if id(module) in inside_block:
+                continue  # the MoE block always sees the whole chunk
+            kind = type(module).__name__
+            if kind in MATMUL_MODULES:
+                if not self._probe(module, batch, length):
+                    return False
+            elif kind not in ROW_WISE_MODULES and _own_arrays(module):
+                return False  # parameters used in a way we cannot vouch for: run whole
+        return True
+
+    def _probe(self, module, batch: int, length: int) -> bool:
+        mx = _mx()
+        w = module["weight"]
+        in_dims = w.shape[1] * 32 // module.bits if "scales" in module else w.shape[1]
+        key = (type(module).__name__, tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(_own_arrays(module).items())),
+               batch, length)
+        if key not in self._verdicts:
+            dtype = module["scales"].dtype if "scales" in module else w.dtype
+            x = mx.random.normal((batch, length, in_dims), key=mx.random.key(0)).astype(dtype)
+            rows = batch // 2
+            whole = module(x)
+            halves = mx.concatenate([module(x[:rows]), module(x[rows:])], axis=0)
+            self._verdicts[key] = bool(mx.array_equal(whole, halves, equal_nan=True).item())
+        return self._verdicts[key]
+
+
+def _own_arrays(module) -> dict:
+    mx = _mx()
+    return {k: v for k, v in module.items() if isinstance(v, mx.array)}
 
 
 def split_layer_forward(fwd: _Forward, lanes: Lanes, i: int, h, tokens: np.ndarray,
@@ -336,9 +391,9 @@ def split_layer_forward(fwd: _Forward, lanes: Lanes, i: int, h, tokens: np.ndarr
     rows = tokens.shape[0] // 2
     halves = (tokens[:rows], tokens[rows:])
     tracers = [trace_layers(fwd.model, t)[i] for t in halves]  # model surgery: caller's thread only
-    for t in tracers:
-        _ready((t.args, t.kwargs))
     layer = fwd.model.layers[i]
+    # the worker may only depend on finished arrays (lazy views of loaded weights included)
+    _ready(([t.args for t in tracers], [t.kwargs for t in tracers], h, layer.parameters()))
     meet = None
     if i in fwd.blocks:
         block = fwd.blocks[i]
@@ -437,6 +492,7 @@ class StreamRunner:
         # run chunks of >= 2 sequences as two half-batches on two CPU streams (same bytes)
         self.parallel = parallel
         self._lane_pool: Lanes | None = None
+        self._split_check: SplitCheck | None = None
         self.where = str(self.ckpt.root / "config.json")
         family_of(self.ckpt.config, self.where)
         self.work_dir = Path(work_dir)
@@ -594,7 +650,7 @@ class StreamRunner:
                 h = self.spill.read(i, c.index)
                 cb = None if on_moe is None else (lambda cap, c=c, i=i: on_moe(i, c, cap))
                 check = self_check and c.index == 0
-                if self.parallel and c.tokens.shape[0] >= 2:
+                if self._split(i, c.tokens.shape):
                     out = split_layer_forward(self.fwd, self._lanes(), i, h, c.tokens, cb, check)
                 else:
                     out = self.fwd.layer_forward(i, h, trace_layers(self.model, c.tokens)[i], cb, check)
@@ -635,6 +691,16 @@ class StreamRunner:
             self._head = None
         for i in range(self.num_layers + 1):
             self.spill.drop(i)
+
+    def _split(self, i: int, shape: tuple) -> bool:
+        """Run this chunk as two half-batches on two lanes? Only on the CPU (where one stream
+        uses one core) and only where it provably gives the same bytes (SplitCheck)."""
+        mx = _mx()
+        if not self.parallel or shape[0] < 2 or mx.default_device() != mx.cpu:
+            return False
+        if self._split_check is None:
+            self._split_check = SplitCheck()
+        return self._split_check.ok(self.fwd, i, int(shape[0]), int(shape[1]))
 
     def _lanes(self) -> Lanes:
         if self._lane_pool is None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from .checkpoint import Checkpoint
 from .errors import BadInput
-from .families import Family, classify, family_of, top_k
+from .families import Family, classify, family_of, num_experts, top_k
 from .plan import Plan
 
 
@@ -53,11 +53,13 @@ def checkpoint_structure(ckpt: Checkpoint) -> MoEStructure:
     if not experts:
         raise BadInput(ckpt.root, f"no MoE router tensors found for model_type {fam.model_type!r}")
     cfg = ckpt.config
+    where = str(ckpt.root / "config.json")
+    num_experts(cfg, fam, where)  # present and sane, though the tensors say what each layer holds
     return MoEStructure(
         model_type=fam.model_type,
         num_layers=int(cfg.get("num_hidden_layers", max(experts) + 1)),
         layer_experts=experts,
-        top_k=top_k(cfg),
+        top_k=top_k(cfg, where),
         n_group=int(cfg.get("n_group") or 1),
         topk_group=int(cfg.get("topk_group") or 1),
     )
@@ -71,7 +73,7 @@ def router_weight_name(ckpt: Checkpoint, fam: Family, layer: int) -> str:
     raise KeyError(layer)
 
 
-def fingerprint(ckpt: Checkpoint) -> str:
+def fingerprint(ckpt: Checkpoint, st: MoEStructure | None = None) -> str:
     """sha256 of the tensor table (names, dtypes, shapes) and the first router's bytes.
 
     Cheap on a 400 GB model, yet different for two random draws of the same architecture.
@@ -80,7 +82,7 @@ def fingerprint(ckpt: Checkpoint) -> str:
     h = hashlib.sha256()
     table = sorted((n, r.dtype, list(r.shape)) for n, r in ckpt.tensors.items())
     h.update(json.dumps([ckpt.model_type, table], separators=(",", ":")).encode())
-    first = min(checkpoint_structure(ckpt).layer_experts)
+    first = min((st or checkpoint_structure(ckpt)).layer_experts)
     ref = ckpt.tensors[router_weight_name(ckpt, fam, first)]
     with open(ref.file, "rb") as f:
         f.seek(ref.start)

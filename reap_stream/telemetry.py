@@ -97,11 +97,16 @@ class TelemetryStore:
         path = Path(path)
         meta = path / "zarr.json"
         try:
-            attrs = json.loads(meta.read_text()).get("attributes", {})
-        except FileNotFoundError:
+            doc = json.loads(meta.read_text())
+        except (FileNotFoundError, NotADirectoryError):
             raise BadInput(path, "not a telemetry store (no zarr.json)") from None
+        except OSError as e:
+            raise BadInput(meta, f"cannot read: {e.strerror}") from None
         except ValueError as e:
             raise BadInput(meta, f"invalid JSON: {e}") from None
+        attrs = doc.get("attributes") if isinstance(doc, dict) else None
+        if not isinstance(attrs, dict):
+            raise BadInput(meta, "not a telemetry store (no attributes object)")
         if attrs.get("format") != TELEMETRY_FORMAT:
             raise BadInput(path, f"not a reap-stream telemetry store (format {attrs.get('format')!r})")
         if attrs.get("schema_version") != TELEMETRY_SCHEMA_VERSION:
@@ -174,6 +179,8 @@ def _fsync_tree(path: Path) -> None:
 
 def merge_stores(paths: list[Path], out: Path) -> TelemetryStore:
     """Add stores of the same model and routing settings, collected on disjoint calibration shards."""
+    if any(Path(p).resolve() == Path(out).resolve() for p in paths):
+        raise BadInput(out, "the merged store would overwrite one of its inputs")
     stores = [TelemetryStore.open(p) for p in paths]
     first = stores[0].attrs
     for s in stores[1:]:

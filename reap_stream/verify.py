@@ -55,18 +55,20 @@ def check_manifest(out: Path, findings: list[Finding], progress: bool = False) -
     present = {p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST_NAME}
     for name in sorted(present - set(files)):
         findings.append(Finding("manifest", name, "present but not listed in the manifest"))
-    total = sum(int(e.get("size", 0)) for e in files.values() if isinstance(e, dict))
+    entries = {}
+    for name, entry in sorted(files.items()):
+        # a tampered manifest is a finding, never a traceback
+        if not (isinstance(entry, dict) and _is_count(entry.get("size")) and isinstance(entry.get("sha256"), str)):
+            findings.append(Finding("manifest", MANIFEST_NAME, f"entry for {name!r} lacks a sha256 string and an integer size"))
+        elif "/" in name or name.startswith(".") or not (out / name).is_file():
+            findings.append(Finding("checksum", name, "listed in the manifest but missing"))
+        else:
+            entries[name] = entry
     checked = 0
-    with tqdm(total=total, unit="B", unit_scale=True, desc="verify", leave=False,
+    with tqdm(total=sum(e["size"] for e in entries.values()), unit="B", unit_scale=True, desc="verify", leave=False,
               disable=None if progress else True) as bar:
-        for name, entry in sorted(files.items()):
+        for name, entry in entries.items():
             path = out / name
-            if not isinstance(entry, dict) or "sha256" not in entry or "size" not in entry:
-                findings.append(Finding("manifest", MANIFEST_NAME, f"entry for {name!r} lacks sha256/size"))
-                continue
-            if "/" in name or name.startswith(".") or not path.is_file():
-                findings.append(Finding("checksum", name, "listed in the manifest but missing"))
-                continue
             size = path.stat().st_size
             if size != entry["size"]:
                 findings.append(Finding("checksum", name, f"size {size} bytes, manifest says {entry['size']}"))
@@ -77,11 +79,23 @@ def check_manifest(out: Path, findings: list[Finding], progress: bool = False) -
     return checked
 
 
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def expected_counts(config: dict, experts_key: str, moe_layers: list[int]) -> dict[int, int]:
-    """Experts each MoE layer must hold according to config.json (and its reap_stream record)."""
-    rec = config.get("reap_stream") or {}
-    counts = {int(k): int(v) for k, v in (rec.get("layer_experts") or {}).items()}
-    default = int(rec.get("original_experts", config.get(experts_key, 0))) if counts else int(config.get(experts_key, 0))
+    """Experts each MoE layer must hold according to config.json (and its reap_stream record).
+    Raises BadInput("config.json", ...) for a malformed count."""
+    rec = config.get("reap_stream")
+    rec = rec if isinstance(rec, dict) else {}
+    raw = rec.get("layer_experts") or {}
+    if not isinstance(raw, dict) or not all(str(k).isdigit() and _is_count(v) for k, v in raw.items()):
+        raise BadInput("config.json", f"reap_stream.layer_experts is not a map of layer -> expert count ({raw!r:.80})")
+    counts = {int(k): v for k, v in raw.items()}
+    key, default = ("reap_stream.original_experts", rec["original_experts"]) if counts and "original_experts" in rec \
+        else (experts_key, config.get(experts_key, 0))
+    if not _is_count(default):
+        raise BadInput("config.json", f"{key} is not an expert count ({default!r:.80})")
     return {layer: counts.get(layer, default) for layer in moe_layers}
 
 
@@ -104,7 +118,11 @@ def check_shapes(out: Path, findings: list[Finding]) -> Checkpoint | None:
         elif ref.shape:
             axis.setdefault(rel.layer, {})[name] = ref.shape[0]
     layers = sorted(set(axis) | set(per_expert))
-    want = expected_counts(ckpt.config, fam.experts_key, layers)
+    try:
+        want = expected_counts(ckpt.config, fam.experts_key, layers)
+    except BadInput as e:
+        findings.append(Finding("config", e.where, e.what))
+        return ckpt
     for layer in layers:
         n = want[layer]
         for name, rows in axis.get(layer, {}).items():
@@ -116,7 +134,9 @@ def check_shapes(out: Path, findings: list[Finding]) -> Checkpoint | None:
             findings.append(Finding("shape", "config.json", f"layer {layer}: per-expert tensors for experts "
                                     f"{_span(sorted(ids))}, config says 0..{n - 1}"))
     k = ckpt.config.get("num_experts_per_tok")
-    if k is not None and want and min(want.values()) < int(k):
+    if k is not None and not _is_count(k):
+        findings.append(Finding("config", "config.json", f"num_experts_per_tok is not a count ({k!r:.80})"))
+    elif k is not None and want and min(want.values()) < k:
         layer = min(want, key=want.get)
         findings.append(Finding("config", "config.json",
                                 f"layer {layer} has {want[layer]} experts, fewer than num_experts_per_tok={k}"))
@@ -134,8 +154,12 @@ def check_plan_copy(out: Path, config: dict, findings: list[Finding]) -> None:
     except BadInput as e:
         findings.append(Finding("plan", PLAN_COPY_NAME, e.what))
         return
-    kept = {str(k): v for k, v in (rec.get("kept") or {}).items()}
-    counts = {str(k): v for k, v in (rec.get("layer_experts") or {}).items()}
+    kept, counts = rec.get("kept") or {}, rec.get("layer_experts") or {}
+    if not (isinstance(kept, dict) and isinstance(counts, dict)
+            and all(str(k).isdigit() for k in (*kept, *counts))):
+        findings.append(Finding("config", "config.json", "reap_stream.kept / layer_experts are not maps keyed by layer"))
+        return
+    kept, counts = {str(int(k)): v for k, v in kept.items()}, {str(int(k)): v for k, v in counts.items()}
     plan_kept = {str(k): lp.kept for k, lp in sorted(plan.layers.items())}
     for layer in sorted(set(kept) | set(plan_kept), key=int):
         if kept.get(layer) != plan_kept.get(layer):
@@ -146,10 +170,10 @@ def check_plan_copy(out: Path, config: dict, findings: list[Finding]) -> None:
                                     f"{len(plan_kept[layer])} kept"))
     if rec.get("method") != plan.method:
         findings.append(Finding("plan", PLAN_COPY_NAME, f"method {plan.method!r}, config.json records {rec.get('method')!r}"))
-    source = (plan.model or {}).get("fingerprint")
-    if source and rec.get("source_fingerprint") and source != rec["source_fingerprint"]:
+    source, recorded = (plan.model or {}).get("fingerprint"), rec.get("source_fingerprint")
+    if source and recorded and source != recorded:
         findings.append(Finding("plan", PLAN_COPY_NAME, "plan was made for another model than the output's source "
-                                f"({source[:19]}… vs {rec['source_fingerprint'][:19]}…)"))
+                                f"({str(source)[:19]}… vs {str(recorded)[:19]}…)"))
 
 
 def check_gguf(path: Path, findings: list[Finding]) -> int:

@@ -136,7 +136,8 @@ def test_half_precision_kept_experts_are_the_source_bytes(variant, fixture_model
             assert np.array_equal(src_arr[plan.layers[rel.layer].kept], out_arr)
             checked += 1
     assert checked > 0
-    assert b.tensors[next(iter(b.tensors))].dtype == ("BF16" if variant == "bf16" else "F16")
+    assert all(b.tensors[n].dtype == ref.dtype for n, ref in a.tensors.items())
+    assert ("BF16" if variant == "bf16" else "F16") in {ref.dtype for ref in b.tensors.values()}
 
 
 def test_same_inputs_give_byte_identical_outputs(fixture_model, tmp_path):
@@ -188,7 +189,7 @@ def test_non_uniform_plan_loads_through_the_reap_stream_loader(fixture_model, tm
     assert run("apply", src, tmp_path / "plan.json", "--out", tmp_path / "out", "--quiet").exit_code == 0
 
     from mlx_lm import load
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="shape"):
         load(str(tmp_path / "out"))  # mlx_lm alone cannot build per-layer counts
     model, _ = load_pruned(tmp_path / "out")
     toks = tokens()

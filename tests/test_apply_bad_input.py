@@ -207,3 +207,51 @@ def test_plan_file_that_is_not_a_plan(model, tmp_path):
     expect_refusal(tmp_path, model, bad, "plan.json", "not a reap-stream plan")
     bad.write_text("{not json")
     expect_refusal(tmp_path, model, bad, "plan.json", "invalid JSON")
+
+
+def test_unpruned_weights_in_other_formats_are_not_copied(model, tmp_path):
+    plan_path = save(make_plan(model, n_prune=2), tmp_path)
+    for name in ("pytorch_model.bin", "model.gguf", "consolidated.pth", "pytorch_model.bin.index.json"):
+        (model / name).write_bytes(b"unpruned weights")
+    (model / "generation_config.json").write_text("{}")
+    res = CliRunner().invoke(cli, ["apply", str(model), str(plan_path), "--out", str(tmp_path / "out"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert "generation_config.json" in names and "tokenizer.json" in names
+    assert not names & {"pytorch_model.bin", "model.gguf", "consolidated.pth", "pytorch_model.bin.index.json"}
+
+
+@pytest.mark.parametrize("size", ["inf", "nan", "-1GB", "0", "5 parsecs"])
+def test_unreadable_shard_sizes(model, tmp_path, size):
+    plan_path = save(make_plan(model, n_prune=2), tmp_path)
+    expect_refusal(tmp_path, model, plan_path, "--max-shard-size", "cannot read size", extra=("--max-shard-size", size))
+
+
+def test_plan_blocks_of_the_wrong_type_and_ambiguous_layer_keys(model, tmp_path):
+    data = make_plan(model, n_prune=2).to_json()
+    bad = tmp_path / "plan.json"
+    bad.write_text(json.dumps({**data, "model": "qwen"}))
+    expect_refusal(tmp_path, model, bad, "'model' must be an object")
+    layers = dict(data["layers"])
+    layers["01"] = layers.pop("1")
+    bad.write_text(json.dumps({**data, "layers": layers}))
+    expect_refusal(tmp_path, model, bad, "layer key '01' is not a layer index")
+
+
+@pytest.mark.parametrize("fault", ["no top_k", "top_k not a number", "model_type a list", "config a directory"])
+def test_config_faults(model, tmp_path, fault):
+    plan_path = save(make_plan(model, n_prune=2), tmp_path)
+    config_path = model / "config.json"
+    config = json.loads(config_path.read_text())
+    if fault == "no top_k":
+        del config["num_experts_per_tok"]
+    elif fault == "top_k not a number":
+        config["num_experts_per_tok"] = "two"
+    elif fault == "model_type a list":
+        config["model_type"] = ["deepseek_v3"]
+    if fault == "config a directory":
+        config_path.unlink()
+        config_path.mkdir()
+    else:
+        config_path.write_text(json.dumps(config))
+    expect_refusal(tmp_path, model, plan_path, "config.json")

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from reap_stream.blas import ensure_blas
 from reap_stream.checkpoint import Checkpoint
 from reap_stream.cli import cli
+from reap_stream import eval as reap_eval
 from reap_stream.eval import perplexity
 from reap_stream.plan import LayerPlan, Plan
 from reap_stream.structure import checkpoint_structure, fingerprint
@@ -70,6 +71,28 @@ def uniform_plan(model_dir: Path, n_prune: int, *, seed: int = 0) -> Plan:
 @pytest.fixture(scope="module")
 def text(calib_text) -> str:
     return calib_text(3000)
+
+
+# ---------------------------------------------------------------- NLL and |diff| arithmetic
+
+def test_token_nll_of_uniform_logits_is_log_vocab():
+    nll = reap_eval.token_nll(np.zeros((2, 5, 8), np.float32), np.zeros((2, 5), np.int32))
+    assert nll.shape == (2, 4) and nll.dtype == np.float64
+    assert np.allclose(nll, math.log(8), rtol=1e-7)
+
+
+@pytest.mark.parametrize("slice_values", [1 << 22, 7])   # one slice, and one row per slice
+def test_token_nll_and_abs_diff_match_float64_over_any_slicing(monkeypatch, slice_values):
+    monkeypatch.setattr(reap_eval, "_SLICE_VALUES", slice_values)
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((2, 6, 11)) * 5).astype(np.float32)
+    tokens = rng.integers(0, 11, (2, 6))
+    x = logits.astype(np.float64)[:, :-1]
+    want = np.log(np.exp(x).sum(-1)) - np.take_along_axis(x, tokens[:, 1:, None], -1)[..., 0]
+    assert np.allclose(reap_eval.token_nll(logits, tokens), want, rtol=1e-6)
+    other = logits + np.float32(0.25) * np.arange(11, dtype=np.float32)
+    top, total = reap_eval._abs_diff_stats(logits, other)
+    assert top == pytest.approx(2.5) and total == pytest.approx(2 * 6 * 0.25 * sum(range(11)), rel=1e-6)
 
 
 # ---------------------------------------------------------------- equals mlx_lm in memory

@@ -77,3 +77,18 @@ def test_demo_runs_the_whole_pipeline_on_a_generated_model(tmp_path):
     assert summary["verify"] == "ok"
     assert summary["max_abs_logit_diff_vs_masked_original"] <= 1e-5
     assert (tmp_path / "demo" / "pruned" / "reap_manifest.json").exists()
+
+
+def test_a_different_plan_does_not_silently_replace_an_earlier_prune(fixture_model, tmp_path):
+    src = fixture_model("qwen3_moe")
+    assert full(src, tmp_path / "out").exit_code == 0
+    before = tree_bytes(tmp_path / "out")
+    res = CliRunner().invoke(cli, ["full", str(src), "--dataset-file", str(CALIB), "--pack-samples", "--window-tokens",
+                                   "128", "--max-tokens", "2048", "--ratio", "0.25", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "another plan" in res.output and len(res.output.strip().splitlines()) == 1
+    assert tree_bytes(tmp_path / "out") == before
+    res = CliRunner().invoke(cli, ["full", str(src), "--dataset-file", str(CALIB), "--pack-samples", "--window-tokens",
+                                   "128", "--max-tokens", "2048", "--ratio", "0.25", "--out", str(tmp_path / "out"),
+                                   "--overwrite", "--json"])
+    assert res.exit_code == 0, res.output
+    assert set(json.loads(res.output)["kept_per_layer"].values()) == {6}

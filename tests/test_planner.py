@@ -128,6 +128,12 @@ def test_top_k_is_a_floor(tmp_path):
         make_plan(store, method="frequency", n_prune=6)
 
 
+def test_pruning_more_experts_than_a_layer_has_names_the_prune_count(tmp_path):
+    store = make_store(tmp_path / "t", {0: E8})
+    with pytest.raises(BadInput, match="--n-prune 9 asks to prune 9 experts, more than the layer's 8"):
+        make_plan(store, method="frequency", n_prune=9)
+
+
 def test_min_experts_is_a_floor(tmp_path):
     store = make_store(tmp_path / "t", {0: E8})
     with pytest.raises(BadInput, match="--min-experts=6"):
@@ -209,11 +215,15 @@ def test_skipped_layers_keep_every_expert_and_say_why(tmp_path):
 # ---- super-expert guard -------------------------------------------------------------------------
 
 def test_super_expert_threshold_is_the_larger_of_percentile_and_max_over_ten():
+    # percentiles interpolate linearly between sorted values at rank q * (n - 1)
     acts = [np.arange(1.0, 101.0), np.arange(101.0, 201.0)]
-    assert super_expert_threshold(acts) == pytest.approx(np.percentile(np.arange(1.0, 201.0), 99.5))
+    # 1..200: rank 0.995 * 199 = 198.005 -> 199 + 0.005 * (200 - 199); max / 10 = 20 is smaller
+    assert super_expert_threshold(acts) == pytest.approx(199.005)
     spiky = [np.ones(100), np.r_[np.ones(99), 1000.0]]
-    assert super_expert_threshold(spiky) == pytest.approx(max(np.percentile(np.r_[np.ones(199), 1000.0], 99.5), 100.0))
-    assert super_expert_threshold([np.array([-np.inf, 2.0, 4.0])]) == pytest.approx(np.percentile([2.0, 4.0], 99.5))
+    # 199 ones and 1000: the percentile is 1 + 0.005 * 999 = 5.995, below max / 10 = 100
+    assert super_expert_threshold(spiky) == pytest.approx(100.0)
+    # -inf (never routed) is ignored: [2, 4] at rank 0.995 -> 2 + 0.995 * 2 = 3.99
+    assert super_expert_threshold([np.array([-np.inf, 2.0, 4.0])]) == pytest.approx(3.99)
 
 
 def test_super_experts_are_never_pruned_in_the_first_75_percent_of_layers(tmp_path):
@@ -256,7 +266,7 @@ def test_plan_carries_scores_reasons_and_provenance(tmp_path):
     assert lp.extra["reasons"][3] == "pruned: ean_sum score rank 1 of 8 (1 = lowest)"
     assert lp.extra["reasons"][2] == "kept: ean_sum score rank 8 of 8 (1 = lowest)"
     assert plan.model["fingerprint"] == "sha256:test-model"
-    assert plan.telemetry == {"fingerprint": store.fingerprint(), "calibration": "sha256:calib", "path": str(store.path)}
+    assert plan.telemetry == {"fingerprint": store.fingerprint(), "calibration": "sha256:calib"}
     prov = plan.extra["provenance"]
     assert prov["options"]["method"] == "ean_sum" and prov["options"]["ratio"] == 0.5
     assert prov["pruned_experts"] == 4 and prov["routed_experts"] == 8
@@ -277,6 +287,16 @@ def test_same_inputs_give_byte_identical_plans(tmp_path):
         r = run("plan", tmp_path / "t", "--out", tmp_path / name, "--method", "reap", "--ratio", 0.5, "--budget", "global")
         assert r.exit_code == 0, r.output
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+
+
+def test_plan_bytes_do_not_depend_on_how_the_store_path_is_written(tmp_path, monkeypatch):
+    assert run("init", "--out", tmp_path / "t", "--layers", 2, "--experts", 8, "--tokens", 64).exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    absolute = run("plan", tmp_path / "t", "--out", tmp_path / "a.json", "--method", "reap", "--ratio", 0.5, "--json")
+    relative = run("plan", "t", "--out", tmp_path / "r.json", "--method", "reap", "--ratio", 0.5, "--json")
+    assert absolute.exit_code == relative.exit_code == 0, absolute.output + relative.output
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "r.json").read_bytes()
+    assert json.loads(relative.output)["telemetry"] == "t"   # the path as given lives in the summary only
 
 
 # ---- init ---------------------------------------------------------------------------------------

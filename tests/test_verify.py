@@ -98,6 +98,29 @@ def test_a_missing_manifest_is_caught(copy):
     assert f"{copy}/{MANIFEST_NAME}: manifest: missing" in failures(run("verify", copy, "--quiet"))
 
 
+def test_a_manifest_with_wrong_types_is_a_finding_not_a_crash(copy):
+    manifest = json.loads((copy / MANIFEST_NAME).read_text())
+    manifest["files"]["config.json"]["size"] = "1234"          # a string, not an integer
+    manifest["files"]["tokenizer.json"]["sha256"] = 42         # a number, not a hex string
+    manifest["files"]["reap_plan.json"] = ["not", "an", "object"]
+    (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    lines = failures(run("verify", copy, "--quiet"))
+    assert sorted(lines) == [f"{copy}/{MANIFEST_NAME}: manifest: entry for {name!r} lacks a sha256 string and an integer size"
+                             for name in ("config.json", "reap_plan.json", "tokenizer.json")]
+
+
+def test_a_config_record_with_wrong_types_is_a_finding_not_a_crash(copy):
+    config = json.loads((copy / "config.json").read_text())
+    config["reap_stream"]["layer_experts"] = {"one": "four"}
+    config["reap_stream"]["kept"] = ["not", "a", "map"]
+    (copy / "config.json").write_text(json.dumps(config))
+    rehash(copy, "config.json")
+    lines = failures(run("verify", copy, "--quiet"))
+    assert lines == [f"{copy}/config.json: config: reap_stream.layer_experts is not a map of layer -> expert count "
+                     "({'one': 'four'})",
+                     f"{copy}/config.json: config: reap_stream.kept / layer_experts are not maps keyed by layer"]
+
+
 def test_shapes_are_checked_against_config(copy):
     config = json.loads((copy / "config.json").read_text())
     config["reap_stream"]["layer_experts"]["1"] = 5
