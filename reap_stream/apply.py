@@ -36,7 +36,7 @@ _HAS_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
 # indexes, and the source's own reap-stream records. Everything else (tokenizer, generation config,
 # chat template, licence, custom code) is copied as is.
 _NOT_COPIED = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|gguf|h5|msgpack|npz|onnx)$|.*\.index\.json$|^"
-                         + re.escape(MANIFEST_NAME) + "$|^" + re.escape(PLAN_COPY_NAME) + "$|^config\.json$")
+                         + re.escape(MANIFEST_NAME) + "$|^" + re.escape(PLAN_COPY_NAME) + r"$|^config\.json$")
 
 
 @dataclass
