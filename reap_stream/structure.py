@@ -96,8 +96,11 @@ def check_plan(plan: Plan, st: MoEStructure, where: str, *, model_fingerprint: s
     pm = plan.model or {}
     if pm.get("model_type") not in (None, st.model_type):
         raise BadInput(where, f"plan is for model_type {pm['model_type']!r}, the model is {st.model_type!r}")
-    if "num_layers" in pm and pm["num_layers"] != st.num_layers:
-        raise BadInput(where, f"plan is for a model with {pm['num_layers']} layers, the model has {st.num_layers}")
+    have = st.to_json()
+    for key, label in (("num_layers", "layers"), ("moe_layers", "MoE layers"), ("num_experts", "experts"),
+                       ("top_k", "top_k")):
+        if key in pm and pm[key] != have[key]:
+            raise BadInput(where, f"plan is for a model with {label} {pm[key]}, the model has {have[key]}")
     if model_fingerprint and pm.get("fingerprint") and pm["fingerprint"] != model_fingerprint:
         raise BadInput(where, f"plan was made for another model (fingerprint {pm['fingerprint'][:19]}…, "
                               f"this model {model_fingerprint[:19]}…); pass --ignore-fingerprint to apply by structure")
