@@ -395,12 +395,15 @@ def load_tokens(path: str | Path) -> CalibrationSet:
 
     path = Path(path)
     meta = path / "zarr.json"
+    if not meta.is_file():
+        raise BadInput(path, "not a calibration token store (no zarr.json)")
     try:
-        attrs = json.loads(meta.read_text()).get("attributes", {})
-    except FileNotFoundError:
-        raise BadInput(path, "not a calibration token store (no zarr.json)") from None
-    except ValueError as e:
+        root = json.loads(meta.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
         raise BadInput(meta, f"invalid JSON: {e}") from None
+    attrs = root.get("attributes", {}) if isinstance(root, dict) else None
+    if not isinstance(attrs, dict):
+        raise BadInput(meta, "not a Zarr group description (expected a JSON object with an 'attributes' object)")
     if attrs.get("format") != CALIBRATION_FORMAT:
         raise BadInput(path, f"not a reap-stream calibration store (format {attrs.get('format')!r})")
     if attrs.get("schema_version") != CALIBRATION_SCHEMA_VERSION:

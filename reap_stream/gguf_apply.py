@@ -20,16 +20,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .checkpoint import is_gguf  # noqa: F401  (part of this module's API)
 from .errors import BadInput
 from .families import FAMILIES
-from .gguf_layout import (KV, MAGIC, GGUFFile, OutTensor, VType, encode_header, encode_kv,
+from .gguf_layout import (KV, GGUFFile, OutTensor, VType, encode_header, encode_kv,
                           align, plan_offsets, read_model, split_name, SPLIT_PATTERN)
 from .plan import Plan
 from .structure import MoEStructure, check_plan
 
 COMPACT_LAYOUT = "ds4-compact-v1"
-# reap.layer.policy values of ds4-compact-v1
+# reap.layer.policy values of ds4-compact-v1 (docs/gguf.md); POLICY_MOE_DISABLED is reserved by
+# the layout and never written by this tool
 POLICY_NONE, POLICY_HASH_PRESERVED, POLICY_ROUTER_MASK_PRUNED, POLICY_MOE_DISABLED = 0, 1, 2, 3
 
 
@@ -139,7 +139,8 @@ def open_gguf(path: str | Path) -> GGUFModel:
         L = min(wrong)
         raise BadInput(g.path, f"{arch}.expert_count is {expert_count} but layer {L} holds {wrong[L]} experts")
     nextn = _uint_kv(g, f"{arch}.nextn_predict_layers", required=False) or 0
-    frozen = sorted(hash_layers | set(range(num_layers - nextn, num_layers)) & set(experts))
+    # only MoE layers can be frozen: a dense NextN block has no experts to protect
+    frozen = sorted((hash_layers | set(range(num_layers - nextn, num_layers))) & set(experts))
     st = MoEStructure(
         model_type=spec.model_type,
         num_layers=num_layers,
@@ -311,11 +312,12 @@ def _write_part(part: OutPart, tmp: Path, buf: memoryview, bar: tqdm) -> None:
 
 def apply_gguf(model: Path, plan: Plan, out: Path, *, overwrite: bool, dry_run: bool,
                ignore_fingerprint: bool = False, buffer_bytes: int = 8 << 20,
-               plan_where: str | Path = "plan") -> dict:
+               plan_where: str | Path = "plan", progress: bool = True) -> dict:
     """Write `out` (or its split parts): `model` with the plan's pruned experts removed.
 
     Returns a JSON-able summary. `ignore_fingerprint` is accepted for symmetry with the
     safetensors apply: a GGUF is always matched to the plan by structure, never by file hash.
+    `progress=False` hides the byte bar (apply --quiet / --json).
     """
     model, out, where = Path(model), Path(out), str(plan_where)
     gm = open_gguf(model)
@@ -332,7 +334,7 @@ def apply_gguf(model: Path, plan: Plan, out: Path, *, overwrite: bool, dry_run: 
         if p.path.exists() and not overwrite:
             raise BadInput(p.path, "output exists; pass --overwrite to replace it")
     if buffer_bytes < 4096:
-        raise BadInput("--buffer-size", "copy buffer must be at least 4096 bytes")
+        raise BadInput("--buffer-size", f"must be at least 4096 bytes (got {buffer_bytes})")
 
     st = gm.structure
     summary = {
@@ -365,7 +367,8 @@ def apply_gguf(model: Path, plan: Plan, out: Path, *, overwrite: bool, dry_run: 
     tmps = [p.path.with_name(f".{p.path.name}.partial") for p in parts]
     total = sum(t.nbytes for p in parts for t in p.tensors)
     try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"apply {model.name}", disable=None) as bar:
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"apply {model.name}",
+                  disable=None if progress else True) as bar:
             for p, tmp in zip(parts, tmps):
                 _write_part(p, tmp, buf, bar)
         # the first part is what loaders open: it appears last, when every other part is in place

@@ -39,7 +39,7 @@ def parity_cmd(left: Path, right: Path, method: str, ratio: float | None, n_prun
                require_identical_telemetry: bool, out: Path, as_json: bool) -> None:
     """Compare telemetry stores LEFT and RIGHT; exit 1 when they disagree on what to prune."""
     if (ratio is None) == (n_prune is None):
-        raise BadInput(left, "give exactly one of --ratio, --n-prune")
+        raise BadInput("--ratio/--n-prune", "give exactly one of --ratio, --n-prune")
     report = compare(TelemetryStore.open(left), TelemetryStore.open(right), method=method, ratio=ratio,
                      n_prune=n_prune, require_identical_telemetry=require_identical_telemetry)
     prepare_out_dir(out)

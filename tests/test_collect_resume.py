@@ -2,7 +2,6 @@
 merge of disjoint calibration shards equals one run over their union."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

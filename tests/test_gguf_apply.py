@@ -15,10 +15,10 @@ import pytest
 from gguf.constants import GGMLQuantizationType as T
 
 from reap_stream import synth
-from reap_stream.checkpoint import Checkpoint, to_float32
+from reap_stream.checkpoint import Checkpoint, is_gguf, to_float32
 from reap_stream.errors import BadInput
 from reap_stream.gguf_apply import (COMPACT_LAYOUT, POLICY_HASH_PRESERVED, POLICY_NONE,
-                                    POLICY_ROUTER_MASK_PRUNED, apply_gguf, is_gguf, open_gguf)
+                                    POLICY_ROUTER_MASK_PRUNED, apply_gguf, open_gguf)
 from reap_stream.gguf_convert import HASH_LAYER, cached_gguf, gguf_name
 from reap_stream.gguf_layout import verify
 from reap_stream.plan import LayerPlan, Plan
@@ -346,3 +346,13 @@ def test_plan_errors_name_the_plan_file(gguf_model, tmp_path):
                    plan_where=tmp_path / "plan.json")
     assert e.value.where == str(tmp_path / "plan.json")
     assert "plan is for 6 layers; model.gguf has qwen3moe.block_count=4" in e.value.what
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_the_byte_bar_shows_only_when_progress_is_on(gguf_model, tmp_path, capsys, monkeypatch, progress):
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)   # a terminal, where bars are drawn
+    apply_gguf(gguf_model("qwen3_moe"), mlx_plan("qwen3_moe"), tmp_path / "o.gguf", overwrite=False,
+               dry_run=False, progress=progress)
+    assert ("apply " in capsys.readouterr().err) is progress

@@ -212,3 +212,8 @@ def test_the_cli_applies_a_good_plan(model, tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output[res.output.index("{"):])
     assert summary["layout"] == "uniform" and summary["experts_after"] == 6 and summary["out"] == [str(out)]
+
+
+def test_a_copy_buffer_under_4096_bytes_is_refused(model, tmp_path):
+    line = refuse(tmp_path, model, mlx_plan("qwen3_moe"), extra=("--buffer-size", "1024"))
+    assert line == "reap-stream: error: --buffer-size: must be at least 4096 bytes (got 1024)"
