@@ -187,8 +187,3 @@ def blas_info() -> dict:
     if _state is None:
         return {"state": "not-checked", "kind": None, "path": None}
     return dict(_state)
-
-
-def _reset_for_tests() -> None:
-    global _state
-    _state = None

@@ -22,7 +22,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import click
 import numpy as np
@@ -301,7 +301,7 @@ def _encoded_rows(opts: CalibrationOptions, tokenizer, stats: dict) -> Iterator[
 
 # ---------------------------------------------------------------- shaping
 
-def build_calibration(opts: CalibrationOptions, tokenizer) -> CalibrationSet:
+def build_calibration(opts: CalibrationOptions, tokenizer: Any) -> CalibrationSet:
     """Read, select, tokenise and shape calibration text into token-id sequences.
 
     `tokenizer` is a transformers tokenizer or mlx_lm's TokenizerWrapper (`encode`,

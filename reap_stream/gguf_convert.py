@@ -14,6 +14,7 @@ block `mtp.0.*` (a copy of the last layer's MoE plus eh_proj/enorm/hnorm) that m
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -131,8 +132,6 @@ def _metadata(writer, arch: str, config: dict, ckpt: Checkpoint) -> None:
             continue
         add = {"u32": writer.add_uint32, "f32": writer.add_float32, "bool": writer.add_bool}[vt]
         add(f"{arch}.{gkey}", {"u32": int, "f32": float, "bool": bool}[vt](v))
-    import json
-
     vocab = json.loads((ckpt.root / "tokenizer.json").read_text())["model"]["vocab"]
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     writer.add_string("tokenizer.ggml.model", "gpt2")
@@ -148,7 +147,8 @@ def _write(out: Path, arch: str, config: dict, ckpt: Checkpoint, tensors: list[t
     _metadata(writer, arch, config, ckpt)
     for gname, arr, t in tensors:
         writer.add_tensor(gname, arr, raw_dtype=t)
-    with contextlib.redirect_stdout(open(os.devnull, "w")):
+    # gguf-py prints progress on stdout; closed with the block
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

@@ -12,12 +12,14 @@ data offsets llama.cpp requires (it checks each offset equals the padded running
 """
 from __future__ import annotations
 
+import math
 import mmap
 import re
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
+from typing import Any
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -84,10 +86,6 @@ class TensorInfo:
     start: int             # absolute byte offset in `file`
 
     @property
-    def type_name(self) -> str:
-        return GGMLQuantizationType(self.ggml_type).name
-
-    @property
     def outer_stride(self) -> int:
         """Bytes of one slice along the outermost dimension (one expert of an expert tensor)."""
         return self.nbytes // self.ne[-1] if self.ne[-1] else 0
@@ -103,17 +101,14 @@ class GGUFFile:
     data_offset: int
     size: int
 
-    def get(self, key: str, default=None):
+    def get(self, key: str, default: Any = None) -> Any:
         kv = self.kvs.get(key)
         return default if kv is None else kv.value
 
 
 def tensor_nbytes(ne: tuple[int, ...], ggml_type: int) -> int:
     block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
-    n = 1
-    for d in ne:
-        n *= d
-    return n // block * type_size
+    return math.prod(ne) // block * type_size
 
 
 def align(n: int, alignment: int) -> int:
@@ -271,7 +266,7 @@ def _parse_cursor(cur: _Cursor, path: Path, size: int) -> GGUFFile:
             block, _ = GGML_QUANT_SIZES[qtype]
         except (ValueError, KeyError):
             raise cur.fail(f"tensor {name!r}: unknown ggml type {code}") from None
-        if any(d >= 1 << 62 for d in ne) or _product(ne) >= 1 << 62:
+        if any(d >= 1 << 62 for d in ne) or math.prod(ne) >= 1 << 62:
             raise cur.fail(f"tensor {name!r}: absurd shape {list(ne)}")
         if ne[0] % block:
             raise cur.fail(f"tensor {name!r}: ne0={ne[0]} is not a multiple of the {qtype.name} block size {block}")
@@ -287,13 +282,6 @@ def _parse_cursor(cur: _Cursor, path: Path, size: int) -> GGUFFile:
         if a.offset + a.nbytes > b.offset:
             raise cur.fail(f"tensors {a.name!r} and {b.name!r} overlap")
     return GGUFFile(path, version, alignment, kvs, tensors, data_offset, size)
-
-
-def _product(ne) -> int:
-    n = 1
-    for d in ne:
-        n *= d
-    return n
 
 
 # ---------------------------------------------------------------- split files
@@ -344,7 +332,7 @@ def encode_string(s: str) -> bytes:
     return struct.pack("<Q", len(b)) + b
 
 
-def encode_kv(key: str, vtype: VType, value, elem_type: VType | None = None) -> bytes:
+def encode_kv(key: str, vtype: VType, value: Any, elem_type: VType | None = None) -> bytes:
     """One encoded metadata entry (key, type, value)."""
     out = encode_string(key) + struct.pack("<I", vtype)
     if vtype == VType.STRING:

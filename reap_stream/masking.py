@@ -13,6 +13,7 @@ masked original. The rule per routing type:
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -28,7 +29,11 @@ MASK_RULES: dict[Routing, str] = {
 }
 
 
+# `model` parameters below are loaded mlx_lm models (mlx.nn.Module with .layers); left untyped so
+# this module imports without mlx.
+
 def moe_spec(model) -> Family:
+    """The families.py entry of a loaded mlx_lm model (ValueError when it is not an MoE family)."""
     model_type = getattr(model, "model_type", None) or getattr(model.args, "model_type", None)
     if model_type not in FAMILIES:
         raise ValueError(f"no MoE family entry for model_type {model_type!r}")
@@ -46,14 +51,16 @@ def moe_blocks(model) -> dict[int, object]:
     return out
 
 
-def _num_experts(block, spec: Family) -> int:
+def router_experts(block, spec: Family) -> int:
+    """Routed experts of one loaded MoE block (an mlx_lm module), read from its router's shape."""
     router = getattr(block, spec.router)
     if MASK_RULES[spec.routing] == "selection_bias":
         return int(router.e_score_correction_bias.shape[0])
     return int(router.weight.shape[0])
 
 
-num_experts = _num_experts  # public name: routed experts of one MoE block (router shape)
+# TEMPORARY: runner.py still imports `num_experts`; remove once it calls router_experts
+num_experts = router_experts
 
 
 def _top_k(block) -> int:
@@ -76,7 +83,7 @@ def mask_experts(model, pruned: dict[int, list[int]]) -> None:
         if layer not in blocks:
             raise ValueError(f"layer {layer} has no MoE block to mask")
         block = blocks[layer]
-        n = _num_experts(block, spec)
+        n = router_experts(block, spec)
         if ids[0] < 0 or ids[-1] >= n:
             raise ValueError(f"layer {layer}: expert ids must be in 0..{n - 1}, got {ids}")
         if n - len(ids) < _top_k(block):
@@ -103,7 +110,7 @@ def mask_experts(model, pruned: dict[int, list[int]]) -> None:
             raise ValueError(f"unknown masking rule {rule!r}")
 
 
-def routing_counts(model, tokens) -> dict[int, np.ndarray]:
+def routing_counts(model, tokens: np.ndarray) -> dict[int, np.ndarray]:
     """Per MoE layer, how often each expert is selected on `tokens` (one forward pass)."""
     import mlx.core as mx
     import mlx.nn as nn
@@ -131,12 +138,13 @@ def routing_counts(model, tokens) -> dict[int, np.ndarray]:
         for i, b in blocks.items():
             setattr(b, spec.stacked, originals[i])
     return {
-        i: np.bincount(np.concatenate(seen[i]), minlength=_num_experts(blocks[i], spec))
+        i: np.bincount(np.concatenate(seen[i]), minlength=router_experts(blocks[i], spec))
         for i in blocks
     }
 
 
-def masked_logits(model_dir, pruned: dict[int, list[int]], tokens, *, float32: bool = False) -> np.ndarray:
+def masked_logits(model_dir: str | os.PathLike, pruned: dict[int, list[int]], tokens: np.ndarray, *,
+                  float32: bool = False) -> np.ndarray:
     """Logits [T, V] (float32) of the checkpoint at model_dir with `pruned` experts masked.
     float32=True upcasts floating weights first (MLX's CPU gather_mm runs only in float32)."""
     from pathlib import Path

@@ -44,13 +44,14 @@ def store_hash(per_layer: dict[int, dict[str, str]]) -> str:
 
 
 def _first_diff(a: np.ndarray, b: np.ndarray) -> dict | None:
-    """First expert row (axis 0) where two same-shape arrays differ, with the first column in it."""
+    """First expert row (axis 0) where two same-shape arrays differ, with the first column in it.
+    Every LayerStats array has the expert axis first, so there is always an axis 0."""
     if a.shape != b.shape:
         return {"row": None, "why": f"shape {list(a.shape)} vs {list(b.shape)}"}
     same = (a == b) | (np.isnan(a) & np.isnan(b))
     if same.all():
         return None
-    rows = same.reshape(a.shape[0], -1).all(axis=1) if a.ndim else np.array([bool(same)])
+    rows = same.reshape(a.shape[0], -1).all(axis=1)
     row = int(np.flatnonzero(~rows)[0])
     col = int(np.flatnonzero(~same.reshape(a.shape[0], -1)[row])[0])
     av, bv = a.reshape(a.shape[0], -1)[row, col], b.reshape(b.shape[0], -1)[row, col]

@@ -104,7 +104,7 @@ def heatmap(views: list[LayerView], method: str, path: Path) -> None:
     _save(fig, path)
 
 
-def frequency_spread(views: list[LayerView], top_k: int | None, path: Path) -> None:
+def frequency_spread(views: list[LayerView], path: Path) -> None:
     """Share of routed slots each expert gets, per layer: a uniform router puts everyone at 1/E."""
     shares = [v.frequency / max(v.frequency.sum(), 1.0) for v in views]
     fig, ax = plt.subplots(figsize=(min(16, 3 + len(views) * 0.45), 4.5), dpi=100)
@@ -163,10 +163,10 @@ def _save(fig, path: Path) -> None:
 
 def summary_markdown(store: TelemetryStore, views: list[LayerView], method: str, plan: Plan | None,
                      plan_where: str | None) -> str:
-    attrs = store.attrs
+    attrs, telemetry_fp = store.attrs, store.fingerprint()   # the fingerprint hashes every array: once
     model, calib = attrs.get("model") or {}, attrs.get("calibration") or {}
     lines = ["# reap-stream telemetry report", "",
-             f"- telemetry: `{store.path}` ({store.fingerprint()})",
+             f"- telemetry: `{store.path}` ({telemetry_fp})",
              f"- model: {model.get('model_type')} — {len(views)} MoE layers, top_k {model.get('top_k')}, "
              f"fingerprint {model.get('fingerprint')}",
              f"- calibration: {calib.get('num_tokens')} tokens from {calib.get('source')!s}",
@@ -175,7 +175,7 @@ def summary_markdown(store: TelemetryStore, views: list[LayerView], method: str,
         gone = sum(len(lp.pruned) for lp in plan.layers.values())
         lines.append(f"- plan: `{plan_where}` — {plan.method}, ratio {plan.ratio}, {gone} experts pruned, "
                      f"{'uniform' if plan.uniform else 'non-uniform'}")
-        if (plan.telemetry or {}).get("fingerprint") not in (None, store.fingerprint()):
+        if (plan.telemetry or {}).get("fingerprint") not in (None, telemetry_fp):
             lines.append("- **note:** the plan was made from other telemetry (fingerprints differ)")
     lines += ["", "| layer | tokens | never routed | max share | min share | CV of frequency | super experts | pruned "
               "| score mass kept |", "|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
@@ -213,7 +213,7 @@ def write_report(store: TelemetryStore, out: Path, *, plan: Plan | None = None, 
         raise BadInput(store.path, "telemetry has no committed layers")
     out.mkdir(parents=True, exist_ok=True)
     heatmap(views, method, out / FIGURES[0])
-    frequency_spread(views, (store.attrs.get("model") or {}).get("top_k"), out / FIGURES[1])
+    frequency_spread(views, out / FIGURES[1])
     score_distribution(views, method, out / FIGURES[2])
     md = out / "report.md"
     tmp = md.with_name(".report.md.tmp")

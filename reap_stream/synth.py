@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import families
+
 FAMILIES: tuple[str, ...] = (
     "qwen3_moe",
     "qwen2_moe",
@@ -175,12 +177,6 @@ _FAMILY_CONFIG = {
             "original_max_position_embeddings": 4096,
         },
     },
-}
-
-# HF per-expert names for the stacked mlx_lm tensors: (mlx block, hf block, {mlx proj: hf proj}).
-_HF_EXPERT_NAMES = {
-    "qwen3_moe": ("mlp.switch_mlp", "mlp.experts", {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}),
-    "mixtral": ("block_sparse_moe.switch_mlp", "block_sparse_moe.experts", {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}),
 }
 
 _ST_DTYPES = {  # numpy dtype name -> safetensors dtype
@@ -413,7 +409,9 @@ def make_mlx_fixture(
 
 def mlx_to_hf_names(family: str, tensors: dict) -> dict:
     """Unstack mlx_lm's switch_mlp tensors into HF per-expert names (pure dict -> dict)."""
-    mlx_block, hf_block, proj = _HF_EXPERT_NAMES[family]
+    fam = families.FAMILIES[family]   # the tensor-name knowledge lives in families.py alone
+    mlx_block, hf_block = f"{fam.block}.{fam.stacked}", f"{fam.block}.{fam.hf_experts}"
+    proj = {mlx: hf for hf, mlx in fam.hf_names.items()}
     out = {}
     for name, (st, arr) in tensors.items():
         head, sep, tail = name.partition(f".{mlx_block}.")

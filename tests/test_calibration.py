@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -248,6 +249,18 @@ def test_tampered_tokens_are_refused(tok, tmp_path):
         load_tokens(tmp_path / "t.zarr")
     with pytest.raises(BadInput, match="not a calibration token store"):
         load_tokens(tmp_path / "missing.zarr")
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda p: p.write_text("a file, not a directory"), "not a calibration token store (no zarr.json)"),
+    (lambda p: (p.mkdir(), (p / "zarr.json").write_text("[1, 2]")), "not a Zarr group description"),
+    (lambda p: (p.mkdir(), (p / "zarr.json").write_text('{"attributes": 7}')), "not a Zarr group description"),
+    (lambda p: (p.mkdir(), (p / "zarr.json").write_text("{oops")), "invalid JSON"),
+])
+def test_a_token_store_that_is_not_a_zarr_group_is_bad_input(tmp_path, make, needle):
+    make(tmp_path / "t.zarr")
+    with pytest.raises(BadInput, match=re.escape(needle)):
+        load_tokens(tmp_path / "t.zarr")
 
 
 # ---------------------------------------------------------------- the click decorator and bad input

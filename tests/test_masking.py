@@ -122,3 +122,12 @@ def test_masked_logits_of_bf16_checkpoint_upcast(fixture_model, calib_text):
     b = masking.masked_logits(fixture_model("glm4_moe"), PRUNED["glm4_moe"], ids)
     assert a.dtype == np.float32 and a.shape == b.shape
     assert np.abs(a - b).max() < 0.5  # same weights up to bf16 rounding
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"])
+def test_router_experts_reads_the_expert_count_from_the_router(family, fixture_model):
+    model, config = _load(fixture_model(family))
+    spec = masking.moe_spec(model)
+    want = config[spec.experts_key]
+    assert {layer: masking.router_experts(block, spec) for layer, block in masking.moe_blocks(model).items()} \
+        == dict.fromkeys(masking.moe_blocks(model), want)

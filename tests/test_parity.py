@@ -95,7 +95,8 @@ def test_stores_with_different_layers_are_refused(pair, tmp_path):
 
 def test_parity_needs_exactly_one_count(pair, tmp_path):
     r = run("parity", pair[0].path, pair[1].path, "--method", "reap", "--out", tmp_path / "out")
-    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
+    assert r.exit_code == 2
+    assert r.output.strip() == "reap-stream: error: --ratio/--n-prune: give exactly one of --ratio, --n-prune"
     assert not (tmp_path / "out").exists()
 
 

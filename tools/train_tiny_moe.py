@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from reap_stream import synth  # noqa: E402
+from reap_stream.blas import ensure_blas  # noqa: E402
 
 SPLITS = ("train", "calib", "heldout")
 # Directories of the stdlib that are not library code (or are huge generated tables).
@@ -72,27 +73,6 @@ MODEL_CONFIG = {
     "pad_token_id": 0,
     "torch_dtype": "float32",
 }
-
-
-def load_fast_blas() -> str:
-    """Interpose an optimised BLAS before MLX loads (the wheel's reference BLAS is ~30x slower)."""
-    try:
-        from reap_stream import blas  # written by another engineer; preferred when present
-    except ImportError:
-        blas = None
-    if blas is not None and hasattr(blas, "ensure_blas"):
-        return str(blas.ensure_blas())
-    import ctypes
-
-    for lib in ("/usr/lib/x86_64-linux-gnu/libopenblas.so.0", "/usr/lib/x86_64-linux-gnu/libblas.so.3"):
-        try:
-            ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
-            return lib
-        except OSError:
-            continue
-    print("train_tiny_moe: WARNING: no optimised BLAS found; MLX uses its reference BLAS (slow)",
-          file=sys.stderr)
-    return "reference"
 
 
 # ---------------------------------------------------------------- data
@@ -256,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--capacity", type=float, default=2.0, help="expert capacity factor in training")
     args = ap.parse_args(argv)
 
-    blas = load_fast_blas()
+    info = ensure_blas()  # before the first `import mlx`: the wheel's reference BLAS is ~30x slower
+    blas = f"{info['kind']} ({info['state']}, {info.get('path')})"
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
