@@ -24,6 +24,12 @@ through, so attention masks, sliding windows and the like are exactly what mlx_l
 block of a layer is swapped for a hook that routes exactly and evaluates experts grouped by
 expert (routing.capture); everything else is mlx_lm's own code.
 
+On the CPU, StreamRunner runs a chunk of >= 2 sequences as two half-batches on two MLX streams
+(`Lanes`, `split_layer_forward`): MLX's CPU element-wise kernels (attention's softmax) use one
+thread per stream, so this is what puts the second core to work. The MoE block still sees the
+whole chunk, and the split is only taken where `SplitCheck` has shown that every matmul of the
+layer outside the MoE block gives the same bits on half the rows, so the bytes never change.
+
 Hidden states between layers live in WORK_DIR/hidden_NNN/ as one Zarr array per chunk, in the
 model's dtype (bf16 as its uint16 bits), uncompressed. progress.json says which layer comes next;
 a killed run resumes there and recomputes at most one layer.
@@ -272,7 +278,7 @@ class _Rendezvous:
 
 
 class Lanes:
-    """The calling thread plus one worker thread with its own MLX CPU stream.
+    """The calling thread plus a worker thread with its own MLX CPU stream.
 
     MLX runs each CPU stream's element-wise kernels on that stream's one thread, so two halves of
     a chunk evaluated on two streams use both cores where one stream leaves one idle (attention's
@@ -290,7 +296,7 @@ class Lanes:
         with _mx().stream(self._local.stream):
             return fn()
 
-    def both(self, first: Callable, second: Callable, barrier: threading.Barrier) -> tuple:
+    def both(self, first: Callable, second: Callable, barrier: threading.Barrier | None = None) -> tuple:
         """first() here and second() on the worker, at the same time; an error in either breaks
         `barrier` (so the other stops waiting) and is raised here, first's before second's."""
         def guarded(fn):
@@ -298,7 +304,8 @@ class Lanes:
                 try:
                     return fn()
                 except BaseException:
-                    barrier.abort()
+                    if barrier is not None:
+                        barrier.abort()
                     raise
             return run
 
