@@ -16,6 +16,7 @@ from reap_stream.calibration import (CalibrationOptions, build_calibration, cali
                                      load_tokens, save_tokens)
 from reap_stream.cli import LazyGroup
 from reap_stream.errors import BadInput
+from refusal import error_line
 
 CALIB = Path(__file__).resolve().parents[1] / "fixtures" / "calibration"
 LICENCE_ROWS = [json.loads(line)["text"] for line in (CALIB / "licence.jsonl").read_text().splitlines()]
@@ -353,11 +354,7 @@ BAD_CASES = {
 def test_bad_input_exits_2_with_one_line(probe_cli, tmp_path, case):
     make_args, where, what = BAD_CASES[case]
     r = run_probe(probe_cli, *make_args(tmp_path))
-    assert r.exit_code == 2, r.output
-    lines = r.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("reap-stream: error: "), r.output
-    assert where in lines[0] and what in lines[0]
-    assert "Traceback" not in r.output
+    error_line(r, where, what)
 
 
 def test_absent_hub_dataset_offline_exits_2_with_one_line(probe_cli, monkeypatch):

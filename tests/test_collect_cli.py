@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from reap_stream.cli import cli
 from reap_stream.families import FAMILIES
+from refusal import error_line
 
 CALIB_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "calibration"
 LICENCE = str(CALIB_DIR / "licence.jsonl")
@@ -22,11 +23,7 @@ def _run(*args: str):
 
 
 def _one_error_line(result, where: str, what: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith(f"reap-stream: error: {where}"), lines[0]
-    assert what in lines[0], lines[0]
+    error_line(result, what, where=where)
 
 
 def _copy_model(src: Path, dst: Path, drop: tuple[str, ...] = (), config: dict | None = None) -> Path:

@@ -18,6 +18,7 @@ from reap_stream import eval as reap_eval
 from reap_stream.eval import perplexity
 from reap_stream.plan import LayerPlan, Plan
 from reap_stream.structure import checkpoint_structure, fingerprint
+from refusal import error_line
 
 ensure_blas()
 import mlx.core as mx  # noqa: E402
@@ -198,12 +199,7 @@ def test_compare_a_model_with_itself_is_zero(fixture_model):
 # ---------------------------------------------------------------- bad input
 
 def refused(*args: str) -> str:
-    res = invoke(*args)
-    assert res.exit_code == 2, res.output
-    lines = res.output.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in res.output, res.output
-    assert lines[0].startswith("reap-stream: error: "), lines[0]
-    return lines[0]
+    return error_line(invoke(*args))
 
 
 def test_eval_of_a_missing_model_dir(tmp_path):

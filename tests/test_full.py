@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from reap_stream.cli import cli
 from reap_stream.plan import Plan
+from refusal import error_line
 
 CALIB = Path(__file__).resolve().parents[1] / "fixtures" / "calibration" / "licence.txt"
 
@@ -65,8 +66,7 @@ def test_refuses_to_replace_a_directory_it_did_not_write(fixture_model, tmp_path
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
     res = full(src, tmp_path / "out")
-    assert res.exit_code == 2
-    assert len(res.output.strip().splitlines()) == 1 and "pass --overwrite" in res.output
+    error_line(res, "pass --overwrite")
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
 
 
@@ -85,7 +85,7 @@ def test_a_different_plan_does_not_silently_replace_an_earlier_prune(fixture_mod
     before = tree_bytes(tmp_path / "out")
     res = CliRunner().invoke(cli, ["full", str(src), "--dataset-file", str(CALIB), "--pack-samples", "--window-tokens",
                                    "128", "--max-tokens", "2048", "--ratio", "0.25", "--out", str(tmp_path / "out")])
-    assert res.exit_code == 2 and "another plan" in res.output and len(res.output.strip().splitlines()) == 1
+    error_line(res, "another plan")
     assert tree_bytes(tmp_path / "out") == before
     res = CliRunner().invoke(cli, ["full", str(src), "--dataset-file", str(CALIB), "--pack-samples", "--window-tokens",
                                    "128", "--max-tokens", "2048", "--ratio", "0.25", "--out", str(tmp_path / "out"),

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from reap_stream.cli import cli
 from reap_stream.plan import Plan
+from refusal import error_line
 from test_gguf_apply import gguf_model, manual_plan, mlx_plan  # noqa: F401  (fixture)
 
 
@@ -27,14 +28,10 @@ def refuse(tmp_path: Path, model: Path, plan: Plan | Path, *needles: str, extra:
     out_dir.mkdir(exist_ok=True)
     before = digest(model)
     res = CliRunner().invoke(cli, ["apply", str(model), str(plan_path), "--out", str(out_dir / "o.gguf"), *extra])
-    lines = res.output.strip().splitlines()
-    assert res.exit_code == 2, res.output
-    assert len(lines) == 1 and lines[0].startswith("reap-stream: error: "), res.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+    line = error_line(res, *needles)
     assert digest(model) == before
     assert list(out_dir.iterdir()) == []
-    return lines[0]
+    return line
 
 
 @pytest.fixture

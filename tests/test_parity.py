@@ -13,6 +13,7 @@ from reap_stream.parity import compare, layer_hashes, normalised_bytes
 from reap_stream.planner import make_plan
 from reap_stream.plan_cmd import write_synthetic_telemetry
 from reap_stream.telemetry import TelemetryStore
+from refusal import error_line
 
 
 def run(*args):
@@ -88,9 +89,7 @@ def test_hashes_ignore_representation_but_not_values(pair):
 def test_stores_with_different_layers_are_refused(pair, tmp_path):
     shutil.rmtree(pair[1].path / "layer_003")
     r = run("parity", pair[0].path, pair[1].path, "--method", "reap", "--ratio", 0.5, "--out", tmp_path / "out")
-    assert r.exit_code == 2
-    lines = r.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"reap-stream: error: {pair[1].path}")
+    error_line(r, where=pair[1].path)
 
 
 def test_parity_needs_exactly_one_count(pair, tmp_path):

@@ -16,6 +16,7 @@ from reap_stream.plan import Plan
 from reap_stream.planner import (dense_layers, frozen_layers, make_plan, parse_layer_spec,
                                  super_expert_threshold)
 from reap_stream.telemetry import LayerStats, TelemetryStore
+from refusal import error_line
 
 
 def make_store(path: Path, rows: dict[int, list[float]], *, top_k: int = 2, n_group: int = 1, topk_group: int = 1,
@@ -48,12 +49,7 @@ def run(*args: str):
 
 
 def assert_one_line_error(result, name: str) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("reap-stream: error: ") and name in lines[0], lines[0]
-    assert "Traceback" not in result.output
-    return lines[0]
+    return error_line(result, name)
 
 
 E8 = [5, 3, 8, 1, 7, 2, 6, 4]   # ascending order of scores: 3, 5, 1, 7, 0, 6, 4, 2

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from reap_stream.cli import cli
 from reap_stream.plan import Plan
 from reap_stream.report import FIGURES
+from refusal import error_line
 
 
 def run(*args):
@@ -70,13 +71,11 @@ def test_report_without_a_plan_shows_the_telemetry_alone(made):
 def test_a_plan_for_another_shape_is_refused(made, tmp_path):
     assert run("init", "--out", tmp_path / "small", "--layers", 4, "--experts", 8, "--tokens", 64).exit_code == 0
     r = run("report", tmp_path / "small", "--plan", made / "plan.json", "--out", tmp_path / "r")
-    assert r.exit_code == 2
-    lines = r.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"reap-stream: error: {made / 'plan.json'}: layer 0")
+    error_line(r, where=f"{made / 'plan.json'}: layer 0")
     assert not (tmp_path / "r").exists()
 
 
 def test_missing_telemetry_is_refused(tmp_path):
     r = run("report", tmp_path / "nope", "--out", tmp_path / "r")
-    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "nope" in r.output
+    error_line(r, "nope")
     assert not (tmp_path / "r").exists()

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from reap_stream.cli import cli
 from reap_stream.verify import MANIFEST_NAME, verify_output
+from refusal import error_line
 
 
 def run(*args):
@@ -153,9 +154,7 @@ def test_apply_refuses_a_plan_from_telemetry_of_another_model(fixture_model, tmp
     assert run("init", "--out", tmp_path / "t", "--like", fp32, "--tokens", 64).exit_code == 0
     assert run("plan", tmp_path / "t", "--out", tmp_path / "p.json", "--method", "reap", "--ratio", 0.5).exit_code == 0
     r = run("apply", fp16, tmp_path / "p.json", "--out", tmp_path / "o", "--quiet")
-    assert r.exit_code == 2
-    lines = r.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"reap-stream: error: {tmp_path / 'p.json'}: plan was made for another model")
+    error_line(r, where=f"{tmp_path / 'p.json'}: plan was made for another model")
     assert not (tmp_path / "o").exists()
 
 
