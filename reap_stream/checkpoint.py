@@ -59,10 +59,6 @@ class ShardHeader:
     metadata: dict[str, str]
     tensors: dict[str, TensorRef]  # in data order
 
-    @property
-    def data_start(self) -> int:
-        return 8 + self.header_len
-
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
     out: dict = {}

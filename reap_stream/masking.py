@@ -59,10 +59,6 @@ def router_experts(block, spec: Family) -> int:
     return int(router.weight.shape[0])
 
 
-# TEMPORARY: runner.py still imports `num_experts`; remove once it calls router_experts
-num_experts = router_experts
-
-
 def _top_k(block) -> int:
     for attr in ("top_k", "num_experts_per_tok"):
         if hasattr(block, attr):

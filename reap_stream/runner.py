@@ -232,8 +232,8 @@ class _Forward:
         return sorted(self.blocks)
 
     def num_experts(self, layer: int) -> int:
-        from .masking import num_experts
-        return num_experts(self.blocks[layer], self.family)
+        from .masking import router_experts
+        return router_experts(self.blocks[layer], self.family)
 
     def layer_forward(self, i: int, h, tracer: _Tracer, on_capture: Callable | None, check: bool):
         layer = self.model.layers[i]

@@ -117,9 +117,6 @@ class TelemetryStore:
     def attrs(self) -> dict:
         return dict(zarr.open_group(str(self.path), mode="r").attrs)
 
-    def update_attrs(self, **attrs: object) -> None:
-        zarr.open_group(str(self.path), mode="r+").attrs.update(attrs)
-
     def layers(self) -> list[int]:
         """Committed layers, ascending."""
         out = []
