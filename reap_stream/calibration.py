@@ -28,6 +28,7 @@ import click
 import numpy as np
 
 from .errors import BadInput
+from .storage import read_group_attrs
 
 CALIBRATION_FORMAT = "reap-stream-calibration"
 CALIBRATION_SCHEMA_VERSION = 1
@@ -394,16 +395,7 @@ def load_tokens(path: str | Path) -> CalibrationSet:
     import zarr
 
     path = Path(path)
-    meta = path / "zarr.json"
-    if not meta.is_file():
-        raise BadInput(path, "not a calibration token store (no zarr.json)")
-    try:
-        root = json.loads(meta.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadInput(meta, f"invalid JSON: {e}") from None
-    attrs = root.get("attributes", {}) if isinstance(root, dict) else None
-    if not isinstance(attrs, dict):
-        raise BadInput(meta, "not a Zarr group description (expected a JSON object with an 'attributes' object)")
+    attrs = read_group_attrs(path, "not a calibration token store (no zarr.json)")
     if attrs.get("format") != CALIBRATION_FORMAT:
         raise BadInput(path, f"not a reap-stream calibration store (format {attrs.get('format')!r})")
     if attrs.get("schema_version") != CALIBRATION_SCHEMA_VERSION:

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from .checkpoint import Checkpoint
 from .errors import BadInput
 from .families import family_of
 from .procstats import peak_rss_bytes
+from .storage import write_text_atomic
 from .structure import checkpoint_structure, fingerprint
 from .telemetry import LayerStats, TelemetryStore
 
@@ -104,11 +105,6 @@ class Accumulator:
 
 # ------------------------------------------------------------------ run record
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
 
 def _check_run_record(work_dir: Path, record: dict) -> None:
     path = work_dir / RUN_FILE
@@ -169,7 +165,7 @@ def collect(model_dir: str | Path, calib, out: str | Path, work_dir: str | Path 
               "calibration_fingerprint": calib.fingerprint, **options.result_key()}
     work_dir.mkdir(parents=True, exist_ok=True)
     _check_run_record(work_dir, record)
-    _write_json_atomic(work_dir / RUN_FILE, record)
+    write_text_atomic(work_dir / RUN_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
     tokens_path = work_dir / "tokens.zarr"
     if not tokens_path.exists():
         from .calibration import save_tokens

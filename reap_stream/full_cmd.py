@@ -102,8 +102,9 @@ def full_cmd(model: Path, calibration: CalibrationOptions, method: str, ratio, n
              chunk_tokens: int, renorm_topk: bool, max_shard_size: str, overwrite: bool, as_json: bool) -> None:
     """Collect telemetry, plan and apply in one resumable run."""
     from .apply_cmd import parse_size
-    from .blas import blas_info
+    from .blas import blas_info, ensure_blas
 
+    ensure_blas()  # before the first `import mlx`
     summary = run_full(model, calibration, out, method=method, ratio=ratio, n_prune=n_prune, keep=keep,
                        work_dir=work_dir, mode=mode, chunk_tokens=chunk_tokens, renorm_topk=renorm_topk,
                        min_experts=min_experts, preserve_super_experts=preserve_super_experts, budget=budget,
@@ -142,6 +143,9 @@ def demo_cmd(out: Path, family: str, ratio: float, as_json: bool) -> None:
     """
     import numpy as np
 
+    from .blas import ensure_blas
+
+    ensure_blas()  # before synth imports mlx
     from . import synth
     from .masking import masked_logits
     from .verify import verify_output

@@ -10,13 +10,8 @@ import click
 from .criteria import METHODS
 from .errors import BadInput
 from .parity import compare, to_markdown
+from .storage import write_text_atomic
 from .telemetry import TelemetryStore
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def prepare_out_dir(out: Path) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BadInput
+from .storage import write_text_atomic
 
 PLAN_FORMAT = "reap-stream-plan"
 PLAN_SCHEMA_VERSION = 1
@@ -69,10 +70,7 @@ class Plan:
         return json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n"
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.dumps())
-        tmp.replace(path)
+        write_text_atomic(Path(path), self.dumps())
 
     @classmethod
     def from_json(cls, data: object, where: str = "plan") -> "Plan":

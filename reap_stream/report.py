@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 from .criteria import METHODS, scores  # noqa: E402
 from .errors import BadInput  # noqa: E402
 from .plan import Plan  # noqa: E402
+from .storage import write_text_atomic  # noqa: E402
 from .telemetry import TelemetryStore  # noqa: E402
 
 FIGURES = ("heatmap.png", "frequency_spread.png", "score_distribution.png")
@@ -216,7 +217,5 @@ def write_report(store: TelemetryStore, out: Path, *, plan: Plan | None = None, 
     frequency_spread(views, out / FIGURES[1])
     score_distribution(views, method, out / FIGURES[2])
     md = out / "report.md"
-    tmp = md.with_name(".report.md.tmp")
-    tmp.write_text(summary_markdown(store, views, method, plan, plan_where))
-    tmp.replace(md)
+    write_text_atomic(md, summary_markdown(store, views, method, plan, plan_where))
     return [md] + [out / f for f in FIGURES]

@@ -36,7 +36,6 @@ a killed run resumes there and recomputes at most one layer.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -51,6 +50,7 @@ import numpy as np
 from .checkpoint import Checkpoint, TensorRef, read_array
 from .errors import BadInput
 from .families import Family, family_of
+from .storage import write_text_atomic
 
 # mlx is imported lazily (after blas.ensure_blas) by _mx()
 
@@ -612,9 +612,7 @@ class StreamRunner:
             return 0
 
     def _set_next_layer(self, n: int) -> None:
-        tmp = self.work_dir / ".progress.json.tmp"
-        tmp.write_text(json.dumps({"next_layer": n}))
-        os.replace(tmp, self._progress_path())
+        write_text_atomic(self._progress_path(), json.dumps({"next_layer": n}))
 
     # -- the pass
     def embed(self, chunks: list[Chunk]) -> None:

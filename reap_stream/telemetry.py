@@ -19,7 +19,6 @@ killed run leaves either a whole layer or none.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import numpy as np
 import zarr
 
 from .errors import BadInput
+from .storage import read_group_attrs
 
 TELEMETRY_FORMAT = "reap-stream-telemetry"
 TELEMETRY_SCHEMA_VERSION = 1
@@ -95,18 +95,7 @@ class TelemetryStore:
     @classmethod
     def open(cls, path: str | Path) -> "TelemetryStore":
         path = Path(path)
-        meta = path / "zarr.json"
-        try:
-            doc = json.loads(meta.read_text())
-        except (FileNotFoundError, NotADirectoryError):
-            raise BadInput(path, "not a telemetry store (no zarr.json)") from None
-        except OSError as e:
-            raise BadInput(meta, f"cannot read: {e.strerror}") from None
-        except ValueError as e:
-            raise BadInput(meta, f"invalid JSON: {e}") from None
-        attrs = doc.get("attributes") if isinstance(doc, dict) else None
-        if not isinstance(attrs, dict):
-            raise BadInput(meta, "not a telemetry store (no attributes object)")
+        attrs = read_group_attrs(path, "not a telemetry store (no zarr.json)")
         if attrs.get("format") != TELEMETRY_FORMAT:
             raise BadInput(path, f"not a reap-stream telemetry store (format {attrs.get('format')!r})")
         if attrs.get("schema_version") != TELEMETRY_SCHEMA_VERSION:

@@ -9,7 +9,6 @@ from reap_stream import routing, runner, synth
 from reap_stream.collect import CollectOptions, collect
 from reap_stream.errors import BadInput
 from reap_stream.runner import SplitCheck, StreamRunner
-from reap_stream.telemetry import TelemetryStore
 
 # Wide enough that every projection of a half-batch (4 x 64 rows) is a full-size BLAS call.
 WIDE = {"hidden_size": 256, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 32,

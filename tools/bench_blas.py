@@ -7,7 +7,7 @@ Each measurement is a fresh process (a BLAS only takes effect when loaded before
 run in rotation: REAP_STREAM_BLAS=none vs auto (optionally at several OPENBLAS_NUM_THREADS).
 A process reports the median of its matmul timings (float32 4096x256x512) and the tokens/s of a
 plain mlx_lm forward over a packed batch, on a 4-layer, 32-expert, hidden-256 Qwen3-MoE built by
-reap_stream.synth. Figures are medians over --repeats processes; peak RSS from wait4().
+reap_stream.synth. Figures are medians over --repeats processes; peak RSS is each child's own VmHWM.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ MODEL_OVERRIDES = {"hidden_size": 256, "num_experts": 32, "num_experts_per_tok":
 CHILD = r"""
 import json, sys, time
 from reap_stream import blas
+from reap_stream.procstats import peak_rss_bytes
 info = blas.ensure_blas()
 import mlx.core as mx
 from mlx_lm import load
@@ -48,7 +49,7 @@ batch, seq = 4, 256
 ids = mx.random.randint(0, 512, (batch, seq), key=mx.random.key(2))
 forward = median_time(lambda: mx.eval(model(ids)), 3)
 print(json.dumps({"blas": info["kind"], "threads": info.get("threads"), "matmul_ms": matmul * 1e3,
-                  "forward_tok_s": batch * seq / forward}))
+                  "forward_tok_s": batch * seq / forward, "peak_rss_mib": peak_rss_bytes() / 2**20}))
 """
 
 
@@ -56,13 +57,12 @@ def run_child(model: Path, mode: str, threads: str | None) -> dict:
     env = {**os.environ, "REAP_STREAM_BLAS": mode}
     if threads:
         env["OPENBLAS_NUM_THREADS"] = threads
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(model)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    out, err = proc.stdout.read(), proc.stderr.read()
-    if status != 0:
-        raise SystemExit(f"child failed ({mode}): {err}")
-    return {**json.loads(out.strip().splitlines()[-1]), "peak_rss_mib": usage.ru_maxrss / 1024}
+    # the child reports its own VmHWM: a forked child's ru_maxrss starts at this process's peak
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(model)], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"child failed ({mode}): {proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @click.command()

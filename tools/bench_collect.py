@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,23 +36,16 @@ def child(model: str, mode: str, num_tokens: int, seq_len: int, chunk_tokens: in
 
     from reap_stream.calibration import CalibrationSet, token_fingerprint
     from reap_stream.collect import CollectOptions, collect
+    from reap_stream.procstats import peak_rss_bytes
 
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, 512, seq_len).astype(np.int32) for _ in range(num_tokens // seq_len)]
     calib = CalibrationSet(seqs, token_fingerprint(seqs, {}), {"bench": True}, True, seq_len)
     summary = collect(model, calib, out, options=CollectOptions(mode=mode, chunk_tokens=chunk_tokens),
                       progress=False)
-    rss = peak_rss()
+    rss = peak_rss_bytes()
     print(json.dumps({"tokens_per_s": summary["tokens_per_s"], "seconds": summary["seconds"],
                       "peak_rss": rss, "fingerprint": summary["telemetry_fingerprint"]}))
-
-
-def peak_rss() -> int:
-    """This process's high-water RSS in bytes (VmHWM: unlike ru_maxrss, not inherited across fork)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def largest_layer_bytes(model_dir: Path) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from reap_stream.procstats import peak_rss_bytes  # noqa: E402
 
 E, H, FF, TOP_K = 64, 1024, 512, 8
 
@@ -150,17 +151,9 @@ def _naive(model: Path, plan_path: Path, out: Path) -> float:
 METHODS = {"copy": _copy, "reap": _reap, "naive": _naive}
 
 
-def _peak_rss() -> int:
-    """VmHWM of this process; ru_maxrss would carry the parent's peak across fork+exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _child(method: str, model: str, plan: str, out: str) -> None:
     wall = METHODS[method](Path(model), Path(plan), Path(out))
-    print(json.dumps({"wall_s": wall, "peak_rss": _peak_rss()}))
+    print(json.dumps({"wall_s": wall, "peak_rss": peak_rss_bytes()}))
 
 
 def _run(method: str, model: Path, plan: Path, out: Path) -> dict:

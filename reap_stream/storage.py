@@ -1,0 +1,34 @@
+"""File-system helpers shared by the writers and the stores: atomic text writes and the
+attributes of a Zarr v3 group, read without trusting the file."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import BadInput
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a hidden temporary beside `path`, then rename: readers see old or new."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_group_attrs(path: Path, missing: str) -> dict:
+    """The attributes of the Zarr group at `path`; BadInput(`missing`) when there is none."""
+    meta = Path(path) / "zarr.json"
+    try:
+        doc = json.loads(meta.read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        raise BadInput(path, missing) from None
+    except OSError as e:
+        raise BadInput(meta, f"cannot read: {e.strerror}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadInput(meta, f"invalid JSON: {e}") from None
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    if not isinstance(attrs, dict):
+        raise BadInput(meta, "not a Zarr group description (expected a JSON object with an 'attributes' object)")
+    return attrs
