@@ -17,15 +17,13 @@ import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from .checkpoint import Checkpoint, to_float32
 from .families import FAMILIES
+from .storage import build_once
 
 QTYPES = ("f32", "f16", "q8_0", "q4_0")
 
@@ -240,25 +238,13 @@ def _i32():
 def cached_gguf(family: str, qtype: str, root: Path, mlx_dir: Path, *, split: int = 0) -> list[Path]:
     """root/<family>-<qtype>[-split<N>]/model.gguf (or its parts), written once via temp dir + rename.
     family "deepseek4" builds the deepseek4-like file from the deepseek_v3 mlx fixture `mlx_dir`."""
-    root = Path(root)
-    final = root / (f"{family}-{qtype}" + (f"-split{split}" if split else ""))
-    if (final / "done").is_file():
-        return sorted(final.glob("*.gguf"))
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-    try:
+    def build(tmp: Path) -> None:
         if family == "deepseek4":
             make_ds4_fixture(mlx_dir, tmp / "model.gguf", qtype=qtype)
         else:
             convert_mlx_to_gguf(mlx_dir, tmp / "model.gguf", qtype=qtype, split_max_tensors=split)
         (tmp / "done").write_text("")
-        if final.exists():
-            trash = root / f".trash-{final.name}-{uuid.uuid4().hex}"
-            with contextlib.suppress(OSError):
-                os.rename(final, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    final = Path(root) / (f"{family}-{qtype}" + (f"-split{split}" if split else ""))
+    build_once(final, lambda p: (p / "done").is_file(), build)
     return sorted(final.glob("*.gguf"))

@@ -2,9 +2,14 @@
 attributes of a Zarr v3 group, read without trusting the file."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
+import uuid
 from pathlib import Path
+from typing import Callable
 
 from .errors import BadInput
 
@@ -32,3 +37,29 @@ def read_group_attrs(path: Path, missing: str) -> dict:
     if not isinstance(attrs, dict):
         raise BadInput(meta, "not a Zarr group description (expected a JSON object with an 'attributes' object)")
     return attrs
+
+
+def build_once(final: Path, complete: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:
+    """`final`, built by `build(tmp)` in a temporary directory beside it and renamed into place
+    unless `complete(final)` already holds. An incomplete leftover is moved aside first; of two
+    processes racing, the loser of the rename uses the winner's copy."""
+    final = Path(final)
+    if complete(final):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        trash = final.with_name(f".trash-{final.name}-{uuid.uuid4().hex}")
+        with contextlib.suppress(OSError):
+            os.rename(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not complete(final):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

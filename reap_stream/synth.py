@@ -13,16 +13,13 @@ import functools
 import importlib
 import io
 import json
-import os
-import shutil
 import struct
-import tempfile
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from . import families
+from .storage import build_once
 
 FAMILIES: tuple[str, ...] = (
     "qwen3_moe",
@@ -459,33 +456,17 @@ def fixture_complete(path: Path) -> bool:
 
 
 def cached_fixture(family: str, variant: str, root: Path) -> Path:
-    """root/<family>-<variant>, generated once (temp dir + rename; incomplete dirs are rebuilt).
-    Safe against concurrent processes: the loser of the rename race uses the winner's copy."""
+    """root/<family>-<variant>, generated once (storage.build_once: temp dir + rename; incomplete
+    dirs are rebuilt; safe against concurrent processes)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
     if variant == "q4" and family not in QUANTIZED_FAMILIES:
         raise ValueError(f"no q4 fixture for {family!r}")
-    root = Path(root)
-    final = root / f"{family}-{variant}"
-    if fixture_complete(final):
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    if final.exists():  # incomplete leftover: move aside, then delete
-        trash = root / f".trash-{final.name}-{uuid.uuid4().hex}"
-        with contextlib.suppress(OSError):
-            os.rename(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-    try:
+
+    def build(tmp: Path) -> None:
         if variant == "hf":
             make_hf_fixture(family, tmp)
         else:
             make_mlx_fixture(family, tmp, **_VARIANT_ARGS[variant])
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not fixture_complete(final):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    return build_once(Path(root) / f"{family}-{variant}", fixture_complete, build)
