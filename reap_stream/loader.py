@@ -15,17 +15,23 @@ from .errors import BadInput
 
 
 def load_pruned(path: str | Path) -> tuple:
-    """(model, tokenizer) for any reap-stream output; plain mlx_lm.load for uniform ones."""
+    """(model, tokenizer) for any reap-stream output (and any model mlx_lm.load takes)."""
+    from mlx_lm.utils import load_tokenizer
+
+    model, config = load_pruned_model(path)
+    return model, load_tokenizer(Path(path), eos_token_ids=config.get("eos_token_id"))
+
+
+def load_pruned_model(path: str | Path) -> tuple:
+    """(model, config): mlx_lm's load_model, building non-uniform prunes with per-layer counts."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
-    from mlx_lm import load
-    from mlx_lm.utils import load_model, load_tokenizer
+    from mlx_lm.utils import load_model
 
     path = Path(path)
     config = json.loads((path / "config.json").read_text())
-    info = config.get("reap_stream") or {}
-    if info.get("uniform", True):
-        return load(str(path))
+    if (config.get("reap_stream") or {}).get("uniform", True):
+        return load_model(path)
     model, config = load_model(path, lazy=True, strict=False)
     stored: dict[str, tuple] = {}
     for shard in sorted(path.glob("model*.safetensors")):
@@ -39,5 +45,4 @@ def load_pruned(path: str | Path) -> tuple:
         raise BadInput(path, f"parameter {wrong[0]} has shape {params[wrong[0]].shape}, stored {stored[wrong[0]]}")
     mx.eval(model.parameters())
     model.eval()
-    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
-    return model, tokenizer
+    return model, config

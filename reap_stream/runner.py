@@ -723,16 +723,17 @@ class StreamRunner:
 
 
 class MemoryRunner:
-    """The whole model in memory (mlx_lm.utils.load_model), chunk-major, the same hooks."""
+    """The whole model in memory (mlx_lm's load_model, via loader for non-uniform prunes),
+    chunk-major, the same hooks."""
 
     def __init__(self, model_dir: str | Path, chunk_tokens: int = 4096, progress: bool = True):
-        from mlx_lm.utils import load_model
+        from .loader import load_pruned_model
 
         self.ckpt = Checkpoint.open(model_dir)
         self.where = str(self.ckpt.root / "config.json")
         family_of(self.ckpt.config, self.where)
         _mx()
-        model, _ = load_model(Path(model_dir))
+        model, _ = load_pruned_model(model_dir)
         self.fwd = _Forward(model, self.ckpt.config, self.where)
         self.model = model
         self.chunk_tokens = int(chunk_tokens)
