@@ -28,7 +28,7 @@ import click
 import numpy as np
 
 from .errors import BadInput
-from .storage import read_group_attrs
+from .storage import read_store_attrs
 
 CALIBRATION_FORMAT = "reap-stream-calibration"
 CALIBRATION_SCHEMA_VERSION = 1
@@ -395,11 +395,7 @@ def load_tokens(path: str | Path) -> CalibrationSet:
     import zarr
 
     path = Path(path)
-    attrs = read_group_attrs(path, "not a calibration token store (no zarr.json)")
-    if attrs.get("format") != CALIBRATION_FORMAT:
-        raise BadInput(path, f"not a reap-stream calibration store (format {attrs.get('format')!r})")
-    if attrs.get("schema_version") != CALIBRATION_SCHEMA_VERSION:
-        raise BadInput(path, f"calibration schema_version {attrs.get('schema_version')!r} is not supported")
+    attrs = read_store_attrs(path, "calibration token", CALIBRATION_FORMAT, CALIBRATION_SCHEMA_VERSION)
     g = zarr.open_group(str(path), mode="r")
     try:
         flat = np.asarray(g["tokens"][...], dtype=np.int32)

@@ -22,13 +22,14 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def read_group_attrs(path: Path, missing: str) -> dict:
-    """The attributes of the Zarr group at `path`; BadInput(`missing`) when there is none."""
+def read_store_attrs(path: Path, label: str, fmt: str, version: int) -> dict:
+    """The attributes of a reap-stream Zarr v3 store (`label`: what it is, for the messages),
+    checked for its format name and schema version."""
     meta = Path(path) / "zarr.json"
     try:
         doc = json.loads(meta.read_text())
     except (FileNotFoundError, NotADirectoryError):
-        raise BadInput(path, missing) from None
+        raise BadInput(path, f"not a {label} store (no zarr.json)") from None
     except OSError as e:
         raise BadInput(meta, f"cannot read: {e.strerror}") from None
     except (ValueError, UnicodeDecodeError) as e:
@@ -36,6 +37,10 @@ def read_group_attrs(path: Path, missing: str) -> dict:
     attrs = doc.get("attributes") if isinstance(doc, dict) else None
     if not isinstance(attrs, dict):
         raise BadInput(meta, "not a Zarr group description (expected a JSON object with an 'attributes' object)")
+    if attrs.get("format") != fmt:
+        raise BadInput(path, f"not a reap-stream {label} store (format {attrs.get('format')!r})")
+    if attrs.get("schema_version") != version:
+        raise BadInput(path, f"{label} store schema_version {attrs.get('schema_version')!r} is not supported")
     return attrs
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import zarr
 
 from .errors import BadInput
-from .storage import read_group_attrs
+from .storage import read_store_attrs
 
 TELEMETRY_FORMAT = "reap-stream-telemetry"
 TELEMETRY_SCHEMA_VERSION = 1
@@ -95,11 +95,7 @@ class TelemetryStore:
     @classmethod
     def open(cls, path: str | Path) -> "TelemetryStore":
         path = Path(path)
-        attrs = read_group_attrs(path, "not a telemetry store (no zarr.json)")
-        if attrs.get("format") != TELEMETRY_FORMAT:
-            raise BadInput(path, f"not a reap-stream telemetry store (format {attrs.get('format')!r})")
-        if attrs.get("schema_version") != TELEMETRY_SCHEMA_VERSION:
-            raise BadInput(path, f"telemetry schema_version {attrs.get('schema_version')!r} is not supported")
+        read_store_attrs(path, "telemetry", TELEMETRY_FORMAT, TELEMETRY_SCHEMA_VERSION)
         return cls(path)
 
     @property
