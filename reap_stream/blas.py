@@ -18,7 +18,9 @@ import glob
 import os
 import platform
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .errors import BadInput
 
@@ -40,6 +42,10 @@ _OPENBLAS_NAMES = (
 _MKL_NAMES = ("libmkl_rt.so.2", "libmkl_rt.so.1", "libmkl_rt.so")
 
 _state: dict | None = None
+# the loaded BLAS's process-wide thread count: (getter, setter) symbol names per kind
+_THREAD_SYMBOLS = {"openblas": ("openblas_get_num_threads", "openblas_set_num_threads"),
+                   "mkl": ("MKL_Get_Max_Threads", "MKL_Set_Num_Threads")}
+_thread_controls: tuple | None = None
 
 
 def _lib_dirs() -> list[Path]:
@@ -187,3 +193,50 @@ def blas_info() -> dict:
     if _state is None:
         return {"state": "not-checked", "kind": None, "path": None}
     return dict(_state)
+
+
+def _controls() -> tuple | None:
+    """(get, set) of the loaded BLAS's thread count, or None where it cannot be controlled."""
+    global _thread_controls
+    state = _state or {}
+    names = _THREAD_SYMBOLS.get(state.get("kind"))
+    if names is None or not state.get("path"):
+        return None
+    if _thread_controls is None:
+        lib = ctypes.CDLL(state["path"])  # already loaded: the same handle
+        _thread_controls = (getattr(lib, names[0]), getattr(lib, names[1]))
+    return _thread_controls
+
+
+def lane_threads(lanes: int = 2) -> int | None:
+    """BLAS threads each of `lanes` concurrent callers gets when they share the configured count."""
+    total = (_state or {}).get("threads")
+    return max(1, int(total) // lanes) if total else None
+
+
+def total_threads() -> int | None:
+    """The BLAS thread count the process was configured with (OPENBLAS_NUM_THREADS etc.)."""
+    total = (_state or {}).get("threads")
+    return int(total) if total else None
+
+
+@contextmanager
+def blas_threads(n: int | None) -> Iterator[None]:
+    """Run the block (MLX is lazy: evaluate inside it) with the BLAS using n threads.
+
+    The count is process-wide, so only change it where no other thread is inside the BLAS. A
+    no-op when n is None or the BLAS's count cannot be set (reference BLAS, macOS, Metal).
+    Callers keep results independent of the count: they use the same count for a computation in
+    every mode (routing.run_experts), or probe that it gives the same bits (runner.SplitCheck).
+    """
+    controls = _controls() if n else None
+    if controls is None:
+        yield
+        return
+    get, set_ = controls
+    before = int(get())
+    set_(int(n))
+    try:
+        yield
+    finally:
+        set_(before)

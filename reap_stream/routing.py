@@ -17,6 +17,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
+from .blas import blas_threads, lane_threads
 from .errors import BadInput
 from .families import Family, Routing
 
@@ -146,13 +147,27 @@ class ExpertBatch:
     outputs: np.ndarray  # [T*k, D] float32 un-gated expert outputs f_e(x_t), in sorted order
 
 
+# Runs two callables at once (on two MLX CPU streams) and returns both results: runner.Lanes.both
+Pair = Callable[[Callable, Callable], tuple]
+
+
+def _two_shares(active: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Consecutive experts split where half the routed rows lie on each side."""
+    cum = np.cumsum(rows)
+    cut = int(np.searchsorted(cum, cum[-1] / 2)) + 1 if len(cum) else 0
+    return active[:cut], active[cut:]
+
+
 def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int,
-                weights: np.ndarray | None = None) -> tuple[ExpertBatch, mx.array | None]:
+                weights: np.ndarray | None = None, pair: Pair | None = None) -> tuple[ExpertBatch, mx.array | None]:
     """Every routed expert output f_e(x_t), one dense matmul chain per expert, and (with
     `weights` [T, k]) the weighted sum Σ_k w·f(x) per token in float32.
 
     Experts are evaluated one after another, so the working set is one expert's rows plus the
-    outputs, not the k-fold expansion of the whole chunk at once.
+    outputs, not the k-fold expansion of the whole chunk at once. With `pair`, the experts are
+    shared out to two lanes (MLX's CPU element-wise kernels use one core per stream). Each
+    expert's matmuls run with the BLAS at half its threads whether or not they are shared out,
+    so every mode computes every expert with the same calls and gets the same bits.
     """
     if not all(hasattr(switch, p) for p in ("gate_proj", "up_proj", "down_proj")):
         raise BadInput("model", f"expert module {type(switch).__name__} is not a gated (SwitchGLU) expert stack")
@@ -162,22 +177,46 @@ def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int,
     experts = flat[order]
     bounds = np.searchsorted(experts, np.arange(num_experts + 1))
     tokens = (order // k).astype(np.int32)
-    w_sorted = None if weights is None else weights.reshape(-1)[order].astype(np.float32)
     outputs = np.empty((len(order), x.shape[-1]), np.float32)
-    y = None if weights is None else mx.zeros((x.shape[0], x.shape[-1]), mx.float32)
-    for e in np.flatnonzero(np.diff(bounds)):
-        lo, hi = int(bounds[e]), int(bounds[e + 1])
-        rows = mx.array(tokens[lo:hi])
-        xe = x[rows]
-        up = _expert_linear(switch.up_proj, e, xe)
-        gate = _expert_linear(switch.gate_proj, e, xe)
-        out = _expert_linear(switch.down_proj, e, switch.activation(up, gate)).astype(mx.float32)
-        if y is not None:
-            # each token appears once per expert, so the scatter-add is a plain indexed add
-            y = y.at[rows].add(out * mx.array(w_sorted[lo:hi])[:, None])
-            mx.eval(out, y)
-        outputs[lo:hi] = np.array(out)
+
+    def share(ids: np.ndarray) -> Callable[[], None]:
+        def run() -> None:
+            for e in ids:
+                lo, hi = int(bounds[e]), int(bounds[e + 1])
+                xe = x[mx.array(tokens[lo:hi])]
+                up = _expert_linear(switch.up_proj, e, xe)
+                gate = _expert_linear(switch.gate_proj, e, xe)
+                out = _expert_linear(switch.down_proj, e, switch.activation(up, gate)).astype(mx.float32)
+                outputs[lo:hi] = np.array(out)
+        return run
+
+    active = np.flatnonzero(np.diff(bounds))
+    first, second = _two_shares(active, np.diff(bounds)[active])
+    on_cpu = mx.default_device() == mx.cpu
+    with blas_threads(lane_threads() if on_cpu else None):
+        if pair is not None and on_cpu:
+            mx.eval(x, switch.parameters())  # the other lane cannot run work queued on this thread's stream
+            pair(share(first), share(second))
+        else:
+            share(first)()
+            share(second)()
+    y = None if weights is None else mx.array(_weighted_sum(outputs, order, weights, k))
     return ExpertBatch(order, experts, bounds, outputs), y
+
+
+def _weighted_sum(outputs: np.ndarray, order: np.ndarray, weights: np.ndarray, k: int) -> np.ndarray:
+    """Σ_k w·f(x) per token in float32: from 0.0, each token's terms added in ascending expert
+    order (fixed, so the bits do not depend on how the experts were shared out)."""
+    w_sorted = weights.reshape(-1)[order].astype(np.float32)
+    where = np.empty_like(order)
+    where[order] = np.arange(len(order))
+    # a token's pairs sit in expert order in the sorted outputs: its j-th expert is the j-th smallest position
+    ranked = np.sort(where.reshape(-1, k), axis=1)
+    y = np.zeros((ranked.shape[0], outputs.shape[1]), np.float32)
+    for j in range(k):
+        pos = ranked[:, j]
+        y += outputs[pos] * w_sorted[pos, None]
+    return y
 
 
 @dataclass
@@ -191,13 +230,14 @@ class Capture:
     output: mx.array       # [T, D] block output rebuilt from the experts (+ shared), x's dtype
 
 
-def capture(block, fam: Family, x: mx.array, top_k: int, num_experts: int) -> Capture:
-    """Route x [T, D] exactly as `block` does and evaluate its experts grouped by expert."""
+def capture(block, fam: Family, x: mx.array, top_k: int, num_experts: int, pair: Pair | None = None) -> Capture:
+    """Route x [T, D] exactly as `block` does and evaluate its experts grouped by expert
+    (shared out to two lanes with `pair`; the same bits either way)."""
     routed = ROUTERS[fam.routing](block, fam, x, top_k)
     mx.eval(x, routed.inds, routed.weights, routed.probs)
     inds = np.array(routed.inds).astype(np.int64)
     weights = np.array(routed.weights.astype(mx.float32))
-    batch, y = run_experts(getattr(block, fam.stacked), x, inds, num_experts, weights)
+    batch, y = run_experts(getattr(block, fam.stacked), x, inds, num_experts, weights, pair)
     y = y.astype(x.dtype)
     shared = shared_output(block, fam, x)
     if shared is not None:

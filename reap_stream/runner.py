@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +48,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .checkpoint import Checkpoint, TensorRef, read_array
+from . import zarr_io
+from .checkpoint import NUMPY_DTYPE, Checkpoint, TensorRef, read_array
 from .errors import BadInput
 from .families import Family, family_of
 from .storage import write_text_atomic
@@ -106,12 +108,21 @@ _MX_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "ui
               "I32": "int32", "I8": "int8", "U16": "uint16", "I64": "int64"}
 
 
-def to_mx(ref: TensorRef):
-    """An mx.array holding exactly the bytes of one tensor (read from its byte range only)."""
+def to_mx(ref: TensorRef, maps: dict | None = None):
+    """An mx.array holding exactly the bytes of one tensor (read from its byte range only).
+
+    With `maps` (file -> read-only map, filled on demand), tensors of a file share one mapping
+    instead of one each; the caller drops it once their bytes are copied."""
     mx = _mx()
     if ref.dtype not in _MX_DTYPES:
         raise BadInput(ref.file, f"tensor {ref.name!r}: dtype {ref.dtype} is not supported by the streaming runner")
-    arr = np.ascontiguousarray(read_array(ref))
+    if maps is None or ref.nbytes == 0:
+        arr = read_array(ref)
+    else:
+        if ref.file not in maps:
+            maps[ref.file] = np.memmap(ref.file, np.uint8, "r")
+        arr = maps[ref.file][ref.start:ref.start + ref.nbytes].view(NUMPY_DTYPE[ref.dtype]).reshape(ref.shape)
+    arr = np.ascontiguousarray(arr)
     if ref.dtype == "BF16":
         return mx.array(arr).view(mx.bfloat16)
     return mx.array(arr)
@@ -195,17 +206,18 @@ class _MoEHook:
     """Replaces a layer's MoE block for one call: exact routing, grouped experts, callback."""
 
     def __init__(self, block, fam: Family, layer: int, top_k: int, num_experts: int,
-                 on_capture: Callable | None, check: bool, where: str):
+                 on_capture: Callable | None, check: bool, where: str, pair: Callable | None = None):
         self.block, self.fam, self.layer = block, fam, layer
         self.top_k, self.num_experts = top_k, num_experts
         self.on_capture, self.check, self.where = on_capture, check, where
+        self.pair = pair  # shares the experts out to two lanes (routing.Pair)
 
     def __call__(self, x):
         from . import routing
 
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        cap = routing.capture(self.block, self.fam, flat, self.top_k, self.num_experts)
+        cap = routing.capture(self.block, self.fam, flat, self.top_k, self.num_experts, self.pair)
         if self.check:
             routing.self_check(self.block, self.fam, cap, self.layer, self.where)
         if self.on_capture is not None:
@@ -235,12 +247,17 @@ class _Forward:
         from .masking import router_experts
         return router_experts(self.blocks[layer], self.family)
 
-    def layer_forward(self, i: int, h, tracer: _Tracer, on_capture: Callable | None, check: bool):
+    def hook(self, i: int, on_capture: Callable | None, check: bool, pair: Callable | None = None) -> _MoEHook:
+        return _MoEHook(self.blocks[i], self.family, i, self.top_k, self.num_experts(i), on_capture, check,
+                        self.where, pair)
+
+    def layer_forward(self, i: int, h, tracer: _Tracer, on_capture: Callable | None, check: bool,
+                      pair: Callable | None = None):
         layer = self.model.layers[i]
         if i not in self.blocks:
             return layer(h, *tracer.args, **tracer.kwargs)
         block = self.blocks[i]
-        hook = _MoEHook(block, self.family, i, self.top_k, self.num_experts(i), on_capture, check, self.where)
+        hook = self.hook(i, on_capture, check, pair)
         # decoder layers call self.<block>(x); swapping the dict entry keeps the rest mlx_lm's code
         layer[self.family.block] = hook
         try:
@@ -254,27 +271,65 @@ class _Forward:
 class _Rendezvous:
     """The MoE block of a layer run as two half-batches: both halves meet here, the block runs
     once on the whole chunk (so routing, expert grouping and telemetry are those of the chunk),
-    and each half gets its rows of the output back."""
+    and each half gets its rows of the output back. While the lead lane (part 0) runs the block,
+    the other lane serves it: the block's experts are shared out to both (`pair`)."""
 
     def __init__(self, hook: _MoEHook):
         self.hook = hook
+        hook.pair = self.pair
         self.parts: list = [None, None]
         self.out = None
         self.barrier = threading.Barrier(2)
         self.lane = threading.local()
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
 
     def __call__(self, x):
+        from .blas import blas_threads, total_threads
+
         mx = _mx()
         part = self.lane.part
         mx.eval(x)  # this half's attention and norms, on this lane's stream: the lanes overlap here
         self.parts[part] = x
         self.barrier.wait()
         if part == 0:
-            self.out = self.hook(mx.concatenate(self.parts, axis=0))
-            mx.eval(self.out)
+            try:
+                whole = mx.concatenate(self.parts, axis=0)
+                with blas_threads(total_threads()):  # the block as in an unsplit run
+                    self.out = self.hook(whole)
+                    mx.eval(self.out)
+            finally:
+                self._tasks.put(None)  # the other lane stops serving
+        else:
+            self._serve()
         self.barrier.wait()
         rows = self.parts[0].shape[0]
         return self.out[:rows] if part == 0 else self.out[rows:]
+
+    def pair(self, first: Callable, second: Callable) -> tuple:
+        """first() on the lead lane and second() on the serving lane at the same time."""
+        done = threading.Event()
+        box: dict = {}
+
+        def task():
+            try:
+                box["result"] = second()
+            except BaseException as e:  # raised on the lead lane below
+                box["error"] = e
+            finally:
+                done.set()
+
+        self._tasks.put(task)
+        try:
+            a = first()
+        finally:
+            done.wait()
+        if "error" in box:
+            raise box["error"]
+        return a, box["result"]
+
+    def _serve(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            task()
 
 
 class Lanes:
@@ -366,6 +421,8 @@ class SplitCheck:
         return True
 
     def _probe(self, module, batch: int, length: int) -> bool:
+        from .blas import blas_threads, lane_threads
+
         mx = _mx()
         w = module["weight"]
         in_dims = w.shape[1] * 32 // module.bits if "scales" in module else w.shape[1]
@@ -373,10 +430,14 @@ class SplitCheck:
                batch, length)
         if key not in self._verdicts:
             dtype = module["scales"].dtype if "scales" in module else w.dtype
-            x = mx.random.normal((batch, length, in_dims), key=mx.random.key(0)).astype(dtype)
+            # generic values (uniform in [-1, 1), numpy's generator: MLX's is ~4x slower on the CPU)
+            x = mx.array(np.random.default_rng(0).random((batch, length, in_dims), dtype=np.float32) * 2 - 1).astype(dtype)
             rows = batch // 2
             whole = module(x)
-            halves = mx.concatenate([module(x[:rows]), module(x[rows:])], axis=0)
+            mx.eval(whole)
+            with blas_threads(lane_threads()):  # as the lanes will run it
+                halves = mx.concatenate([module(x[:rows]), module(x[rows:])], axis=0)
+                mx.eval(halves)
             self._verdicts[key] = bool(mx.array_equal(whole, halves, equal_nan=True).item())
         return self._verdicts[key]
 
@@ -394,6 +455,8 @@ def split_layer_forward(fwd: _Forward, lanes: Lanes, i: int, h, tokens: np.ndarr
     half; the MoE block sees the whole chunk (routing.capture groups experts over all its tokens,
     which fixes the order of every float sum). Attention is mlx_lm's own code, called per half
     with the arguments its forward builds for that half."""
+    from .blas import blas_threads, lane_threads
+
     mx = _mx()
     rows = tokens.shape[0] // 2
     halves = (tokens[:rows], tokens[rows:])
@@ -404,8 +467,7 @@ def split_layer_forward(fwd: _Forward, lanes: Lanes, i: int, h, tokens: np.ndarr
     meet = None
     if i in fwd.blocks:
         block = fwd.blocks[i]
-        meet = _Rendezvous(_MoEHook(block, fwd.family, i, fwd.top_k, fwd.num_experts(i), on_capture, check,
-                                    fwd.where))
+        meet = _Rendezvous(fwd.hook(i, on_capture, check))
         layer[fwd.family.block] = meet
 
     def half(part: int):
@@ -420,7 +482,8 @@ def split_layer_forward(fwd: _Forward, lanes: Lanes, i: int, h, tokens: np.ndarr
 
     barrier = meet.barrier if meet is not None else threading.Barrier(2)
     try:
-        a, b = lanes.both(half(0), half(1), barrier)
+        with blas_threads(lane_threads()):  # two lanes share the BLAS's threads (SplitCheck probed this)
+            a, b = lanes.both(half(0), half(1), barrier)
     finally:
         if meet is not None:
             layer[fwd.family.block] = block
@@ -430,7 +493,12 @@ def split_layer_forward(fwd: _Forward, lanes: Lanes, i: int, h, tokens: np.ndarr
 # ------------------------------------------------------------------ hidden-state spill
 
 class HiddenSpill:
-    """WORK_DIR/hidden_NNN: the input of layer NNN, one Zarr array per chunk."""
+    """WORK_DIR/hidden_NNN: the input of layer NNN, one uncompressed Zarr array per chunk.
+
+    Written and read with zarr_io: one raw chunk per array, as zarr-python would store it, without
+    its per-call overhead. Uncompressed: lz4+shuffle saves only ~5% (f32) / ~12% (bf16) of these
+    near-random values but made the spill 1.4-2.6x slower to write and read back
+    (docs/reference_bench.md)."""
 
     def __init__(self, work_dir: Path):
         self.root = Path(work_dir)
@@ -445,24 +513,16 @@ class HiddenSpill:
         tmp = self.path(layer, tmp=True)
         if tmp.exists():
             shutil.rmtree(tmp)
-        import zarr
-        zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        zarr_io.write_group(tmp)
 
     def write(self, layer: int, chunk: int, h) -> None:
-        import zarr
         mx = _mx()
-        g = zarr.open_group(str(self.path(layer, tmp=True)), mode="r+")
         if h.dtype == mx.bfloat16:
             data, dtype = np.array(h.view(mx.uint16)), "bfloat16"
         else:
             data = np.array(h)
             dtype = data.dtype.name
-        # one Zarr chunk per activation chunk (it is always read whole). Uncompressed: lz4+shuffle
-        # saves only ~5% (f32) / ~12% (bf16) of these near-random values but makes the spill
-        # 1.4-2.6x slower to write and read back (docs/reference_bench.md).
-        arr = g.create_array(f"c{chunk:06d}", shape=data.shape, dtype=data.dtype, chunks=data.shape,
-                             compressors=None, attributes={"dtype": dtype})
-        arr[...] = data
+        zarr_io.write_array(self.path(layer, tmp=True) / f"c{chunk:06d}", data, {"dtype": dtype})
 
     def finish(self, layer: int) -> None:
         tmp, final = self.path(layer, tmp=True), self.path(layer)
@@ -471,11 +531,14 @@ class HiddenSpill:
         os.replace(tmp, final)
 
     def read(self, layer: int, chunk: int):
-        import zarr
         mx = _mx()
-        arr = zarr.open_array(str(self.path(layer) / f"c{chunk:06d}"), mode="r")
-        data = mx.array(np.asarray(arr[...]))
-        if arr.attrs.get("dtype") == "bfloat16":
+        path = self.path(layer) / f"c{chunk:06d}"
+        try:
+            data, attrs = zarr_io.read_array(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise BadInput(path, f"unreadable hidden states ({e}); delete the work dir and rerun") from None
+        data = mx.array(data)
+        if attrs.get("dtype") == "bfloat16":
             data = data.view(mx.bfloat16)
         return data
 
@@ -557,7 +620,8 @@ class StreamRunner:
 
     def _load(self, layer: int | None, skip=lambda name: False) -> list[str]:
         """Read one layer's (or the non-layer) tensors into the skeleton; returns parameter names."""
-        weights = {n: to_mx(self.ckpt.tensors[n]) for n in self._names_of(layer) if not skip(n)}
+        maps: dict = {}  # one map per shard for this layer's reads, unmapped when this returns
+        weights = {n: to_mx(self.ckpt.tensors[n], maps) for n in self._names_of(layer) if not skip(n)}
         if not self._mlx_layout and hasattr(self.model, "sanitize"):
             weights = self._sanitize(weights, layer)
         table = self._param_table()
@@ -658,7 +722,8 @@ class StreamRunner:
                 if self._split(i, c.tokens.shape):
                     out = split_layer_forward(self.fwd, self._lanes(), i, h, c.tokens, cb, check)
                 else:
-                    out = self.fwd.layer_forward(i, h, trace_layers(self.model, c.tokens)[i], cb, check)
+                    out = self.fwd.layer_forward(i, h, trace_layers(self.model, c.tokens)[i], cb, check,
+                                                 self._pair())
                 mx.eval(out)
                 self.spill.write(i + 1, c.index, out)
             self.spill.finish(i + 1)
@@ -712,6 +777,11 @@ class StreamRunner:
             self._lane_pool = Lanes()
         return self._lane_pool
 
+    def _pair(self) -> Callable | None:
+        """Two lanes for the experts of an unsplit layer call (CPU only)."""
+        mx = _mx()
+        return self._lanes().both if self.parallel and mx.default_device() == mx.cpu else None
+
     def _bar(self, items, desc: str):
         from tqdm import tqdm
         total = sum(c.num_tokens for c in items)
@@ -756,14 +826,20 @@ class MemoryRunner:
             mask_experts(self.model, {i: ids for i, ids in mask.items() if ids})
         stop = self.num_layers if stop is None else stop
         outs = []
-        for c in self._bar(chunks, "chunks"):
-            tracers = trace_layers(self.model, c.tokens)
-            h = tracers[0].x
-            for i in range(stop):
-                cb = None if on_moe is None else (lambda cap, c=c, i=i: on_moe(i, c, cap))
-                h = self.fwd.layer_forward(i, h, tracers[i], cb, self_check and c.index == 0)
-                mx.eval(h)
-            outs.append(h)
+        lanes = Lanes() if mx.default_device() == mx.cpu else None  # the experts on two lanes, as in stream mode
+        try:
+            for c in self._bar(chunks, "chunks"):
+                tracers = trace_layers(self.model, c.tokens)
+                h = tracers[0].x
+                for i in range(stop):
+                    cb = None if on_moe is None else (lambda cap, c=c, i=i: on_moe(i, c, cap))
+                    h = self.fwd.layer_forward(i, h, tracers[i], cb, self_check and c.index == 0,
+                                               None if lanes is None else lanes.both)
+                    mx.eval(h)
+                outs.append(h)
+        finally:
+            if lanes is not None:
+                lanes.close()
         return outs
 
     def final_logits(self, chunk: Chunk, h):

@@ -57,6 +57,23 @@ def test_thread_count_follows_openblas_num_threads():
     assert info["threads"] == 1 and info["threads_env"] == "OPENBLAS_NUM_THREADS"
 
 
+@needs_openblas
+def test_thread_count_is_lowered_for_a_block_and_restored():
+    code = ("import json; from reap_stream import blas; blas.ensure_blas(); get = blas._controls()[0]; seen = []\n"
+            "with blas.blas_threads(blas.lane_threads()):\n    seen.append(get())\n"
+            "with blas.blas_threads(None):\n    seen.append(get())\n"
+            "seen.append(get()); print(json.dumps(seen))")
+    r = run_py(code, OPENBLAS_NUM_THREADS="2")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == [1, 2, 2]
+
+
+def test_thread_control_is_a_no_op_without_an_optimised_blas():
+    r = run_py("from reap_stream import blas; blas.ensure_blas()\n"
+               "with blas.blas_threads(1):\n    print('ran', blas.lane_threads())", "none")
+    assert r.returncode == 0 and r.stdout.strip() == "ran None", r.stderr
+
+
 def test_disabled_by_env_loads_nothing_and_warns_nothing():
     info, err = info_of("from reap_stream import blas; blas.ensure_blas(); import mlx.core; "
                         "assert blas.global_sgemm_provider() is None; " + REPORT, "none")

@@ -137,6 +137,34 @@ def test_grouped_experts_equal_the_gather_path(fixture_model):
     assert np.array_equal(np.bincount(batch.experts, minlength=8), np.bincount(inds.reshape(-1), minlength=8))
 
 
+def test_experts_shared_out_to_two_lanes_give_the_bits_of_one(fixture_model):
+    """run_experts on two lanes == on one; Σ w·f(x) adds each token's terms in ascending expert order."""
+    import mlx.core as mx
+    from mlx_lm.utils import load_model
+
+    from reap_stream.runner import Lanes
+
+    model, _ = load_model(fixture_model("qwen3_moe"))
+    switch = model.layers[0].mlp.switch_mlp
+    rng = np.random.default_rng(2)
+    x = mx.array(rng.normal(size=(96, synth.HIDDEN)).astype(np.float32))
+    inds = np.stack([rng.permutation(8)[:2] for _ in range(96)])
+    weights = rng.uniform(size=(96, 2)).astype(np.float32)
+    one, y_one = routing.run_experts(switch, x, inds, 8, weights)
+    lanes = Lanes()
+    try:
+        two, y_two = routing.run_experts(switch, x, inds, 8, weights, pair=lanes.both)
+    finally:
+        lanes.close()
+    assert np.array_equal(one.outputs, two.outputs) and np.array_equal(np.array(y_one), np.array(y_two))
+    expected = np.zeros((96, synth.HIDDEN), np.float32)
+    for e in range(8):
+        token, slot = np.nonzero(inds == e)
+        out = one.outputs[one.bounds[e]:one.bounds[e + 1]]   # tokens ascending within an expert
+        expected[token] += out * weights[token, slot][:, None]
+    assert np.array_equal(np.array(y_one), expected)
+
+
 def test_stream_mode_reads_only_the_current_layers_tensors(fixture_model, tmp_path, monkeypatch):
     from reap_stream import runner as runner_mod
 
@@ -144,10 +172,10 @@ def test_stream_mode_reads_only_the_current_layers_tensors(fixture_model, tmp_pa
     since_last_layer: list[str] = []
     real = runner_mod.to_mx
 
-    def spy(ref):
+    def spy(ref, *args):
         everything.append(ref.name)
         since_last_layer.append(ref.name)
-        return real(ref)
+        return real(ref, *args)
 
     monkeypatch.setattr(runner_mod, "to_mx", spy)
     r = runner_mod.StreamRunner(fixture_model("mixtral"), tmp_path / "w", chunk_tokens=64, progress=False)

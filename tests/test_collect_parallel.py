@@ -93,6 +93,27 @@ def test_an_error_in_the_shared_moe_step_surfaces_as_itself(wide_model, tmp_path
     assert not (tmp_path / "t.zarr").exists()
 
 
+@pytest.mark.parametrize("mode", ["stream", "memory"])
+def test_an_error_in_the_experts_of_the_other_lane_surfaces_as_itself(mode, wide_model, tmp_path, monkeypatch,
+                                                                    split_calls):
+    import threading
+
+    real = routing._expert_linear
+
+    def failing(lin, e, x):
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("expert failed on the other lane")
+        return real(lin, e, x)
+
+    monkeypatch.setattr(routing, "_expert_linear", failing)
+    with pytest.raises(RuntimeError, match="expert failed on the other lane"):
+        collect(wide_model, CALIB, tmp_path / "t.zarr", options=CollectOptions(mode=mode, chunk_tokens=512),
+                progress=False)
+    if mode == "stream" and SplitCheck().ok(StreamRunner(wide_model, tmp_path / "probe").fwd, 0, 4, 64):
+        assert split_calls == [0]  # the experts were shared out from inside the two-lane layer call
+    assert not (tmp_path / "t.zarr").exists()
+
+
 def test_an_error_on_the_worker_lane_surfaces_as_itself(wide_model, tmp_path):
     lanes = runner.Lanes()
     import threading

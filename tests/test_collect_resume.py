@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from collect_helpers import assert_stats_close, calib_of, token_set
+from refusal import error_line
 from reap_stream.cli import cli
 from reap_stream.collect import CollectOptions, collect
 from reap_stream.telemetry import TelemetryStore
@@ -26,7 +27,8 @@ KILL_POINTS = {
     "inside layer 2": ("reap_stream.runner", "HiddenSpill", "write", "args[1] == 3 and args[2] == 2"),
     "output spilled, telemetry not committed": ("reap_stream.telemetry", "TelemetryStore", "commit",
                                                 "args[1].layer == 2"),
-    "telemetry half committed": ("reap_stream.telemetry", "", "_fsync_tree", "'layer_001' in str(args[0])"),
+    "telemetry half committed": ("reap_stream.zarr_io", "", "write_array",
+                                 "'layer_001' in str(args[0]) and str(args[0]).endswith('ean_sum')"),
     "committed, progress not recorded": ("reap_stream.runner", "StreamRunner", "_set_next_layer", "args[1] == 3"),
 }
 
@@ -108,6 +110,21 @@ def test_a_failed_run_resumes_from_its_last_committed_layer(fixture_model, tmp_p
     assert sorted(set(calls)) == [2, 3]   # layers 0 and 1 were not run again
     assert summary["layers_run"] == 2
     assert _tree(tmp_path / "t.zarr") == _tree(Path(whole["out"]))
+
+
+def test_a_damaged_hidden_state_spill_is_refused_on_resume(fixture_model, tmp_path):
+    out, work = tmp_path / "t.zarr", tmp_path / "work"
+    command = ["collect", str(fixture_model("qwen3_moe")), *ARGS, "--out", str(out), "--work-dir", str(work)]
+    child = subprocess.run([sys.executable, "-c", CHILD, *KILL_POINTS["inside layer 2"], *command],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    array = work / "hidden_002" / "c000001"
+    chunk = next(p for p in (array / "c").rglob("*") if p.is_file())
+    chunk.write_bytes(chunk.read_bytes()[:-8])  # a disk that lost the tail of a write
+
+    result = CliRunner().invoke(cli, command)
+    error_line(result, "unreadable hidden states", "delete the work dir", where=array)
+    assert not out.exists()
 
 
 def test_merge_of_disjoint_shards_equals_one_run_over_their_union(fixture_model, tmp_path):
