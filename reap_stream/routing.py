@@ -213,9 +213,12 @@ def _weighted_sum(outputs: np.ndarray, order: np.ndarray, weights: np.ndarray, k
     # a token's pairs sit in expert order in the sorted outputs: its j-th expert is the j-th smallest position
     ranked = np.sort(where.reshape(-1, k), axis=1)
     y = np.zeros((ranked.shape[0], outputs.shape[1]), np.float32)
+    term = np.empty_like(y)
     for j in range(k):
         pos = ranked[:, j]
-        y += outputs[pos] * w_sorted[pos, None]
+        np.take(outputs, pos, axis=0, out=term)
+        term *= w_sorted[pos, None]
+        y += term
     return y
 
 
