@@ -26,9 +26,11 @@ expert (routing.capture); everything else is mlx_lm's own code.
 
 On the CPU, StreamRunner runs a chunk of >= 2 sequences as two half-batches on two MLX streams
 (`Lanes`, `split_layer_forward`): MLX's CPU element-wise kernels (attention's softmax) use one
-thread per stream, so this is what puts the second core to work. The MoE block still sees the
-whole chunk, and the split is only taken where `SplitCheck` has shown that every matmul of the
-layer outside the MoE block gives the same bits on half the rows, so the bytes never change.
+thread per stream, so this is what puts the second core to work. The lanes split the BLAS's
+threads between them. The MoE block still sees the whole chunk, and the split is only taken where
+`SplitCheck` has shown that every matmul of the layer outside the MoE block gives the same bits on
+half the rows at half the threads, so the bytes never change. The block's experts are shared out
+to both lanes in every mode (routing.run_experts), the same calls whichever lane runs them.
 
 Hidden states between layers live in WORK_DIR/hidden_NNN/ as one Zarr array per chunk, in the
 model's dtype (bf16 as its uint16 bits), uncompressed. progress.json says which layer comes next;
@@ -372,6 +374,20 @@ class Lanes:
         self._pool.shutdown(wait=True)
 
 
+_shared: Lanes | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_lanes() -> Lanes:
+    """The process's lanes, made once: MLX keeps a stream's thread until the process exits, so
+    runners share one worker and its stream instead of making one each."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = Lanes()
+        return _shared
+
+
 def _ready(obj) -> None:
     """Evaluate every mx.array in obj: work queued on the caller's stream cannot be run from the
     worker thread (MLX streams belong to their thread)."""
@@ -554,7 +570,6 @@ class StreamRunner:
         self.ckpt = Checkpoint.open(model_dir)
         # run chunks of >= 2 sequences as two half-batches on two CPU streams (same bytes)
         self.parallel = parallel
-        self._lane_pool: Lanes | None = None
         self._split_check: SplitCheck | None = None
         self.where = str(self.ckpt.root / "config.json")
         family_of(self.ckpt.config, self.where)
@@ -712,7 +727,7 @@ class StreamRunner:
                 cb = None if on_moe is None else (lambda cap, c=c, i=i: on_moe(i, c, cap))
                 check = self_check and c.index == 0
                 if self._split(i, c.tokens.shape):
-                    out = split_layer_forward(self.fwd, self._lanes(), i, h, c.tokens, cb, check)
+                    out = split_layer_forward(self.fwd, shared_lanes(), i, h, c.tokens, cb, check)
                 else:
                     out = self.fwd.layer_forward(i, h, trace_layers(self.model, c.tokens)[i], cb, check,
                                                  self._pair())
@@ -745,9 +760,6 @@ class StreamRunner:
         return out
 
     def cleanup(self) -> None:
-        if self._lane_pool is not None:
-            self._lane_pool.close()
-            self._lane_pool = None
         if self._head is not None:
             self._drop(self._head)
             self._head = None
@@ -764,15 +776,10 @@ class StreamRunner:
             self._split_check = SplitCheck()
         return self._split_check.ok(self.fwd, i, int(shape[0]), int(shape[1]))
 
-    def _lanes(self) -> Lanes:
-        if self._lane_pool is None:
-            self._lane_pool = Lanes()
-        return self._lane_pool
-
     def _pair(self) -> Callable | None:
         """Two lanes for the experts of an unsplit layer call (CPU only)."""
         mx = _mx()
-        return self._lanes().both if self.parallel and mx.default_device() == mx.cpu else None
+        return shared_lanes().both if self.parallel and mx.default_device() == mx.cpu else None
 
     def _bar(self, items, desc: str):
         from tqdm import tqdm
@@ -818,20 +825,15 @@ class MemoryRunner:
             mask_experts(self.model, {i: ids for i, ids in mask.items() if ids})
         stop = self.num_layers if stop is None else stop
         outs = []
-        lanes = Lanes() if mx.default_device() == mx.cpu else None  # the experts on two lanes, as in stream mode
-        try:
-            for c in self._bar(chunks, "chunks"):
-                tracers = trace_layers(self.model, c.tokens)
-                h = tracers[0].x
-                for i in range(stop):
-                    cb = None if on_moe is None else (lambda cap, c=c, i=i: on_moe(i, c, cap))
-                    h = self.fwd.layer_forward(i, h, tracers[i], cb, self_check and c.index == 0,
-                                               None if lanes is None else lanes.both)
-                    mx.eval(h)
-                outs.append(h)
-        finally:
-            if lanes is not None:
-                lanes.close()
+        pair = shared_lanes().both if mx.default_device() == mx.cpu else None  # experts on two lanes, as in stream mode
+        for c in self._bar(chunks, "chunks"):
+            tracers = trace_layers(self.model, c.tokens)
+            h = tracers[0].x
+            for i in range(stop):
+                cb = None if on_moe is None else (lambda cap, c=c, i=i: on_moe(i, c, cap))
+                h = self.fwd.layer_forward(i, h, tracers[i], cb, self_check and c.index == 0, pair)
+                mx.eval(h)
+            outs.append(h)
         return outs
 
     def final_logits(self, chunk: Chunk, h):

@@ -22,6 +22,15 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def fsync_tree(path: Path) -> None:
+    """fsync every file under path: all written first, then synced (the first fsync commits the
+    journal for the rest, so this is cheaper than syncing each file as it is written)."""
+    for p in sorted(Path(path).rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
 def read_store_attrs(path: Path, label: str, fmt: str, version: int) -> dict:
     """The attributes of a reap-stream Zarr v3 store (`label`: what it is, for the messages),
     checked for its format name and schema version."""

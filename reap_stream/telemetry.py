@@ -29,7 +29,7 @@ import zarr
 
 from . import zarr_io
 from .errors import BadInput
-from .storage import read_store_attrs
+from .storage import fsync_tree, read_store_attrs
 
 TELEMETRY_FORMAT = "reap-stream-telemetry"
 TELEMETRY_SCHEMA_VERSION = 1
@@ -141,10 +141,10 @@ class TelemetryStore:
             shutil.rmtree(tmp)
         # written directly (zarr_io): zarr-python's per-array overhead was most of a commit's time
         zarr_io.write_group(tmp, {"layer": stats.layer, "num_experts": stats.num_experts,
-                                  "hidden": int(stats.expert_output_sum.shape[1]), "tokens": int(stats.tokens)},
-                            sync=True)
+                                  "hidden": int(stats.expert_output_sum.shape[1]), "tokens": int(stats.tokens)})
         for name in LayerStats.ARRAYS:
-            zarr_io.write_array(tmp / name, np.asarray(getattr(stats, name), dtype=np.float64), sync=True)
+            zarr_io.write_array(tmp / name, np.asarray(getattr(stats, name), dtype=np.float64))
+        fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

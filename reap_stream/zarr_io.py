@@ -9,7 +9,6 @@ array, the `bytes` codec, little endian, chunk key `c/0/...`. Anything else is r
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,24 +16,21 @@ import numpy as np
 ZARR_JSON = "zarr.json"
 
 
-def _write(path: Path, data: bytes, sync: bool) -> None:
+def _write(path: Path, data) -> None:
     with open(path, "wb") as f:
         f.write(data)
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
 
 
 def _document(doc: dict) -> bytes:
     return json.dumps(doc, indent=2).encode()
 
 
-def write_group(path: str | Path, attributes: dict | None = None, sync: bool = False) -> None:
+def write_group(path: str | Path, attributes: dict | None = None) -> None:
     """A group node at path (the directory is created)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     doc = {"attributes": attributes or {}, "zarr_format": 3, "node_type": "group"}
-    _write(path / ZARR_JSON, _document(doc), sync)
+    _write(path / ZARR_JSON, _document(doc))
 
 
 def array_metadata(shape: tuple, dtype: np.dtype, attributes: dict | None = None) -> dict:
@@ -58,7 +54,7 @@ def _chunk_key(ndim: int) -> str:
     return "/".join(["c"] + ["0"] * ndim)
 
 
-def write_array(path: str | Path, data: np.ndarray, attributes: dict | None = None, sync: bool = False) -> None:
+def write_array(path: str | Path, data: np.ndarray, attributes: dict | None = None) -> None:
     """An array node at path holding `data` (numeric, at least 1-D) as one chunk (none when empty)."""
     data = np.asarray(data)
     if data.ndim == 0 or data.dtype.kind not in "iuf":
@@ -68,8 +64,8 @@ def write_array(path: str | Path, data: np.ndarray, attributes: dict | None = No
     if data.size:
         chunk = path / _chunk_key(data.ndim)
         chunk.parent.mkdir(parents=True, exist_ok=True)
-        _write(chunk, np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).data, sync)
-    _write(path / ZARR_JSON, _document(array_metadata(data.shape, data.dtype, attributes)), sync)
+        _write(chunk, np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).data)
+    _write(path / ZARR_JSON, _document(array_metadata(data.shape, data.dtype, attributes)))
 
 
 def read_array(path: str | Path) -> tuple[np.ndarray, dict]:

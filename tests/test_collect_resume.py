@@ -27,8 +27,7 @@ KILL_POINTS = {
     "inside layer 2": ("reap_stream.runner", "HiddenSpill", "write", "args[1] == 3 and args[2] == 2"),
     "output spilled, telemetry not committed": ("reap_stream.telemetry", "TelemetryStore", "commit",
                                                 "args[1].layer == 2"),
-    "telemetry half committed": ("reap_stream.zarr_io", "", "write_array",
-                                 "'layer_001' in str(args[0]) and str(args[0]).endswith('ean_sum')"),
+    "telemetry half committed": ("reap_stream.telemetry", "", "fsync_tree", "'layer_001' in str(args[0])"),
     "committed, progress not recorded": ("reap_stream.runner", "StreamRunner", "_set_next_layer", "args[1] == 3"),
 }
 

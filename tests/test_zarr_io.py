@@ -43,8 +43,8 @@ def test_an_array_is_stored_as_zarr_python_stores_it(name, tmp_path):
 
 
 def test_a_group_is_a_zarr_group_with_its_attributes(tmp_path):
-    zarr_io.write_group(tmp_path / "g", {"layer": 3, "tokens": 4096}, sync=True)
-    zarr_io.write_array(tmp_path / "g" / "frequency", ARRAYS["f64_1d"], sync=True)
+    zarr_io.write_group(tmp_path / "g", {"layer": 3, "tokens": 4096})
+    zarr_io.write_array(tmp_path / "g" / "frequency", ARRAYS["f64_1d"])
     g = zarr.open_group(str(tmp_path / "g"), mode="r")
     assert dict(g.attrs) == {"layer": 3, "tokens": 4096}
     assert np.array_equal(g["frequency"][...], ARRAYS["f64_1d"])
