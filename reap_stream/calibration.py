@@ -62,7 +62,7 @@ class CalibrationOptions:
     max_tokens: int | None = None
     pack_samples: bool = False
     window_tokens: int = 2048
-    sample_batch_size: int = 1
+    sample_batch_size: int | None = None  # None: as many sequences per forward chunk as --chunk-tokens holds
     seed: int | None = None  # None: rows in source order; an int: a seeded shuffle first
 
     def validate(self) -> None:
@@ -102,17 +102,12 @@ class CalibrationSet:
     source: dict
     packed: bool
     window_tokens: int
-    batch_size: int = 1
+    batch_size: int | None = None  # at most this many sequences per forward chunk (None: no limit)
     shaping: dict = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
         return int(sum(len(s) for s in self.sequences))
-
-    def batches(self) -> Iterator[list[np.ndarray]]:
-        """Consecutive groups of at most `batch_size` sequences (stackable to [b, W] when packed)."""
-        for i in range(0, len(self.sequences), self.batch_size):
-            yield self.sequences[i:i + self.batch_size]
 
     def summary(self) -> dict:
         """JSON-able description for telemetry attributes and `--json` output."""
@@ -409,9 +404,12 @@ def load_tokens(path: str | Path) -> CalibrationSet:
     fp = token_fingerprint(sequences, shaping)
     if fp != attrs.get("fingerprint"):
         raise BadInput(path, f"token ids do not match the stored fingerprint ({fp} != {attrs.get('fingerprint')})")
+    batch = attrs.get("batch_size")
+    if batch is not None and (type(batch) is not int or batch < 1):
+        raise BadInput(path, f"batch_size {batch!r} is not a positive integer")
     return CalibrationSet(sequences=sequences, fingerprint=fp, source=attrs.get("source", {}),
                           packed=bool(attrs.get("packed")), window_tokens=int(attrs.get("window_tokens", 0)),
-                          batch_size=int(attrs.get("batch_size", 1)), shaping=shaping)
+                          batch_size=batch, shaping=shaping)
 
 
 # ---------------------------------------------------------------- click options
@@ -437,8 +435,8 @@ _CLICK_OPTIONS = (
                  help="Join rows (EOS between) and cut them into full windows of --window-tokens."),
     click.option("--window-tokens", "calib_window_tokens", type=int, default=2048, show_default=True,
                  help="Sequence length: packed window size, or the cut-off of an unpacked row."),
-    click.option("--sample-batch-size", "calib_sample_batch_size", type=int, default=1, show_default=True,
-                 help="Sequences per forward batch."),
+    click.option("--sample-batch-size", "calib_sample_batch_size", type=int, default=None,
+                 help="At most this many sequences per forward batch (default: as many as --chunk-tokens holds)."),
     click.option("--seed", "calib_seed", type=int, default=None,
                  help="Shuffle rows with this seed before selecting (default: source order)."),
 )

@@ -155,14 +155,14 @@ def collect(model_dir: str | Path, calib, out: str | Path, work_dir: str | Path 
         "calibration": calib.summary(),
         "routing": {"renorm_topk": options.renorm_topk, "routing": fam.routing.value,
                     "capture": "exact (model's own router and selection)"},
-        "options": options.result_key(),
+        "options": {**options.result_key(), "sample_batch_size": calib.batch_size},
         "tool_version": __version__,
     }
     if out.exists():
         return _already_done(out, attrs)
 
     record = {"model_fingerprint": attrs["model"]["fingerprint"],
-              "calibration_fingerprint": calib.fingerprint, **options.result_key()}
+              "calibration_fingerprint": calib.fingerprint, **attrs["options"]}
     work_dir.mkdir(parents=True, exist_ok=True)
     _check_run_record(work_dir, record)
     write_text_atomic(work_dir / RUN_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
@@ -193,7 +193,7 @@ def collect(model_dir: str | Path, calib, out: str | Path, work_dir: str | Path 
         from .runner import StreamRunner
 
         runner = StreamRunner(model_dir, work_dir, chunk_tokens=options.chunk_tokens, progress=progress)
-        chunks = runner.chunks(calib.sequences)
+        chunks = runner.chunks(calib.sequences, calib.batch_size)
         start = runner.next_layer()
         missing = [i for i in selected if i < start and i not in store.layers()]
         if missing:
@@ -208,7 +208,7 @@ def collect(model_dir: str | Path, calib, out: str | Path, work_dir: str | Path 
         from .runner import MemoryRunner
 
         runner = MemoryRunner(model_dir, chunk_tokens=options.chunk_tokens, progress=progress)
-        runner.run(runner.chunks(calib.sequences), on_moe=on_moe, stop=stop)
+        runner.run(runner.chunks(calib.sequences, calib.batch_size), on_moe=on_moe, stop=stop)
         for layer in sorted(accs):
             commit(layer)
         layers_run = stop

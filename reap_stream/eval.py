@@ -121,7 +121,7 @@ def _work_dir(work_dir: str | Path | None) -> Iterator[Path]:
 
 def logits_per_chunk(model_dir: str | Path, sequences: list[np.ndarray], *, mask: dict[int, list[int]] | None = None,
                      mode: str = "stream", work_dir: str | Path | None = None, chunk_tokens: int = 4096,
-                     progress: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                     max_batch: int | None = None, progress: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(tokens [B, L], float32 logits [B, L, V]) for each chunk of `sequences`, in order.
 
     The only place that knows the runner: a new execution strategy changes this function alone."""
@@ -131,14 +131,14 @@ def logits_per_chunk(model_dir: str | Path, sequences: list[np.ndarray], *, mask
         raise BadInput("--mode", f"unknown mode {mode!r} (choose {', '.join(MODES)})")
     if mode == "memory":
         runner = MemoryRunner(model_dir, chunk_tokens=chunk_tokens, progress=progress)
-        chunks = runner.chunks(sequences)
+        chunks = runner.chunks(sequences, max_batch)
         hidden = runner.run(chunks, mask=mask)
         for c, h in zip(chunks, hidden):
             yield c.tokens, _as_f32(runner.final_logits(c, h))
         return
     with _work_dir(work_dir) as spill:
         runner = StreamRunner(model_dir, spill, chunk_tokens=chunk_tokens, progress=progress)
-        chunks = runner.chunks(sequences)
+        chunks = runner.chunks(sequences, max_batch)
         for _ in runner.run(chunks, mask=mask):
             pass
         for c in chunks:
@@ -160,13 +160,14 @@ def _predictions(sequences: list[np.ndarray], where: str) -> int:
 
 def perplexity(model_dir: str | Path, sequences: list[np.ndarray], *, mask: dict[int, list[int]] | None = None,
                mode: str = "stream", work_dir: str | Path | None = None, chunk_tokens: int = 4096,
-               progress: bool = True, where: str = "--prompt/--dataset-file") -> PerplexityResult:
+               max_batch: int | None = None, progress: bool = True,
+               where: str = "--prompt/--dataset-file") -> PerplexityResult:
     """Perplexity of the model at `model_dir` on `sequences` (optionally with experts masked)."""
     n_expected = _predictions(sequences, where)
     total = 0.0
     count = 0
     for tokens, logits in logits_per_chunk(model_dir, sequences, mask=mask, mode=mode, work_dir=work_dir,
-                                           chunk_tokens=chunk_tokens, progress=progress):
+                                           chunk_tokens=chunk_tokens, max_batch=max_batch, progress=progress):
         nll = token_nll(logits, tokens)
         total += float(nll.sum())
         count += nll.size
@@ -184,14 +185,14 @@ def _vocab_size(model_dir: str | Path) -> int | None:
 def compare_logits(model_a: str | Path, model_b: str | Path, sequences: list[np.ndarray], *,
                    mask_a: dict[int, list[int]] | None = None, mode: str = "stream",
                    work_dir: str | Path | None = None, chunk_tokens: int = 4096,
-                   progress: bool = True) -> LogitDiff:
+                   max_batch: int | None = None, progress: bool = True) -> LogitDiff:
     """Max and mean |logit_a - logit_b| over every position and vocabulary entry."""
     va, vb = _vocab_size(model_a), _vocab_size(model_b)
     if va != vb:
         raise BadInput(Path(model_b) / "config.json", f"vocab_size {vb} differs from {model_a}'s {va}")
     if not sum(len(s) for s in sequences):
         raise BadInput("--prompt/--dataset-file", "no tokens to compare on")
-    run = dict(mode=mode, work_dir=work_dir, chunk_tokens=chunk_tokens, progress=progress)
+    run = dict(mode=mode, work_dir=work_dir, chunk_tokens=chunk_tokens, max_batch=max_batch, progress=progress)
     # chunk by chunk: neither model's logits are ever held whole
     max_diff = 0.0
     abs_sum = 0.0

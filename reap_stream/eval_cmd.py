@@ -69,7 +69,7 @@ def eval_cmd(model_dir: Path, calibration: CalibrationOptions, mask_plan: Path |
     mask = mask_from_plan(mask_plan, model_dir, ignore_fingerprint=ignore_fingerprint) if mask_plan else None
     where = calibration.dataset_file or calibration.dataset or "--prompt"
     result = perplexity(model_dir, calib.sequences, mask=mask, mode=mode, work_dir=work_dir,
-                        chunk_tokens=chunk_tokens, progress=not as_json, where=where)
+                        chunk_tokens=chunk_tokens, max_batch=calib.batch_size, progress=not as_json, where=where)
     if as_json:
         summary = {"model": str(model_dir), "mask_plan": None if mask_plan is None else str(mask_plan),
                    "masked_experts": {str(k): v for k, v in sorted((mask or {}).items())},
@@ -99,7 +99,7 @@ def compare_cmd(model_a: Path, model_b: Path, calibration: CalibrationOptions, m
     calib = _sequences(model_a, calibration)
     mask = mask_from_plan(mask_plan, model_a, ignore_fingerprint=ignore_fingerprint) if mask_plan else None
     diff = compare_logits(model_a, model_b, calib.sequences, mask_a=mask, mode=mode, work_dir=work_dir,
-                          chunk_tokens=chunk_tokens, progress=not as_json)
+                          chunk_tokens=chunk_tokens, max_batch=calib.batch_size, progress=not as_json)
     if as_json:
         summary = {"model_a": str(model_a), "model_b": str(model_b),
                    "mask_plan": None if mask_plan is None else str(mask_plan), "mode": mode,

@@ -80,14 +80,16 @@ class Chunk:
         return int(self.tokens.size)
 
 
-def make_chunks(sequences: list[np.ndarray], chunk_tokens: int) -> list[Chunk]:
-    """Consecutive sequences of equal length, grouped up to chunk_tokens tokens (at least one)."""
+def make_chunks(sequences: list[np.ndarray], chunk_tokens: int, max_batch: int | None = None) -> list[Chunk]:
+    """Consecutive sequences of equal length, grouped up to chunk_tokens tokens and max_batch
+    sequences (at least one)."""
     chunks: list[Chunk] = []
     batch: list[np.ndarray] = []
     start = row = 0
     for seq in sequences:
         seq = np.asarray(seq, dtype=np.int32).reshape(-1)
-        if batch and (len(seq) != len(batch[0]) or (len(batch) + 1) * len(seq) > chunk_tokens):
+        full = (len(batch) + 1) * len(seq) > chunk_tokens or (max_batch is not None and len(batch) >= max_batch)
+        if batch and (len(seq) != len(batch[0]) or full):
             chunks.append(Chunk(len(chunks), np.stack(batch), start))
             start, batch = row, []
         batch.append(seq)
@@ -600,8 +602,8 @@ class StreamRunner:
     def moe_layers(self) -> list[int]:
         return self.fwd.moe_layers
 
-    def chunks(self, sequences: list[np.ndarray]) -> list[Chunk]:
-        return make_chunks(sequences, self.chunk_tokens)
+    def chunks(self, sequences: list[np.ndarray], max_batch: int | None = None) -> list[Chunk]:
+        return make_chunks(sequences, self.chunk_tokens, max_batch)
 
     def _find_layer_prefix(self) -> str:
         first = self.model.layers[0]

@@ -197,12 +197,15 @@ def test_packing_token_budget_counts_whole_windows(tok):
     assert len(calib.sequences) == 3 and calib.num_tokens == 192
 
 
-def test_batches_group_sequences(tok):
+def test_sample_batch_size_caps_sequences_per_forward_chunk(tok):
+    from reap_stream.runner import make_chunks
+
     calib = build(tok, dataset_file=str(CALIB / "licence.jsonl"), pack_samples=True, window_tokens=32,
                   max_tokens=32 * 5, sample_batch_size=2)
-    batches = list(calib.batches())
-    assert [len(b) for b in batches] == [2, 2, 1]
-    assert np.stack(batches[0]).shape == (2, 32)
+    assert calib.batch_size == 2
+    assert [c.tokens.shape for c in make_chunks(calib.sequences, 4096, calib.batch_size)] == [(2, 32), (2, 32), (1, 32)]
+    assert [c.tokens.shape[0] for c in make_chunks(calib.sequences, 4096)] == [5]   # no cap: --chunk-tokens decides
+    assert [c.tokens.shape[0] for c in make_chunks(calib.sequences, 32, 2)] == [1] * 5  # the token budget still holds
 
 
 def test_fingerprint_covers_the_ids_and_the_shaping_options(tok):

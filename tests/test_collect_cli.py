@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from reap_stream.cli import cli
 from reap_stream.families import FAMILIES
+from reap_stream.telemetry import TelemetryStore
 from refusal import error_line
 
 CALIB_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "calibration"
@@ -50,7 +51,6 @@ def test_json_summary_names_the_store_the_layers_and_the_blas(fixture_model, tmp
 def test_telemetry_attributes_record_model_calibration_and_options(fixture_model, tmp_path):
     from reap_stream.checkpoint import Checkpoint
     from reap_stream.structure import fingerprint
-    from reap_stream.telemetry import TelemetryStore
 
     model = fixture_model("glm4_moe")
     out = tmp_path / "t.zarr"
@@ -59,7 +59,7 @@ def test_telemetry_attributes_record_model_calibration_and_options(fixture_model
     assert attrs["model"]["fingerprint"] == fingerprint(Checkpoint.open(model))
     assert attrs["model"]["moe_layers"] == [1, 2, 3] and attrs["model"]["n_group"] == 2
     assert attrs["calibration"]["fingerprint"].startswith("sha256:")
-    assert attrs["options"] == {"layers": [2, 3], "renorm_topk": False, "chunk_tokens": 64}
+    assert attrs["options"] == {"layers": [2, 3], "renorm_topk": False, "chunk_tokens": 64, "sample_batch_size": None}
     assert attrs["routing"]["routing"] == "sigmoid_group" and attrs["tool_version"]
 
 
@@ -107,6 +107,32 @@ def test_missing_model_directory(tmp_path):
     _one_error_line(result, str(tmp_path / "nope"), "not a model directory")
 
 
+def test_sample_batch_size_caps_the_sequences_per_forward_chunk(fixture_model, tmp_path, monkeypatch):
+    from reap_stream import runner
+
+    shapes: list[tuple] = []
+    real = runner.StreamRunner.run
+
+    def spy(self, chunks, *args, **kwargs):
+        shapes.extend(c.tokens.shape for c in chunks)
+        return real(self, chunks, *args, **kwargs)
+
+    monkeypatch.setattr(runner.StreamRunner, "run", spy)
+    model, windows = fixture_model("qwen3_moe"), [*SMALL, "--pack-samples", "--window-tokens", "16"]
+    capped = _run("collect", model, *windows, "--sample-batch-size", "3", "--out", tmp_path / "a.zarr")
+    assert capped.exit_code == 0, capped.output
+    assert shapes and max(batch for batch, _ in shapes) == 3
+    shapes.clear()
+    assert _run("collect", model, *windows, "--out", tmp_path / "b.zarr").exit_code == 0
+    assert max(batch for batch, _ in shapes) == 4  # without it, a chunk holds what --chunk-tokens allows
+    assert TelemetryStore.open(tmp_path / "a.zarr").attrs["options"]["sample_batch_size"] == 3
+
+
+def test_sample_batch_size_below_one_is_refused(fixture_model, tmp_path):
+    result = _run("collect", fixture_model("qwen3_moe"), *SMALL, "--sample-batch-size", "0", "--out", tmp_path / "t.zarr")
+    _one_error_line(result, "--sample-batch-size", "must be at least 1")
+
+
 def test_work_dir_of_a_run_with_other_options_is_refused(fixture_model, tmp_path, monkeypatch):
     from reap_stream import runner
 
@@ -127,6 +153,8 @@ def test_work_dir_of_a_run_with_other_options_is_refused(fixture_model, tmp_path
     _one_error_line(result, str(work / "run.json"), "other renorm_topk")
     result = _run("collect", model, *SMALL[:-1], "32", "--out", out, "--work-dir", work)
     _one_error_line(result, str(work / "run.json"), "other chunk_tokens")
+    result = _run("collect", model, *SMALL, "--sample-batch-size", "1", "--out", out, "--work-dir", work)
+    _one_error_line(result, str(work / "run.json"), "other sample_batch_size")
     other_text = ["--dataset-file", LICENCE, "--max-samples", "5", "--chunk-tokens", "64"]
     result = _run("collect", model, *other_text, "--out", out, "--work-dir", work)
     _one_error_line(result, str(work / "run.json"), "other calibration_fingerprint")
