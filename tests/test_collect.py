@@ -118,17 +118,24 @@ def test_a_routing_function_that_misroutes_is_stopped_by_the_self_check(fixture_
     assert not (tmp_path / "t.zarr").exists()
 
 
-def test_grouped_experts_equal_the_gather_path(fixture_model):
-    """run_experts (one dense matmul per expert) == mlx_lm's SwitchGLU (per-token gather_mm)."""
+def _routed_rows(model_dir, layer: int, switch_name: str, rows: int, k: int, seed: int):
+    """A loaded expert stack with random inputs, routes (k distinct of 8 experts) and weights."""
     import mlx.core as mx
     from mlx_lm.utils import load_model
 
-    model, _ = load_model(fixture_model("gpt_oss"))
-    switch = model.layers[1].mlp.experts
-    rng = np.random.default_rng(1)
-    x = mx.array(rng.normal(size=(40, synth.HIDDEN)).astype(np.float32))
-    inds = np.stack([rng.permutation(8)[:4] for _ in range(40)])
-    weights = rng.uniform(size=(40, 4)).astype(np.float32)
+    model, _ = load_model(model_dir)
+    rng = np.random.default_rng(seed)
+    x = mx.array(rng.normal(size=(rows, synth.HIDDEN)).astype(np.float32))
+    inds = np.stack([rng.permutation(8)[:k] for _ in range(rows)])
+    weights = rng.uniform(size=(rows, k)).astype(np.float32)
+    return getattr(model.layers[layer].mlp, switch_name), x, inds, weights
+
+
+def test_grouped_experts_equal_the_gather_path(fixture_model):
+    """run_experts (one dense matmul per expert) == mlx_lm's SwitchGLU (per-token gather_mm)."""
+    import mlx.core as mx
+
+    switch, x, inds, weights = _routed_rows(fixture_model("gpt_oss"), 1, "experts", rows=40, k=4, seed=1)
     batch, weighted_sum = routing.run_experts(switch, x, inds, 8, weights)
     grouped = batch.outputs[np.argsort(batch.order, kind="stable")].reshape(40, 4, -1)
     gathered = np.array(switch(x, mx.array(inds)))
@@ -139,17 +146,9 @@ def test_grouped_experts_equal_the_gather_path(fixture_model):
 
 def test_experts_shared_out_to_two_lanes_give_the_bits_of_one(fixture_model):
     """run_experts on two lanes == on one; Σ w·f(x) adds each token's terms in ascending expert order."""
-    import mlx.core as mx
-    from mlx_lm.utils import load_model
-
     from reap_stream.runner import Lanes
 
-    model, _ = load_model(fixture_model("qwen3_moe"))
-    switch = model.layers[0].mlp.switch_mlp
-    rng = np.random.default_rng(2)
-    x = mx.array(rng.normal(size=(96, synth.HIDDEN)).astype(np.float32))
-    inds = np.stack([rng.permutation(8)[:2] for _ in range(96)])
-    weights = rng.uniform(size=(96, 2)).astype(np.float32)
+    switch, x, inds, weights = _routed_rows(fixture_model("qwen3_moe"), 0, "switch_mlp", rows=96, k=2, seed=2)
     one, y_one = routing.run_experts(switch, x, inds, 8, weights)
     lanes = Lanes()
     try:
