@@ -23,8 +23,8 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def fsync_tree(path: Path) -> None:
-    """fsync every file under path: all written first, then synced (the first fsync commits the
-    journal for the rest, so this is cheaper than syncing each file as it is written)."""
+    """fsync every file under path, after all of them were written (one journal commit can then
+    cover them all, instead of one per file)."""
     for p in sorted(Path(path).rglob("*")):
         if p.is_file():
             with open(p, "rb") as f:
