@@ -72,7 +72,9 @@ def read_array(path: str | Path) -> tuple[np.ndarray, dict]:
     """(data, attributes) of an array node; through zarr unless it has the layout written above."""
     path = Path(path)
     meta = json.loads((path / ZARR_JSON).read_text())
-    shape = tuple(meta.get("shape", ()))
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path / ZARR_JSON} is not a JSON object")
+    shape = tuple(meta.get("shape") or ())
     try:
         dtype = np.dtype(meta.get("data_type"))
     except TypeError:

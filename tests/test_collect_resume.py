@@ -111,15 +111,24 @@ def test_a_failed_run_resumes_from_its_last_committed_layer(fixture_model, tmp_p
     assert _tree(tmp_path / "t.zarr") == _tree(Path(whole["out"]))
 
 
-def test_a_damaged_hidden_state_spill_is_refused_on_resume(fixture_model, tmp_path):
+def _lose_the_tail_of_the_chunk(array: Path) -> None:
+    chunk = next(p for p in (array / "c").rglob("*") if p.is_file())
+    chunk.write_bytes(chunk.read_bytes()[:-8])
+
+
+def _garble_the_metadata(array: Path) -> None:
+    (array / "zarr.json").write_text("[1, 2]")
+
+
+@pytest.mark.parametrize("damage", [_lose_the_tail_of_the_chunk, _garble_the_metadata])
+def test_a_damaged_hidden_state_spill_is_refused_on_resume(damage, fixture_model, tmp_path):
     out, work = tmp_path / "t.zarr", tmp_path / "work"
     command = ["collect", str(fixture_model("qwen3_moe")), *ARGS, "--out", str(out), "--work-dir", str(work)]
     child = subprocess.run([sys.executable, "-c", CHILD, *KILL_POINTS["inside layer 2"], *command],
                            capture_output=True, text=True, timeout=120)
     assert child.returncode == -signal.SIGKILL, child.stderr
     array = work / "hidden_002" / "c000001"
-    chunk = next(p for p in (array / "c").rglob("*") if p.is_file())
-    chunk.write_bytes(chunk.read_bytes()[:-8])  # a disk that lost the tail of a write
+    damage(array)
 
     result = CliRunner().invoke(cli, command)
     error_line(result, "unreadable hidden states", "delete the work dir", where=array)
