@@ -208,10 +208,16 @@ def _controls() -> tuple | None:
     return _thread_controls
 
 
-def lane_threads(lanes: int = 2) -> int | None:
-    """BLAS threads each of `lanes` concurrent callers gets when they share the configured count."""
+def lane_threads() -> int | None:
+    """1 where two lanes should each call the BLAS single-threaded, else None (keep the count).
+
+    Single-threaded calls from two threads run side by side; OpenBLAS runs multi-threaded GEMMs
+    of different callers one at a time, so with more than 2 threads configured, halving the count
+    per lane only slows the matmuls (measured on 16 cores: two lanes at half the threads took
+    1.4-1.8x as long as one lane at all of them). Hence only at 2 threads or fewer.
+    """
     total = (_state or {}).get("threads")
-    return max(1, int(total) // lanes) if total else None
+    return 1 if total and int(total) <= 2 else None
 
 
 def total_threads() -> int | None:

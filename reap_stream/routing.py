@@ -164,10 +164,11 @@ def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int,
     `weights` [T, k]) the weighted sum Σ_k w·f(x) per token in float32.
 
     Experts are evaluated one after another, so the working set is one expert's rows plus the
-    outputs, not the k-fold expansion of the whole chunk at once. With `pair`, the experts are
-    shared out to two lanes (MLX's CPU element-wise kernels use one core per stream). Each
-    expert's matmuls run with the BLAS at half its threads whether or not they are shared out,
-    so every mode computes every expert with the same calls and gets the same bits.
+    outputs, not the k-fold expansion of the whole chunk at once. With `pair`, on the CPU and
+    where the lanes call the BLAS single-threaded (blas.lane_threads), the experts are shared out
+    to two lanes (MLX's CPU element-wise kernels use one core per stream). The BLAS thread count
+    of the expert matmuls depends on that configuration alone, not on whether a pair was given, so
+    every mode computes every expert with the same calls and gets the same bits.
     """
     if not all(hasattr(switch, p) for p in ("gate_proj", "up_proj", "down_proj")):
         raise BadInput("model", f"expert module {type(switch).__name__} is not a gated (SwitchGLU) expert stack")
@@ -192,9 +193,9 @@ def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int,
 
     active = np.flatnonzero(np.diff(bounds))
     first, second = _two_shares(active, np.diff(bounds)[active])
-    on_cpu = mx.default_device() == mx.cpu
-    with blas_threads(lane_threads() if on_cpu else None):
-        if pair is not None and on_cpu:
+    threads = lane_threads() if mx.default_device() == mx.cpu else None
+    with blas_threads(threads):
+        if pair is not None and threads == 1:
             mx.eval(x, switch.parameters())  # the other lane cannot run work queued on this thread's stream
             pair(share(first), share(second))
         else:

@@ -26,11 +26,12 @@ expert (routing.capture); everything else is mlx_lm's own code.
 
 On the CPU, StreamRunner runs a chunk of >= 2 sequences as two half-batches on two MLX streams
 (`Lanes`, `split_layer_forward`): MLX's CPU element-wise kernels (attention's softmax) use one
-thread per stream, so this is what puts the second core to work. The lanes split the BLAS's
-threads between them. The MoE block still sees the whole chunk, and the split is only taken where
-`SplitCheck` has shown that every matmul of the layer outside the MoE block gives the same bits on
-half the rows at half the threads, so the bytes never change. The block's experts are shared out
-to both lanes in every mode (routing.run_experts), the same calls whichever lane runs them.
+thread per stream, so this is what puts the second core to work. With 2 BLAS threads configured,
+each lane calls the BLAS single-threaded (blas.lane_threads). The MoE block still sees the whole
+chunk, and the split is only taken where `SplitCheck` has shown that every matmul of the layer
+outside the MoE block gives the same bits on half the rows at the lanes' thread count, so the
+bytes never change. In that configuration the block's experts are shared out to both lanes too,
+in every mode (routing.run_experts), the same calls whichever lane runs them.
 
 Hidden states between layers live in WORK_DIR/hidden_NNN/ as one Zarr array per chunk, in the
 model's dtype (bf16 as its uint16 bits), uncompressed. progress.json says which layer comes next;
@@ -493,7 +494,7 @@ def split_layer_forward(fwd: _Forward, lanes: Lanes, i: int, h, tokens: np.ndarr
 
     barrier = meet.barrier if meet is not None else threading.Barrier(2)
     try:
-        with blas_threads(lane_threads()):  # two lanes share the BLAS's threads (SplitCheck probed this)
+        with blas_threads(lane_threads()):  # single-threaded lanes at 2 threads (SplitCheck probed this)
             a, b = lanes.both(half(0), half(1), barrier)
     finally:
         if meet is not None:

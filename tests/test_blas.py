@@ -68,6 +68,13 @@ def test_thread_count_is_lowered_for_a_block_and_restored():
     assert json.loads(r.stdout.strip().splitlines()[-1]) == [1, 2, 2]
 
 
+@pytest.mark.parametrize("threads,lane", [(1, 1), (2, 1), (4, None), (16, None), (None, None)])
+def test_lanes_go_single_threaded_only_at_two_threads_or_fewer(threads, lane, monkeypatch):
+    # OpenBLAS runs multi-threaded GEMMs of two callers one at a time: halving would only slow them
+    monkeypatch.setattr(blas, "_state", {"state": "loaded", "kind": "openblas", "threads": threads})
+    assert blas.lane_threads() == lane
+
+
 def test_thread_control_is_a_no_op_without_an_optimised_blas():
     r = run_py("from reap_stream import blas; blas.ensure_blas()\n"
                "with blas.blas_threads(1):\n    print('ran', blas.lane_threads())", "none")
