@@ -130,11 +130,13 @@ def _metadata(writer, arch: str, config: dict, ckpt: Checkpoint) -> None:
             continue
         add = {"u32": writer.add_uint32, "f32": writer.add_float32, "bool": writer.add_bool}[vt]
         add(f"{arch}.{gkey}", {"u32": int, "f32": float, "bool": bool}[vt](v))
-    vocab = json.loads((ckpt.root / "tokenizer.json").read_text())["model"]["vocab"]
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    bpe = json.loads((ckpt.root / "tokenizer.json").read_text())["model"]
+    tokens = [t for t, _ in sorted(bpe["vocab"].items(), key=lambda kv: kv[1])]
     writer.add_string("tokenizer.ggml.model", "gpt2")
     writer.add_array("tokenizer.ggml.tokens", tokens)
     writer.add_array("tokenizer.ggml.token_type", [1] * len(tokens))
+    # llama.cpp refuses a gpt2 vocabulary without its merges ("a b" per merge, rank order)
+    writer.add_array("tokenizer.ggml.merges", [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
 
 
 def _write(out: Path, arch: str, config: dict, ckpt: Checkpoint, tensors: list[tuple[str, np.ndarray, object]],
@@ -156,11 +158,27 @@ def _write(out: Path, arch: str, config: dict, ckpt: Checkpoint, tensors: list[t
     return [out]
 
 
+def _rope_halves_to_pairs(w: np.ndarray, heads: int) -> np.ndarray:
+    """Rows of a q/k projection reordered per head from mlx_lm's rotate-half RoPE layout to the
+    interleaved pairs llama.cpp's "llama" arch rotates (its converter does the same)."""
+    per_head = w.shape[0] // heads
+    return w.reshape(heads, 2, per_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# arch -> {llama.cpp tensor suffix: config key of its head count}: q/k rows llama.cpp expects
+# permuted for its RoPE
+_ROPE_PERMUTED = {"llama": {"attn_q.weight": "num_attention_heads", "attn_k.weight": "num_key_value_heads"}}
+
+
 def _tensors(ckpt: Checkpoint, qtype: str) -> list[tuple[str, np.ndarray, object]]:
+    permuted = _ROPE_PERMUTED.get(FAMILIES[ckpt.config["model_type"]].gguf_arch, {})
     out = []
     for name in sorted(ckpt.tensors, key=_natural):
         gname = gguf_name(name)
         arr = to_float32(ckpt.tensors[name])
+        heads_key = next((k for suffix, k in permuted.items() if gname.endswith(suffix)), None)
+        if heads_key is not None:
+            arr = _rope_halves_to_pairs(arr, int(ckpt.config[heads_key]))
         t = _qtype(qtype, gname, arr)
         out.append((gname, _encode(arr, t), t))
     return out
