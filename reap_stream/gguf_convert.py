@@ -120,16 +120,45 @@ def _encode(arr: np.ndarray, t) -> np.ndarray:
     return quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), t)
 
 
+def _mla_keys(config: dict) -> dict:
+    """deepseek2's attention as llama.cpp reads it: MLA stored as one wide KV head (its converter's
+    convention), sigmoid gating (2)."""
+    kv, rope = int(config["kv_lora_rank"]), int(config["qk_rope_head_dim"])
+    return {"attention.q_lora_rank": ("u32", config["q_lora_rank"]), "attention.kv_lora_rank": ("u32", kv),
+            "attention.key_length": ("u32", kv + rope), "attention.value_length": ("u32", kv),
+            "attention.key_length_mla": ("u32", int(config["qk_nope_head_dim"]) + rope),
+            "attention.value_length_mla": ("u32", config["v_head_dim"]), "attention.head_count_kv": ("u32", 1),
+            "rope.dimension_count": ("u32", rope), "expert_gating_func": ("u32", 2)}
+
+
+def _gpt_oss_keys(config: dict) -> dict:
+    """gpt-oss as llama.cpp reads it: expert width, sliding window, YaRN RoPE scaling."""
+    keys = {"expert_feed_forward_length": ("u32", config["intermediate_size"]),
+            "attention.sliding_window": ("u32", config["sliding_window"]),
+            "attention.key_length": ("u32", config["head_dim"]), "attention.value_length": ("u32", config["head_dim"])}
+    yarn = config.get("rope_scaling") or {}
+    if yarn.get("rope_type") == "yarn":
+        keys.update({"rope.scaling.type": ("str", "yarn"), "rope.scaling.factor": ("f32", yarn["factor"]),
+                     "rope.scaling.original_context_length": ("u32", yarn["original_max_position_embeddings"])})
+    return keys
+
+
+# arch -> keys llama.cpp needs beyond the config.json table (they win over it)
+_ARCH_KEYS = {"deepseek2": _mla_keys, "gpt-oss": _gpt_oss_keys}
+
+
 def _metadata(writer, arch: str, config: dict, ckpt: Checkpoint) -> None:
     fam = FAMILIES[config["model_type"]]
     writer.add_string("general.name", f"reap-stream tiny {config['model_type']}")
-    writer.add_uint32(f"{arch}.expert_count", int(config[fam.experts_key]))
+    keys = {"expert_count": ("u32", config[fam.experts_key])}
     for ckey, (gkey, vt) in _CONFIG_KEYS.items():
         v = config.get(ckey)
-        if v is None or isinstance(v, (list, dict)):
-            continue
-        add = {"u32": writer.add_uint32, "f32": writer.add_float32, "bool": writer.add_bool}[vt]
-        add(f"{arch}.{gkey}", {"u32": int, "f32": float, "bool": bool}[vt](v))
+        if v is not None and not isinstance(v, (list, dict)):
+            keys[gkey] = (vt, v)
+    keys.update(_ARCH_KEYS.get(arch, lambda c: {})(config))
+    for gkey, (vt, v) in keys.items():
+        add = {"u32": writer.add_uint32, "f32": writer.add_float32, "bool": writer.add_bool, "str": writer.add_string}[vt]
+        add(f"{arch}.{gkey}", {"u32": int, "f32": float, "bool": bool, "str": str}[vt](v))
     bpe = json.loads((ckpt.root / "tokenizer.json").read_text())["model"]
     tokens = [t for t, _ in sorted(bpe["vocab"].items(), key=lambda kv: kv[1])]
     writer.add_string("tokenizer.ggml.model", "gpt2")
@@ -170,11 +199,19 @@ def _rope_halves_to_pairs(w: np.ndarray, heads: int) -> np.ndarray:
 _ROPE_PERMUTED = {"llama": {"attn_q.weight": "num_attention_heads", "attn_k.weight": "num_key_value_heads"}}
 
 
+# arch -> {generic llama.cpp tensor suffix: the arch's own}
+_ARCH_NAMES = {"gpt-oss": {"ffn_norm.weight": "post_attention_norm.weight"}}
+
+
 def _tensors(ckpt: Checkpoint, qtype: str) -> list[tuple[str, np.ndarray, object]]:
-    permuted = _ROPE_PERMUTED.get(FAMILIES[ckpt.config["model_type"]].gguf_arch, {})
+    arch = FAMILIES[ckpt.config["model_type"]].gguf_arch
+    permuted, renamed = _ROPE_PERMUTED.get(arch, {}), _ARCH_NAMES.get(arch, {})
     out = []
     for name in sorted(ckpt.tensors, key=_natural):
         gname = gguf_name(name)
+        for generic, own in renamed.items():
+            if gname.endswith("." + generic):
+                gname = gname[: -len(generic)] + own
         arr = to_float32(ckpt.tensors[name])
         heads_key = next((k for suffix, k in permuted.items() if gname.endswith(suffix)), None)
         if heads_key is not None:
