@@ -10,7 +10,7 @@ import time
 
 import click
 
-from .blas import ENV_VAR, INSTALL_HINT, ensure_blas
+from .blas import ENV_VAR, INSTALL_HINT, ensure_blas, lane_threads
 
 _PACKAGES = ("mlx", "mlx-lm", "numpy", "safetensors", "gguf", "zarr", "datasets", "transformers", "tokenizers")
 _PROBE_SHAPE = (4096, 256, 512)  # M, K, N of the float32 matmul probe
@@ -55,6 +55,7 @@ def diagnose(probe: bool = True) -> dict:
         "memory": {"total_gib": round(mem.total / 2**30, 1), "available_gib": round(mem.available / 2**30, 1)},
         "mlx": {"default_device": str(mx.default_device()), "metal": bool(mx.metal.is_available())},
         "blas": blas,
+        "lanes": _lanes(mx.default_device() == mx.cpu, blas),
         "packages": {name: _version(name) for name in _PACKAGES},
         "hub_offline": any(os.environ.get(v, "").lower() in ("1", "true", "yes")
                            for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")),
@@ -62,6 +63,24 @@ def diagnose(probe: bool = True) -> dict:
     if probe:
         report["matmul_probe"] = _matmul_probe()
     return report
+
+
+def _lanes(on_cpu: bool, blas: dict) -> dict:
+    """How stream mode uses the CPU (runner.Lanes): two MLX streams, and what each gets of the BLAS."""
+    if not on_cpu:
+        return {"cpu_lanes": 0}
+    single = lane_threads() == 1
+    return {"cpu_lanes": 2, "blas_threads_per_lane": 1 if single else blas.get("threads"),
+            "experts_shared_out": single}
+
+
+def _lanes_line(lanes: dict) -> str:
+    if not lanes["cpu_lanes"]:
+        return "one GPU stream"
+    per = lanes["blas_threads_per_lane"]
+    if lanes["experts_shared_out"]:
+        return "2 CPU streams, single-threaded BLAS each; attention halves and experts shared out"
+    return f"2 CPU streams for attention halves, BLAS at {per or 'its own'} threads each; experts on one"
 
 
 def _blas_line(b: dict) -> str:
@@ -95,6 +114,7 @@ def doctor_cmd(as_json: bool, probe: bool) -> None:
         f"memory     {m['total_gib']} GiB total, {m['available_gib']} GiB available",
         f"mlx        {r['packages']['mlx']} on {r['mlx']['default_device']}",
         f"blas       {_blas_line(r['blas'])}",
+        f"lanes      {_lanes_line(r['lanes'])}",
     ]
     if probe:
         q = r["matmul_probe"]

@@ -171,6 +171,9 @@ def test_doctor_json_reports_the_blas_and_a_matmul_probe():
     assert report["packages"]["mlx"] and report["memory"]["total_gib"] > 0
     if OPENBLAS:
         assert report["blas"]["kind"] == "openblas"
+        single = report["blas"]["threads"] <= 2
+        assert report["lanes"] == {"cpu_lanes": 2, "blas_threads_per_lane": 1 if single else report["blas"]["threads"],
+                                   "experts_shared_out": single}
 
 
 def test_doctor_text_names_a_disabled_blas_without_probe():
