@@ -126,7 +126,7 @@ def default_work_dir(out: Path) -> Path:
 
 # ------------------------------------------------------------------ collect
 
-def collect(model_dir: str | Path, calib, out: str | Path, work_dir: str | Path | None = None,
+def collect(model_dir: str | Path | Checkpoint, calib, out: str | Path, work_dir: str | Path | None = None,
             options: CollectOptions = CollectOptions(), progress: bool = True) -> dict:
     """Collect telemetry of `calib` (a calibration.CalibrationSet) into `out`; returns a summary."""
     from tqdm import tqdm
@@ -142,7 +142,7 @@ def collect(model_dir: str | Path, calib, out: str | Path, work_dir: str | Path 
         raise BadInput("--chunk-tokens", f"must be at least 1 (got {options.chunk_tokens})")
     if not calib.sequences or calib.num_tokens == 0:
         raise BadInput("calibration", "no tokens to collect on")
-    ckpt = Checkpoint.open(model_dir)
+    ckpt = Checkpoint.of(model_dir)
     fam = family_of(ckpt.config, str(ckpt.root / "config.json"))
     structure = checkpoint_structure(ckpt)
     selected = list(structure.moe_layers if options.layers is None else options.layers)
@@ -192,7 +192,7 @@ def collect(model_dir: str | Path, calib, out: str | Path, work_dir: str | Path 
     if options.mode == "stream":
         from .runner import StreamRunner
 
-        runner = StreamRunner(model_dir, work_dir, chunk_tokens=options.chunk_tokens, progress=progress)
+        runner = StreamRunner(ckpt, work_dir, chunk_tokens=options.chunk_tokens, progress=progress)
         chunks = runner.chunks(calib.sequences, calib.batch_size)
         start = runner.next_layer()
         missing = [i for i in selected if i < start and i not in store.layers()]
@@ -207,7 +207,7 @@ def collect(model_dir: str | Path, calib, out: str | Path, work_dir: str | Path 
     else:
         from .runner import MemoryRunner
 
-        runner = MemoryRunner(model_dir, chunk_tokens=options.chunk_tokens, progress=progress)
+        runner = MemoryRunner(ckpt, chunk_tokens=options.chunk_tokens, progress=progress)
         runner.run(runner.chunks(calib.sequences, calib.batch_size), on_moe=on_moe, stop=stop)
         for layer in sorted(accs):
             commit(layer)

@@ -45,7 +45,7 @@ def run_full(model: Path, calibration: CalibrationOptions, out: Path, *, method:
 
     calib = build_calibration(calibration, load_tokenizer(model))
     telemetry = work / "telemetry.zarr"
-    collected = collect(model, calib, telemetry, work / "collect",
+    collected = collect(ckpt, calib, telemetry, work / "collect",
                         CollectOptions(mode=mode, renorm_topk=renorm_topk, chunk_tokens=chunk_tokens),
                         progress=progress)
     plan = make_plan(TelemetryStore.open(telemetry), method=method, ratio=ratio, n_prune=n_prune, keep=keep,

@@ -562,15 +562,16 @@ class HiddenSpill:
 
 # ------------------------------------------------------------------ runners
 
+
 MoECallback = Callable[[int, Chunk, object], None]
 
 
 class StreamRunner:
     """Layer-major forward: one layer's weights in memory, hidden states spilled to work_dir."""
 
-    def __init__(self, model_dir: str | Path, work_dir: str | Path, chunk_tokens: int = 4096,
+    def __init__(self, model_dir: str | Path | Checkpoint, work_dir: str | Path, chunk_tokens: int = 4096,
                  progress: bool = True, parallel: bool = True):
-        self.ckpt = Checkpoint.open(model_dir)
+        self.ckpt = Checkpoint.of(model_dir)
         # run chunks of >= 2 sequences as two half-batches on two CPU streams (same bytes)
         self.parallel = parallel
         self._split_check: SplitCheck | None = None
@@ -798,14 +799,14 @@ class MemoryRunner:
     """The whole model in memory (mlx_lm's load_model, via loader for non-uniform prunes),
     chunk-major, the same hooks."""
 
-    def __init__(self, model_dir: str | Path, chunk_tokens: int = 4096, progress: bool = True):
+    def __init__(self, model_dir: str | Path | Checkpoint, chunk_tokens: int = 4096, progress: bool = True):
         from .loader import load_pruned_model
 
-        self.ckpt = Checkpoint.open(model_dir)
+        self.ckpt = Checkpoint.of(model_dir)
         self.where = str(self.ckpt.root / "config.json")
         family_of(self.ckpt.config, self.where)
         _mx()
-        model, _ = load_pruned_model(model_dir)
+        model, _ = load_pruned_model(self.ckpt.root)
         self.fwd = _Forward(model, self.ckpt.config, self.where)
         self.model = model
         self.chunk_tokens = int(chunk_tokens)
