@@ -60,7 +60,7 @@ def collect_cmd(model_dir: Path, calibration, out: Path, work_dir: Path | None, 
     ckpt = Checkpoint.open(model_dir)
     checkpoint_structure(ckpt)  # unknown model_type / no MoE: refuse before tokenising
     calib = build_calibration(calibration, load_tokenizer(Path(model_dir)))
-    summary = collect(model_dir, calib, out, work_dir, options, progress=not as_json)
+    summary = collect(ckpt, calib, out, work_dir, options, progress=not as_json)
     summary["blas"] = blas_info()
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True))
