@@ -17,7 +17,7 @@ from .criteria import METHODS, NEEDS, lacks, scores
 from .errors import BadInput
 from .plan import LayerPlan, Plan
 from .structure import MoEStructure, check_plan
-from .telemetry import LayerStats, TelemetryStore, layer_key
+from .telemetry import Fingerprint, LayerStats, TelemetryStore, layer_key
 
 BUDGETS = ("uniform", "global")
 SUPER_PERCENTILE = 99.5      # CR: torch.quantile(all max activations, 0.995)
@@ -340,9 +340,11 @@ def make_plan(store: TelemetryStore, *, method: str, ratio: float | None = None,
         raise BadInput(where, f"--skip-layers names layer {bad_skip[0]}, which is not an MoE layer")
 
     observed = {}
+    fp = Fingerprint()  # committed layers come ascending, as TelemetryStore.fingerprint hashes them
     # a bar only on a terminal, erased when done: a refusal stays the one line on stderr
     for layer in tqdm(committed, desc="plan", unit="layer", leave=False, disable=None if progress else True):
         stats = _read_layer(store, layer, o, st.layer_experts[layer], where)
+        fp.add(stats)
         observed[layer] = LayerScores(layer, scores(o.method, stats, seed=o.seed), stats.max_activations)
 
     threshold = super_expert_threshold([ls.max_activations for ls in observed.values()])
@@ -369,7 +371,7 @@ def make_plan(store: TelemetryStore, *, method: str, ratio: float | None = None,
         ratio=o.ratio if o.ratio is not None else round(gone / max(total, 1), 6),
         model=dict(attrs["model"]),
         # no store path: the same store named relatively or absolutely must give the same plan bytes
-        telemetry={"fingerprint": store.fingerprint(), "calibration": calib.get("fingerprint")},
+        telemetry={"fingerprint": fp.hexdigest(), "calibration": calib.get("fingerprint")},
         extra={"provenance": {
             "tool_version": __version__,
             "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(o).items()},

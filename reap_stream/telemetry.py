@@ -76,6 +76,22 @@ class LayerStats:
             np.array_equal(getattr(self, n), getattr(other, n)) for n in self.ARRAYS)
 
 
+class Fingerprint:
+    """TelemetryStore.fingerprint built up layer by layer (ascending), for callers that read every
+    layer anyway (the planner): one pass over the store instead of two."""
+
+    def __init__(self):
+        self._h = hashlib.sha256()
+
+    def add(self, st: LayerStats) -> None:
+        self._h.update(f"{st.layer}:{st.tokens}".encode())
+        for name in LayerStats.ARRAYS:
+            self._h.update(np.ascontiguousarray(getattr(st, name), dtype="<f8").tobytes())
+
+    def hexdigest(self) -> str:
+        return "sha256:" + self._h.hexdigest()
+
+
 def layer_key(layer: int) -> str:
     return f"layer_{layer:03d}"
 
@@ -125,13 +141,10 @@ class TelemetryStore:
 
     def fingerprint(self) -> str:
         """sha256 over every committed layer's arrays and token count."""
-        h = hashlib.sha256()
+        fp = Fingerprint()
         for layer in self.layers():
-            st = self.read(layer)
-            h.update(f"{layer}:{st.tokens}".encode())
-            for name in LayerStats.ARRAYS:
-                h.update(np.ascontiguousarray(getattr(st, name), dtype="<f8").tobytes())
-        return "sha256:" + h.hexdigest()
+            fp.add(self.read(layer))
+        return fp.hexdigest()
 
     def commit(self, stats: LayerStats) -> None:
         """Write one layer atomically: into a temporary directory, then rename into place."""
