@@ -16,9 +16,10 @@ from reap_stream.checkpoint import Checkpoint
 from reap_stream.cli import cli
 from reap_stream import eval as reap_eval
 from reap_stream.eval import perplexity
-from reap_stream.plan import LayerPlan, Plan
-from reap_stream.structure import checkpoint_structure, fingerprint
+from reap_stream.plan import Plan
+from reap_stream.structure import checkpoint_structure
 from refusal import error_line
+from test_apply import make_plan
 
 ensure_blas()
 import mlx.core as mx  # noqa: E402
@@ -53,20 +54,6 @@ def run_json(*args: str) -> dict:
     res = invoke(*args, "--json")
     assert res.exit_code == 0, res.output
     return json.loads(res.output.strip().splitlines()[-1])
-
-
-def uniform_plan(model_dir: Path, n_prune: int, *, seed: int = 0) -> Plan:
-    """Prune `n_prune` seeded-random experts from every MoE layer (a valid, uniform plan)."""
-    ckpt = Checkpoint.open(model_dir)
-    st = checkpoint_structure(ckpt)
-    rng = np.random.default_rng(seed)
-    layers = {}
-    for layer in st.moe_layers:
-        pruned = sorted(int(e) for e in rng.choice(st.layer_experts[layer], n_prune, replace=False))
-        kept = [e for e in range(st.layer_experts[layer]) if e not in pruned]
-        layers[layer] = LayerPlan(kept, pruned)
-    model = {"model_type": st.model_type, "num_layers": st.num_layers, "fingerprint": fingerprint(ckpt)}
-    return Plan(layers=layers, method="random", model=model)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +140,7 @@ def pruned_pair(fixture_model, tmp_path_factory):
     src = fixture_model("qwen3_moe")
     root = tmp_path_factory.mktemp("pruned")
     plan_path = root / "plan.json"
-    uniform_plan(src, n_prune=4).save(plan_path)
+    make_plan(src, n_prune=4).save(plan_path)
     res = invoke("apply", src, plan_path, "--out", root / "out", "--quiet")
     assert res.exit_code == 0, res.output
     return src, plan_path, root / "out"
@@ -232,14 +219,14 @@ def test_eval_with_a_missing_dataset_file(fixture_model, tmp_path):
 def test_eval_with_a_bad_mask_plan(fixture_model, tmp_path, fault, needle):
     model_dir = fixture_model("qwen3_moe")
     path = tmp_path / "plan.json"
-    plan = uniform_plan(model_dir, n_prune=2)
+    plan = make_plan(model_dir, n_prune=2)
     if fault == "not_json":
         path.write_text("{ not json")
     elif fault != "missing":
         if fault == "other_model":
             plan.model["fingerprint"] = "sha256:" + "0" * 64
         elif fault == "below_top_k":
-            plan = uniform_plan(model_dir, n_prune=7)
+            plan = make_plan(model_dir, n_prune=7)
         elif fault == "not_moe_layer":
             plan.layers[99] = plan.layers[0]
         plan.save(path)
@@ -319,7 +306,6 @@ def test_eval_streams_a_non_uniform_prune_like_its_masked_original(fixture_model
 
     from reap_stream.cli import cli
     from reap_stream.eval import perplexity
-    from test_apply import make_plan
 
     src = fixture_model("qwen3_moe")
     plan = make_plan(src, per_layer={0: 1, 1: 3, 2: 2, 3: 4})
