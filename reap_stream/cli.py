@@ -9,21 +9,35 @@ import click
 from . import __version__
 from .errors import BadInput
 
-# command name -> "module:attribute" of its click command
+# command name -> ("module:attribute" of its click command, the first line of its help). The
+# summaries are here so that `reap-stream --help` imports no command module (tests/test_cli.py
+# keeps them equal to the commands' own).
 COMMANDS = {
-    "apply": "reap_stream.apply_cmd:apply_cmd",
-    "plan": "reap_stream.plan_cmd:plan_cmd",
-    "init": "reap_stream.plan_cmd:init_cmd",
-    "parity": "reap_stream.parity_cmd:parity_cmd",
-    "report": "reap_stream.report_cmd:report_cmd",
-    "verify": "reap_stream.verify_cmd:verify_cmd",
-    "doctor": "reap_stream.doctor_cmd:doctor_cmd",
-    "full": "reap_stream.full_cmd:full_cmd",
-    "demo": "reap_stream.full_cmd:demo_cmd",
-    "collect": "reap_stream.collect_cmd:collect_cmd",
-    "merge": "reap_stream.collect_cmd:merge_cmd",
-    "eval": "reap_stream.eval_cmd:eval_cmd",
-    "compare": "reap_stream.eval_cmd:compare_cmd",
+    "apply": ("reap_stream.apply_cmd:apply_cmd",
+              "Apply PLAN to MODEL (a safetensors model directory or a GGUF file) and write OUT."),
+    "plan": ("reap_stream.plan_cmd:plan_cmd", "Choose the experts to prune from TELEMETRY and write a plan."),
+    "init": ("reap_stream.plan_cmd:init_cmd",
+             "Write synthetic telemetry (varied experts, never-routed ones, a super expert) for demos and tests."),
+    "parity": ("reap_stream.parity_cmd:parity_cmd",
+               "Compare telemetry stores LEFT and RIGHT; exit 1 when they disagree on what to prune."),
+    "report": ("reap_stream.report_cmd:report_cmd",
+               "Summarise TELEMETRY (and a plan made from it) as markdown and PNG figures."),
+    "verify": ("reap_stream.verify_cmd:verify_cmd",
+               "Check OUT_DIR's manifest checksums, tensor shapes against config.json, and the plan record "
+               "(or, for a recompacted .gguf file, its layout and expert counts)."),
+    "doctor": ("reap_stream.doctor_cmd:doctor_cmd",
+               "Report the BLAS, MLX device, memory and package versions reap-stream will use."),
+    "full": ("reap_stream.full_cmd:full_cmd", "Collect telemetry, plan and apply in one resumable run."),
+    "demo": ("reap_stream.full_cmd:demo_cmd",
+             "Generate a tiny MoE, prune it with REAP end to end, and check the result."),
+    "collect": ("reap_stream.collect_cmd:collect_cmd",
+                "Collect REAP telemetry of MODEL_DIR on calibration text into --out."),
+    "merge": ("reap_stream.collect_cmd:merge_cmd",
+              "Add telemetry stores of one model collected on disjoint calibration shards."),
+    "eval": ("reap_stream.eval_cmd:eval_cmd",
+             "Perplexity of MODEL_DIR on --prompt / --dataset-file text, computed layer by layer."),
+    "compare": ("reap_stream.eval_cmd:compare_cmd",
+                "Max and mean |logit difference| of MODEL_A and MODEL_B on the same tokens (A's tokenizer)."),
 }
 
 
@@ -32,11 +46,14 @@ class LazyGroup(click.Group):
         return sorted(COMMANDS)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        target = COMMANDS.get(name)
-        if target is None:
+        if name not in COMMANDS:
             return None
-        module, attr = target.split(":")
+        module, attr = COMMANDS[name][0].split(":")
         return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, summary) for name, (_, summary) in sorted(COMMANDS.items())])
 
     def invoke(self, ctx: click.Context):
         try:
