@@ -363,7 +363,7 @@ def build_calibration(opts: CalibrationOptions, tokenizer: Any) -> CalibrationSe
 def save_tokens(calib: CalibrationSet, path: str | Path) -> Path:
     """Write the token ids as a Zarr v3 group (flat `tokens` int32 + `offsets` int64), atomically:
     into a temporary directory, renamed into place when complete."""
-    import zarr
+    from . import zarr_io
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -372,13 +372,11 @@ def save_tokens(calib: CalibrationSet, path: str | Path) -> Path:
     flat = np.concatenate(calib.sequences).astype(np.int32)
     offsets = np.zeros(len(calib.sequences) + 1, dtype=np.int64)
     np.cumsum([len(s) for s in calib.sequences], out=offsets[1:])
-    g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-    g.attrs.update({"format": CALIBRATION_FORMAT, "schema_version": CALIBRATION_SCHEMA_VERSION,
-                    **calib.summary(), "batch_size": calib.batch_size, "shaping": calib.shaping})
-    for name, data in (("tokens", flat), ("offsets", offsets)):
-        arr = g.create_array(name, shape=data.shape, dtype=data.dtype, chunks=(min(len(data), 1 << 20),),
-                             fill_value=0)
-        arr[...] = data
+    # written directly (one raw chunk each, as zarr-python would store it): always read whole
+    zarr_io.write_group(tmp, {"format": CALIBRATION_FORMAT, "schema_version": CALIBRATION_SCHEMA_VERSION,
+                              **calib.summary(), "batch_size": calib.batch_size, "shaping": calib.shaping})
+    zarr_io.write_array(tmp / "tokens", flat)
+    zarr_io.write_array(tmp / "offsets", offsets)
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
