@@ -80,8 +80,8 @@ class Accumulator:
         e_count = st.num_experts
         inds = cap.inds                                         # [T, k]
         t, k = inds.shape
-        probs = np.array(cap.routed.probs, dtype=np.float64).reshape(t, -1)
-        g = np.take_along_axis(probs, inds, axis=1)
+        # the k selected probabilities, upcast after the pick (float32 -> float64 is exact)
+        g = np.take_along_axis(np.array(cap.routed.probs).reshape(t, -1), inds, axis=1).astype(np.float64)
         if self.renorm_topk:
             g = g / g.sum(axis=1, keepdims=True)
         b = cap.batch
@@ -151,7 +151,7 @@ def collect(model_dir: str | Path | Checkpoint, calib, out: str | Path, work_dir
         raise BadInput("--layers", f"layer {not_moe[0]} is not an MoE layer (MoE layers: "
                                    f"{', '.join(map(str, structure.moe_layers))})")
     attrs = {
-        "model": {**structure.to_json(), "fingerprint": fingerprint(ckpt)},
+        "model": {**structure.to_json(), "fingerprint": fingerprint(ckpt, structure)},
         "calibration": calib.summary(),
         "routing": {"renorm_topk": options.renorm_topk, "routing": fam.routing.value,
                     "capture": "exact (model's own router and selection)"},
@@ -273,9 +273,10 @@ def merge(paths: list[str | Path], out: str | Path) -> dict:
     if out.exists():
         raise BadInput(out, "already exists; choose another --out or delete it")
     seen: dict[str, Path] = {}
-    first = TelemetryStore.open(paths[0]).attrs
+    first = None
     for p in paths:
         attrs = TelemetryStore.open(p).attrs
+        first = attrs if first is None else first
         if attrs.get("model") != first.get("model"):
             raise BadInput(p, f"model differs from {paths[0]} (telemetry of another model)")
         cal = (attrs.get("calibration") or {}).get("fingerprint")

@@ -707,7 +707,7 @@ class StreamRunner:
 
     def run(self, chunks: list[Chunk], on_moe: MoECallback | None = None,
             mask: dict[int, list[int]] | None = None, stop: int | None = None,
-            on_layer_done: Callable[[int], None] | None = None, self_check: bool = True) -> Iterator[int]:
+            on_layer_done: Callable[[int], None] | None = None) -> Iterator[int]:
         """Stream layers next_layer()..stop-1 (default: all); yields each finished layer."""
         mx = _mx()
         from .masking import mask_experts
@@ -729,7 +729,7 @@ class StreamRunner:
             for c in self._bar(chunks, f"layer {i}"):
                 h = self.spill.read(i, c.index)
                 cb = None if on_moe is None else (lambda cap, c=c, i=i: on_moe(i, c, cap))
-                check = self_check and c.index == 0
+                check = c.index == 0  # the self-check: every layer's first chunk
                 if self._split(i, c.tokens.shape):
                     out = split_layer_forward(self.fwd, shared_lanes(), i, h, c.tokens, cb, check)
                 else:
@@ -819,8 +819,7 @@ class MemoryRunner:
     _bar = StreamRunner._bar
 
     def run(self, chunks: list[Chunk], on_moe: MoECallback | None = None,
-            mask: dict[int, list[int]] | None = None, stop: int | None = None,
-            self_check: bool = True) -> list:
+            mask: dict[int, list[int]] | None = None, stop: int | None = None) -> list:
         """Final hidden state per chunk, after layers 0..stop-1."""
         mx = _mx()
         from .masking import mask_experts
@@ -835,7 +834,7 @@ class MemoryRunner:
             h = tracers[0].x
             for i in range(stop):
                 cb = None if on_moe is None else (lambda cap, c=c, i=i: on_moe(i, c, cap))
-                h = self.fwd.layer_forward(i, h, tracers[i], cb, self_check and c.index == 0, pair)
+                h = self.fwd.layer_forward(i, h, tracers[i], cb, c.index == 0, pair)
                 mx.eval(h)
             outs.append(h)
         return outs
