@@ -24,7 +24,7 @@ from . import __version__
 from .checkpoint import INDEX_NAME, Checkpoint, sha256_file
 from .errors import BadInput
 from .families import Family, classify, family_of
-from .plan import Plan
+from .plan import Plan, kept_runs
 from .structure import check_plan, checkpoint_structure, fingerprint
 
 MANIFEST_NAME = "reap_manifest.json"
@@ -104,14 +104,7 @@ class Layout:
 def _row_ranges(ref_file: Path, start: int, nbytes: int, rows: int, keep: list[int]) -> list[tuple[Path, int, int]]:
     """Byte ranges of rows `keep` (ascending) along axis 0, consecutive rows merged."""
     stride = nbytes // rows
-    ranges: list[tuple[Path, int, int]] = []
-    for e in keep:
-        lo, hi = start + e * stride, start + (e + 1) * stride
-        if ranges and ranges[-1][2] == lo:
-            ranges[-1] = (ref_file, ranges[-1][1], hi)
-        else:
-            ranges.append((ref_file, lo, hi))
-    return ranges
+    return [(ref_file, start + first * stride, start + (first + n) * stride) for first, n in kept_runs(keep)]
 
 
 def _renumbered(name: str, fam: Family, keep_index: dict[int, dict[int, int]]) -> str | None:

@@ -46,8 +46,7 @@ def apply_cmd(model: Path, plan_path: Path, out: Path, dry_run: bool, max_shard_
 
     if is_gguf(model):
         from .gguf_apply import apply_gguf
-        summary = apply_gguf(model, plan, out, overwrite=overwrite, dry_run=dry_run,
-                             ignore_fingerprint=ignore_fingerprint, buffer_bytes=buffer_bytes,
+        summary = apply_gguf(model, plan, out, overwrite=overwrite, dry_run=dry_run, buffer_bytes=buffer_bytes,
                              plan_where=str(plan_path), progress=not quiet and not as_json)
     elif model.is_file() and model.suffix == ".gguf":
         raise BadInput(model, "not a GGUF file (bad magic)")

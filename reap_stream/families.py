@@ -30,7 +30,6 @@ class Family:
     hf_experts: str = "experts"   # per-expert modules under the block (HF layout)
     hf_names: dict[str, str] | None = None  # HF per-expert projection -> mlx_lm projection
     shared: str | None = None     # shared-expert module, never pruned
-    renorm_key: str | None = "norm_topk_prob"
     gguf_arch: str | None = None
 
 
@@ -45,9 +44,9 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
            hf_names=_SWIGLU, gguf_arch="olmoe"),
     Family("mixtral", "num_local_experts", Routing.TOPK_SOFTMAX, "block_sparse_moe", "switch_mlp",
            "gate", hf_names={"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"},
-           renorm_key=None, gguf_arch="llama"),
+           gguf_arch="llama"),
     Family("gpt_oss", "num_local_experts", Routing.TOPK_SOFTMAX, "mlp", "experts", "router",
-           renorm_key=None, gguf_arch="gpt-oss"),
+           gguf_arch="gpt-oss"),
     Family("deepseek_v3", "n_routed_experts", Routing.SIGMOID_GROUP, "mlp", "switch_mlp", "gate",
            hf_names=_SWIGLU, shared="shared_experts", gguf_arch="deepseek2"),
     Family("glm4_moe", "n_routed_experts", Routing.SIGMOID_GROUP, "mlp", "switch_mlp", "gate",

@@ -20,11 +20,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .apply import _copy_range, _write_all
 from .errors import BadInput
 from .families import FAMILIES
 from .gguf_layout import (KV, GGUFFile, OutTensor, VType, encode_header, encode_kv,
                           align, plan_offsets, read_model, split_name, SPLIT_PATTERN)
-from .plan import Plan
+from .plan import Plan, kept_runs
 from .structure import MoEStructure, check_plan
 
 COMPACT_LAYOUT = "ds4-compact-v1"
@@ -46,16 +47,20 @@ _SWIGLU = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
 _SWIGLU_BIAS = ("ffn_gate_exps.bias", "ffn_up_exps.bias", "ffn_down_exps.bias")
 _SCORE_BIAS = ("exp_probs_b.bias",)
 
+# GGUF architecture -> mlx_lm / HF model_type: the inverse of Family.gguf_arch, so the two
+# tables cannot drift apart; deepseek4 has no mlx_lm family
+_MODEL_TYPE = {f.gguf_arch: f.model_type for f in FAMILIES.values() if f.gguf_arch}
+
 # per-architecture GGUF tensor-name knowledge; shared experts (`*_shexp`, `ffn_gate_inp_shexp`)
 # are absent on purpose: they are never pruned and are copied unchanged.
 GGUF_ARCHS: dict[str, GGUFArch] = {
-    "qwen3moe": GGUFArch("qwen3_moe", _ROUTER + _SWIGLU),
-    "qwen2moe": GGUFArch("qwen2_moe", _ROUTER + _SWIGLU),
-    "olmoe": GGUFArch("olmoe", _ROUTER + _SWIGLU),
-    "llama": GGUFArch("mixtral", _ROUTER + _SWIGLU),
-    "deepseek2": GGUFArch("deepseek_v3", _ROUTER + _SCORE_BIAS + _SWIGLU),
-    "glm4moe": GGUFArch("glm4_moe", _ROUTER + _SCORE_BIAS + _SWIGLU),
-    "gpt-oss": GGUFArch("gpt_oss", _ROUTER + ("ffn_gate_inp.bias",) + _SWIGLU + _SWIGLU_BIAS),
+    "qwen3moe": GGUFArch(_MODEL_TYPE["qwen3moe"], _ROUTER + _SWIGLU),
+    "qwen2moe": GGUFArch(_MODEL_TYPE["qwen2moe"], _ROUTER + _SWIGLU),
+    "olmoe": GGUFArch(_MODEL_TYPE["olmoe"], _ROUTER + _SWIGLU),
+    "llama": GGUFArch(_MODEL_TYPE["llama"], _ROUTER + _SWIGLU),
+    "deepseek2": GGUFArch(_MODEL_TYPE["deepseek2"], _ROUTER + _SCORE_BIAS + _SWIGLU),
+    "glm4moe": GGUFArch(_MODEL_TYPE["glm4moe"], _ROUTER + _SCORE_BIAS + _SWIGLU),
+    "gpt-oss": GGUFArch(_MODEL_TYPE["gpt-oss"], _ROUTER + ("ffn_gate_inp.bias",) + _SWIGLU + _SWIGLU_BIAS),
     "deepseek4": GGUFArch(
         "deepseek_v4",
         _ROUTER + _SCORE_BIAS + _SWIGLU
@@ -194,17 +199,6 @@ class OutPart:
         return len(self.header) + (align(last.offset + last.nbytes, self.source.alignment) if last else 0)
 
 
-def _runs(ids: list[int]) -> list[tuple[int, int]]:
-    """Ascending ids as (first, count) runs, so adjacent kept experts copy as one range."""
-    runs: list[tuple[int, int]] = []
-    for e in ids:
-        if runs and runs[-1][0] + runs[-1][1] == e:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((e, 1))
-    return runs
-
-
 def _out_tensors(part: GGUFFile, spec: GGUFArch, kept: dict[int, list[int]]) -> list[OutTensor]:
     planned = []
     for t in part.tensors:
@@ -214,7 +208,7 @@ def _out_tensors(part: GGUFFile, spec: GGUFArch, kept: dict[int, list[int]]) -> 
             planned.append((t.name, t.ne, t.ggml_type, t.nbytes, ((t.start, t.nbytes),), False))
             continue
         stride = t.outer_stride
-        pieces = tuple((t.start + first * stride, n * stride) for first, n in _runs(ids))
+        pieces = tuple((t.start + first * stride, n * stride) for first, n in kept_runs(ids))
         planned.append((t.name, t.ne[:-1] + (len(ids),), t.ggml_type, len(ids) * stride, pieces, True))
     offsets = plan_offsets([p[3] for p in planned], part.alignment)
     return [OutTensor(name, ne, typ, off, nbytes, pieces, sliced)
@@ -234,12 +228,12 @@ def _out_paths(out: Path, n_parts: int) -> list[Path]:
     return [out.with_name(split_name(prefix, i + 1, n_parts)) for i in range(n_parts)]
 
 
-def _layer_policy(gm: GGUFModel, kept: dict[int, list[int]]) -> tuple[list[int], list[int], list[int]]:
+def _layer_policy(gm: GGUFModel, after: dict[int, int]) -> tuple[list[int], list[int], list[int]]:
     st = gm.structure
     policy, count, keep = [], [], []
     for L in range(st.num_layers):
         n = st.layer_experts.get(L, 0)
-        k = len(kept.get(L, range(n)))
+        k = after.get(L, 0)
         if L in gm.hash_layers:
             policy.append(POLICY_HASH_PRESERVED)
         elif k < n:
@@ -254,14 +248,14 @@ def _layer_policy(gm: GGUFModel, kept: dict[int, list[int]]) -> tuple[list[int],
 def plan_layout(gm: GGUFModel, plan: Plan, out: Path, where: str) -> tuple[list[OutPart], dict]:
     """Every output header and tensor's source ranges, before any byte is written."""
     st, arch = gm.structure, gm.arch
-    kept = {L: list(lp.kept) for L, lp in plan.layers.items()}
+    kept = plan.kept_map()
     after = {L: len(kept.get(L, range(n))) for L, n in st.layer_experts.items()}
     counts = sorted(set(after.values()))
     edits: dict[str, bytes] = {}
     additions: dict[str, bytes] = {}
     if gm.spec.compact_layout:
         layout = gm.spec.compact_layout
-        policy, count, keep = _layer_policy(gm, kept)
+        policy, count, keep = _layer_policy(gm, after)
         additions = {
             "reap.enabled": encode_kv("reap.enabled", VType.BOOL, True),
             "reap.layout": encode_kv("reap.layout", VType.STRING, layout),
@@ -293,31 +287,24 @@ def plan_layout(gm: GGUFModel, plan: Plan, out: Path, where: str) -> tuple[list[
 # ---------------------------------------------------------------- writing
 
 def _write_part(part: OutPart, tmp: Path, buf: memoryview, bar: tqdm) -> None:
+    # the safetensors apply's range copy: copy_file_range where it can, short writes retried
     align = part.source.alignment
     with open(part.source.path, "rb", buffering=0) as src, open(tmp, "wb", buffering=0) as dst:
-        dst.write(part.header)
+        _write_all(dst.fileno(), part.header)
         for t in part.tensors:
             for start, length in t.pieces:
-                src.seek(start)
-                while length:
-                    n = src.readinto(buf[:min(length, len(buf))])
-                    if not n:
-                        raise BadInput(part.source.path, "file shrank while being read")
-                    dst.write(buf[:n])
-                    length -= n
-                    bar.update(n)
-            dst.write(bytes(-t.nbytes % align))
+                _copy_range(src.fileno(), dst.fileno(), start, start + length, buf, part.source.path)
+                bar.update(length)
+            _write_all(dst.fileno(), bytes(-t.nbytes % align))
         os.fsync(dst.fileno())
 
 
 def apply_gguf(model: Path, plan: Plan, out: Path, *, overwrite: bool, dry_run: bool,
-               ignore_fingerprint: bool = False, buffer_bytes: int = 8 << 20,
-               plan_where: str | Path = "plan", progress: bool = True) -> dict:
+               buffer_bytes: int = 8 << 20, plan_where: str | Path = "plan", progress: bool = True) -> dict:
     """Write `out` (or its split parts): `model` with the plan's pruned experts removed.
 
-    Returns a JSON-able summary. `ignore_fingerprint` is accepted for symmetry with the
-    safetensors apply: a GGUF is always matched to the plan by structure, never by file hash.
-    `progress=False` hides the byte bar (apply --quiet / --json).
+    Returns a JSON-able summary; a GGUF is always matched to the plan by structure, never by
+    file hash. `progress=False` hides the byte bar (apply --quiet / --json).
     """
     model, out, where = Path(model), Path(out), str(plan_where)
     gm = open_gguf(model)

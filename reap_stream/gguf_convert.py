@@ -19,10 +19,14 @@ import os
 import re
 from pathlib import Path
 
+import gguf
 import numpy as np
+from gguf import quants
+from gguf.constants import GGMLQuantizationType as T
 
 from .checkpoint import Checkpoint, to_float32
 from .families import FAMILIES
+from .gguf_apply import _BLK
 from .storage import build_once
 
 QTYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -100,8 +104,6 @@ def gguf_name(name: str) -> str:
 def _qtype(qtype: str, gname: str, arr: np.ndarray):
     """ggml type of one tensor: 1-D tensors and biases stay F32 (as llama.cpp writes them),
     routers stay F32 under block quantisation (llama-quantize leaves ffn_gate_inp alone)."""
-    from gguf.constants import GGMLQuantizationType as T
-
     if qtype == "f32" or arr.ndim < 2 or not gname.endswith(".weight"):
         return T.F32
     if qtype == "f16":
@@ -112,9 +114,6 @@ def _qtype(qtype: str, gname: str, arr: np.ndarray):
 
 
 def _encode(arr: np.ndarray, t) -> np.ndarray:
-    from gguf import quants
-    from gguf.constants import GGMLQuantizationType as T
-
     if t == T.F32:
         return np.ascontiguousarray(arr, dtype=np.float32)
     return quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), t)
@@ -170,8 +169,6 @@ def _metadata(writer, arch: str, config: dict, ckpt: Checkpoint) -> None:
 
 def _write(out: Path, arch: str, config: dict, ckpt: Checkpoint, tensors: list[tuple[str, np.ndarray, object]],
            split_max_tensors: int) -> list[Path]:
-    import gguf
-
     writer = gguf.GGUFWriter(out, arch, split_max_tensors=split_max_tensors)
     _metadata(writer, arch, config, ckpt)
     for gname, arr, t in tensors:
@@ -251,7 +248,7 @@ def make_ds4_fixture(src: Path, out: Path, *, qtype: str = "f32", seed: int = 0)
     last = cfg["num_hidden_layers"] - 1
     tensors = []
     for gname, (arr, t) in base.items():
-        m = re.match(r"^blk\.(\d+)\.(.+)$", gname)
+        m = _BLK.match(gname)
         layer, leaf = (int(m.group(1)), m.group(2)) if m else (None, gname)
         if layer == HASH_LAYER and leaf in ("ffn_gate_inp.weight", "exp_probs_b.bias"):
             continue   # a hash layer routes by table, it has no router
@@ -265,29 +262,19 @@ def make_ds4_fixture(src: Path, out: Path, *, qtype: str = "f32", seed: int = 0)
         tensors.append((gname, arr, t))
         if leaf == "ffn_down_exps.weight":
             scale = (1.0 + 0.1 * rng.standard_normal(E)).astype(np.float32)
-            tensors.append((f"blk.{layer}.ffn_down_exps.scale", scale, _f32()))
+            tensors.append((f"blk.{layer}.ffn_down_exps.scale", scale, T.F32))
         if layer == HASH_LAYER and leaf == "ffn_norm.weight":
             table = (np.arange(vocab)[:, None] * 7 + np.arange(top_k)[None, :] * 3) % E
-            tensors.append((f"blk.{layer}.ffn_gate_tid2eid.weight", table.astype(np.int32), _i32()))
+            tensors.append((f"blk.{layer}.ffn_gate_tid2eid.weight", table.astype(np.int32), T.I32))
     H = cfg["hidden_size"]
-    mtp = [("mtp.0.eh_proj.weight", rng.standard_normal((H, 2 * H)).astype(np.float32) / 8, _f32()),
-           ("mtp.0.enorm.weight", np.ones(H, np.float32), _f32()),
-           ("mtp.0.hnorm.weight", np.ones(H, np.float32), _f32())]
+    mtp = [("mtp.0.eh_proj.weight", rng.standard_normal((H, 2 * H)).astype(np.float32) / 8, T.F32),
+           ("mtp.0.enorm.weight", np.ones(H, np.float32), T.F32),
+           ("mtp.0.hnorm.weight", np.ones(H, np.float32), T.F32)]
     for gname, arr, t in tensors:
         if gname.startswith(f"blk.{last}.ffn_") or gname.startswith(f"blk.{last}.exp_probs_b"):
             mtp.append((gname.replace(f"blk.{last}.", "mtp.0."), arr.copy(), t))
     cfg["model_type"] = "deepseek_v3"   # metadata keys come from the v3 config table
     return _write(Path(out), "deepseek4", cfg, ckpt, tensors + mtp, 0)
-
-
-def _f32():
-    from gguf.constants import GGMLQuantizationType as T
-    return T.F32
-
-
-def _i32():
-    from gguf.constants import GGMLQuantizationType as T
-    return T.I32
 
 
 def cached_gguf(family: str, qtype: str, root: Path, mlx_dir: Path, *, split: int = 0) -> list[Path]:

@@ -71,8 +71,6 @@ class KV:
     vtype: VType
     value: object          # scalar, str, list (short arrays) or None (long arrays)
     raw: bytes             # the whole encoded entry: key, type, value
-    elem_type: VType | None = None   # for arrays
-    count: int = 0                   # for arrays
 
 
 @dataclass(frozen=True)
@@ -161,9 +159,9 @@ def _vtype(cur: _Cursor, code: int, what: str) -> VType:
 
 def _read_value(cur: _Cursor, vt: VType, what: str):
     if vt == VType.STRING:
-        return cur.string(what), None, 0
+        return cur.string(what)
     if vt != VType.ARRAY:
-        return cur.unpack(_SCALAR[vt], what), None, 0
+        return cur.unpack(_SCALAR[vt], what)
     et = _vtype(cur, cur.unpack("I", f"{what} element type"), what)
     if et == VType.ARRAY:
         raise cur.fail(f"{what}: nested arrays are not supported")
@@ -177,15 +175,15 @@ def _read_value(cur: _Cursor, vt: VType, what: str):
         if count > _DECODE_LIMIT:   # validated, not kept
             for i in range(count):
                 cur.string(f"{what}[{i}]")
-            return None, et, count
-        return [cur.string(f"{what}[{i}]") for i in range(count)], et, count
+            return None
+        return [cur.string(f"{what}[{i}]") for i in range(count)]
     n = count * _SCALAR_SIZE[et]
     cur.need(n, what)
     items = None
     if count <= _DECODE_LIMIT:
         items = list(struct.unpack_from(f"<{count}{_SCALAR[et]}", cur.buf, cur.pos))
     cur.pos += n
-    return items, et, count
+    return items
 
 
 def read_gguf(path: str | Path) -> GGUFFile:
@@ -231,8 +229,8 @@ def _parse_cursor(cur: _Cursor, path: Path, size: int) -> GGUFFile:
         if key in kvs:
             raise cur.fail(f"duplicate metadata key {key!r}")
         vt = _vtype(cur, cur.unpack("I", f"type of {key!r}"), f"metadata {key!r}")
-        value, et, count = _read_value(cur, vt, f"metadata {key!r}")
-        kvs[key] = KV(key, vt, value, bytes(cur.buf[start:cur.pos]), et, count)
+        value = _read_value(cur, vt, f"metadata {key!r}")
+        kvs[key] = KV(key, vt, value, bytes(cur.buf[start:cur.pos]))
 
     alignment = DEFAULT_ALIGNMENT
     if "general.alignment" in kvs:
@@ -390,17 +388,21 @@ class Verdict:
 def verify(path: str | Path) -> Verdict:
     """The structural checks llama.cpp's loader makes, on top of read_gguf's validation:
     offsets consecutive and aligned in info order, data section ending at the last tensor."""
-    v = Verdict()
     try:
         g = read_gguf(path)
     except BadInput as e:
-        v.problems.append(e.what)
-        return v
+        return Verdict([e.what])
+    return Verdict(layout_problems(g))
+
+
+def layout_problems(g: GGUFFile) -> list[str]:
+    """`verify`'s checks on an already parsed file (callers holding one need not parse it again)."""
+    problems = []
     expected = plan_offsets([t.nbytes for t in g.tensors], g.alignment)
     for t, off in zip(g.tensors, expected):
         if t.offset != off:
-            v.problems.append(f"tensor {t.name!r}: offset {t.offset}, llama.cpp expects {off}")
+            problems.append(f"tensor {t.name!r}: offset {t.offset}, llama.cpp expects {off}")
     end = g.data_offset + (g.tensors[-1].offset + g.tensors[-1].nbytes if g.tensors else 0)
     if g.size not in (end, align(end, g.alignment)):  # gguf-py pads the last tensor too
-        v.problems.append(f"file is {g.size} bytes, data ends at {end}")
-    return v
+        problems.append(f"file is {g.size} bytes, data ends at {end}")
+    return problems

@@ -14,8 +14,6 @@ from .errors import BadInput
 from .planner import make_plan
 from .telemetry import LayerStats, TelemetryStore
 
-VERDICTS = ("identical", "equivalent", "different")
-
 
 def normalised_bytes(a: np.ndarray) -> bytes:
     """float64 little-endian, C order, -0.0 folded into 0.0 and one NaN pattern: equal values

@@ -26,6 +26,17 @@ PLAN_FORMAT = "reap-stream-plan"
 PLAN_SCHEMA_VERSION = 1
 
 
+def kept_runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Ascending expert ids as (first, count) runs, so adjacent kept experts copy as one range."""
+    runs: list[tuple[int, int]] = []
+    for e in ids:
+        if runs and runs[-1][0] + runs[-1][1] == e:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((e, 1))
+    return runs
+
+
 @dataclass
 class LayerPlan:
     kept: list[int]

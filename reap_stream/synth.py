@@ -21,15 +21,6 @@ import numpy as np
 from . import families
 from .storage import build_once
 
-FAMILIES: tuple[str, ...] = (
-    "qwen3_moe",
-    "qwen2_moe",
-    "mixtral",
-    "olmoe",
-    "deepseek_v3",
-    "glm4_moe",
-    "gpt_oss",
-)
 QUANTIZED_FAMILIES: tuple[str, ...] = ("qwen3_moe", "deepseek_v3", "gpt_oss")
 HF_FAMILIES: tuple[str, ...] = ("qwen3_moe", "mixtral")
 VARIANTS: tuple[str, ...] = ("fp32", "fp16", "bf16", "q4", "hf")
@@ -175,6 +166,7 @@ _FAMILY_CONFIG = {
         },
     },
 }
+FAMILIES: tuple[str, ...] = tuple(_FAMILY_CONFIG)
 
 _ST_DTYPES = {  # numpy dtype name -> safetensors dtype
     "float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint32": "U32",
@@ -224,8 +216,9 @@ def _random_model(cfg: dict, seed: int):
     from mlx.utils import tree_flatten
 
     model = _build_model(cfg)
-    names = sorted(k for k, _ in tree_flatten(model.parameters()))
-    shapes = dict((k, tuple(v.shape)) for k, v in tree_flatten(model.parameters()))
+    params = tree_flatten(model.parameters())
+    names = sorted(k for k, _ in params)
+    shapes = {k: tuple(v.shape) for k, v in params}
     rng = np.random.default_rng(seed)
     new = [(k, mx.array(_init_value(k, shapes[k], rng, cfg["hidden_size"]).astype(np.float32))) for k in names]
     model.load_weights(new, strict=True)
@@ -262,8 +255,9 @@ def _mlx_weights(seed: int, dtype: str, quantize_bits: int | None, config: dict)
     mx.eval(model.parameters())
     tensors = {}
     for k, v in tree_flatten(model.parameters()):
-        st = "BF16" if v.dtype == mx.bfloat16 else _ST_DTYPES[np.dtype(_to_numpy(v).dtype).name]
-        tensors[k] = (st, _to_numpy(v))
+        arr = _to_numpy(v)
+        st = "BF16" if v.dtype == mx.bfloat16 else _ST_DTYPES[arr.dtype.name]
+        tensors[k] = (st, arr)
     return tensors, config
 
 

@@ -179,8 +179,8 @@ def check_plan_copy(out: Path, config: dict, findings: list[Finding]) -> None:
 def check_gguf(path: Path, findings: list[Finding]) -> int:
     """A recompacted GGUF (one file or the first of a split): llama.cpp's layout rules, and every
     expert-axis tensor as long as the metadata says its layer is. Returns the parts checked."""
-    from .gguf_apply import GGUF_ARCHS
-    from .gguf_layout import read_model, verify as verify_layout
+    from .gguf_apply import _BLK, GGUF_ARCHS
+    from .gguf_layout import layout_problems, read_model
 
     try:
         parts = read_model(path)
@@ -188,7 +188,7 @@ def check_gguf(path: Path, findings: list[Finding]) -> int:
         findings.append(Finding("shape", Path(e.where).name, e.what))
         return 0
     for part in parts:
-        findings.extend(Finding("shape", part.path.name, p) for p in verify_layout(part.path).problems)
+        findings.extend(Finding("shape", part.path.name, p) for p in layout_problems(part))
     first = parts[0]
     arch = first.get("general.architecture")
     spec = GGUF_ARCHS.get(arch)
@@ -199,10 +199,10 @@ def check_gguf(path: Path, findings: list[Finding]) -> int:
     uniform = first.get(f"{arch}.expert_count")
     for part in parts:
         for t in part.tensors:
-            head, _, suffix = t.name.partition(".")[2].partition(".")
-            if not t.name.startswith("blk.") or suffix not in spec.expert_tensors or not head.isdigit():
+            m = _BLK.match(t.name)
+            if not m or m.group(2) not in spec.expert_tensors:
                 continue
-            layer = int(head)
+            layer = int(m.group(1))
             want = keep[layer] if isinstance(keep, list) and layer < len(keep) else uniform
             if t.ne[-1] != want:
                 findings.append(Finding("shape", part.path.name, f"{t.name}: {t.ne[-1]} experts, metadata says "
