@@ -85,6 +85,11 @@ class CalibrationOptions:
         if self.max_samples is not None and self.max_samples < self.min_samples:
             raise BadInput("--min-samples", f"{self.min_samples} exceeds --max-samples {self.max_samples}")
 
+    @property
+    def where(self) -> str:
+        """The source named in messages about the text itself (too few rows, nothing to predict)."""
+        return self.dataset_file or self.dataset or "--prompt"
+
     def shaping(self) -> dict:
         """The options that decide which token ids come out (part of the fingerprint)."""
         return {"text_field": self.dataset_text_field, "messages_field": self.dataset_messages_field,
@@ -338,7 +343,7 @@ def build_calibration(opts: CalibrationOptions, tokenizer: Any) -> CalibrationSe
             if full or (opts.max_samples is not None and used >= opts.max_samples):
                 break
     rows.close()
-    where = opts.dataset_file or opts.dataset or "--prompt"
+    where = opts.where
     if used < opts.min_samples:
         limit = f" within --max-tokens {budget}" if budget is not None and used and full else ""
         raise BadInput(where, f"only {used} usable rows{limit}, fewer than --min-samples {opts.min_samples}")

@@ -55,7 +55,6 @@ class TensorRef:
 @dataclass
 class ShardHeader:
     path: Path
-    header_len: int
     metadata: dict[str, str]
     tensors: dict[str, TensorRef]  # in data order
 
@@ -129,7 +128,7 @@ def read_shard_header(path: Path) -> ShardHeader:
         expected = end
     if expected != buffer_len:
         raise BadInput(path, f"data buffer is {buffer_len} bytes but tensors cover {expected}")
-    return ShardHeader(path, n, metadata, tensors)
+    return ShardHeader(path, metadata, tensors)
 
 
 def _inside(root: Path, name: str) -> bool:
@@ -213,12 +212,9 @@ class Checkpoint:
     def model_type(self) -> str:
         return self.config["model_type"]
 
-    def array(self, name: str) -> np.ndarray:
-        """Read-only memmap view of a tensor (bf16 as uint16 bits, F8/F4 as raw bytes)."""
-        return read_array(self.tensors[name])
-
 
 def read_array(ref: TensorRef) -> np.ndarray:
+    """Read-only memmap view of a tensor (bf16 as uint16 bits, F8/F4 as raw bytes)."""
     if ref.dtype == "F4" or ref.dtype.startswith("F6"):
         return np.memmap(ref.file, np.uint8, "r", ref.start, (ref.nbytes,))
     dt = np.dtype(NUMPY_DTYPE[ref.dtype])
@@ -227,9 +223,9 @@ def read_array(ref: TensorRef) -> np.ndarray:
     return np.memmap(ref.file, dt, "r", ref.start, ref.shape)
 
 
-def to_float32(ref: TensorRef, arr: np.ndarray | None = None) -> np.ndarray:
+def to_float32(ref: TensorRef) -> np.ndarray:
     """A tensor as float32, upcasting bf16 from its bits without a second full copy."""
-    arr = read_array(ref) if arr is None else arr
+    arr = read_array(ref)
     if ref.dtype == "BF16":
         return (np.asarray(arr, np.uint32) << 16).view(np.float32)
     return np.asarray(arr, np.float32)

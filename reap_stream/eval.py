@@ -55,12 +55,13 @@ class LogitDiff:
         return asdict(self)
 
 
-def mask_from_plan(plan_path: str | Path, model_dir: str | Path, *, ignore_fingerprint: bool = False) -> dict[int, list[int]]:
+def mask_from_plan(plan_path: str | Path, model_dir: str | Path | Checkpoint, *,
+                   ignore_fingerprint: bool = False) -> dict[int, list[int]]:
     """The plan's pruned experts per layer, after checking the plan fits the model."""
     plan = Plan.load(plan_path)
-    ckpt = Checkpoint.open(model_dir)
-    check_plan(plan, checkpoint_structure(ckpt), str(plan_path),
-               model_fingerprint=None if ignore_fingerprint else fingerprint(ckpt))
+    ckpt = Checkpoint.of(model_dir)
+    st = checkpoint_structure(ckpt)
+    check_plan(plan, st, str(plan_path), model_fingerprint=None if ignore_fingerprint else fingerprint(ckpt, st))
     return {layer: ids for layer, ids in plan.pruned_map().items() if ids}
 
 
@@ -119,7 +120,7 @@ def _work_dir(work_dir: str | Path | None) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def logits_per_chunk(model_dir: str | Path, sequences: list[np.ndarray], *, mask: dict[int, list[int]] | None = None,
+def logits_per_chunk(model_dir: str | Path | Checkpoint, sequences: list[np.ndarray], *, mask: dict[int, list[int]] | None = None,
                      mode: str = "stream", work_dir: str | Path | None = None, chunk_tokens: int = 4096,
                      max_batch: int | None = None, progress: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(tokens [B, L], float32 logits [B, L, V]) for each chunk of `sequences`, in order.
@@ -158,7 +159,7 @@ def _predictions(sequences: list[np.ndarray], where: str) -> int:
     return n
 
 
-def perplexity(model_dir: str | Path, sequences: list[np.ndarray], *, mask: dict[int, list[int]] | None = None,
+def perplexity(model_dir: str | Path | Checkpoint, sequences: list[np.ndarray], *, mask: dict[int, list[int]] | None = None,
                mode: str = "stream", work_dir: str | Path | None = None, chunk_tokens: int = 4096,
                max_batch: int | None = None, progress: bool = True,
                where: str = "--prompt/--dataset-file") -> PerplexityResult:
@@ -177,19 +178,21 @@ def perplexity(model_dir: str | Path, sequences: list[np.ndarray], *, mask: dict
                             mean_nll=mean, perplexity=math.exp(mean))
 
 
-def _vocab_size(model_dir: str | Path) -> int | None:
-    cfg = Checkpoint.open(model_dir).config
+def _vocab_size(ckpt: Checkpoint) -> int | None:
+    cfg = ckpt.config
     return cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size"))
 
 
-def compare_logits(model_a: str | Path, model_b: str | Path, sequences: list[np.ndarray], *,
+def compare_logits(model_a: str | Path | Checkpoint, model_b: str | Path | Checkpoint, sequences: list[np.ndarray], *,
                    mask_a: dict[int, list[int]] | None = None, mode: str = "stream",
                    work_dir: str | Path | None = None, chunk_tokens: int = 4096,
                    max_batch: int | None = None, progress: bool = True) -> LogitDiff:
     """Max and mean |logit_a - logit_b| over every position and vocabulary entry."""
-    va, vb = _vocab_size(model_a), _vocab_size(model_b)
+    # opened once here and handed on to the runners: each checkpoint's headers are parsed once
+    ckpt_a, ckpt_b = Checkpoint.of(model_a), Checkpoint.of(model_b)
+    va, vb = _vocab_size(ckpt_a), _vocab_size(ckpt_b)
     if va != vb:
-        raise BadInput(Path(model_b) / "config.json", f"vocab_size {vb} differs from {model_a}'s {va}")
+        raise BadInput(ckpt_b.root / "config.json", f"vocab_size {vb} differs from {ckpt_a.root}'s {va}")
     if not sum(len(s) for s in sequences):
         raise BadInput("--prompt/--dataset-file", "no tokens to compare on")
     run = dict(mode=mode, work_dir=work_dir, chunk_tokens=chunk_tokens, max_batch=max_batch, progress=progress)
@@ -197,11 +200,11 @@ def compare_logits(model_a: str | Path, model_b: str | Path, sequences: list[np.
     max_diff = 0.0
     abs_sum = 0.0
     n_values = n_pos = agree = 0
-    with closing(logits_per_chunk(model_a, sequences, mask=mask_a, **run)) as a_iter, \
-            closing(logits_per_chunk(model_b, sequences, **run)) as b_iter:
+    with closing(logits_per_chunk(ckpt_a, sequences, mask=mask_a, **run)) as a_iter, \
+            closing(logits_per_chunk(ckpt_b, sequences, **run)) as b_iter:
         for (_, la), (_, lb) in zip(a_iter, b_iter):
             if la.shape[-1] != lb.shape[-1]:
-                raise BadInput(Path(model_b) / "config.json", f"logit width {lb.shape[-1]} differs from {la.shape[-1]}")
+                raise BadInput(ckpt_b.root / "config.json", f"logit width {lb.shape[-1]} differs from {la.shape[-1]}")
             top, total = _abs_diff_stats(la, lb)
             max_diff = max(max_diff, top)
             abs_sum += total

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import click
 
-from .calibration import CalibrationOptions, calibration_options
+from .calibration import CalibrationOptions, CalibrationSet, calibration_options
 from .errors import BadInput
+
+if TYPE_CHECKING:  # imported inside the commands at run time, like the rest of the model side
+    from .checkpoint import Checkpoint
 
 F = TypeVar("F", bound=Callable)
 
@@ -36,8 +39,9 @@ def run_options(command: F) -> F:
     return command
 
 
-def _sequences(model_dir: Path, calibration: CalibrationOptions):
-    """Open and check the model, then tokenise the text with the model's own tokenizer."""
+def _sequences(model_dir: Path, calibration: CalibrationOptions) -> tuple[Checkpoint, CalibrationSet]:
+    """Open and check the model, then tokenise the text with the model's own tokenizer. The open
+    checkpoint is returned so that the plan check and the runner do not parse its headers again."""
     from .blas import ensure_blas
 
     ensure_blas()  # before the first `import mlx`
@@ -46,8 +50,9 @@ def _sequences(model_dir: Path, calibration: CalibrationOptions):
     from .collect_cmd import load_tokenizer
     from .structure import checkpoint_structure
 
-    checkpoint_structure(Checkpoint.open(model_dir))  # no MoE / unknown family: refuse before tokenising
-    return build_calibration(calibration, load_tokenizer(Path(model_dir)))
+    ckpt = Checkpoint.open(model_dir)
+    checkpoint_structure(ckpt)  # no MoE / unknown family: refuse before tokenising
+    return ckpt, build_calibration(calibration, load_tokenizer(Path(model_dir)))
 
 
 def _check_chunk_tokens(chunk_tokens: int) -> None:
@@ -65,11 +70,11 @@ def eval_cmd(model_dir: Path, calibration: CalibrationOptions, mask_plan: Path |
     from .eval import mask_from_plan, perplexity
 
     _check_chunk_tokens(chunk_tokens)
-    calib = _sequences(model_dir, calibration)
-    mask = mask_from_plan(mask_plan, model_dir, ignore_fingerprint=ignore_fingerprint) if mask_plan else None
-    where = calibration.dataset_file or calibration.dataset or "--prompt"
-    result = perplexity(model_dir, calib.sequences, mask=mask, mode=mode, work_dir=work_dir,
-                        chunk_tokens=chunk_tokens, max_batch=calib.batch_size, progress=not as_json, where=where)
+    ckpt, calib = _sequences(model_dir, calibration)
+    mask = mask_from_plan(mask_plan, ckpt, ignore_fingerprint=ignore_fingerprint) if mask_plan else None
+    result = perplexity(ckpt, calib.sequences, mask=mask, mode=mode, work_dir=work_dir,
+                        chunk_tokens=chunk_tokens, max_batch=calib.batch_size, progress=not as_json,
+                        where=calibration.where)
     if as_json:
         summary = {"model": str(model_dir), "mask_plan": None if mask_plan is None else str(mask_plan),
                    "masked_experts": {str(k): v for k, v in sorted((mask or {}).items())},
@@ -95,10 +100,11 @@ def compare_cmd(model_a: Path, model_b: Path, calibration: CalibrationOptions, m
     from .structure import checkpoint_structure
 
     _check_chunk_tokens(chunk_tokens)
-    checkpoint_structure(Checkpoint.open(model_b))  # refuse a bad B before the work on A
-    calib = _sequences(model_a, calibration)
-    mask = mask_from_plan(mask_plan, model_a, ignore_fingerprint=ignore_fingerprint) if mask_plan else None
-    diff = compare_logits(model_a, model_b, calib.sequences, mask_a=mask, mode=mode, work_dir=work_dir,
+    ckpt_b = Checkpoint.open(model_b)
+    checkpoint_structure(ckpt_b)  # refuse a bad B before the work on A
+    ckpt_a, calib = _sequences(model_a, calibration)
+    mask = mask_from_plan(mask_plan, ckpt_a, ignore_fingerprint=ignore_fingerprint) if mask_plan else None
+    diff = compare_logits(ckpt_a, ckpt_b, calib.sequences, mask_a=mask, mode=mode, work_dir=work_dir,
                           chunk_tokens=chunk_tokens, max_batch=calib.batch_size, progress=not as_json)
     if as_json:
         summary = {"model_a": str(model_a), "model_b": str(model_b),

@@ -148,6 +148,7 @@ def demo_cmd(out: Path, family: str, ratio: float, as_json: bool) -> None:
     ensure_blas()  # before synth imports mlx
     from . import synth
     from .masking import masked_logits
+    from .plan import Plan
     from .verify import verify_output
 
     if family not in synth.FAMILIES:
@@ -168,8 +169,7 @@ def demo_cmd(out: Path, family: str, ratio: float, as_json: bool) -> None:
     pruned_model, tok = load(str(out / "pruned"))
     ids = np.array(tok.encode("def parse_args(self, args=None, namespace=None):"))
     got = np.array(pruned_model(mx.array(ids[None]))[0].astype(mx.float32))
-    plan = json.loads((out / "work" / "plan.json").read_text())
-    pruned = {int(k): v["pruned"] for k, v in plan["layers"].items()}
+    pruned = Plan.load(summary["plan"]).pruned_map()
     want = masked_logits(model, pruned, ids)
     checked = verify_output(out / "pruned")
     summary["max_abs_logit_diff_vs_masked_original"] = float(np.max(np.abs(got - want)))

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from . import __version__
 from .criteria import METHODS
 from .errors import BadInput
-from .planner import BUDGETS, make_plan, parse_layer_spec
+from .planner import BUDGETS, make_plan, parse_layer_spec, structure_from_model
 from .telemetry import LayerStats, TelemetryStore
 
 
@@ -139,8 +139,8 @@ def model_block_like(model_dir: Path) -> tuple[dict, int]:
     from .structure import checkpoint_structure, fingerprint
 
     ckpt = Checkpoint.open(model_dir)
-    return ({**checkpoint_structure(ckpt).to_json(), "fingerprint": fingerprint(ckpt)},
-            int(ckpt.config.get("hidden_size", 32)))
+    st = checkpoint_structure(ckpt)
+    return {**st.to_json(), "fingerprint": fingerprint(ckpt, st)}, int(ckpt.config.get("hidden_size", 32))
 
 
 def write_synthetic_telemetry(out: Path, *, layers: int = 8, experts: int = 16, seed: int = 0, top_k: int = 2,
@@ -159,10 +159,8 @@ def write_synthetic_telemetry(out: Path, *, layers: int = 8, experts: int = 16, 
         tag = f"{seed}-{layers}x{experts}-k{top_k}-t{tokens}-h{hidden}-g{n_group}.{topk_group}"
         model = synthetic_model(layers=layers, experts=experts, top_k=top_k, n_group=n_group,
                                 topk_group=topk_group, tag=tag)
-    counts = model["num_experts"]
-    per_layer = {int(k): int(v) for k, v in counts.items()} if isinstance(counts, dict) else \
-        {int(i): int(counts) for i in model["moe_layers"]}
-    top_k = int(model["top_k"])
+    shape = structure_from_model(model, where)
+    per_layer, top_k = shape.layer_experts, shape.top_k
     attrs = {
         "model": model,
         "calibration": {"fingerprint": "sha256:" + hashlib.sha256(f"synthetic-calibration-{seed}-{tokens}".encode()).hexdigest(),

@@ -7,7 +7,7 @@ arrays and the options: the same inputs give byte-identical plan JSON (no timest
 from __future__ import annotations
 
 import heapq
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from tqdm import tqdm
@@ -140,7 +140,7 @@ def _requested_drop(o: PlanOptions, num_experts: int, n_group: int) -> int:
     return o.n_prune if o.n_prune is not None else num_experts - o.keep
 
 
-def _min_keep(st: MoEStructure, o: PlanOptions, num_experts: int) -> int:
+def _min_keep(st: MoEStructure, o: PlanOptions) -> int:
     lo = max(st.top_k, o.min_experts, 1)
     if st.n_group > 1:
         per_group = max(2, -(-st.top_k // st.topk_group), -(-lo // st.n_group))
@@ -206,7 +206,7 @@ def _check_drop(layer: int, e: int, n: int, st: MoEStructure, o: PlanOptions, wh
     if st.n_group > 1 and n % st.n_group:
         raise BadInput(where, f"layer {layer}: {option} drops {n} experts, not a multiple of n_group={st.n_group} "
                               "(every group must drop the same number)")
-    lo = _min_keep(st, o, e)
+    lo = _min_keep(st, o)
     if e - n < lo:
         why = f"top_k={st.top_k}" + (f", --min-experts={o.min_experts}" if o.min_experts > st.top_k else "")
         if st.n_group > 1:
@@ -228,7 +228,7 @@ def _drops_global(layers: dict[int, LayerScores], st: MoEStructure, o: PlanOptio
     for layer, ls in layers.items():
         e = ls.scores.size
         norm = _normalised(ls.scores)
-        units, room = _prune_queue(ls, st), e - _min_keep(st, o, e)
+        units, room = _prune_queue(ls, st), e - _min_keep(st, o)
         units = units[: _fit(units, room)]
         queues[layer] = [(float(max(norm[u])), u) for u in units]
         if queues[layer]:
@@ -383,6 +383,5 @@ def make_plan(store: TelemetryStore, *, method: str, ratio: float | None = None,
             "routing": attrs.get("routing"),
             "ranking": "ascending score, ties by ascending expert id; lowest pruned first",
         }})
-    check_plan(plan, MoEStructure(st.model_type, st.num_layers, st.layer_experts, st.top_k, st.n_group,
-                                  st.topk_group, sorted(frozen)), where, min_experts=o.min_experts)
+    check_plan(plan, replace(st, frozen_layers=sorted(frozen)), where, min_experts=o.min_experts)
     return plan

@@ -18,7 +18,7 @@ from .criteria import METHODS, scores  # noqa: E402
 from .errors import BadInput  # noqa: E402
 from .plan import Plan  # noqa: E402
 from .storage import write_text_atomic  # noqa: E402
-from .telemetry import TelemetryStore  # noqa: E402
+from .telemetry import Fingerprint, TelemetryStore  # noqa: E402
 
 FIGURES = ("heatmap.png", "frequency_spread.png", "score_distribution.png")
 _PNG_META = {"Software": None}  # no matplotlib version stamp: same inputs, same bytes
@@ -36,10 +36,14 @@ class LayerView:
     super_experts: list[int]
 
 
-def load_views(store: TelemetryStore, method: str, plan: Plan | None, plan_where: str) -> list[LayerView]:
+def load_views(store: TelemetryStore, method: str, plan: Plan | None,
+               plan_where: str) -> tuple[list[LayerView], str]:
+    """Every layer's view, and the telemetry fingerprint hashed on the way (one read of the store)."""
     views = []
+    fp = Fingerprint()  # layers() is ascending, as TelemetryStore.fingerprint hashes them
     for layer in store.layers():
         st = store.read(layer)
+        fp.add(st)
         lp = plan.layers.get(layer) if plan else None
         if lp is not None and len(lp.kept) + len(lp.pruned) != st.num_experts:
             raise BadInput(plan_where, f"layer {layer}: plan covers {len(lp.kept) + len(lp.pruned)} experts, "
@@ -50,7 +54,7 @@ def load_views(store: TelemetryStore, method: str, plan: Plan | None, plan_where
         extra = sorted(set(plan.layers) - set(store.layers()))
         if extra:
             raise BadInput(plan_where, f"plan prunes layer {extra[0]}, which the telemetry does not hold")
-    return views
+    return views, fp.hexdigest()
 
 
 def _seed(plan: Plan | None) -> int:
@@ -163,8 +167,8 @@ def _save(fig, path: Path) -> None:
 
 
 def summary_markdown(store: TelemetryStore, views: list[LayerView], method: str, plan: Plan | None,
-                     plan_where: str | None) -> str:
-    attrs, telemetry_fp = store.attrs, store.fingerprint()   # the fingerprint hashes every array: once
+                     plan_where: str | None, telemetry_fp: str) -> str:
+    attrs = store.attrs
     model, calib = attrs.get("model") or {}, attrs.get("calibration") or {}
     lines = ["# reap-stream telemetry report", "",
              f"- telemetry: `{store.path}` ({telemetry_fp})",
@@ -209,7 +213,7 @@ def write_report(store: TelemetryStore, out: Path, *, plan: Plan | None = None, 
         method = plan.method if plan and plan.method in METHODS else "reap"
     if method not in METHODS:
         raise BadInput("--method", f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    views = load_views(store, method, plan, plan_where or "plan")
+    views, telemetry_fp = load_views(store, method, plan, plan_where or "plan")
     if not views:
         raise BadInput(store.path, "telemetry has no committed layers")
     out.mkdir(parents=True, exist_ok=True)
@@ -217,5 +221,5 @@ def write_report(store: TelemetryStore, out: Path, *, plan: Plan | None = None, 
     frequency_spread(views, out / FIGURES[1])
     score_distribution(views, method, out / FIGURES[2])
     md = out / "report.md"
-    write_text_atomic(md, summary_markdown(store, views, method, plan, plan_where))
+    write_text_atomic(md, summary_markdown(store, views, method, plan, plan_where, telemetry_fp))
     return [md] + [out / f for f in FIGURES]
