@@ -23,11 +23,11 @@ from .checkpoint import Checkpoint
 from .errors import BadInput
 from .families import family_of
 from .procstats import peak_rss_bytes
+from .runner import check_chunk_tokens, check_mode
 from .storage import write_text_atomic
 from .structure import checkpoint_structure, fingerprint
 from .telemetry import LayerStats, TelemetryStore
 
-MODES = ("stream", "memory")
 RUN_FILE = "run.json"
 
 
@@ -136,10 +136,8 @@ def collect(model_dir: str | Path | Checkpoint, calib, out: str | Path, work_dir
     started = time.perf_counter()
     out = Path(out)
     work_dir = Path(work_dir) if work_dir is not None else default_work_dir(out)
-    if options.mode not in MODES:
-        raise BadInput("--mode", f"unknown mode {options.mode!r} (choose {', '.join(MODES)})")
-    if options.chunk_tokens < 1:
-        raise BadInput("--chunk-tokens", f"must be at least 1 (got {options.chunk_tokens})")
+    check_mode(options.mode)
+    check_chunk_tokens(options.chunk_tokens)
     if not calib.sequences or calib.num_tokens == 0:
         raise BadInput("calibration", "no tokens to collect on")
     ckpt = Checkpoint.of(model_dir)

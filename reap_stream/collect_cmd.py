@@ -8,6 +8,7 @@ import click
 
 from .calibration import calibration_options
 from .errors import BadInput
+from .runner import MODES, check_chunk_tokens
 
 # files any one of which makes a model directory's tokenizer loadable
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
@@ -34,7 +35,7 @@ def load_tokenizer(model_dir: Path):
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Telemetry store to write (Zarr).")
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None,
               help="Hidden-state spill and resume state (default: OUT.work next to OUT).")
-@click.option("--mode", type=click.Choice(["stream", "memory"]), default="stream", show_default=True,
+@click.option("--mode", type=click.Choice(MODES), default="stream", show_default=True,
               help="stream: layer-major, one layer in memory; memory: whole model (parity/speed baseline).")
 @click.option("--layers", "layers_spec", default=None, help="MoE layers to record, e.g. 0-3,8 (default: all).")
 @click.option("--renorm-topk/--no-renorm-topk", default=True, show_default=True,
@@ -55,8 +56,7 @@ def collect_cmd(model_dir: Path, calibration, out: Path, work_dir: Path | None, 
 
     options = CollectOptions(mode=mode, layers=parse_layers(layers_spec), renorm_topk=renorm_topk,
                              chunk_tokens=chunk_tokens)
-    if chunk_tokens < 1:
-        raise BadInput("--chunk-tokens", f"must be at least 1 (got {chunk_tokens})")
+    check_chunk_tokens(chunk_tokens)
     ckpt = Checkpoint.open(model_dir)
     checkpoint_structure(ckpt)  # unknown model_type / no MoE: refuse before tokenising
     calib = build_calibration(calibration, load_tokenizer(Path(model_dir)))

@@ -27,9 +27,9 @@ import numpy as np
 from .checkpoint import Checkpoint
 from .errors import BadInput
 from .plan import Plan
+from .runner import check_mode
 from .structure import check_plan, checkpoint_structure, fingerprint
 
-MODES = ("stream", "memory")
 
 
 @dataclass(frozen=True)
@@ -128,8 +128,7 @@ def logits_per_chunk(model_dir: str | Path | Checkpoint, sequences: list[np.ndar
     The only place that knows the runner: a new execution strategy changes this function alone."""
     from .runner import MemoryRunner, StreamRunner
 
-    if mode not in MODES:
-        raise BadInput("--mode", f"unknown mode {mode!r} (choose {', '.join(MODES)})")
+    check_mode(mode)
     if mode == "memory":
         runner = MemoryRunner(model_dir, chunk_tokens=chunk_tokens, progress=progress)
         chunks = runner.chunks(sequences, max_batch)

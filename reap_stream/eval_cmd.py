@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable, TypeVar
 import click
 
 from .calibration import CalibrationOptions, CalibrationSet, calibration_options
-from .errors import BadInput
+from .runner import MODES, check_chunk_tokens
 
 if TYPE_CHECKING:  # imported inside the commands at run time, like the rest of the model side
     from .checkpoint import Checkpoint
@@ -22,7 +22,7 @@ _run_options = (
                       "in compare, from MODEL_A's routing: e.g. the original vs its pruned output)."),
     click.option("--ignore-fingerprint", is_flag=True,
                  help="Accept a --mask-plan made for another copy of the same structure."),
-    click.option("--mode", type=click.Choice(["stream", "memory"]), default="stream", show_default=True,
+    click.option("--mode", type=click.Choice(MODES), default="stream", show_default=True,
                  help="stream: layer by layer, one layer in memory; memory: whole model (baseline)."),
     click.option("--work-dir", type=click.Path(path_type=Path), default=None,
                  help="Where hidden states are spilled (default: the system temp dir); removed afterwards."),
@@ -55,11 +55,6 @@ def _sequences(model_dir: Path, calibration: CalibrationOptions) -> tuple[Checkp
     return ckpt, build_calibration(calibration, load_tokenizer(Path(model_dir)))
 
 
-def _check_chunk_tokens(chunk_tokens: int) -> None:
-    if chunk_tokens < 1:
-        raise BadInput("--chunk-tokens", f"must be at least 1 (got {chunk_tokens})")
-
-
 @click.command("eval")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @calibration_options
@@ -69,7 +64,7 @@ def eval_cmd(model_dir: Path, calibration: CalibrationOptions, mask_plan: Path |
     """Perplexity of MODEL_DIR on --prompt / --dataset-file text, computed layer by layer."""
     from .eval import mask_from_plan, perplexity
 
-    _check_chunk_tokens(chunk_tokens)
+    check_chunk_tokens(chunk_tokens)
     ckpt, calib = _sequences(model_dir, calibration)
     mask = mask_from_plan(mask_plan, ckpt, ignore_fingerprint=ignore_fingerprint) if mask_plan else None
     result = perplexity(ckpt, calib.sequences, mask=mask, mode=mode, work_dir=work_dir,
@@ -99,7 +94,7 @@ def compare_cmd(model_a: Path, model_b: Path, calibration: CalibrationOptions, m
     from .eval import compare_logits, mask_from_plan
     from .structure import checkpoint_structure
 
-    _check_chunk_tokens(chunk_tokens)
+    check_chunk_tokens(chunk_tokens)
     ckpt_b = Checkpoint.open(model_b)
     checkpoint_structure(ckpt_b)  # refuse a bad B before the work on A
     ckpt_a, calib = _sequences(model_a, calibration)

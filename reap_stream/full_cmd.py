@@ -11,6 +11,7 @@ from .calibration import CalibrationOptions, calibration_options
 from .criteria import METHODS
 from .errors import BadInput
 from .planner import BUDGETS
+from .runner import MODES, check_chunk_tokens
 
 
 def run_full(model: Path, calibration: CalibrationOptions, out: Path, *, method: str = "reap",
@@ -32,8 +33,7 @@ def run_full(model: Path, calibration: CalibrationOptions, out: Path, *, method:
     from .structure import checkpoint_structure
     from .telemetry import TelemetryStore
 
-    if chunk_tokens < 1:
-        raise BadInput("--chunk-tokens", f"must be at least 1 (got {chunk_tokens})")
+    check_chunk_tokens(chunk_tokens)
     model, out = Path(model), Path(out)
     work = Path(work_dir) if work_dir else out.with_name(out.name + ".reap-work")
     ckpt = Checkpoint.open(model)
@@ -91,7 +91,7 @@ def _plan_options(f):
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Pruned model directory.")
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None,
               help="Telemetry, plan and resume state (default: OUT.reap-work beside OUT).")
-@click.option("--mode", type=click.Choice(["stream", "memory"]), default="stream", show_default=True)
+@click.option("--mode", type=click.Choice(MODES), default="stream", show_default=True)
 @click.option("--chunk-tokens", type=int, default=4096, show_default=True)
 @click.option("--renorm-topk/--no-renorm-topk", default=True, show_default=True)
 @click.option("--max-shard-size", default="5GB", show_default=True)

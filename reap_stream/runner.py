@@ -562,6 +562,19 @@ class HiddenSpill:
 
 # ------------------------------------------------------------------ runners
 
+# how a model is run: StreamRunner (layer by layer, spilled) or MemoryRunner (whole, in memory)
+MODES = ("stream", "memory")
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise BadInput("--mode", f"unknown mode {mode!r} (choose {', '.join(MODES)})")
+
+
+def check_chunk_tokens(chunk_tokens: int) -> None:
+    if chunk_tokens < 1:
+        raise BadInput("--chunk-tokens", f"must be at least 1 (got {chunk_tokens})")
+
 
 MoECallback = Callable[[int, Chunk, object], None]
 
