@@ -3,22 +3,20 @@ original computes with the pruned experts masked out of routing."""
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from reap_stream import synth
 from reap_stream.checkpoint import Checkpoint, read_array
-from reap_stream.cli import cli
 from reap_stream.families import classify, family_of
 from reap_stream.plan import LayerPlan, Plan
 from reap_stream.structure import checkpoint_structure, fingerprint
+from cli_helpers import run as _run
 
-
-def run(*args: str):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+run = partial(_run, catch_exceptions=False)  # a crash in apply shows its traceback
 
 
 def make_plan(model_dir: Path, n_prune: int = 3, seed: int = 0, per_layer: dict[int, int] | None = None) -> Plan:
@@ -42,14 +40,6 @@ def tokens(n: int = 48) -> np.ndarray:
     return (np.arange(n) * 37 + 11) % synth.VOCAB_SIZE
 
 
-def pruned_logits(out_dir: Path, toks: np.ndarray) -> np.ndarray:
-    import mlx.core as mx
-    from mlx_lm import load
-
-    model, _ = load(str(out_dir))
-    return np.array(model(mx.array(toks.reshape(1, -1)))[0].astype(mx.float32))
-
-
 CASES = [(f, "fp32") for f in synth.FAMILIES] + [(f, "q4") for f in synth.QUANTIZED_FAMILIES]
 
 
@@ -66,7 +56,7 @@ def test_pruned_output_equals_masked_original(family, variant, fixture_model, tm
 
     toks = tokens()
     want = masked_logits(src, plan.pruned_map(), toks)
-    got = pruned_logits(tmp_path / "out", toks)
+    got = masked_logits(tmp_path / "out", {}, toks)
     assert got.shape == want.shape
     assert np.max(np.abs(got - want)) <= 1e-5
 
@@ -171,7 +161,7 @@ def test_small_shards_load_and_manifest_matches(fixture_model, tmp_path):
         assert sha256_file(out / name) == entry["sha256"]
     assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
     toks = tokens()
-    assert np.max(np.abs(pruned_logits(out, toks) - masked_logits(src, plan.pruned_map(), toks))) <= 1e-5
+    assert np.max(np.abs(masked_logits(out, {}, toks) - masked_logits(src, plan.pruned_map(), toks))) <= 1e-5
 
 
 def test_non_uniform_plan_loads_through_the_reap_stream_loader(fixture_model, tmp_path):

@@ -9,10 +9,8 @@ import struct
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from reap_stream.cli import cli
-from refusal import error_line
+from cli_helpers import error_line, run
 from test_apply import make_plan
 
 
@@ -29,7 +27,7 @@ def expect_refusal(tmp_path: Path, src: Path, plan_path: Path, *needles: str, ou
                    extra: tuple[str, ...] = ()) -> str:
     out = out or tmp_path / "out"
     before = tree_digest(src)
-    res = CliRunner().invoke(cli, ["apply", str(src), str(plan_path), "--out", str(out), "--quiet", *extra])
+    res = run("apply", src, plan_path, "--out", out, "--quiet", *extra)
     line = error_line(res, *needles)
     assert tree_digest(src) == before
     leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
@@ -76,8 +74,7 @@ def test_plan_made_for_another_model(model, fixture_model, tmp_path):
     synth.make_mlx_fixture("deepseek_v3", other, seed=7)
     expect_refusal(tmp_path, model, save(make_plan(other, n_prune=2), tmp_path), "another model", "--ignore-fingerprint")
     # same structure: accepted when asked to apply by structure
-    res = CliRunner().invoke(cli, ["apply", str(model), str(tmp_path / "plan.json"), "--out", str(tmp_path / "o2"),
-                                   "--quiet", "--ignore-fingerprint"])
+    res = run("apply", model, tmp_path / "plan.json", "--out", tmp_path / "o2", "--quiet", "--ignore-fingerprint")
     assert res.exit_code == 0, res.output
 
 
@@ -192,7 +189,7 @@ def test_existing_output_needs_overwrite(model, tmp_path):
     (out / "keep.txt").write_text("mine")
     expect_refusal(tmp_path, model, plan_path, "output exists; pass --overwrite", out=out)
     assert (out / "keep.txt").read_text() == "mine"
-    res = CliRunner().invoke(cli, ["apply", str(model), str(plan_path), "--out", str(out), "--quiet", "--overwrite"])
+    res = run("apply", model, plan_path, "--out", out, "--quiet", "--overwrite")
     assert res.exit_code == 0
     assert not (out / "keep.txt").exists() and (out / "reap_manifest.json").exists()
 
@@ -210,7 +207,7 @@ def test_unpruned_weights_in_other_formats_are_not_copied(model, tmp_path):
     for name in ("pytorch_model.bin", "model.gguf", "consolidated.pth", "pytorch_model.bin.index.json"):
         (model / name).write_bytes(b"unpruned weights")
     (model / "generation_config.json").write_text("{}")
-    res = CliRunner().invoke(cli, ["apply", str(model), str(plan_path), "--out", str(tmp_path / "out"), "--quiet"])
+    res = run("apply", model, plan_path, "--out", tmp_path / "out", "--quiet")
     assert res.exit_code == 0, res.output
     names = {p.name for p in (tmp_path / "out").iterdir()}
     assert "generation_config.json" in names and "tokenizer.json" in names

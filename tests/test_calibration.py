@@ -16,7 +16,7 @@ from reap_stream.calibration import (CalibrationOptions, build_calibration, cali
                                      load_tokens, save_tokens)
 from reap_stream.cli import LazyGroup
 from reap_stream.errors import BadInput
-from refusal import error_line
+from cli_helpers import error_line, tree_bytes
 
 CALIB = Path(__file__).resolve().parents[1] / "fixtures" / "calibration"
 LICENCE_ROWS = [json.loads(line)["text"] for line in (CALIB / "licence.jsonl").read_text().splitlines()]
@@ -228,12 +228,8 @@ def test_tokens_round_trip_through_zarr_byte_identically(tok, tmp_path):
     assert ids(back.sequences) == ids(calib.sequences)
     assert back.fingerprint == calib.fingerprint and back.source == calib.source
     assert back.window_tokens == 40 and not back.packed
-    assert _tree(first) == _tree(second)
+    assert tree_bytes(first) == tree_bytes(second)
     assert not any(p.name.endswith(".tmp") for p in tmp_path.rglob("*"))
-
-
-def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_saving_again_replaces_the_store(tok, tmp_path):

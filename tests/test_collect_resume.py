@@ -9,11 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from collect_helpers import assert_stats_close, calib_of, token_set
-from refusal import error_line
-from reap_stream.cli import cli
+from cli_helpers import error_line, run, tree_bytes
 from reap_stream.collect import CollectOptions, collect
 from reap_stream.telemetry import TelemetryStore
 
@@ -47,14 +45,10 @@ cli(sys.argv[5:])
 """
 
 
-def _tree(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(fixture_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("whole") / "t.zarr"
-    result = CliRunner().invoke(cli, ["collect", str(fixture_model("qwen3_moe")), *ARGS, "--out", str(out)])
+    result = run("collect", fixture_model("qwen3_moe"), *ARGS, "--out", out)
     assert result.exit_code == 0, result.output
     return out
 
@@ -68,19 +62,18 @@ def test_rerun_after_sigkill_is_byte_identical(point, uninterrupted, fixture_mod
     assert child.returncode == -signal.SIGKILL, child.stderr
     assert not out.exists() and work.exists()
 
-    result = CliRunner().invoke(cli, command)
+    result = run(*command)
     assert result.exit_code == 0, result.output
-    assert _tree(out) == _tree(uninterrupted)
+    assert tree_bytes(out) == tree_bytes(uninterrupted)
     assert not work.exists()
 
 
 def test_rerun_after_completion_changes_nothing(uninterrupted, fixture_model):
-    before = _tree(uninterrupted)
-    result = CliRunner().invoke(cli, ["collect", str(fixture_model("qwen3_moe")), *ARGS, "--out", str(uninterrupted),
-                                      "--json"])
+    before = tree_bytes(uninterrupted)
+    result = run("collect", fixture_model("qwen3_moe"), *ARGS, "--out", uninterrupted, "--json")
     assert result.exit_code == 0, result.output
     assert '"already_complete": true' in result.output
-    assert _tree(uninterrupted) == before
+    assert tree_bytes(uninterrupted) == before
 
 
 def test_a_failed_run_resumes_from_its_last_committed_layer(fixture_model, tmp_path, monkeypatch):
@@ -108,7 +101,7 @@ def test_a_failed_run_resumes_from_its_last_committed_layer(fixture_model, tmp_p
     summary = collect(model, calib, tmp_path / "t.zarr", tmp_path / "w", options=opts, progress=False)
     assert sorted(set(calls)) == [2, 3]   # layers 0 and 1 were not run again
     assert summary["layers_run"] == 2
-    assert _tree(tmp_path / "t.zarr") == _tree(Path(whole["out"]))
+    assert tree_bytes(tmp_path / "t.zarr") == tree_bytes(Path(whole["out"]))
 
 
 def _lose_the_tail_of_the_chunk(array: Path) -> None:
@@ -130,7 +123,7 @@ def test_a_damaged_hidden_state_spill_is_refused_on_resume(damage, fixture_model
     array = work / "hidden_002" / "c000001"
     damage(array)
 
-    result = CliRunner().invoke(cli, command)
+    result = run(*command)
     error_line(result, "unreadable hidden states", "delete the work dir", where=array)
     assert not out.exists()
 
@@ -142,8 +135,7 @@ def test_merge_of_disjoint_shards_equals_one_run_over_their_union(fixture_model,
     opts = CollectOptions(chunk_tokens=32)
     for name, calib in (("a", first), ("b", second), ("all", union)):
         collect(model, calib, tmp_path / f"{name}.zarr", options=opts, progress=False)
-    result = CliRunner().invoke(cli, ["merge", str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr"),
-                                      "--out", str(tmp_path / "merged.zarr"), "--json"])
+    result = run("merge", tmp_path / "a.zarr", tmp_path / "b.zarr", "--out", tmp_path / "merged.zarr", "--json")
     assert result.exit_code == 0, result.output
     merged, whole = TelemetryStore.open(tmp_path / "merged.zarr"), TelemetryStore.open(tmp_path / "all.zarr")
     assert merged.layers() == whole.layers() == [1, 2, 3]

@@ -9,16 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from reap_stream.blas import ensure_blas
 from reap_stream.checkpoint import Checkpoint
-from reap_stream.cli import cli
 from reap_stream import eval as reap_eval
 from reap_stream.eval import perplexity
 from reap_stream.plan import Plan
 from reap_stream.structure import checkpoint_structure
-from refusal import error_line
+from cli_helpers import error_line, run
 from test_apply import make_plan
 
 ensure_blas()
@@ -46,12 +44,8 @@ def mlx_lm_perplexity(model_dir: Path, windows: np.ndarray, pruned: dict | None 
     return math.exp(nn.losses.cross_entropy(logits, x[:, 1:], reduction="mean").item())
 
 
-def invoke(*args: str):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
 def run_json(*args: str) -> dict:
-    res = invoke(*args, "--json")
+    res = run(*args, "--json")
     assert res.exit_code == 0, res.output
     return json.loads(res.output.strip().splitlines()[-1])
 
@@ -141,7 +135,7 @@ def pruned_pair(fixture_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("pruned")
     plan_path = root / "plan.json"
     make_plan(src, n_prune=4).save(plan_path)
-    res = invoke("apply", src, plan_path, "--out", root / "out", "--quiet")
+    res = run("apply", src, plan_path, "--out", root / "out", "--quiet")
     assert res.exit_code == 0, res.output
     return src, plan_path, root / "out"
 
@@ -186,7 +180,7 @@ def test_compare_a_model_with_itself_is_zero(fixture_model):
 # ---------------------------------------------------------------- bad input
 
 def refused(*args: str) -> str:
-    return error_line(invoke(*args))
+    return error_line(run(*args))
 
 
 def test_eval_of_a_missing_model_dir(tmp_path):
@@ -302,16 +296,13 @@ def test_the_committed_trained_model_is_a_valid_mlx_lm_checkpoint(trainer):
 
 def test_eval_streams_a_non_uniform_prune_like_its_masked_original(fixture_model, tmp_path):
     """mlx_lm cannot build per-layer expert counts; the streaming runner reads them from the shapes."""
-    from click.testing import CliRunner
-
-    from reap_stream.cli import cli
     from reap_stream.eval import perplexity
 
     src = fixture_model("qwen3_moe")
     plan = make_plan(src, per_layer={0: 1, 1: 3, 2: 2, 3: 4})
     assert not plan.uniform
     plan.save(tmp_path / "plan.json")
-    res = CliRunner().invoke(cli, ["apply", str(src), str(tmp_path / "plan.json"), "--out", str(tmp_path / "out"), "--quiet"])
+    res = run("apply", src, tmp_path / "plan.json", "--out", tmp_path / "out", "--quiet")
     assert res.exit_code == 0, res.output
     seqs = [np.arange(1, 65, dtype=np.int32) * 7 % 500, np.arange(3, 67, dtype=np.int32) * 11 % 500]
     pruned = perplexity(tmp_path / "out", seqs, progress=False)

@@ -6,27 +6,20 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from click.testing import CliRunner
 
-from reap_stream.cli import cli
 from reap_stream.plan import Plan
-from refusal import error_line
+from cli_helpers import error_line, run, tree_bytes
 
 CALIB = Path(__file__).resolve().parents[1] / "fixtures" / "calibration" / "licence.txt"
 
 
 def full(src: Path, out: Path, *extra: str):
-    return CliRunner().invoke(cli, ["full", str(src), "--dataset-file", str(CALIB), "--pack-samples",
-                                    "--window-tokens", "128", "--max-tokens", "2048", "--method", "reap",
-                                    "--ratio", "0.5", "--out", str(out), "--json", *extra])
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return run("full", src, "--dataset-file", CALIB, "--pack-samples", "--window-tokens", "128",
+               "--max-tokens", "2048", "--method", "reap", "--ratio", "0.5", "--out", out, "--json", *extra)
 
 
 def test_full_prunes_by_reap_and_the_output_equals_the_masked_original(fixture_model, tmp_path):
-    from test_apply import pruned_logits, tokens
+    from test_apply import tokens
 
     from reap_stream.masking import masked_logits
 
@@ -38,7 +31,7 @@ def test_full_prunes_by_reap_and_the_output_equals_the_masked_original(fixture_m
     assert plan.method == "reap" and plan.telemetry["fingerprint"].startswith("sha256:")
     assert set(summary["kept_per_layer"].values()) == {4}  # 8 experts, 2 groups: 2 dropped per group
     toks = tokens()
-    diff = pruned_logits(tmp_path / "out", toks) - masked_logits(src, plan.pruned_map(), toks)
+    diff = masked_logits(tmp_path / "out", {}, toks) - masked_logits(src, plan.pruned_map(), toks)
     assert np.max(np.abs(diff)) <= 1e-5
 
 
@@ -71,7 +64,7 @@ def test_refuses_to_replace_a_directory_it_did_not_write(fixture_model, tmp_path
 
 
 def test_demo_runs_the_whole_pipeline_on_a_generated_model(tmp_path):
-    res = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "demo"), "--json"])
+    res = run("demo", "--out", tmp_path / "demo", "--json")
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output)
     assert summary["verify"] == "ok"
@@ -83,12 +76,11 @@ def test_a_different_plan_does_not_silently_replace_an_earlier_prune(fixture_mod
     src = fixture_model("qwen3_moe")
     assert full(src, tmp_path / "out").exit_code == 0
     before = tree_bytes(tmp_path / "out")
-    res = CliRunner().invoke(cli, ["full", str(src), "--dataset-file", str(CALIB), "--pack-samples", "--window-tokens",
-                                   "128", "--max-tokens", "2048", "--ratio", "0.25", "--out", str(tmp_path / "out")])
+    res = run("full", src, "--dataset-file", CALIB, "--pack-samples", "--window-tokens", "128", "--max-tokens", "2048",
+              "--ratio", "0.25", "--out", tmp_path / "out")
     error_line(res, "another plan")
     assert tree_bytes(tmp_path / "out") == before
-    res = CliRunner().invoke(cli, ["full", str(src), "--dataset-file", str(CALIB), "--pack-samples", "--window-tokens",
-                                   "128", "--max-tokens", "2048", "--ratio", "0.25", "--out", str(tmp_path / "out"),
-                                   "--overwrite", "--json"])
+    res = run("full", src, "--dataset-file", CALIB, "--pack-samples", "--window-tokens", "128", "--max-tokens", "2048",
+              "--ratio", "0.25", "--out", tmp_path / "out", "--overwrite", "--json")
     assert res.exit_code == 0, res.output
     assert set(json.loads(res.output)["kept_per_layer"].values()) == {6}

@@ -6,7 +6,6 @@ the independent oracle for every check on the output.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import gguf
@@ -15,7 +14,7 @@ import pytest
 from gguf.constants import GGMLQuantizationType as T
 
 from reap_stream import synth
-from reap_stream.checkpoint import Checkpoint, is_gguf, to_float32
+from reap_stream.checkpoint import Checkpoint, is_gguf, sha256_file, to_float32
 from reap_stream.errors import BadInput
 from reap_stream.gguf_apply import (COMPACT_LAYOUT, POLICY_HASH_PRESERVED, POLICY_NONE,
                                     POLICY_ROUTER_MASK_PRUNED, apply_gguf, open_gguf)
@@ -120,10 +119,6 @@ def check_recompacted(src: Path, out: Path, arch: str, kept: dict[int, list[int]
     return sliced
 
 
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 # ---------------------------------------------------------------- uniform plans
 
 @pytest.mark.parametrize("qtype", QTYPES)
@@ -133,7 +128,7 @@ def test_uniform_plan_from_the_mlx_form_recompacts_the_gguf(family, qtype, gguf_
     arch = open_gguf(src).arch
     plan = mlx_plan(family)
     out = tmp_path / "pruned.gguf"
-    before = sha(src)
+    before = sha256_file(src)
 
     summary = apply_gguf(src, plan, out, overwrite=False, dry_run=False)
 
@@ -142,7 +137,7 @@ def test_uniform_plan_from_the_mlx_form_recompacts_the_gguf(family, qtype, gguf_
     sliced = check_recompacted(src, out, arch, kept)
     assert sliced == summary["tensors_sliced"] == len(kept) * len(EXPERT_AXIS[arch])
     assert summary["layout"] == "uniform" and summary["experts_after"] == n_kept
-    assert sha(src) == before
+    assert sha256_file(src) == before
     assert verify(out).ok, verify(out).problems
     fa, fb = fields_of(src), fields_of(out)
     assert list(fa) == list(fb)

@@ -2,22 +2,16 @@
 fault; no traceback, no output (not even a partial one), the source untouched."""
 from __future__ import annotations
 
-import hashlib
 import shutil
 import struct
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from reap_stream.cli import cli
+from reap_stream.checkpoint import sha256_file
 from reap_stream.plan import Plan
-from refusal import error_line
+from cli_helpers import error_line, run
 from test_gguf_apply import gguf_model, manual_plan, mlx_plan  # noqa: F401  (fixture)
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def refuse(tmp_path: Path, model: Path, plan: Plan | Path, *needles: str, extra: tuple[str, ...] = ()) -> str:
@@ -26,10 +20,10 @@ def refuse(tmp_path: Path, model: Path, plan: Plan | Path, *needles: str, extra:
         plan.save(plan_path)
     out_dir = tmp_path / "out"
     out_dir.mkdir(exist_ok=True)
-    before = digest(model)
-    res = CliRunner().invoke(cli, ["apply", str(model), str(plan_path), "--out", str(out_dir / "o.gguf"), *extra])
+    before = sha256_file(model)
+    res = run("apply", model, plan_path, "--out", out_dir / "o.gguf", *extra)
     line = error_line(res, *needles)
-    assert digest(model) == before
+    assert sha256_file(model) == before
     assert list(out_dir.iterdir()) == []
     return line
 
@@ -192,7 +186,7 @@ def test_existing_output_without_overwrite(model, tmp_path):
     (out_dir / "o.gguf").write_bytes(b"x")
     plan_path = tmp_path / "plan.json"
     mlx_plan("qwen3_moe").save(plan_path)
-    res = CliRunner().invoke(cli, ["apply", str(model), str(plan_path), "--out", str(out_dir / "o.gguf")])
+    res = run("apply", model, plan_path, "--out", out_dir / "o.gguf")
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
     assert "o.gguf: output exists; pass --overwrite" in res.output
     assert (out_dir / "o.gguf").read_bytes() == b"x"
@@ -205,7 +199,7 @@ def test_the_cli_applies_a_good_plan(model, tmp_path):
     plan_path = tmp_path / "plan.json"
     mlx_plan("qwen3_moe").save(plan_path)
     out = tmp_path / "o.gguf"
-    res = CliRunner().invoke(cli, ["apply", str(model), str(plan_path), "--out", str(out), "--json"])
+    res = run("apply", model, plan_path, "--out", out, "--json")
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output[res.output.index("{"):])
     assert summary["layout"] == "uniform" and summary["experts_after"] == 6 and summary["out"] == [str(out)]

@@ -6,18 +6,12 @@ import shutil
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from reap_stream.cli import cli
 from reap_stream.parity import compare, layer_hashes, normalised_bytes
 from reap_stream.planner import make_plan
 from reap_stream.plan_cmd import write_synthetic_telemetry
 from reap_stream.telemetry import TelemetryStore
-from refusal import error_line
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+from cli_helpers import error_line, run
 
 
 @pytest.fixture

@@ -8,15 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from reap_stream.cli import cli
 from reap_stream.errors import BadInput
 from reap_stream.plan import Plan
 from reap_stream.planner import (dense_layers, frozen_layers, make_plan, parse_layer_spec,
                                  super_expert_threshold)
 from reap_stream.telemetry import LayerStats, TelemetryStore
-from refusal import error_line
+from cli_helpers import error_line, run
 
 
 def make_store(path: Path, rows: dict[int, list[float]], *, top_k: int = 2, n_group: int = 1, topk_group: int = 1,
@@ -41,15 +39,6 @@ def make_store(path: Path, rows: dict[int, list[float]], *, top_k: int = 2, n_gr
         st.coactivation[np.diag_indices(e)] = freq
         store.commit(st)
     return store
-
-
-def run(*args: str):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    return result
-
-
-def assert_one_line_error(result, name: str) -> str:
-    return error_line(result, name)
 
 
 E8 = [5, 3, 8, 1, 7, 2, 6, 4]   # ascending order of scores: 3, 5, 1, 7, 0, 6, 4, 2
@@ -316,8 +305,8 @@ def test_init_writes_realistic_telemetry_that_plans(tmp_path):
 
 def test_init_refuses_to_replace_an_existing_path(tmp_path):
     (tmp_path / "t").mkdir()
-    assert_one_line_error(run("init", "--out", tmp_path / "t"), "t")
-    assert_one_line_error(run("init", "--out", tmp_path / "t", "--overwrite"), "t")   # not a store: never deleted
+    error_line(run("init", "--out", tmp_path / "t"), "t")
+    error_line(run("init", "--out", tmp_path / "t", "--overwrite"), "t")   # not a store: never deleted
     assert (tmp_path / "t").is_dir()
 
 
@@ -331,48 +320,48 @@ def synthetic(tmp_path) -> Path:
 
 @pytest.mark.parametrize("ratio", ["1.0", "-0.1", "1.5"])
 def test_ratio_outside_zero_one_is_refused(synthetic, tmp_path, ratio):
-    line = assert_one_line_error(run("plan", synthetic, "--out", tmp_path / "p.json", "--method", "reap", "--ratio", ratio), str(synthetic))
+    line = error_line(run("plan", synthetic, "--out", tmp_path / "p.json", "--method", "reap", "--ratio", ratio), str(synthetic))
     assert "outside [0, 1)" in line
     assert not (tmp_path / "p.json").exists()
 
 
 def test_n_prune_leaving_fewer_than_top_k_is_refused(synthetic, tmp_path):
-    line = assert_one_line_error(run("plan", synthetic, "--out", tmp_path / "p.json", "--method", "reap", "--n-prune", 7), str(synthetic))
+    line = error_line(run("plan", synthetic, "--out", tmp_path / "p.json", "--method", "reap", "--n-prune", 7), str(synthetic))
     assert "fewer than the 2 needed (top_k=2)" in line
 
 
 def test_two_counts_at_once_are_refused(synthetic, tmp_path):
-    assert_one_line_error(run("plan", synthetic, "--out", tmp_path / "p.json", "--method", "reap", "--ratio", 0.5, "--keep", 4), str(synthetic))
+    error_line(run("plan", synthetic, "--out", tmp_path / "p.json", "--method", "reap", "--ratio", 0.5, "--keep", 4), str(synthetic))
 
 
 def test_criterion_needing_an_array_the_store_lacks_is_refused(synthetic, tmp_path):
     shutil.rmtree(synthetic / "layer_001" / "expert_output_sum")
-    line = assert_one_line_error(run("plan", synthetic, "--out", tmp_path / "p.json", "--method", "ean_ca", "--ratio", 0.5), str(synthetic))
+    line = error_line(run("plan", synthetic, "--out", tmp_path / "p.json", "--method", "ean_ca", "--ratio", 0.5), str(synthetic))
     assert "needs telemetry array 'expert_output_sum'" in line
 
 
 def test_ean_ca_on_a_store_without_output_sums_is_refused(tmp_path):
     store = make_store(tmp_path / "t", {0: E8}, hidden=0)
-    line = assert_one_line_error(run("plan", store.path, "--out", tmp_path / "p.json", "--method", "ean_ca", "--ratio", 0.5), str(store.path))
+    line = error_line(run("plan", store.path, "--out", tmp_path / "p.json", "--method", "ean_ca", "--ratio", 0.5), str(store.path))
     assert "ean_ca needs per-expert output sums" in line
     assert run("plan", store.path, "--out", tmp_path / "p.json", "--method", "reap", "--ratio", 0.5).exit_code == 0
 
 
 def test_incomplete_telemetry_is_refused(synthetic, tmp_path):
     shutil.rmtree(synthetic / "layer_002")
-    line = assert_one_line_error(run("plan", synthetic, "--out", tmp_path / "p.json", "--method", "reap", "--ratio", 0.5), str(synthetic))
+    line = error_line(run("plan", synthetic, "--out", tmp_path / "p.json", "--method", "reap", "--ratio", 0.5), str(synthetic))
     assert "layer 2 has no committed telemetry" in line
 
 
 def test_not_a_telemetry_store_is_refused(tmp_path):
     (tmp_path / "x").mkdir()
-    assert_one_line_error(run("plan", tmp_path / "x", "--out", tmp_path / "p.json", "--method", "reap", "--ratio", 0.5), "x")
+    error_line(run("plan", tmp_path / "x", "--out", tmp_path / "p.json", "--method", "reap", "--ratio", 0.5), "x")
 
 
 def test_bad_skip_layer_spec_is_refused(synthetic, tmp_path):
-    assert_one_line_error(run("plan", synthetic, "--out", tmp_path / "p.json", "--method", "reap", "--ratio", 0.5,
+    error_line(run("plan", synthetic, "--out", tmp_path / "p.json", "--method", "reap", "--ratio", 0.5,
                               "--skip-layers", "3-1"), "--skip-layers")
-    assert_one_line_error(run("plan", synthetic, "--out", tmp_path / "p.json", "--method", "reap", "--ratio", 0.5,
+    error_line(run("plan", synthetic, "--out", tmp_path / "p.json", "--method", "reap", "--ratio", 0.5,
                               "--skip-layers", "9"), str(synthetic))
 
 
@@ -381,7 +370,7 @@ def test_telemetry_of_another_model_is_refused_by_plan_model(fixture_model, tmp_
     assert run("init", "--out", tmp_path / "t", "--like", fp32, "--tokens", 128).exit_code == 0
     ok = run("plan", tmp_path / "t", "--out", tmp_path / "p.json", "--method", "reap", "--ratio", 0.5, "--model", fp32)
     assert ok.exit_code == 0, ok.output
-    line = assert_one_line_error(run("plan", tmp_path / "t", "--out", tmp_path / "q.json", "--method", "reap",
+    line = error_line(run("plan", tmp_path / "t", "--out", tmp_path / "q.json", "--method", "reap",
                                      "--ratio", 0.5, "--model", fp16), str(tmp_path / "t"))
     assert "collected on another model" in line
     assert Plan.load(tmp_path / "p.json").model["num_experts"] == 8

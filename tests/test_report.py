@@ -5,16 +5,10 @@ import struct
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from reap_stream.cli import cli
 from reap_stream.plan import Plan
 from reap_stream.report import FIGURES
-from refusal import error_line
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+from cli_helpers import error_line, run
 
 
 @pytest.fixture(scope="module")

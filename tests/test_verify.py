@@ -7,15 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from reap_stream.cli import cli
 from reap_stream.verify import MANIFEST_NAME, verify_output
-from refusal import error_line
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+from cli_helpers import error_line, run
 
 
 def prune(model: Path, root: Path, name: str = "out") -> Path:

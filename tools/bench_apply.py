@@ -128,6 +128,8 @@ def timed(cmd: list[str], python_module: bool = False) -> tuple[float, float]:
 @click.option("--json", "as_json", is_flag=True)
 def main(sizes: str, repeats: int, workdir: Path, naive_max_gb: float, as_json: bool) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
+    script = workdir / "naive_apply.py"
+    script.write_text(NAIVE)
     rows = []
     for gb in [float(s) for s in sizes.split(",")]:
         model = make_checkpoint(workdir / f"model-{gb:g}GB", gb)
@@ -145,8 +147,6 @@ def main(sizes: str, repeats: int, workdir: Path, naive_max_gb: float, as_json: 
             shutil.rmtree(copy)
             runs["cp+sha256"].append(timed(["sh", "-c", f"cp -r {out} {copy} && {sys.executable} -c '{HASH}' {copy}"]))
             if gb <= naive_max_gb:
-                script = workdir / "naive_apply.py"
-                script.write_text(NAIVE)
                 runs["naive"].append(timed([str(script), str(model), str(plan), str(naive)], python_module=True))
         out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
         med = {k: (statistics.median(w for w, _ in v), max(r for _, r in v)) for k, v in runs.items() if v}

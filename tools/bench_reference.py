@@ -56,15 +56,6 @@ SHARED_FIELDS = {"frequency": "expert_frequency", "weighted_frequency_sum": "wei
                  "ean_sum": "ean_sum", "weighted_ean_sum": "weighted_ean_sum"}
 
 
-def peak_rss() -> int:
-    """VmHWM of this process in bytes (same measure as reap_stream.procstats, stdlib only so the
-    reference's interpreter can use it without importing reap_stream)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
-
-
 # ---------------------------------------------------------------- inputs (parent process)
 
 def _init(name: str, shape: tuple, rng, np):
@@ -125,6 +116,7 @@ def child_reap(mode: str, model: str, tokens: str, out: str, chunk_tokens: int) 
 
     from reap_stream.calibration import CalibrationSet, token_fingerprint
     from reap_stream.collect import CollectOptions, collect
+    from reap_stream.procstats import peak_rss_bytes
     from reap_stream.telemetry import TelemetryStore
 
     seqs = list(np.load(tokens))
@@ -135,7 +127,7 @@ def child_reap(mode: str, model: str, tokens: str, out: str, chunk_tokens: int) 
     stats = {str(layer): {f: getattr(store.read(layer), f).tolist() for f in SHARED_FIELDS}
              for layer in store.layers()}
     return {"tokens_per_s": calib.num_tokens / summary["seconds"], "seconds": summary["seconds"],
-            "peak_rss": peak_rss(), "fingerprint": summary["telemetry_fingerprint"], "stats": stats,
+            "peak_rss": peak_rss_bytes(), "fingerprint": summary["telemetry_fingerprint"], "stats": stats,
             "blas": f"{blas.get('kind')} ({blas.get('state')}, {blas.get('path')})"}
 
 
@@ -144,6 +136,11 @@ def child_reference(ref_dir: str, model: str, tokens: str, out: str, threads: in
 
     import numpy as np
     import torch
+
+    # reap_stream's package and procstats import only the stdlib, so any interpreter can use them;
+    # the reference's src goes in front of the repository
+    sys.path.insert(0, str(REPO))
+    from reap_stream.procstats import peak_rss_bytes
 
     torch.set_num_threads(threads)
     sys.path.insert(0, str(Path(ref_dir) / "src"))
@@ -171,7 +168,7 @@ def child_reference(ref_dir: str, model: str, tokens: str, out: str, threads: in
     state = torch.load(out, weights_only=False)
     stats = {str(layer): {ours: state[layer][theirs].double().tolist() for ours, theirs in SHARED_FIELDS.items()}
              for layer in sorted(state)}
-    return {"tokens_per_s": ids.numel() / seconds, "seconds": seconds, "peak_rss": peak_rss(), "stats": stats,
+    return {"tokens_per_s": ids.numel() / seconds, "seconds": seconds, "peak_rss": peak_rss_bytes(), "stats": stats,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
 
 

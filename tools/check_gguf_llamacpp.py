@@ -52,15 +52,6 @@ def _cli(*args) -> None:
         sys.exit(f"reap-stream {args[0]} failed:\n{res.stderr[-3000:]}")
 
 
-def _mlx_logits(model_dir: Path, ids: list[int]):
-    import mlx.core as mx
-    import numpy as np
-    from mlx_lm import load
-
-    model, _ = load(str(model_dir))
-    return np.array(model(mx.array(ids)[None])[0].astype(mx.float32))
-
-
 def _llama_logits(python: str, gguf: Path, ids: list[int], work: Path):
     import numpy as np
 
@@ -73,22 +64,36 @@ def _llama_logits(python: str, gguf: Path, ids: list[int], work: Path):
     return np.load(out), None
 
 
-def check(family: str, qtype: str, args, work: Path) -> dict:
+def prepare(family: str, args, work: Path) -> dict:
+    """The per-family part, the same for every GGUF type: collect, plan and apply on the MLX
+    fixture, and mlx_lm's logits of the original and the pruned MLX outputs."""
     import numpy as np
 
     from reap_stream import synth
-    from reap_stream.gguf_convert import cached_gguf
+    from reap_stream.masking import masked_logits
 
     mlx_dir = synth.cached_fixture(family, "fp32", args.root / "mlx")
-    gguf = cached_gguf(family, qtype, args.root / "gguf", mlx_dir)[0]
-    run = work / f"{family}-{qtype}"
+    run = work / family
     run.mkdir()
     _cli("collect", mlx_dir, "--dataset-file", CALIBRATION, "--max-tokens", "512", "--out", run / "t.zarr")
     _cli("plan", run / "t.zarr", "--method", "reap", "--ratio", "0.25", "--out", run / "plan.json")
     _cli("apply", mlx_dir, run / "plan.json", "--out", run / "pruned-mlx", "--quiet")
-    _cli("apply", gguf, run / "plan.json", "--out", run / "pruned.gguf", "--quiet")
     ids = [int(t) for t in (np.arange(NUM_TOKENS) * 37 + 11) % synth.VOCAB_SIZE]
-    mlx = {"original": _mlx_logits(mlx_dir, ids), "pruned": _mlx_logits(run / "pruned-mlx", ids)}
+    # an empty prune map masks nothing: these are mlx_lm's plain logits
+    mlx = {"original": masked_logits(mlx_dir, {}, ids), "pruned": masked_logits(run / "pruned-mlx", {}, ids)}
+    return {"family": family, "mlx_dir": mlx_dir, "run": run, "ids": ids, "mlx": mlx}
+
+
+def check(prepared: dict, qtype: str, args) -> dict:
+    import numpy as np
+
+    from reap_stream.gguf_convert import cached_gguf
+
+    family, ids, mlx = prepared["family"], prepared["ids"], prepared["mlx"]
+    gguf = cached_gguf(family, qtype, args.root / "gguf", prepared["mlx_dir"])[0]
+    run = prepared["run"] / qtype
+    run.mkdir()
+    _cli("apply", gguf, prepared["run"] / "plan.json", "--out", run / "pruned.gguf", "--quiet")
     row = {"family": family, "qtype": qtype,
            "pruning moved mlx_lm logits by": float(np.max(np.abs(mlx["original"] - mlx["pruned"])))}
     for name, path in (("original", gguf), ("pruned", run / "pruned.gguf")):
@@ -129,8 +134,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(dir=args.root) as tmp:
         for family in args.families.split(","):
+            prepared = prepare(family, args, Path(tmp))
             for qtype in args.qtypes.split(","):
-                rows.append(check(family, qtype, args, Path(tmp)))
+                rows.append(check(prepared, qtype, args))
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

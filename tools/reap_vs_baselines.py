@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(model.relative_to(REPO)) if model.is_relative_to(REPO) else str(model),
         "model_desc": f"{cfg['model_type']}, {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
                       f"{cfg['num_experts']} experts, top-{cfg['num_experts_per_tok']}",
-        "calib_tokens": collected.get("num_tokens") or collected.get("calibration", {}).get("num_tokens", 0),
+        "calib_tokens": collected.get("num_tokens", 0),
         "heldout_predictions": original["num_predictions"],
         "ppl_original": original["perplexity"],
     }

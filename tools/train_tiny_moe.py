@@ -201,27 +201,13 @@ def forward(model, tokens, mx, nn, capacity_factor: float | None = None):
 
 
 def save_checkpoint(model, out_dir: Path, config: dict) -> None:
-    """mlx_lm layout in two shards + index; sorted headers, so the same weights give the same bytes."""
+    """mlx_lm layout in two shards + index, by synth's writer (sorted headers and JSON, so the same
+    weights give the same bytes); it also writes the tokenizer files, the same bytes main wrote."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
     tensors = {k: ("F32", np.array(v.astype(mx.float32))) for k, v in tree_flatten(model.parameters())}
-    names = sorted(tensors)
-    half = sum(tensors[n][1].nbytes for n in names) / 2
-    shards: list[list[str]] = [[], []]
-    acc = 0
-    for n in names:
-        shards[0 if acc < half else 1].append(n)
-        acc += tensors[n][1].nbytes
-    weight_map = {}
-    for i, group in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-00002.safetensors"
-        synth.write_safetensors(out_dir / fname, {k: tensors[k] for k in group}, {"format": "mlx"})
-        weight_map.update({k: fname for k in group})
-    total = sum(t[1].nbytes for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    synth._write_checkpoint(out_dir, tensors, config, 2, "mlx")
 
 
 def main(argv: list[str] | None = None) -> int:
