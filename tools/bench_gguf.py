@@ -8,9 +8,9 @@ is that process's VmHWM), methods interleaved, `--repeats` times; the table give
 the median of the per-repeat ratios (runs made side by side).
   copy   — read the kept byte ranges and write them to one file through an 8 MiB buffer, fsync
            (no header; ranges planned before the clock starts): the floor for any recompaction.
-  reap   — reap_stream.gguf_apply.apply_gguf (header parse + validation, layout, bounded-buffer copy).
-  naive  — gguf-py: GGUFReader, np.take of every expert tensor, GGUFWriter with all tensors in memory
-           (no fsync).
+  reap   — reap_stream.gguf_apply.apply_gguf (header parse + validation, layout, range copy, fsync).
+  naive  — gguf-py: GGUFReader, np.take of every expert tensor, GGUFWriter with all tensors in
+           memory, fsync.
 The page cache is warm for every run (the source is read once before timing).
 """
 from __future__ import annotations
@@ -145,6 +145,9 @@ def _naive(model: Path, plan_path: Path, out: Path) -> float:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    fd = os.open(out, os.O_RDONLY)  # durable, as the other two make their outputs
+    os.fsync(fd)
+    os.close(fd)
     return time.perf_counter() - t0
 
 
