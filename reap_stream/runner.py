@@ -39,12 +39,13 @@ a killed run resumes there and recomputes at most one layer.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import queue
 import shutil
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -336,18 +337,45 @@ class Lanes:
     MLX runs each CPU stream's element-wise kernels on that stream's one thread, so two halves of
     a chunk evaluated on two streams use both cores where one stream leaves one idle (attention's
     softmax dominates small-hidden models on the CPU backend). Streams belong to the thread that
-    made them, hence a persistent worker that makes its own."""
+    made them, hence a persistent worker that makes its own.
+
+    The worker must release its MLX state before the interpreter finalizes: MLX keeps a
+    thread-local cache of compiled functions (mlx_lm compiles its activations) whose destructor,
+    run when the OS thread ends, takes the GIL to drop Python references; once the main thread
+    is finalizing that aborts the process ("terminate called without an active exception",
+    2-30 % of exits in tools/check_clean_exit.py). So the worker is a daemon stopped by
+    `close()` (at the latest from atexit, which runs before finalization), and it calls
+    `mx.clear_streams()` before it ends."""
 
     def __init__(self):
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="reap-lane", initializer=self._init_worker)
-        self._local = threading.local()
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name="reap-lane", daemon=True)
+        self._closed = False
+        self._thread.start()
+        atexit.register(self.close)
 
-    def _init_worker(self) -> None:
-        self._local.stream = _mx().new_stream(_mx().cpu)
+    def _work(self) -> None:
+        mx = _mx()
+        try:
+            with mx.stream(mx.new_stream(mx.cpu)):
+                while (item := self._tasks.get()) is not None:
+                    fn, future = item
+                    try:
+                        future.set_result(fn())
+                    except BaseException as e:  # raised by the caller, in both()
+                        future.set_exception(e)
+        finally:
+            # this thread's streams and compile cache, while Python is alive (the call came
+            # with MLX 0.31.2, per-thread CPU state with 0.32; older versions need neither)
+            if hasattr(mx, "clear_streams"):
+                mx.clear_streams()
 
-    def _on_worker(self, fn):
-        with _mx().stream(self._local.stream):
-            return fn()
+    def _submit(self, fn: Callable) -> Future:
+        if self._closed:
+            raise RuntimeError("lanes are closed")
+        future: Future = Future()
+        self._tasks.put((fn, future))
+        return future
 
     def both(self, first: Callable, second: Callable, barrier: threading.Barrier | None = None) -> tuple:
         """first() here and second() on the worker, at the same time; an error in either breaks
@@ -362,7 +390,7 @@ class Lanes:
                     raise
             return run
 
-        future = self._pool.submit(self._on_worker, guarded(second))
+        future = self._submit(guarded(second))
         try:
             a = guarded(first)()
         except threading.BrokenBarrierError:
@@ -374,7 +402,12 @@ class Lanes:
         return a, future.result()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        """Stop the worker after its queued tasks; safe to call more than once."""
+        if not self._closed:
+            self._closed = True
+            self._tasks.put(None)
+            atexit.unregister(self.close)
+        self._thread.join()
 
 
 _shared: Lanes | None = None

@@ -128,3 +128,41 @@ def test_an_error_on_the_worker_lane_surfaces_as_itself(wide_model, tmp_path):
             lanes.both(barrier.wait, worker, barrier)
     finally:
         lanes.close()
+
+
+def test_the_worker_lane_releases_its_mlx_state_itself_on_close(monkeypatch):
+    """MLX's per-thread compile cache drops Python objects when its OS thread ends; if that falls
+    into interpreter finalization the process aborts. So the worker clears its own streams (and
+    that cache) before it ends, and a closed pair of lanes refuses work."""
+    import threading
+
+    mx = runner._mx()
+    cleared_on: list[str] = []
+    real = mx.clear_streams
+    monkeypatch.setattr(mx, "clear_streams", lambda: (cleared_on.append(threading.current_thread().name), real()))
+    lanes = runner.Lanes()
+    assert lanes.both(lambda: 1, lambda: 2) == (1, 2)
+    lanes.close()
+    lanes.close()  # idempotent
+    assert cleared_on == ["reap-lane"] and not lanes._thread.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        lanes.both(lambda: 1, lambda: 2)
+
+
+def test_the_shared_worker_has_ended_before_the_interpreter_finalizes():
+    """atexit handlers run before finalization, last registered first: one registered before the
+    lanes existed sees the lanes' own handler's result."""
+    import subprocess
+    import sys
+
+    script = "\n".join([
+        "import atexit",
+        "from reap_stream import runner",
+        "lanes = []",
+        "atexit.register(lambda: print('alive at exit:', lanes[0]._thread.is_alive()))",
+        "lanes.append(runner.shared_lanes())",
+        "lanes[0].both(lambda: None, lambda: None)",
+    ])
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "alive at exit: False"
