@@ -216,8 +216,8 @@ def lane_threads() -> int | None:
     per lane only slows the matmuls (measured on 16 cores: two lanes at half the threads took
     1.4-1.8x as long as one lane at all of them). Hence only at 2 threads or fewer.
     """
-    total = (_state or {}).get("threads")
-    return 1 if total and int(total) <= 2 else None
+    total = total_threads()
+    return 1 if total and total <= 2 else None
 
 
 def total_threads() -> int | None:

@@ -159,9 +159,9 @@ def _two_shares(active: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int,
-                weights: np.ndarray | None = None, pair: Pair | None = None) -> tuple[ExpertBatch, mx.array | None]:
-    """Every routed expert output f_e(x_t), one dense matmul chain per expert, and (with
-    `weights` [T, k]) the weighted sum Σ_k w·f(x) per token in float32.
+                weights: np.ndarray, pair: Pair | None = None) -> tuple[ExpertBatch, mx.array]:
+    """Every routed expert output f_e(x_t), one dense matmul chain per expert, and the weighted
+    sum Σ_k w·f(x) per token (`weights` [T, k]) in float32.
 
     Experts are evaluated one after another, so the working set is one expert's rows plus the
     outputs, not the k-fold expansion of the whole chunk at once. With `pair`, on the CPU and
@@ -201,7 +201,7 @@ def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int,
         else:
             share(first)()
             share(second)()
-    y = None if weights is None else mx.array(_weighted_sum(outputs, order, weights, k))
+    y = mx.array(_weighted_sum(outputs, order, weights, k))
     return ExpertBatch(order, experts, bounds, outputs), y
 
 

@@ -53,6 +53,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import zarr_io
+from .blas import blas_threads, lane_threads, total_threads
 from .checkpoint import Checkpoint, TensorRef, read_array
 from .errors import BadInput
 from .families import Family, family_of
@@ -283,8 +284,6 @@ class _Rendezvous:
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
 
     def __call__(self, x):
-        from .blas import blas_threads, total_threads
-
         mx = _mx()
         part = self.lane.part
         mx.eval(x)  # this half's attention and norms, on this lane's stream: the lanes overlap here
@@ -299,36 +298,31 @@ class _Rendezvous:
             finally:
                 self._tasks.put(None)  # the other lane stops serving
         else:
-            self._serve()
+            _serve(self._tasks)
         self.barrier.wait()
         rows = self.parts[0].shape[0]
         return self.out[:rows] if part == 0 else self.out[rows:]
 
     def pair(self, first: Callable, second: Callable) -> tuple:
-        """first() on the lead lane and second() on the serving lane at the same time."""
-        done = threading.Event()
-        box: dict = {}
-
-        def task():
-            try:
-                box["result"] = second()
-            except BaseException as e:  # raised on the lead lane below
-                box["error"] = e
-            finally:
-                done.set()
-
-        self._tasks.put(task)
+        """first() on the lead lane and second() on the serving lane at the same time; first's
+        error is raised before second's, after second has finished."""
+        future: Future = Future()
+        self._tasks.put((second, future))
         try:
             a = first()
         finally:
-            done.wait()
-        if "error" in box:
-            raise box["error"]
-        return a, box["result"]
+            future.exception()  # wait for the serving lane
+        return a, future.result()
 
-    def _serve(self) -> None:
-        while (task := self._tasks.get()) is not None:
-            task()
+
+def _serve(tasks: queue.SimpleQueue) -> None:
+    """Run (fn, future) items until None, each result or error into its future."""
+    while (item := tasks.get()) is not None:
+        fn, future = item
+        try:
+            future.set_result(fn())
+        except BaseException as e:  # raised by whoever waits on the future
+            future.set_exception(e)
 
 
 class Lanes:
@@ -358,12 +352,7 @@ class Lanes:
         mx = _mx()
         try:
             with mx.stream(mx.new_stream(mx.cpu)):
-                while (item := self._tasks.get()) is not None:
-                    fn, future = item
-                    try:
-                        future.set_result(fn())
-                    except BaseException as e:  # raised by the caller, in both()
-                        future.set_exception(e)
+                _serve(self._tasks)
         finally:
             # this thread's streams and compile cache, while Python is alive (the call came
             # with MLX 0.31.2, per-thread CPU state with 0.32; older versions need neither)
@@ -412,6 +401,12 @@ class Lanes:
 
 _shared: Lanes | None = None
 _shared_lock = threading.Lock()
+
+
+def _lanes_pair(first: Callable, second: Callable) -> tuple:
+    """routing.Pair on the shared lanes, made on first use: run_experts decides whether to share
+    experts out (CPU, single-threaded lanes), so elsewhere no worker thread is started."""
+    return shared_lanes().both(first, second)
 
 
 def shared_lanes() -> Lanes:
@@ -466,8 +461,6 @@ class SplitCheck:
         return True
 
     def _probe(self, module, batch: int, length: int) -> bool:
-        from .blas import blas_threads, lane_threads
-
         mx = _mx()
         w = module["weight"]
         in_dims = w.shape[1] * 32 // module.bits if "scales" in module else w.shape[1]
@@ -500,8 +493,6 @@ def split_layer_forward(fwd: _Forward, lanes: Lanes, i: int, h, tokens: np.ndarr
     half; the MoE block sees the whole chunk (routing.capture groups experts over all its tokens,
     which fixes the order of every float sum). Attention is mlx_lm's own code, called per half
     with the arguments its forward builds for that half."""
-    from .blas import blas_threads, lane_threads
-
     mx = _mx()
     rows = tokens.shape[0] // 2
     halves = (tokens[:rows], tokens[rows:])
@@ -827,9 +818,8 @@ class StreamRunner:
         return self._split_check.ok(self.fwd, i, int(shape[0]), int(shape[1]))
 
     def _pair(self) -> Callable | None:
-        """Two lanes for the experts of an unsplit layer call (CPU only)."""
-        mx = _mx()
-        return shared_lanes().both if self.parallel and mx.default_device() == mx.cpu else None
+        """Two lanes for the experts of an unsplit layer call."""
+        return _lanes_pair if self.parallel else None
 
     def _bar(self, items, desc: str):
         from tqdm import tqdm
@@ -874,13 +864,12 @@ class MemoryRunner:
             mask_experts(self.model, {i: ids for i, ids in mask.items() if ids})
         stop = self.num_layers if stop is None else stop
         outs = []
-        pair = shared_lanes().both if mx.default_device() == mx.cpu else None  # experts on two lanes, as in stream mode
         for c in self._bar(chunks, "chunks"):
             tracers = trace_layers(self.model, c.tokens)
             h = tracers[0].x
             for i in range(stop):
                 cb = None if on_moe is None else (lambda cap, c=c, i=i: on_moe(i, c, cap))
-                h = self.fwd.layer_forward(i, h, tracers[i], cb, c.index == 0, pair)
+                h = self.fwd.layer_forward(i, h, tracers[i], cb, c.index == 0, _lanes_pair)  # as in stream mode
                 mx.eval(h)
             outs.append(h)
         return outs

@@ -16,11 +16,6 @@ import numpy as np
 ZARR_JSON = "zarr.json"
 
 
-def _write(path: Path, data) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-
-
 def _document(doc: dict) -> bytes:
     return json.dumps(doc, indent=2).encode()
 
@@ -30,7 +25,7 @@ def write_group(path: str | Path, attributes: dict | None = None) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     doc = {"attributes": attributes or {}, "zarr_format": 3, "node_type": "group"}
-    _write(path / ZARR_JSON, _document(doc))
+    (path / ZARR_JSON).write_bytes(_document(doc))
 
 
 def array_metadata(shape: tuple, dtype: np.dtype, attributes: dict | None = None) -> dict:
@@ -64,8 +59,8 @@ def write_array(path: str | Path, data: np.ndarray, attributes: dict | None = No
     if data.size:
         chunk = path / _chunk_key(data.ndim)
         chunk.parent.mkdir(parents=True, exist_ok=True)
-        _write(chunk, np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).data)
-    _write(path / ZARR_JSON, _document(array_metadata(data.shape, data.dtype, attributes)))
+        chunk.write_bytes(np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).data)
+    (path / ZARR_JSON).write_bytes(_document(array_metadata(data.shape, data.dtype, attributes)))
 
 
 def read_array(path: str | Path) -> tuple[np.ndarray, dict]:
