@@ -23,7 +23,7 @@ from .checkpoint import Checkpoint
 from .errors import BadInput
 from .families import family_of
 from .procstats import peak_rss_bytes
-from .runner import check_chunk_tokens, check_mode
+from .runner import _mx, check_chunk_tokens, check_mode
 from .storage import write_text_atomic
 from .structure import checkpoint_structure, fingerprint
 from .telemetry import LayerStats, TelemetryStore
@@ -131,6 +131,7 @@ def collect(model_dir: str | Path | Checkpoint, calib, out: str | Path, work_dir
     """Collect telemetry of `calib` (a calibration.CalibrationSet) into `out`; returns a summary."""
     from tqdm import tqdm
 
+    _mx()  # mlx through ensure_blas, before mlx_lm imports it
     import mlx_lm.utils  # noqa: F401  (import time is not collection time)
 
     started = time.perf_counter()

@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from .calibration import calibration_options
+from .calibration import CalibrationOptions, CalibrationSet, calibration_options
 from .errors import BadInput
 from .runner import MODES, check_chunk_tokens
+
+if TYPE_CHECKING:  # imported inside the commands at run time, like the rest of the model side
+    from .checkpoint import Checkpoint
 
 # files any one of which makes a model directory's tokenizer loadable
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
@@ -29,6 +33,21 @@ def load_tokenizer(model_dir: Path):
         raise BadInput(model_dir / "tokenizer.json", f"cannot load the tokenizer: {first}") from None
 
 
+def open_and_tokenise(model_dir: Path, calibration: CalibrationOptions) -> tuple[Checkpoint, CalibrationSet]:
+    """Open and check the model, then tokenise the text with the model's own tokenizer. The open
+    checkpoint is returned so that later steps do not parse its headers again."""
+    from .blas import ensure_blas
+
+    ensure_blas()  # before the first `import mlx`
+    from .calibration import build_calibration
+    from .checkpoint import Checkpoint
+    from .structure import checkpoint_structure
+
+    ckpt = Checkpoint.open(model_dir)
+    checkpoint_structure(ckpt)  # unknown model_type / no MoE: refuse before tokenising
+    return ckpt, build_calibration(calibration, load_tokenizer(Path(model_dir)))
+
+
 @click.command("collect")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @calibration_options
@@ -46,20 +65,13 @@ def load_tokenizer(model_dir: Path):
 def collect_cmd(model_dir: Path, calibration, out: Path, work_dir: Path | None, mode: str,
                 layers_spec: str | None, renorm_topk: bool, chunk_tokens: int, as_json: bool) -> None:
     """Collect REAP telemetry of MODEL_DIR on calibration text into --out."""
-    from .blas import blas_info, ensure_blas
-
-    ensure_blas()  # before the first `import mlx`
-    from .calibration import build_calibration
-    from .checkpoint import Checkpoint
+    from .blas import blas_info
     from .collect import CollectOptions, collect, parse_layers
-    from .structure import checkpoint_structure
 
     options = CollectOptions(mode=mode, layers=parse_layers(layers_spec), renorm_topk=renorm_topk,
                              chunk_tokens=chunk_tokens)
     check_chunk_tokens(chunk_tokens)
-    ckpt = Checkpoint.open(model_dir)
-    checkpoint_structure(ckpt)  # unknown model_type / no MoE: refuse before tokenising
-    calib = build_calibration(calibration, load_tokenizer(Path(model_dir)))
+    ckpt, calib = open_and_tokenise(model_dir, calibration)
     summary = collect(ckpt, calib, out, work_dir, options, progress=not as_json)
     summary["blas"] = blas_info()
     if as_json:

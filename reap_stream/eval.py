@@ -27,9 +27,8 @@ import numpy as np
 from .checkpoint import Checkpoint
 from .errors import BadInput
 from .plan import Plan
-from .runner import check_mode
+from .runner import MemoryRunner, StreamRunner, check_mode
 from .structure import check_plan, checkpoint_structure, fingerprint
-
 
 
 @dataclass(frozen=True)
@@ -123,11 +122,7 @@ def _work_dir(work_dir: str | Path | None) -> Iterator[Path]:
 def logits_per_chunk(model_dir: str | Path | Checkpoint, sequences: list[np.ndarray], *, mask: dict[int, list[int]] | None = None,
                      mode: str = "stream", work_dir: str | Path | None = None, chunk_tokens: int = 4096,
                      max_batch: int | None = None, progress: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(tokens [B, L], float32 logits [B, L, V]) for each chunk of `sequences`, in order.
-
-    The only place that knows the runner: a new execution strategy changes this function alone."""
-    from .runner import MemoryRunner, StreamRunner
-
+    """(tokens [B, L], float32 logits [B, L, V]) for each chunk of `sequences`, in order."""
     check_mode(mode)
     if mode == "memory":
         runner = MemoryRunner(model_dir, chunk_tokens=chunk_tokens, progress=progress)

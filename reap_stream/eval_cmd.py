@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import Callable, TypeVar
 
 import click
 
-from .calibration import CalibrationOptions, CalibrationSet, calibration_options
+from .calibration import CalibrationOptions, calibration_options
+from .collect_cmd import open_and_tokenise
 from .runner import MODES, check_chunk_tokens
-
-if TYPE_CHECKING:  # imported inside the commands at run time, like the rest of the model side
-    from .checkpoint import Checkpoint
 
 F = TypeVar("F", bound=Callable)
 
@@ -39,22 +37,6 @@ def run_options(command: F) -> F:
     return command
 
 
-def _sequences(model_dir: Path, calibration: CalibrationOptions) -> tuple[Checkpoint, CalibrationSet]:
-    """Open and check the model, then tokenise the text with the model's own tokenizer. The open
-    checkpoint is returned so that the plan check and the runner do not parse its headers again."""
-    from .blas import ensure_blas
-
-    ensure_blas()  # before the first `import mlx`
-    from .calibration import build_calibration
-    from .checkpoint import Checkpoint
-    from .collect_cmd import load_tokenizer
-    from .structure import checkpoint_structure
-
-    ckpt = Checkpoint.open(model_dir)
-    checkpoint_structure(ckpt)  # no MoE / unknown family: refuse before tokenising
-    return ckpt, build_calibration(calibration, load_tokenizer(Path(model_dir)))
-
-
 @click.command("eval")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @calibration_options
@@ -65,7 +47,7 @@ def eval_cmd(model_dir: Path, calibration: CalibrationOptions, mask_plan: Path |
     from .eval import mask_from_plan, perplexity
 
     check_chunk_tokens(chunk_tokens)
-    ckpt, calib = _sequences(model_dir, calibration)
+    ckpt, calib = open_and_tokenise(model_dir, calibration)
     mask = mask_from_plan(mask_plan, ckpt, ignore_fingerprint=ignore_fingerprint) if mask_plan else None
     result = perplexity(ckpt, calib.sequences, mask=mask, mode=mode, work_dir=work_dir,
                         chunk_tokens=chunk_tokens, max_batch=calib.batch_size, progress=not as_json,
@@ -97,7 +79,7 @@ def compare_cmd(model_a: Path, model_b: Path, calibration: CalibrationOptions, m
     check_chunk_tokens(chunk_tokens)
     ckpt_b = Checkpoint.open(model_b)
     checkpoint_structure(ckpt_b)  # refuse a bad B before the work on A
-    ckpt_a, calib = _sequences(model_a, calibration)
+    ckpt_a, calib = open_and_tokenise(model_a, calibration)
     mask = mask_from_plan(mask_plan, ckpt_a, ignore_fingerprint=ignore_fingerprint) if mask_plan else None
     diff = compare_logits(ckpt_a, ckpt_b, calib.sequences, mask_a=mask, mode=mode, work_dir=work_dir,
                           chunk_tokens=chunk_tokens, max_batch=calib.batch_size, progress=not as_json)

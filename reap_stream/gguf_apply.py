@@ -14,7 +14,6 @@ plan made from the MLX or HF form of the same model applies to its GGUF.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from .apply import _copy_range, _write_all
 from .errors import BadInput
 from .families import FAMILIES
 from .gguf_layout import (KV, GGUFFile, OutTensor, VType, encode_header, encode_kv,
-                          align, plan_offsets, read_model, split_name, SPLIT_PATTERN)
+                          align, plan_offsets, read_model, split_name, BLOCK_TENSOR, SPLIT_PATTERN)
 from .plan import Plan, kept_runs
 from .structure import MoEStructure, check_plan
 
@@ -67,8 +66,6 @@ GGUF_ARCHS: dict[str, GGUFArch] = {
         + ("ffn_gate_up_exps.weight", "ffn_gate_up_exps.scale", "ffn_down_exps.scale"),
         hash_tensor="ffn_gate_tid2eid.weight", compact_layout=COMPACT_LAYOUT),
 }
-
-_BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
 # ---------------------------------------------------------------- structure
@@ -121,7 +118,7 @@ def open_gguf(path: str | Path) -> GGUFModel:
     hash_layers = set()
     for part in parts:
         for t in part.tensors:
-            m = _BLK.match(t.name)
+            m = BLOCK_TENSOR.match(t.name)
             if not m:
                 continue
             layer, suffix = int(m.group(1)), m.group(2)
@@ -202,7 +199,7 @@ class OutPart:
 def _out_tensors(part: GGUFFile, spec: GGUFArch, kept: dict[int, list[int]]) -> list[OutTensor]:
     planned = []
     for t in part.tensors:
-        m = _BLK.match(t.name)
+        m = BLOCK_TENSOR.match(t.name)
         ids = kept.get(int(m.group(1))) if m and m.group(2) in spec.expert_tensors else None
         if ids is None or len(ids) == t.ne[-1]:
             planned.append((t.name, t.ne, t.ggml_type, t.nbytes, ((t.start, t.nbytes),), False))

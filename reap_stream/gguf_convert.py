@@ -26,7 +26,7 @@ from gguf.constants import GGMLQuantizationType as T
 
 from .checkpoint import Checkpoint, to_float32
 from .families import FAMILIES
-from .gguf_apply import _BLK
+from .gguf_layout import BLOCK_TENSOR
 from .storage import build_once
 
 QTYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -248,7 +248,7 @@ def make_ds4_fixture(src: Path, out: Path, *, qtype: str = "f32", seed: int = 0)
     last = cfg["num_hidden_layers"] - 1
     tensors = []
     for gname, (arr, t) in base.items():
-        m = _BLK.match(gname)
+        m = BLOCK_TENSOR.match(gname)
         layer, leaf = (int(m.group(1)), m.group(2)) if m else (None, gname)
         if layer == HASH_LAYER and leaf in ("ffn_gate_inp.weight", "exp_probs_b.bias"):
             continue   # a hash layer routes by table, it has no router

@@ -284,6 +284,9 @@ def _parse_cursor(cur: _Cursor, path: Path, size: int) -> GGUFFile:
 
 # ---------------------------------------------------------------- split files
 
+# a per-block tensor name: blk.<layer>.<rest>
+BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)$")
+
 SPLIT_PATTERN = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 

@@ -73,11 +73,12 @@ def _check_model(store: TelemetryStore, model_dir: Path) -> dict:
 
     ckpt = Checkpoint.open(model_dir)
     recorded = store.attrs.get("model") or {}
-    fp = fingerprint(ckpt)
+    st = checkpoint_structure(ckpt)
+    fp = fingerprint(ckpt, st)
     if recorded.get("fingerprint") != fp:
         raise BadInput(store.path, f"telemetry was collected on another model (fingerprint "
                                    f"{str(recorded.get('fingerprint'))[:19]}…, {model_dir} is {fp[:19]}…)")
-    shape = checkpoint_structure(ckpt).to_json()
+    shape = st.to_json()
     for key in ("model_type", "moe_layers", "num_experts", "top_k"):
         if recorded.get(key) != shape[key]:
             raise BadInput(store.path, f"telemetry {key} {recorded.get(key)!r} differs from {model_dir}'s {shape[key]!r}")

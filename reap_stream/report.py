@@ -41,7 +41,8 @@ def load_views(store: TelemetryStore, method: str, plan: Plan | None,
     """Every layer's view, and the telemetry fingerprint hashed on the way (one read of the store)."""
     views = []
     fp = Fingerprint()  # layers() is ascending, as TelemetryStore.fingerprint hashes them
-    for layer in store.layers():
+    layers = store.layers()
+    for layer in layers:
         st = store.read(layer)
         fp.add(st)
         lp = plan.layers.get(layer) if plan else None
@@ -51,7 +52,7 @@ def load_views(store: TelemetryStore, method: str, plan: Plan | None,
         views.append(LayerView(layer, st.tokens, st.frequency, scores(method, st, seed=_seed(plan)),
                                list(lp.pruned) if lp else [], list(lp.extra.get("super_experts", [])) if lp else []))
     if plan:
-        extra = sorted(set(plan.layers) - set(store.layers()))
+        extra = sorted(set(plan.layers) - set(layers))
         if extra:
             raise BadInput(plan_where, f"plan prunes layer {extra[0]}, which the telemetry does not hold")
     return views, fp.hexdigest()

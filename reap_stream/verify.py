@@ -179,8 +179,8 @@ def check_plan_copy(out: Path, config: dict, findings: list[Finding]) -> None:
 def check_gguf(path: Path, findings: list[Finding]) -> int:
     """A recompacted GGUF (one file or the first of a split): llama.cpp's layout rules, and every
     expert-axis tensor as long as the metadata says its layer is. Returns the parts checked."""
-    from .gguf_apply import _BLK, GGUF_ARCHS
-    from .gguf_layout import layout_problems, read_model
+    from .gguf_apply import GGUF_ARCHS
+    from .gguf_layout import BLOCK_TENSOR, layout_problems, read_model
 
     try:
         parts = read_model(path)
@@ -199,7 +199,7 @@ def check_gguf(path: Path, findings: list[Finding]) -> int:
     uniform = first.get(f"{arch}.expert_count")
     for part in parts:
         for t in part.tensors:
-            m = _BLK.match(t.name)
+            m = BLOCK_TENSOR.match(t.name)
             if not m or m.group(2) not in spec.expert_tensors:
                 continue
             layer = int(m.group(1))
