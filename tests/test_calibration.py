@@ -363,7 +363,4 @@ def test_absent_hub_dataset_offline_exits_2_with_one_line(probe_cli, monkeypatch
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     r = run_probe(probe_cli, "--dataset", "nobody-here/absent-calibration-set")
-    assert r.exit_code == 2
-    lines = r.output.strip().splitlines()
-    assert lines == [lines[0]] and lines[0].startswith("reap-stream: error: nobody-here/absent-calibration-set: ")
-    assert "not in the local cache" in lines[0] and "--dataset-file" in lines[0]
+    error_line(r, "not in the local cache", "--dataset-file", where="nobody-here/absent-calibration-set: ")

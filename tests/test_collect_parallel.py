@@ -1,6 +1,10 @@
 """Stream mode on two CPU lanes: a chunk split into two half-batches gives the bytes of one call."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import threading
+
 import numpy as np
 import pytest
 
@@ -19,6 +23,12 @@ CALIB = token_set(num_seqs=8, length=64)
 @pytest.fixture(scope="module")
 def wide_model(tmp_path_factory):
     return synth.make_mlx_fixture("qwen3_moe", tmp_path_factory.mktemp("wide") / "m", config_overrides=WIDE)
+
+
+@pytest.fixture(scope="module")
+def splits_here(wide_model, tmp_path_factory) -> bool:
+    """Whether this BLAS lets the wide model's layers run as two half-batches (SplitCheck)."""
+    return SplitCheck().ok(StreamRunner(wide_model, tmp_path_factory.mktemp("probe") / "w").fwd, 0, 4, 64)
 
 
 @pytest.fixture
@@ -48,8 +58,9 @@ def _stream(model, tmp_path, name, parallel, monkeypatch, chunk_tokens=512):
     return summary["telemetry_fingerprint"]
 
 
-def test_two_lanes_give_the_bytes_of_one_lane_and_of_memory_mode(wide_model, tmp_path, monkeypatch, split_calls):
-    if not SplitCheck().ok(StreamRunner(wide_model, tmp_path / "probe").fwd, 0, 4, 64):
+def test_two_lanes_give_the_bytes_of_one_lane_and_of_memory_mode(wide_model, tmp_path, monkeypatch, split_calls,
+                                                                  splits_here):
+    if not splits_here:
         pytest.skip("this BLAS computes a half-batch projection in another order: the split is never used")
     one_lane = _stream(wide_model, tmp_path, "serial", False, monkeypatch)
     assert split_calls == []
@@ -60,7 +71,7 @@ def test_two_lanes_give_the_bytes_of_one_lane_and_of_memory_mode(wide_model, tmp
     assert two_lanes == one_lane == memory["telemetry_fingerprint"]
 
 
-def test_several_chunks_and_an_odd_batch_split_exactly(wide_model, tmp_path, monkeypatch, split_calls):
+def test_several_chunks_and_an_odd_batch_split_exactly(wide_model, tmp_path, monkeypatch):
     # 8 sequences in chunks of 3 + 3 + 2: halves of 1 + 2 rows and 1 + 1
     one_lane = _stream(wide_model, tmp_path, "serial", False, monkeypatch, chunk_tokens=192)
     two_lanes = _stream(wide_model, tmp_path, "parallel", True, monkeypatch, chunk_tokens=192)
@@ -95,9 +106,7 @@ def test_an_error_in_the_shared_moe_step_surfaces_as_itself(wide_model, tmp_path
 
 @pytest.mark.parametrize("mode", ["stream", "memory"])
 def test_an_error_in_the_experts_of_the_other_lane_surfaces_as_itself(mode, wide_model, tmp_path, monkeypatch,
-                                                                    split_calls):
-    import threading
-
+                                                                    split_calls, splits_here):
     real = routing._expert_linear
 
     def failing(lin, e, x):
@@ -109,15 +118,13 @@ def test_an_error_in_the_experts_of_the_other_lane_surfaces_as_itself(mode, wide
     with pytest.raises(RuntimeError, match="expert failed on the other lane"):
         collect(wide_model, CALIB, tmp_path / "t.zarr", options=CollectOptions(mode=mode, chunk_tokens=512),
                 progress=False)
-    if mode == "stream" and SplitCheck().ok(StreamRunner(wide_model, tmp_path / "probe").fwd, 0, 4, 64):
+    if mode == "stream" and splits_here:
         assert split_calls == [0]  # the experts were shared out from inside the two-lane layer call
     assert not (tmp_path / "t.zarr").exists()
 
 
-def test_an_error_on_the_worker_lane_surfaces_as_itself(wide_model, tmp_path):
+def test_an_error_on_the_worker_lane_surfaces_as_itself():
     lanes = runner.Lanes()
-    import threading
-
     barrier = threading.Barrier(2)
 
     def worker():
@@ -134,8 +141,6 @@ def test_the_worker_lane_releases_its_mlx_state_itself_on_close(monkeypatch):
     """MLX's per-thread compile cache drops Python objects when its OS thread ends; if that falls
     into interpreter finalization the process aborts. So the worker clears its own streams (and
     that cache) before it ends, and a closed pair of lanes refuses work."""
-    import threading
-
     mx = runner._mx()
     cleared_on: list[str] = []
     real = mx.clear_streams
@@ -152,9 +157,6 @@ def test_the_worker_lane_releases_its_mlx_state_itself_on_close(monkeypatch):
 def test_the_shared_worker_has_ended_before_the_interpreter_finalizes():
     """atexit handlers run before finalization, last registered first: one registered before the
     lanes existed sees the lanes' own handler's result."""
-    import subprocess
-    import sys
-
     script = "\n".join([
         "import atexit",
         "from reap_stream import runner",

@@ -53,13 +53,19 @@ def uninterrupted(fixture_model, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("point", sorted(KILL_POINTS))
-def test_rerun_after_sigkill_is_byte_identical(point, uninterrupted, fixture_model, tmp_path):
-    out, work = tmp_path / "t.zarr", tmp_path / "work"
-    command = ["collect", str(fixture_model("qwen3_moe")), *ARGS, "--out", str(out), "--work-dir", str(work)]
+def killed_collect(point: str, model: Path, out: Path, work: Path) -> list[str]:
+    """Run collect in a child that is SIGKILLed at `point`; returns the command, to rerun."""
+    command = ["collect", str(model), *ARGS, "--out", str(out), "--work-dir", str(work)]
     child = subprocess.run([sys.executable, "-c", CHILD, *KILL_POINTS[point], *command],
                            capture_output=True, text=True, timeout=120)
     assert child.returncode == -signal.SIGKILL, child.stderr
+    return command
+
+
+@pytest.mark.parametrize("point", sorted(KILL_POINTS))
+def test_rerun_after_sigkill_is_byte_identical(point, uninterrupted, fixture_model, tmp_path):
+    out, work = tmp_path / "t.zarr", tmp_path / "work"
+    command = killed_collect(point, fixture_model("qwen3_moe"), out, work)
     assert not out.exists() and work.exists()
 
     result = run(*command)
@@ -116,10 +122,7 @@ def _garble_the_metadata(array: Path) -> None:
 @pytest.mark.parametrize("damage", [_lose_the_tail_of_the_chunk, _garble_the_metadata])
 def test_a_damaged_hidden_state_spill_is_refused_on_resume(damage, fixture_model, tmp_path):
     out, work = tmp_path / "t.zarr", tmp_path / "work"
-    command = ["collect", str(fixture_model("qwen3_moe")), *ARGS, "--out", str(out), "--work-dir", str(work)]
-    child = subprocess.run([sys.executable, "-c", CHILD, *KILL_POINTS["inside layer 2"], *command],
-                           capture_output=True, text=True, timeout=120)
-    assert child.returncode == -signal.SIGKILL, child.stderr
+    command = killed_collect("inside layer 2", fixture_model("qwen3_moe"), out, work)
     array = work / "hidden_002" / "c000001"
     damage(array)
 

@@ -76,11 +76,8 @@ def test_a_different_plan_does_not_silently_replace_an_earlier_prune(fixture_mod
     src = fixture_model("qwen3_moe")
     assert full(src, tmp_path / "out").exit_code == 0
     before = tree_bytes(tmp_path / "out")
-    res = run("full", src, "--dataset-file", CALIB, "--pack-samples", "--window-tokens", "128", "--max-tokens", "2048",
-              "--ratio", "0.25", "--out", tmp_path / "out")
-    error_line(res, "another plan")
+    error_line(full(src, tmp_path / "out", "--ratio", "0.25"), "another plan")
     assert tree_bytes(tmp_path / "out") == before
-    res = run("full", src, "--dataset-file", CALIB, "--pack-samples", "--window-tokens", "128", "--max-tokens", "2048",
-              "--ratio", "0.25", "--out", tmp_path / "out", "--overwrite", "--json")
+    res = full(src, tmp_path / "out", "--ratio", "0.25", "--overwrite")
     assert res.exit_code == 0, res.output
     assert set(json.loads(res.output)["kept_per_layer"].values()) == {6}

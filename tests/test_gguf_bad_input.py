@@ -187,8 +187,7 @@ def test_existing_output_without_overwrite(model, tmp_path):
     plan_path = tmp_path / "plan.json"
     mlx_plan("qwen3_moe").save(plan_path)
     res = run("apply", model, plan_path, "--out", out_dir / "o.gguf")
-    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
-    assert "o.gguf: output exists; pass --overwrite" in res.output
+    error_line(res, "o.gguf: output exists; pass --overwrite")
     assert (out_dir / "o.gguf").read_bytes() == b"x"
 
 

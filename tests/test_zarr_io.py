@@ -8,6 +8,7 @@ import pytest
 import zarr
 
 from reap_stream import zarr_io
+from cli_helpers import tree_bytes
 
 RNG = np.random.default_rng(0)
 ARRAYS = {
@@ -31,11 +32,10 @@ def test_an_array_is_stored_as_zarr_python_stores_it(name, tmp_path):
     data, attrs = ARRAYS[name], {"dtype": name}
     zarr_io.write_array(tmp_path / "ours", data, attrs)
     _zarr_python(tmp_path / "theirs", data, attrs)
-    files = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())  # noqa: E731
-    assert files(tmp_path / "ours") == files(tmp_path / "theirs")
-    for rel in files(tmp_path / "ours"):
-        ours, theirs = (tmp_path / "ours" / rel).read_bytes(), (tmp_path / "theirs" / rel).read_bytes()
-        assert (json.loads(ours) == json.loads(theirs)) if rel.endswith("zarr.json") else (ours == theirs)
+    ours, theirs = tree_bytes(tmp_path / "ours"), tree_bytes(tmp_path / "theirs")
+    assert sorted(ours) == sorted(theirs)
+    for rel, raw in ours.items():
+        assert (json.loads(raw) == json.loads(theirs[rel])) if rel.endswith("zarr.json") else (raw == theirs[rel])
     back = zarr.open_array(str(tmp_path / "ours"), mode="r")
     assert np.array_equal(back[...], data) and back.dtype == data.dtype and dict(back.attrs) == attrs
     fast, fast_attrs = zarr_io.read_array(tmp_path / "theirs")

@@ -43,6 +43,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# reap_stream from this checkout, in this interpreter and in the reference's
+sys.path.insert(0, str(REPO))
 
 # the model of the issue (same shape as tools/bench_blas.py)
 MODEL_OVERRIDES = {"hidden_size": 256, "num_experts": 32, "num_experts_per_tok": 4, "moe_intermediate_size": 128,
@@ -73,7 +75,6 @@ def make_model(path: Path, seed: int = 0) -> Path:
     """The benchmark model in HF layout (written to a temp dir, renamed when complete)."""
     if (path / "config.json").exists():
         return path
-    sys.path.insert(0, str(REPO))
     import importlib
 
     import numpy as np
@@ -108,7 +109,6 @@ def make_tokens(path: Path, vocab: int) -> Path:
 # ---------------------------------------------------------------- children (one run each)
 
 def child_reap(mode: str, model: str, tokens: str, out: str, chunk_tokens: int) -> dict:
-    sys.path.insert(0, str(REPO))
     from reap_stream.blas import ensure_blas
 
     blas = ensure_blas()
@@ -138,8 +138,7 @@ def child_reference(ref_dir: str, model: str, tokens: str, out: str, threads: in
     import torch
 
     # reap_stream's package and procstats import only the stdlib, so any interpreter can use them;
-    # the reference's src goes in front of the repository
-    sys.path.insert(0, str(REPO))
+    # the reference's src goes in front of the repository (below)
     from reap_stream.procstats import peak_rss_bytes
 
     torch.set_num_threads(threads)
