@@ -201,25 +201,20 @@ def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int,
         else:
             share(first)()
             share(second)()
-    y = mx.array(_weighted_sum(outputs, order, weights, k))
+    w_sorted = weights.reshape(-1)[order].astype(np.float32)
+    y = mx.array(_weighted_sum(outputs, w_sorted, tokens, bounds, inds.shape[0]))
     return ExpertBatch(order, experts, bounds, outputs), y
 
 
-def _weighted_sum(outputs: np.ndarray, order: np.ndarray, weights: np.ndarray, k: int) -> np.ndarray:
+def _weighted_sum(outputs: np.ndarray, w_sorted: np.ndarray, tokens: np.ndarray, bounds: np.ndarray,
+                  num_tokens: int) -> np.ndarray:
     """Σ_k w·f(x) per token in float32: from 0.0, each token's terms added in ascending expert
-    order (fixed, so the bits do not depend on how the experts were shared out)."""
-    w_sorted = weights.reshape(-1)[order].astype(np.float32)
-    where = np.empty_like(order)
-    where[order] = np.arange(len(order))
-    # a token's pairs sit in expert order in the sorted outputs: its j-th expert is the j-th smallest position
-    ranked = np.sort(where.reshape(-1, k), axis=1)
-    y = np.zeros((ranked.shape[0], outputs.shape[1]), np.float32)
-    term = np.empty_like(y)
-    for j in range(k):
-        pos = ranked[:, j]
-        np.take(outputs, pos, axis=0, out=term)
-        term *= w_sorted[pos, None]
-        y += term
+    order (fixed, so the bits do not depend on how the experts were shared out). A token is
+    routed to an expert at most once, so one expert's rows never repeat a token."""
+    y = np.zeros((num_tokens, outputs.shape[1]), np.float32)
+    for e in np.flatnonzero(np.diff(bounds)):
+        lo, hi = bounds[e], bounds[e + 1]
+        y[tokens[lo:hi]] += outputs[lo:hi] * w_sorted[lo:hi, None]
     return y
 
 
