@@ -24,11 +24,11 @@ from typing import Iterator
 
 import numpy as np
 
-from .checkpoint import Checkpoint
+from .io.safetensors import Checkpoint
 from .errors import BadInput
-from .plan import Plan
-from .runner import MemoryRunner, StreamRunner, check_mode
-from .structure import check_plan, checkpoint_structure, fingerprint
+from .planning.plan import Plan
+from .runner.stream import MemoryRunner, StreamRunner, check_mode
+from .families.structure import check_plan, checkpoint_structure, fingerprint
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from reap_stream.calibration import CalibrationSet, token_fingerprint
-from reap_stream.checkpoint import Checkpoint, to_float32
-from reap_stream.families import Routing, family_of
-from reap_stream.telemetry import LayerStats
+from reap_stream.telemetry.calibration import CalibrationSet, token_fingerprint
+from reap_stream.io.safetensors import Checkpoint, to_float32
+from reap_stream.families.table import Routing, family_of
+from reap_stream.telemetry.store import LayerStats
 
 
 def token_set(num_seqs: int, length: int, seed: int = 0, vocab: int = 512) -> CalibrationSet:
@@ -28,7 +28,7 @@ def moe_inputs(model_dir: Path, calib: CalibrationSet) -> dict[int, np.ndarray]:
     import mlx.core as mx
     from mlx_lm.utils import load_model
 
-    from reap_stream.masking import moe_blocks, moe_spec
+    from reap_stream.families.masking import moe_blocks, moe_spec
 
     model, _ = load_model(Path(model_dir))
     spec = moe_spec(model)

@@ -13,7 +13,7 @@ from reap_stream.blas import ensure_blas
 
 ensure_blas()  # before anything imports mlx, as the CLI does
 
-from reap_stream import synth  # noqa: E402
+from reap_stream.testing import synth  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_ROOT = Path(os.environ.get("REAP_STREAM_FIXTURES", REPO / "fixtures" / "generated"))

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reap_stream import synth
-from reap_stream.checkpoint import Checkpoint, read_array
-from reap_stream.families import classify, family_of
-from reap_stream.plan import LayerPlan, Plan
-from reap_stream.structure import checkpoint_structure, fingerprint
+from reap_stream.testing import synth
+from reap_stream.io.safetensors import Checkpoint, read_array
+from reap_stream.families.table import classify, family_of
+from reap_stream.planning.plan import LayerPlan, Plan
+from reap_stream.families.structure import checkpoint_structure, fingerprint
 from cli_helpers import run as _run
 
 run = partial(_run, catch_exceptions=False)  # a crash in apply shows its traceback
@@ -45,7 +45,7 @@ CASES = [(f, "fp32") for f in synth.FAMILIES] + [(f, "q4") for f in synth.QUANTI
 
 @pytest.mark.parametrize("family,variant", CASES)
 def test_pruned_output_equals_masked_original(family, variant, fixture_model, tmp_path):
-    from reap_stream.masking import masked_logits
+    from reap_stream.families.masking import masked_logits
 
     src = fixture_model(family, variant)
     n_prune = 4 if family in ("deepseek_v3", "glm4_moe") else 3
@@ -71,7 +71,7 @@ def test_pruned_output_equals_masked_original(family, variant, fixture_model, tm
 
 def test_masking_is_not_a_no_op(fixture_model):
     """The equality above means something only if pruning changes the output."""
-    from reap_stream.masking import masked_logits
+    from reap_stream.families.masking import masked_logits
 
     src = fixture_model("qwen3_moe")
     plan = make_plan(src, n_prune=3)
@@ -84,7 +84,7 @@ def test_hf_layout_loads_in_transformers_and_equals_masked_original(family, fixt
     import torch
     from transformers import AutoModelForCausalLM
 
-    from reap_stream.masking import masked_logits
+    from reap_stream.families.masking import masked_logits
 
     src = fixture_model(family, "hf")
     plan = make_plan(src, n_prune=3, seed=1)
@@ -144,8 +144,8 @@ def test_same_inputs_give_byte_identical_outputs(fixture_model, tmp_path):
 
 
 def test_small_shards_load_and_manifest_matches(fixture_model, tmp_path):
-    from reap_stream.checkpoint import sha256_file
-    from reap_stream.masking import masked_logits
+    from reap_stream.io.safetensors import sha256_file
+    from reap_stream.families.masking import masked_logits
 
     src = fixture_model("mixtral")
     plan = make_plan(src, n_prune=2)
@@ -167,8 +167,8 @@ def test_small_shards_load_and_manifest_matches(fixture_model, tmp_path):
 def test_non_uniform_plan_loads_through_the_reap_stream_loader(fixture_model, tmp_path):
     import mlx.core as mx
 
-    from reap_stream.loader import load_pruned
-    from reap_stream.masking import masked_logits
+    from reap_stream.families.loader import load_pruned
+    from reap_stream.families.masking import masked_logits
 
     src = fixture_model("qwen3_moe")
     st = checkpoint_structure(Checkpoint.open(src))

@@ -70,7 +70,7 @@ def test_plan_naming_a_missing_expert(model, tmp_path):
 def test_plan_made_for_another_model(model, fixture_model, tmp_path):
     expect_refusal(tmp_path, model, save(make_plan(fixture_model("qwen3_moe")), tmp_path), "model_type 'qwen3_moe'")
     other = tmp_path / "other"
-    from reap_stream import synth
+    from reap_stream.testing import synth
     synth.make_mlx_fixture("deepseek_v3", other, seed=7)
     expect_refusal(tmp_path, model, save(make_plan(other, n_prune=2), tmp_path), "another model", "--ignore-fingerprint")
     # same structure: accepted when asked to apply by structure

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from reap_stream import synth
-from reap_stream.calibration import (CalibrationOptions, build_calibration, calibration_options,
+from reap_stream.testing import synth
+from reap_stream.telemetry.calibration import (CalibrationOptions, build_calibration, calibration_options,
                                      load_tokens, save_tokens)
 from reap_stream.cli import LazyGroup
 from reap_stream.errors import BadInput
@@ -198,7 +198,7 @@ def test_packing_token_budget_counts_whole_windows(tok):
 
 
 def test_sample_batch_size_caps_sequences_per_forward_chunk(tok):
-    from reap_stream.runner import make_chunks
+    from reap_stream.runner.stream import make_chunks
 
     calib = build(tok, dataset_file=str(CALIB / "licence.jsonl"), pack_samples=True, window_tokens=32,
                   max_tokens=32 * 5, sample_batch_size=2)

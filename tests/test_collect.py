@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 from collect_helpers import assert_stats_close, reference_stats, token_set
-from reap_stream import routing, synth
-from reap_stream.collect import CollectOptions, collect, parse_layers
+from reap_stream.families import routing; from reap_stream.testing import synth
+from reap_stream.telemetry.collect import CollectOptions, collect, parse_layers
 from reap_stream.errors import BadInput
-from reap_stream.families import Routing
-from reap_stream.telemetry import TelemetryStore
+from reap_stream.families.table import Routing
+from reap_stream.telemetry.store import TelemetryStore
 
 CALIB = token_set(num_seqs=6, length=32)
 
@@ -146,7 +146,7 @@ def test_grouped_experts_equal_the_gather_path(fixture_model):
 
 def test_experts_shared_out_to_two_lanes_give_the_bits_of_one(fixture_model):
     """run_experts on two lanes == on one; Σ w·f(x) adds each token's terms in ascending expert order."""
-    from reap_stream.runner import Lanes
+    from reap_stream.runner.stream import Lanes
 
     switch, x, inds, weights = _routed_rows(fixture_model("qwen3_moe"), 0, "switch_mlp", rows=96, k=2, seed=2)
     one, y_one = routing.run_experts(switch, x, inds, 8, weights)
@@ -165,7 +165,7 @@ def test_experts_shared_out_to_two_lanes_give_the_bits_of_one(fixture_model):
 
 
 def test_stream_mode_reads_only_the_current_layers_tensors(fixture_model, tmp_path, monkeypatch):
-    from reap_stream import runner as runner_mod
+    from reap_stream.runner import stream as runner_mod
 
     everything: list[str] = []
     since_last_layer: list[str] = []
@@ -196,8 +196,8 @@ def test_runner_streams_to_the_logits_of_the_masked_original(family, fixture_mod
     """The runner API eval reuses: stream every layer with pruned experts masked, then the head."""
     import mlx.core as mx
 
-    from reap_stream.masking import masked_logits
-    from reap_stream.runner import StreamRunner
+    from reap_stream.families.masking import masked_logits
+    from reap_stream.runner.stream import StreamRunner
 
     model = fixture_model(family)
     r = StreamRunner(model, tmp_path / "w", chunk_tokens=64, progress=False)

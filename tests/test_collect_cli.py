@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from reap_stream.families import FAMILIES
-from reap_stream.telemetry import TelemetryStore
+from reap_stream.families.table import FAMILIES
+from reap_stream.telemetry.store import TelemetryStore
 from cli_helpers import error_line, run
 
 CALIB_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "calibration"
@@ -39,8 +39,8 @@ def test_json_summary_names_the_store_the_layers_and_the_blas(fixture_model, tmp
 
 
 def test_telemetry_attributes_record_model_calibration_and_options(fixture_model, tmp_path):
-    from reap_stream.checkpoint import Checkpoint
-    from reap_stream.structure import fingerprint
+    from reap_stream.io.safetensors import Checkpoint
+    from reap_stream.families.structure import fingerprint
 
     model = fixture_model("glm4_moe")
     out = tmp_path / "t.zarr"
@@ -98,7 +98,7 @@ def test_missing_model_directory(tmp_path):
 
 
 def test_sample_batch_size_caps_the_sequences_per_forward_chunk(fixture_model, tmp_path, monkeypatch):
-    from reap_stream import runner
+    from reap_stream.runner import stream as runner
 
     shapes: list[tuple] = []
     real = runner.StreamRunner.run
@@ -124,7 +124,7 @@ def test_sample_batch_size_below_one_is_refused(fixture_model, tmp_path):
 
 
 def test_work_dir_of_a_run_with_other_options_is_refused(fixture_model, tmp_path, monkeypatch):
-    from reap_stream import runner
+    from reap_stream.runner import stream as runner
 
     model, out, work = fixture_model("qwen3_moe"), tmp_path / "t.zarr", tmp_path / "w"
     real = runner.StreamRunner._set_next_layer

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reap_stream import synth
+from reap_stream.testing import synth
 
 LICENCE = str(Path(__file__).resolve().parents[1] / "fixtures" / "calibration" / "licence.jsonl")
 # experts of ~25 MB per layer: holding 6 extra layers would show as ~150 MB

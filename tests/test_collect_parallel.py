@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from collect_helpers import token_set
-from reap_stream import routing, runner, synth
-from reap_stream.collect import CollectOptions, collect
+from reap_stream.families import routing; from reap_stream.runner import stream as runner; from reap_stream.testing import synth
+from reap_stream.telemetry.collect import CollectOptions, collect
 from reap_stream.errors import BadInput
-from reap_stream.runner import SplitCheck, StreamRunner
+from reap_stream.runner.stream import SplitCheck, StreamRunner
 
 # Wide enough that every projection of a half-batch (4 x 64 rows) is a full-size BLAS call.
 WIDE = {"hidden_size": 256, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 32,
@@ -159,7 +159,7 @@ def test_the_shared_worker_has_ended_before_the_interpreter_finalizes():
     lanes existed sees the lanes' own handler's result."""
     script = "\n".join([
         "import atexit",
-        "from reap_stream import runner",
+        "from reap_stream.runner import stream as runner",
         "lanes = []",
         "atexit.register(lambda: print('alive at exit:', lanes[0]._thread.is_alive()))",
         "lanes.append(runner.shared_lanes())",

@@ -12,8 +12,8 @@ import pytest
 
 from collect_helpers import assert_stats_close, calib_of, token_set
 from cli_helpers import error_line, run, tree_bytes
-from reap_stream.collect import CollectOptions, collect
-from reap_stream.telemetry import TelemetryStore
+from reap_stream.telemetry.collect import CollectOptions, collect
+from reap_stream.telemetry.store import TelemetryStore
 
 CALIB_FILE = Path(__file__).resolve().parents[1] / "fixtures" / "calibration" / "licence.jsonl"
 ARGS = ["--dataset-file", str(CALIB_FILE), "--pack-samples", "--window-tokens", "64", "--max-tokens", "512",
@@ -21,12 +21,12 @@ ARGS = ["--dataset-file", str(CALIB_FILE), "--pack-samples", "--window-tokens", 
 
 # Where the child kills itself (SIGKILL, no cleanup): a patch applied before the CLI runs.
 KILL_POINTS = {
-    "while embedding": ("reap_stream.runner", "HiddenSpill", "write", "args[1] == 0 and args[2] == 1"),
-    "inside layer 2": ("reap_stream.runner", "HiddenSpill", "write", "args[1] == 3 and args[2] == 2"),
-    "output spilled, telemetry not committed": ("reap_stream.telemetry", "TelemetryStore", "commit",
+    "while embedding": ("reap_stream.runner.stream", "HiddenSpill", "write", "args[1] == 0 and args[2] == 1"),
+    "inside layer 2": ("reap_stream.runner.stream", "HiddenSpill", "write", "args[1] == 3 and args[2] == 2"),
+    "output spilled, telemetry not committed": ("reap_stream.telemetry.store", "TelemetryStore", "commit",
                                                 "args[1].layer == 2"),
-    "telemetry half committed": ("reap_stream.telemetry", "", "fsync_tree", "'layer_001' in str(args[0])"),
-    "committed, progress not recorded": ("reap_stream.runner", "StreamRunner", "_set_next_layer", "args[1] == 3"),
+    "telemetry half committed": ("reap_stream.telemetry.store", "", "fsync_tree", "'layer_001' in str(args[0])"),
+    "committed, progress not recorded": ("reap_stream.runner.stream", "StreamRunner", "_set_next_layer", "args[1] == 3"),
 }
 
 CHILD = """
@@ -83,7 +83,7 @@ def test_rerun_after_completion_changes_nothing(uninterrupted, fixture_model):
 
 
 def test_a_failed_run_resumes_from_its_last_committed_layer(fixture_model, tmp_path, monkeypatch):
-    from reap_stream import collect as collect_mod
+    from reap_stream.telemetry import collect as collect_mod
 
     model, calib = fixture_model("olmoe"), token_set(4, 32, seed=3)
     opts = CollectOptions(chunk_tokens=32)

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from reap_stream.criteria import METHODS, NEEDS, lacks, scores
-from reap_stream.telemetry import LayerStats, TelemetryStore
+from reap_stream.planning.criteria import METHODS, NEEDS, lacks, scores
+from reap_stream.telemetry.store import LayerStats, TelemetryStore
 
 
 def hand_layer() -> LayerStats:

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from reap_stream.blas import ensure_blas
-from reap_stream.checkpoint import Checkpoint
+from reap_stream.io.safetensors import Checkpoint
 from reap_stream import eval as reap_eval
 from reap_stream.eval import perplexity
-from reap_stream.plan import Plan
-from reap_stream.structure import checkpoint_structure
+from reap_stream.planning.plan import Plan
+from reap_stream.families.structure import checkpoint_structure
 from cli_helpers import error_line, run
 from test_apply import make_plan
 
@@ -34,7 +34,7 @@ def mlx_lm_perplexity(model_dir: Path, windows: np.ndarray, pruned: dict | None 
     """The reference: mlx_lm's whole model in memory, float32 cross-entropy over every window."""
     from mlx_lm.utils import load_model
 
-    from reap_stream.masking import mask_experts
+    from reap_stream.families.masking import mask_experts
 
     model, _ = load_model(model_dir)
     if pruned:

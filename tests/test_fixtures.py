@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-from reap_stream import masking, synth
+from reap_stream.families import masking; from reap_stream.testing import synth
 
 
 def _tokens(path, text, n=256):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reap_stream.plan import Plan
+from reap_stream.planning.plan import Plan
 from cli_helpers import error_line, run, tree_bytes
 
 CALIB = Path(__file__).resolve().parents[1] / "fixtures" / "calibration" / "licence.txt"
@@ -21,7 +21,7 @@ def full(src: Path, out: Path, *extra: str):
 def test_full_prunes_by_reap_and_the_output_equals_the_masked_original(fixture_model, tmp_path):
     from test_apply import tokens
 
-    from reap_stream.masking import masked_logits
+    from reap_stream.families.masking import masked_logits
 
     src = fixture_model("deepseek_v3")
     res = full(src, tmp_path / "out")

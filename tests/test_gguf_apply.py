@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from gguf.constants import GGMLQuantizationType as T
 
-from reap_stream import synth
-from reap_stream.checkpoint import Checkpoint, is_gguf, sha256_file, to_float32
+from reap_stream.testing import synth
+from reap_stream.io.safetensors import Checkpoint, is_gguf, sha256_file, to_float32
 from reap_stream.errors import BadInput
-from reap_stream.gguf_apply import (COMPACT_LAYOUT, POLICY_HASH_PRESERVED, POLICY_NONE,
+from reap_stream.surgery.gguf import (COMPACT_LAYOUT, POLICY_HASH_PRESERVED, POLICY_NONE,
                                     POLICY_ROUTER_MASK_PRUNED, apply_gguf, open_gguf)
-from reap_stream.gguf_convert import HASH_LAYER, cached_gguf, gguf_name
-from reap_stream.gguf_layout import verify
-from reap_stream.plan import LayerPlan, Plan
-from reap_stream.structure import checkpoint_structure, fingerprint
+from reap_stream.testing.gguf_convert import HASH_LAYER, cached_gguf, gguf_name
+from reap_stream.io.gguf import verify
+from reap_stream.planning.plan import LayerPlan, Plan
+from reap_stream.families.structure import checkpoint_structure, fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 MLX_ROOT = REPO / "fixtures" / "generated"
@@ -283,7 +283,7 @@ def test_deepseek4_hash_layer_and_recompacted_input_are_refused(gguf_model, tmp_
 
 def test_a_failed_write_leaves_no_output_and_no_partial_file(gguf_model, tmp_path, monkeypatch):
     src = gguf_model("qwen3_moe", "f32", split=20)
-    import reap_stream.gguf_apply as ga
+    import reap_stream.surgery.gguf as ga
 
     calls = []
 

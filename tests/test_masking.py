@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from reap_stream import masking, synth
+from reap_stream.families import masking; from reap_stream.testing import synth
 
 # Layer -> pruned ids. Sigmoid/group families drop the same count from every group of 4.
 PRUNED = {

@@ -7,10 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-from reap_stream.parity import compare, layer_hashes, normalised_bytes
-from reap_stream.planner import make_plan
-from reap_stream.plan_cmd import write_synthetic_telemetry
-from reap_stream.telemetry import TelemetryStore
+from reap_stream.planning.parity import compare, layer_hashes, normalised_bytes
+from reap_stream.planning.planner import make_plan
+from reap_stream.cli.plan import write_synthetic_telemetry
+from reap_stream.telemetry.store import TelemetryStore
 from cli_helpers import error_line, run
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from reap_stream.errors import BadInput
-from reap_stream.plan import Plan
-from reap_stream.planner import (dense_layers, frozen_layers, make_plan, parse_layer_spec,
+from reap_stream.planning.plan import Plan
+from reap_stream.planning.planner import (dense_layers, frozen_layers, make_plan, parse_layer_spec,
                                  super_expert_threshold)
-from reap_stream.telemetry import LayerStats, TelemetryStore
+from reap_stream.telemetry.store import LayerStats, TelemetryStore
 from cli_helpers import error_line, run
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from reap_stream.plan import Plan
-from reap_stream.report import FIGURES
+from reap_stream.planning.plan import Plan
+from reap_stream.planning.report import FIGURES
 from cli_helpers import error_line, run
 
 

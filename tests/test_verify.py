@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reap_stream.verify import MANIFEST_NAME, verify_output
+from reap_stream.surgery.verify import MANIFEST_NAME, verify_output
 from cli_helpers import error_line, run
 
 
@@ -153,7 +153,7 @@ def test_apply_refuses_a_plan_from_telemetry_of_another_model(fixture_model, tmp
 
 
 def test_a_recompacted_gguf_verifies_and_a_wrong_expert_count_is_caught(fixture_model, tmp_path):
-    from reap_stream.gguf_convert import cached_gguf
+    from reap_stream.testing.gguf_convert import cached_gguf
 
     mlx = fixture_model("qwen3_moe", "fp32")
     gguf = cached_gguf("qwen3_moe", "f32", tmp_path / "gguf", mlx)[0]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import zarr
 
-from reap_stream import zarr_io
+from reap_stream.io import zarr as zarr_io
 from cli_helpers import tree_bytes
 
 RNG = np.random.default_rng(0)

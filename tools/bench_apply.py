@@ -24,8 +24,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from reap_stream.apply import OutShard, OutTensor  # noqa: E402
-from reap_stream.plan import LayerPlan, Plan  # noqa: E402
+from reap_stream.surgery.safetensors import OutShard, OutTensor  # noqa: E402
+from reap_stream.planning.plan import LayerPlan, Plan  # noqa: E402
 
 HIDDEN, INTER, EXPERTS, LAYERS = 1024, 512, 64, 8
 
@@ -84,7 +84,7 @@ def make_plan(model: Path, ratio: float) -> Path:
 
 
 # checksum and flush every copied file, as apply does for its outputs
-HASH = ("import os, sys, pathlib; from reap_stream.checkpoint import sha256_file\n"
+HASH = ("import os, sys, pathlib; from reap_stream.io.safetensors import sha256_file\n"
         "for p in sorted(pathlib.Path(sys.argv[1]).iterdir()):\n"
         "    sha256_file(p); fd = os.open(p, os.O_RDONLY); os.fsync(fd); os.close(fd)")
 

@@ -7,7 +7,7 @@ Each measurement is a fresh process (a BLAS only takes effect when loaded before
 run in rotation: REAP_STREAM_BLAS=none vs auto (optionally at several OPENBLAS_NUM_THREADS).
 A process reports the median of its matmul timings (float32 4096x256x512) and the tokens/s of a
 plain mlx_lm forward over a packed batch, on a 4-layer, 32-expert, hidden-256 Qwen3-MoE built by
-reap_stream.synth. Figures are medians over --repeats processes; peak RSS is each child's own VmHWM.
+reap_stream.testing.synth. Figures are medians over --repeats processes; peak RSS is each child's own VmHWM.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def run_child(model: Path, mode: str, threads: str | None) -> dict:
 @click.option("--threads", default="", help="Comma-separated OPENBLAS_NUM_THREADS values to compare (default: unset).")
 @click.option("--json", "as_json", is_flag=True)
 def main(repeats: int, workdir: Path, threads: str, as_json: bool) -> None:
-    from reap_stream import synth
+    from reap_stream.testing import synth
 
     model = workdir / "qwen3_moe-h256-e32"
     if not synth.fixture_complete(model):

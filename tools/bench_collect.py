@@ -34,8 +34,8 @@ def child(model: str, mode: str, num_tokens: int, seq_len: int, chunk_tokens: in
     ensure_blas()
     import numpy as np
 
-    from reap_stream.calibration import CalibrationSet, token_fingerprint
-    from reap_stream.collect import CollectOptions, collect
+    from reap_stream.telemetry.calibration import CalibrationSet, token_fingerprint
+    from reap_stream.telemetry.collect import CollectOptions, collect
     from reap_stream.procstats import peak_rss_bytes
 
     rng = np.random.default_rng(0)
@@ -49,7 +49,7 @@ def child(model: str, mode: str, num_tokens: int, seq_len: int, chunk_tokens: in
 
 
 def largest_layer_bytes(model_dir: Path) -> int:
-    from reap_stream.checkpoint import Checkpoint
+    from reap_stream.io.safetensors import Checkpoint
 
     ckpt = Checkpoint.open(model_dir)
     per_layer: dict[str, int] = {}
@@ -61,7 +61,7 @@ def largest_layer_bytes(model_dir: Path) -> int:
 
 
 def models(root: Path) -> list[tuple[str, Path]]:
-    from reap_stream import synth
+    from reap_stream.testing import synth
 
     fixtures = [(f, synth.cached_fixture(f, "fp32", REPO / "fixtures" / "generated")) for f in synth.FAMILIES]
     size = lambda p: sum(f.stat().st_size for f in p.glob("*.safetensors"))  # noqa: E731

@@ -8,7 +8,7 @@ is that process's VmHWM), methods interleaved, `--repeats` times; the table give
 the median of the per-repeat ratios (runs made side by side).
   copy   — read the kept byte ranges and write them to one file through an 8 MiB buffer, fsync
            (no header; ranges planned before the clock starts): the floor for any recompaction.
-  reap   — reap_stream.gguf_apply.apply_gguf (header parse + validation, layout, range copy, fsync).
+  reap   — reap_stream.surgery.gguf.apply_gguf (header parse + validation, layout, range copy, fsync).
   naive  — gguf-py: GGUFReader, np.take of every expert tensor, GGUFWriter with all tensors in
            memory, fsync.
 The page cache is warm for every run (the source is read once before timing).
@@ -37,7 +37,7 @@ E, H, FF, TOP_K = 64, 1024, 512, 8
 def _write_model(path: Path, mib: int) -> None:
     from gguf.constants import GGMLQuantizationType as T
 
-    from reap_stream.gguf_layout import OutTensor, VType, encode_header, encode_kv, plan_offsets, tensor_nbytes
+    from reap_stream.io.gguf import OutTensor, VType, encode_header, encode_kv, plan_offsets, tensor_nbytes
 
     per_layer = 3 * tensor_nbytes((H, FF, E), T.Q8_0)
     layers = max(1, (mib << 20) // per_layer)
@@ -73,8 +73,8 @@ def _write_model(path: Path, mib: int) -> None:
 
 
 def _plan(model: Path) -> Path:
-    from reap_stream.gguf_apply import open_gguf
-    from reap_stream.plan import LayerPlan, Plan
+    from reap_stream.surgery.gguf import open_gguf
+    from reap_stream.planning.plan import LayerPlan, Plan
 
     st = open_gguf(model).structure
     rng = np.random.default_rng(1)
@@ -90,8 +90,8 @@ def _plan(model: Path) -> Path:
 # ---------------------------------------------------------------- methods (run in a child process)
 
 def _copy(model: Path, plan_path: Path, out: Path) -> float:
-    from reap_stream.gguf_apply import open_gguf, plan_layout
-    from reap_stream.plan import Plan
+    from reap_stream.surgery.gguf import open_gguf, plan_layout
+    from reap_stream.planning.plan import Plan
 
     # the ranges are planned before the clock starts: this method times only the byte copy
     parts, _ = plan_layout(open_gguf(model), Plan.load(plan_path), out, "plan")
@@ -110,8 +110,8 @@ def _copy(model: Path, plan_path: Path, out: Path) -> float:
 
 
 def _reap(model: Path, plan_path: Path, out: Path) -> float:
-    from reap_stream.gguf_apply import apply_gguf
-    from reap_stream.plan import Plan
+    from reap_stream.surgery.gguf import apply_gguf
+    from reap_stream.planning.plan import Plan
 
     t0 = time.perf_counter()
     apply_gguf(model, Plan.load(plan_path), out, overwrite=True, dry_run=False)
@@ -121,7 +121,7 @@ def _reap(model: Path, plan_path: Path, out: Path) -> float:
 def _naive(model: Path, plan_path: Path, out: Path) -> float:
     import gguf
 
-    from reap_stream.plan import Plan
+    from reap_stream.planning.plan import Plan
 
     t0 = time.perf_counter()
     plan = Plan.load(plan_path)

@@ -80,7 +80,7 @@ def make_model(path: Path, seed: int = 0) -> Path:
     import numpy as np
     from mlx.utils import tree_flatten
 
-    from reap_stream import synth
+    from reap_stream.testing import synth
 
     config = {**synth.tiny_config("qwen3_moe"), **MODEL_OVERRIDES}
     module = importlib.import_module("mlx_lm.models.qwen3_moe")
@@ -114,10 +114,10 @@ def child_reap(mode: str, model: str, tokens: str, out: str, chunk_tokens: int) 
     blas = ensure_blas()
     import numpy as np
 
-    from reap_stream.calibration import CalibrationSet, token_fingerprint
-    from reap_stream.collect import CollectOptions, collect
+    from reap_stream.telemetry.calibration import CalibrationSet, token_fingerprint
+    from reap_stream.telemetry.collect import CollectOptions, collect
     from reap_stream.procstats import peak_rss_bytes
-    from reap_stream.telemetry import TelemetryStore
+    from reap_stream.telemetry.store import TelemetryStore
 
     seqs = list(np.load(tokens))
     calib = CalibrationSet(seqs, token_fingerprint(seqs, {}), {"bench": "reference"}, True, SEQ_LEN)

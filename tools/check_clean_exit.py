@@ -27,7 +27,7 @@ from reap_stream import blas
 blas.ensure_blas()
 import mlx.core as mx
 import mlx.nn as nn
-from reap_stream.runner import shared_lanes
+from reap_stream.runner.stream import shared_lanes
 
 @mx.compile
 def gated(x):

@@ -69,8 +69,8 @@ def prepare(family: str, args, work: Path) -> dict:
     fixture, and mlx_lm's logits of the original and the pruned MLX outputs."""
     import numpy as np
 
-    from reap_stream import synth
-    from reap_stream.masking import masked_logits
+    from reap_stream.testing import synth
+    from reap_stream.families.masking import masked_logits
 
     mlx_dir = synth.cached_fixture(family, "fp32", args.root / "mlx")
     run = work / family
@@ -87,7 +87,7 @@ def prepare(family: str, args, work: Path) -> dict:
 def check(prepared: dict, qtype: str, args) -> dict:
     import numpy as np
 
-    from reap_stream.gguf_convert import cached_gguf
+    from reap_stream.testing.gguf_convert import cached_gguf
 
     family, ids, mlx = prepared["family"], prepared["ids"], prepared["mlx"]
     gguf = cached_gguf(family, qtype, args.root / "gguf", prepared["mlx_dir"])[0]

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from reap_stream import synth  # noqa: E402
+from reap_stream.testing import synth  # noqa: E402
 
 
 def variants_of(family: str) -> list[str]:

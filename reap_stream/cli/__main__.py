@@ -1,0 +1,4 @@
+"""python -m reap_stream.cli"""
+from . import main
+
+main()

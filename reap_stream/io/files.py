@@ -1,0 +1,79 @@
+"""File-system helpers shared by the writers and the stores: atomic text writes and the
+attributes of a Zarr v3 group, read without trusting the file."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from ..errors import BadInput
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a hidden temporary beside `path`, then rename: readers see old or new."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file under path, after all of them were written (one journal commit can then
+    cover them all, instead of one per file)."""
+    for p in sorted(Path(path).rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def read_store_attrs(path: Path, label: str, fmt: str, version: int) -> dict:
+    """The attributes of a reap-stream Zarr v3 store (`label`: what it is, for the messages),
+    checked for its format name and schema version."""
+    meta = Path(path) / "zarr.json"
+    try:
+        doc = json.loads(meta.read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        raise BadInput(path, f"not a {label} store (no zarr.json)") from None
+    except OSError as e:
+        raise BadInput(meta, f"cannot read: {e.strerror}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadInput(meta, f"invalid JSON: {e}") from None
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    if not isinstance(attrs, dict):
+        raise BadInput(meta, "not a Zarr group description (expected a JSON object with an 'attributes' object)")
+    if attrs.get("format") != fmt:
+        raise BadInput(path, f"not a reap-stream {label} store (format {attrs.get('format')!r})")
+    if attrs.get("schema_version") != version:
+        raise BadInput(path, f"{label} store schema_version {attrs.get('schema_version')!r} is not supported")
+    return attrs
+
+
+def build_once(final: Path, complete: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:
+    """`final`, built by `build(tmp)` in a temporary directory beside it and renamed into place
+    unless `complete(final)` already holds. An incomplete leftover is moved aside first; of two
+    processes racing, the loser of the rename uses the winner's copy."""
+    final = Path(final)
+    if complete(final):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        trash = final.with_name(f".trash-{final.name}-{uuid.uuid4().hex}")
+        with contextlib.suppress(OSError):
+            os.rename(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not complete(final):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

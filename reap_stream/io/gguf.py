@@ -1,0 +1,411 @@
+"""GGUF files as an index of byte ranges: header parsed and validated, no tensor byte read.
+
+The parser is our own so that every fault (bad magic, truncation, absurd counts or string
+lengths, unknown types, misaligned or overlapping data) is a BadInput naming the file, never a
+MemoryError or a numpy exception. It applies the structural rules llama.cpp's loader applies
+(gguf.cpp): versions 2-3, unique keys and tensor names, at most 4 dims, ne0 a multiple of the
+block size, `general.alignment` a power of two stored as u32, data offsets aligned and inside the
+file. Each metadata entry keeps its raw encoded bytes so an unchanged entry is copied verbatim.
+
+The writer half encodes metadata and tensor infos; `plan_offsets` gives the consecutive, aligned
+data offsets llama.cpp requires (it checks each offset equals the padded running size).
+"""
+from __future__ import annotations
+
+import math
+import mmap
+import re
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from ..errors import BadInput
+
+MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4
+MAX_NAME = 64          # llama.cpp's GGML_MAX_NAME, terminator included
+SUPPORTED_VERSIONS = (2, 3)
+
+
+class VType(IntEnum):
+    """GGUF metadata value types (the numbers are the file format's)."""
+    UINT8 = 0
+    INT8 = 1
+    UINT16 = 2
+    INT16 = 3
+    UINT32 = 4
+    INT32 = 5
+    FLOAT32 = 6
+    BOOL = 7
+    STRING = 8
+    ARRAY = 9
+    UINT64 = 10
+    INT64 = 11
+    FLOAT64 = 12
+
+
+_SCALAR = {VType.UINT8: "B", VType.INT8: "b", VType.UINT16: "H", VType.INT16: "h",
+           VType.UINT32: "I", VType.INT32: "i", VType.FLOAT32: "f", VType.BOOL: "?",
+           VType.UINT64: "Q", VType.INT64: "q", VType.FLOAT64: "d"}
+_SCALAR_SIZE = {t: struct.calcsize("<" + c) for t, c in _SCALAR.items()}
+_MIN_VALUE_SIZE = {**_SCALAR_SIZE, VType.STRING: 8}
+# arrays this long are validated and copied raw, not decoded (tokenizer vocabularies)
+_DECODE_LIMIT = 4096
+# sanity limits far above any real model (vocabularies ~300k entries, templates ~100 KiB); they keep
+# a corrupt count or length that happens to fit in a 400 GB file from looping or allocating for hours
+MAX_STRING = 256 << 20
+MAX_ARRAY = 1 << 26
+MAX_TENSORS = 1 << 24
+_MIN_KV_BYTES = 8 + 4 + 1          # empty key, type, a one-byte value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8
+
+
+@dataclass(frozen=True)
+class KV:
+    key: str
+    vtype: VType
+    value: object          # scalar, str, list (short arrays) or None (long arrays)
+    raw: bytes             # the whole encoded entry: key, type, value
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    ne: tuple[int, ...]    # llama.cpp order: ne[0] is the innermost (contiguous) dimension
+    ggml_type: int
+    offset: int            # relative to the data section
+    nbytes: int
+    file: Path
+    start: int             # absolute byte offset in `file`
+
+    @property
+    def outer_stride(self) -> int:
+        """Bytes of one slice along the outermost dimension (one expert of an expert tensor)."""
+        return self.nbytes // self.ne[-1] if self.ne[-1] else 0
+
+
+@dataclass
+class GGUFFile:
+    path: Path
+    version: int
+    alignment: int
+    kvs: dict[str, KV]             # in file order
+    tensors: list[TensorInfo]      # in tensor-info order
+    data_offset: int
+    size: int
+
+    def get(self, key: str, default: Any = None) -> Any:
+        kv = self.kvs.get(key)
+        return default if kv is None else kv.value
+
+
+def tensor_nbytes(ne: tuple[int, ...], ggml_type: int) -> int:
+    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    return math.prod(ne) // block * type_size
+
+
+def align(n: int, alignment: int) -> int:
+    return n + (-n % alignment)
+
+
+# ---------------------------------------------------------------- reading
+
+class _Cursor:
+    """Bounds-checked little-endian reads over a mapped file; every fault names the file."""
+
+    def __init__(self, buf, path: Path):
+        self.buf, self.path, self.pos, self.size = buf, path, 0, len(buf)
+
+    def fail(self, what: str) -> BadInput:
+        return BadInput(self.path, what)
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            raise self.fail(f"truncated file: {what} at byte {self.pos} needs {n} bytes, "
+                            f"{self.size - self.pos} left")
+
+    def unpack(self, fmt: str, what: str):
+        n = struct.calcsize("<" + fmt)
+        self.need(n, what)
+        v = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        self.pos += n
+        return v[0] if len(v) == 1 else v
+
+    def string(self, what: str, limit: int = MAX_STRING) -> str:
+        n = self.unpack("Q", f"length of {what}")
+        if n > self.size - self.pos:
+            raise self.fail(f"{what}: string length {n} exceeds the file ({self.size - self.pos} bytes left)")
+        if n > limit:
+            raise self.fail(f"{what}: string length {n} exceeds the limit of {limit} bytes")
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"{what}: string is not valid UTF-8") from None
+
+
+def _vtype(cur: _Cursor, code: int, what: str) -> VType:
+    try:
+        return VType(code)
+    except ValueError:
+        raise cur.fail(f"{what}: unknown metadata value type {code}") from None
+
+
+def _read_value(cur: _Cursor, vt: VType, what: str):
+    if vt == VType.STRING:
+        return cur.string(what)
+    if vt != VType.ARRAY:
+        return cur.unpack(_SCALAR[vt], what)
+    et = _vtype(cur, cur.unpack("I", f"{what} element type"), what)
+    if et == VType.ARRAY:
+        raise cur.fail(f"{what}: nested arrays are not supported")
+    count = cur.unpack("Q", f"{what} element count")
+    if count * _MIN_VALUE_SIZE[et] > cur.size - cur.pos:
+        raise cur.fail(f"{what}: array of {count} elements cannot fit in the file "
+                       f"({cur.size - cur.pos} bytes left)")
+    if count > MAX_ARRAY:
+        raise cur.fail(f"{what}: array of {count} elements exceeds the limit of {MAX_ARRAY}")
+    if et == VType.STRING:
+        if count > _DECODE_LIMIT:   # validated, not kept
+            for i in range(count):
+                cur.string(f"{what}[{i}]")
+            return None
+        return [cur.string(f"{what}[{i}]") for i in range(count)]
+    n = count * _SCALAR_SIZE[et]
+    cur.need(n, what)
+    items = None
+    if count <= _DECODE_LIMIT:
+        items = list(struct.unpack_from(f"<{count}{_SCALAR[et]}", cur.buf, cur.pos))
+    cur.pos += n
+    return items
+
+
+def read_gguf(path: str | Path) -> GGUFFile:
+    """Parse and validate one GGUF file's header (metadata + tensor infos)."""
+    path = Path(path)
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise BadInput(path, f"cannot open: {e.strerror}") from None
+    with f:
+        size = path.stat().st_size
+        if size < 4:
+            raise BadInput(path, f"not a GGUF file (only {size} bytes)")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _parse(memoryview(buf), path, size)
+
+
+def _parse(buf, path: Path, size: int) -> GGUFFile:
+    cur = _Cursor(buf, path)
+    try:
+        return _parse_cursor(cur, path, size)
+    finally:
+        buf.release()
+
+
+def _parse_cursor(cur: _Cursor, path: Path, size: int) -> GGUFFile:
+    if bytes(cur.buf[:4]) != MAGIC:
+        raise cur.fail(f"bad magic {bytes(cur.buf[:4])!r}: not a GGUF file")
+    cur.pos = 4
+    version = cur.unpack("I", "version")
+    if version not in SUPPORTED_VERSIONS:
+        raise cur.fail(f"GGUF version {version} is not supported (supported: 2, 3)")
+    n_tensors, n_kv = cur.unpack("QQ", "tensor and metadata counts")
+    if n_kv * _MIN_KV_BYTES > size - cur.pos:
+        raise cur.fail(f"metadata count {n_kv} cannot fit in the file")
+    if n_tensors * _MIN_TENSOR_INFO_BYTES > size - cur.pos or n_tensors > MAX_TENSORS:
+        raise cur.fail(f"tensor count {n_tensors} cannot fit in the file")
+
+    kvs: dict[str, KV] = {}
+    for i in range(n_kv):
+        start = cur.pos
+        key = cur.string(f"metadata key #{i}", limit=1 << 16)
+        if key in kvs:
+            raise cur.fail(f"duplicate metadata key {key!r}")
+        vt = _vtype(cur, cur.unpack("I", f"type of {key!r}"), f"metadata {key!r}")
+        value = _read_value(cur, vt, f"metadata {key!r}")
+        kvs[key] = KV(key, vt, value, bytes(cur.buf[start:cur.pos]))
+
+    alignment = DEFAULT_ALIGNMENT
+    if "general.alignment" in kvs:
+        kv = kvs["general.alignment"]
+        if kv.vtype != VType.UINT32 or kv.value == 0 or kv.value & (kv.value - 1):
+            raise cur.fail(f"general.alignment must be a power of two stored as u32, got {kv.value!r}")
+        alignment = kv.value
+
+    infos = []
+    names = set()
+    for i in range(n_tensors):
+        name = cur.string(f"tensor name #{i}", limit=MAX_NAME - 1)
+        if name in names:
+            raise cur.fail(f"duplicate tensor {name!r}")
+        names.add(name)
+        n_dims = cur.unpack("I", f"dims of {name!r}")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise cur.fail(f"tensor {name!r}: {n_dims} dimensions (1..{MAX_DIMS} allowed)")
+        ne = tuple(cur.unpack("Q", f"shape of {name!r}") for _ in range(n_dims))
+        code = cur.unpack("I", f"type of {name!r}")
+        offset = cur.unpack("Q", f"offset of {name!r}")
+        infos.append((name, ne, code, offset))
+    data_offset = align(cur.pos, alignment)
+    if data_offset > size:
+        raise cur.fail(f"truncated file: data section would start at byte {data_offset}")
+
+    tensors = []
+    for name, ne, code, offset in infos:
+        try:
+            qtype = GGMLQuantizationType(code)
+            block, _ = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise cur.fail(f"tensor {name!r}: unknown ggml type {code}") from None
+        if any(d >= 1 << 62 for d in ne) or math.prod(ne) >= 1 << 62:
+            raise cur.fail(f"tensor {name!r}: absurd shape {list(ne)}")
+        if ne[0] % block:
+            raise cur.fail(f"tensor {name!r}: ne0={ne[0]} is not a multiple of the {qtype.name} block size {block}")
+        if offset % alignment:
+            raise cur.fail(f"tensor {name!r}: data offset {offset} is not aligned to {alignment}")
+        nbytes = tensor_nbytes(ne, code)
+        start = data_offset + offset
+        if start + nbytes > size:
+            raise cur.fail(f"tensor {name!r}: data [{start}, {start + nbytes}) runs past the end of the file ({size} bytes)")
+        tensors.append(TensorInfo(name, ne, code, offset, nbytes, path, start))
+    by_offset = sorted(tensors, key=lambda t: t.offset)
+    for a, b in zip(by_offset, by_offset[1:]):
+        if a.offset + a.nbytes > b.offset:
+            raise cur.fail(f"tensors {a.name!r} and {b.name!r} overlap")
+    return GGUFFile(path, version, alignment, kvs, tensors, data_offset, size)
+
+
+# ---------------------------------------------------------------- split files
+
+# a per-block tensor name: blk.<layer>.<rest>
+BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+SPLIT_PATTERN = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def split_name(prefix: str, no: int, count: int) -> str:
+    """llama.cpp's split naming: PREFIX-00001-of-00003.gguf (1-based)."""
+    return f"{prefix}-{no:05d}-of-{count:05d}.gguf"
+
+
+def read_model(path: str | Path) -> list[GGUFFile]:
+    """All parts of a GGUF model: one file, or every part of a split starting from part 1."""
+    path = Path(path)
+    first = read_gguf(path)
+    count = first.get("split.count", 1)
+    if count in (0, 1):
+        return [first]
+    m = SPLIT_PATTERN.match(path.name)
+    if first.get("split.no", 0) != 0 or not m:
+        raise BadInput(path, f"part of a {count}-way split GGUF: open the first part "
+                             f"(NAME-00001-of-{count:05d}.gguf)")
+    parts = [first]
+    for no in range(2, count + 1):
+        p = path.with_name(split_name(m.group("prefix"), no, count))
+        if not p.is_file():
+            raise BadInput(p, f"split part {no} of {count} is missing")
+        part = read_gguf(p)
+        if part.get("split.no") != no - 1 or part.get("split.count") != count:
+            raise BadInput(p, f"split metadata says part {part.get('split.no')!r} of {part.get('split.count')!r}, "
+                              f"expected {no - 1} of {count} (0-based split.no)")
+        parts.append(part)
+    total = first.get("split.tensors.count")
+    found = sum(len(p.tensors) for p in parts)
+    if total is not None and total != found:
+        raise BadInput(path, f"split.tensors.count is {total} but the parts hold {found} tensors")
+    names = [t.name for p in parts for t in p.tensors]
+    if len(set(names)) != len(names):
+        raise BadInput(path, "a tensor name appears in two split parts")
+    return parts
+
+
+# ---------------------------------------------------------------- writing
+
+def encode_string(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return struct.pack("<Q", len(b)) + b
+
+
+def encode_kv(key: str, vtype: VType, value: Any, elem_type: VType | None = None) -> bytes:
+    """One encoded metadata entry (key, type, value)."""
+    out = encode_string(key) + struct.pack("<I", vtype)
+    if vtype == VType.STRING:
+        return out + encode_string(value)
+    if vtype != VType.ARRAY:
+        return out + struct.pack("<" + _SCALAR[vtype], value)
+    items = list(value)
+    out += struct.pack("<IQ", elem_type, len(items))
+    if elem_type == VType.STRING:
+        return out + b"".join(encode_string(s) for s in items)
+    return out + struct.pack(f"<{len(items)}{_SCALAR[elem_type]}", *items)
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One tensor of a planned output: header entry plus the source byte ranges it is made of."""
+    name: str
+    ne: tuple[int, ...]
+    ggml_type: int
+    offset: int
+    nbytes: int
+    pieces: tuple[tuple[int, int], ...]   # (absolute start, length) in the source part, in order
+    sliced: bool = False                  # expert axis shortened by the plan
+
+
+def encode_header(version: int, kv_raw: list[bytes], tensors: list[OutTensor], alignment: int) -> bytes:
+    """Magic, counts, metadata, tensor infos, zero padding up to the data section."""
+    out = [MAGIC, struct.pack("<IQQ", version, len(tensors), len(kv_raw)), *kv_raw]
+    for t in tensors:
+        out.append(encode_string(t.name) + struct.pack(f"<I{len(t.ne)}QIQ", len(t.ne), *t.ne, t.ggml_type, t.offset))
+    head = b"".join(out)
+    return head + bytes(-len(head) % alignment)
+
+
+def plan_offsets(sizes: list[int], alignment: int) -> list[int]:
+    """Consecutive data offsets, each aligned: what llama.cpp's loader expects (it sums padded sizes)."""
+    offsets, pos = [], 0
+    for n in sizes:
+        offsets.append(pos)
+        pos = align(pos + n, alignment)
+    return offsets
+
+
+# ---------------------------------------------------------------- verification
+
+@dataclass
+class Verdict:
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(path: str | Path) -> Verdict:
+    """The structural checks llama.cpp's loader makes, on top of read_gguf's validation:
+    offsets consecutive and aligned in info order, data section ending at the last tensor."""
+    try:
+        g = read_gguf(path)
+    except BadInput as e:
+        return Verdict([e.what])
+    return Verdict(layout_problems(g))
+
+
+def layout_problems(g: GGUFFile) -> list[str]:
+    """`verify`'s checks on an already parsed file (callers holding one need not parse it again)."""
+    problems = []
+    expected = plan_offsets([t.nbytes for t in g.tensors], g.alignment)
+    for t, off in zip(g.tensors, expected):
+        if t.offset != off:
+            problems.append(f"tensor {t.name!r}: offset {t.offset}, llama.cpp expects {off}")
+    end = g.data_offset + (g.tensors[-1].offset + g.tensors[-1].nbytes if g.tensors else 0)
+    if g.size not in (end, align(end, g.alignment)):  # gguf-py pads the last tensor too
+        problems.append(f"file is {g.size} bytes, data ends at {end}")
+    return problems

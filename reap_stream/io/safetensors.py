@@ -1,0 +1,250 @@
+"""Safetensors checkpoints as an index of byte ranges: headers parsed and validated, no tensor read.
+
+The validation follows the rules of the Rust `safetensors` crate: header length at most 100 MB and
+inside the file, offsets contiguous from 0, each size = prod(shape) * dtype bits / 8, the data buffer
+covered exactly, no duplicate keys. Shards are opened read-only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BadInput
+
+MAX_HEADER_BYTES = 100_000_000
+INDEX_NAME = "model.safetensors.index.json"
+
+# bits per element of every safetensors dtype
+DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4,
+    "F6_E2M3": 6, "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64,
+}
+# numpy view of each dtype; bf16 is read as its raw uint16 bits
+NUMPY_DTYPE = {
+    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "F8_E5M2": np.uint8, "F8_E4M3": np.uint8,
+    "F8_E8M0": np.uint8, "I16": np.int16, "U16": np.uint16, "F16": np.float16, "BF16": np.uint16,
+    "I32": np.int32, "U32": np.uint32, "F32": np.float32, "I64": np.int64, "U64": np.uint64,
+    "F64": np.float64,
+}
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor lives: absolute byte range [start, end) of `file`."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class ShardHeader:
+    path: Path
+    metadata: dict[str, str]
+    tensors: dict[str, TensorRef]  # in data order
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def read_shard_header(path: Path) -> ShardHeader:
+    """Parse and validate one safetensors file's header."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise BadInput(path, f"truncated safetensors file ({size} bytes, no header length)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise BadInput(path, f"header length {n} exceeds the 100,000,000-byte limit")
+            if 8 + n > size:
+                raise BadInput(path, f"header length {n} runs past the end of the file ({size} bytes)")
+            raw = f.read(n)
+    except OSError as e:
+        raise BadInput(path, f"cannot read: {e.strerror}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise BadInput(path, f"invalid safetensors header JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise BadInput(path, "safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise BadInput(path, "__metadata__ must map strings to strings")
+
+    buffer_len = size - 8 - n
+    entries = []
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise BadInput(path, f"tensor {name!r}: entry is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in DTYPE_BITS:
+            raise BadInput(path, f"tensor {name!r}: unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise BadInput(path, f"tensor {name!r}: invalid shape {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and o >= 0 for o in offsets)):
+            raise BadInput(path, f"tensor {name!r}: invalid data_offsets {offsets!r}")
+        entries.append((offsets[0], offsets[1], name, dtype, tuple(shape)))
+
+    entries.sort()
+    expected = 0
+    tensors: dict[str, TensorRef] = {}
+    for begin, end, name, dtype, shape in entries:
+        if begin != expected:
+            kind = "overlap" if begin < expected else "leave a gap"
+            raise BadInput(path, f"tensor {name!r}: data_offsets [{begin}, {end}] {kind} (expected start {expected})")
+        if end < begin:
+            raise BadInput(path, f"tensor {name!r}: data_offsets end {end} before start {begin}")
+        want = math.prod(shape) * DTYPE_BITS[dtype]
+        if want % 8 or want // 8 != end - begin:
+            raise BadInput(path, f"tensor {name!r}: {end - begin} bytes do not match shape {list(shape)} of {dtype}")
+        if end > buffer_len:
+            raise BadInput(path, f"tensor {name!r}: data_offsets end {end} past the end of the data ({buffer_len} bytes); file truncated?")
+        tensors[name] = TensorRef(name, path, dtype, shape, 8 + n + begin, 8 + n + end)
+        expected = end
+    if expected != buffer_len:
+        raise BadInput(path, f"data buffer is {buffer_len} bytes but tensors cover {expected}")
+    return ShardHeader(path, metadata, tensors)
+
+
+def _inside(root: Path, name: str) -> bool:
+    if os.path.isabs(name) or ".." in Path(name).parts:
+        return False
+    return (root / name).resolve().is_relative_to(root.resolve())
+
+
+@dataclass
+class Checkpoint:
+    """A model directory: config plus name -> TensorRef for every tensor of every shard."""
+
+    root: Path
+    config: dict
+    shards: list[ShardHeader]
+    tensors: dict[str, TensorRef] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, model_dir: str | Path) -> "Checkpoint":
+        root = Path(model_dir)
+        if not root.is_dir():
+            raise BadInput(root, "not a model directory")
+        config_path = root / "config.json"
+        try:
+            config = json.loads(config_path.read_text())
+        except FileNotFoundError:
+            raise BadInput(config_path, "missing") from None
+        except OSError as e:
+            raise BadInput(config_path, f"cannot read: {e.strerror}") from None
+        except ValueError as e:
+            raise BadInput(config_path, f"invalid JSON: {e}") from None
+        if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+            raise BadInput(config_path, "no model_type string")
+
+        index_path = root / INDEX_NAME
+        weight_map: dict[str, str] | None = None
+        if index_path.exists():
+            try:
+                weight_map = json.loads(index_path.read_text(), object_pairs_hook=_no_duplicates)["weight_map"]
+            except OSError as e:
+                raise BadInput(index_path, f"cannot read: {e.strerror}") from None
+            except (ValueError, KeyError, TypeError) as e:
+                raise BadInput(index_path, f"invalid index: {e}") from None
+            if not isinstance(weight_map, dict):
+                raise BadInput(index_path, "invalid index: weight_map is not an object")
+            for name, fname in weight_map.items():
+                if not isinstance(fname, str) or not _inside(root, fname):
+                    raise BadInput(index_path, f"weight_map entry {name!r} -> {fname!r} escapes the model directory")
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in root.glob("*.safetensors"))
+            if not files:
+                raise BadInput(root, "no *.safetensors files and no model.safetensors.index.json")
+        shards = []
+        tensors: dict[str, TensorRef] = {}
+        for fname in files:
+            path = root / fname
+            if not path.is_file():
+                raise BadInput(index_path, f"shard {fname} listed in weight_map does not exist")
+            shard = read_shard_header(path)
+            for name, ref in shard.tensors.items():
+                if name in tensors:
+                    raise BadInput(path, f"tensor {name!r} also stored in {tensors[name].file.name}")
+                if weight_map is not None and weight_map.get(name) != fname:
+                    raise BadInput(index_path, f"tensor {name!r} is in {fname} but weight_map says {weight_map.get(name)!r}")
+                tensors[name] = ref
+            shards.append(shard)
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(tensors))
+            if missing:
+                raise BadInput(index_path, f"weight_map names {missing[0]!r} but {weight_map[missing[0]]} does not hold it")
+        return cls(root, config, shards, tensors)
+
+    @classmethod
+    def of(cls, model: "str | Path | Checkpoint") -> "Checkpoint":
+        """`model` itself when it is already open, else Checkpoint.open(model): callers that hand
+        one on to the next step parse the headers once."""
+        return model if isinstance(model, Checkpoint) else cls.open(model)
+
+    @property
+    def model_type(self) -> str:
+        return self.config["model_type"]
+
+
+def read_array(ref: TensorRef) -> np.ndarray:
+    """Read-only memmap view of a tensor (bf16 as uint16 bits, F8/F4 as raw bytes)."""
+    if ref.dtype == "F4" or ref.dtype.startswith("F6"):
+        return np.memmap(ref.file, np.uint8, "r", ref.start, (ref.nbytes,))
+    dt = np.dtype(NUMPY_DTYPE[ref.dtype])
+    if ref.nbytes == 0:
+        return np.zeros(ref.shape, dt)
+    return np.memmap(ref.file, dt, "r", ref.start, ref.shape)
+
+
+def to_float32(ref: TensorRef) -> np.ndarray:
+    """A tensor as float32, upcasting bf16 from its bits without a second full copy."""
+    arr = read_array(ref)
+    if ref.dtype == "BF16":
+        return (np.asarray(arr, np.uint32) << 16).view(np.float32)
+    return np.asarray(arr, np.float32)
+
+
+def is_gguf(path: str | Path) -> bool:
+    """True for a regular file that starts with the GGUF magic."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def sha256_file(path: Path, bufsize: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(bufsize)
+    view = memoryview(buf)
+    with open(path, "rb") as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()

@@ -1,0 +1,129 @@
+"""Pruning plan, schema v1: which original expert ids each MoE layer keeps.
+
+A plan is JSON (see docs/plan-schema.md):
+
+    {"format": "reap-stream-plan", "schema_version": 1,
+     "method": "reap", "ratio": 0.5,
+     "model": {"model_type": ..., "num_layers": ..., "num_experts": ..., "top_k": ...,
+               "moe_layers": [...], "fingerprint": "sha256:..."},
+     "telemetry": {"fingerprint": "sha256:...", ...} | null,
+     "layers": {"1": {"kept": [...], "pruned": [...], ...}, ...},
+     ...}
+
+Layers a plan does not list keep all their experts. Extra per-layer keys (scores, reasons) are
+carried through untouched.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import BadInput
+from ..io.files import write_text_atomic
+
+PLAN_FORMAT = "reap-stream-plan"
+PLAN_SCHEMA_VERSION = 1
+
+
+def kept_runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Ascending expert ids as (first, count) runs, so adjacent kept experts copy as one range."""
+    runs: list[tuple[int, int]] = []
+    for e in ids:
+        if runs and runs[-1][0] + runs[-1][1] == e:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((e, 1))
+    return runs
+
+
+@dataclass
+class LayerPlan:
+    kept: list[int]
+    pruned: list[int]
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    layers: dict[int, LayerPlan]
+    method: str = "manual"
+    ratio: float | None = None
+    model: dict = field(default_factory=dict)
+    telemetry: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def uniform(self) -> bool:
+        return len({len(lp.kept) for lp in self.layers.values()}) <= 1
+
+    def pruned_map(self) -> dict[int, list[int]]:
+        return {i: list(lp.pruned) for i, lp in self.layers.items()}
+
+    def kept_map(self) -> dict[int, list[int]]:
+        return {i: list(lp.kept) for i, lp in self.layers.items()}
+
+    def to_json(self) -> dict:
+        out = {
+            "format": PLAN_FORMAT,
+            "schema_version": PLAN_SCHEMA_VERSION,
+            "method": self.method,
+            "ratio": self.ratio,
+            "model": self.model,
+            "telemetry": self.telemetry,
+            "layers": {str(i): {"kept": lp.kept, "pruned": lp.pruned, **lp.extra}
+                       for i, lp in sorted(self.layers.items())},
+        }
+        out.update(self.extra)
+        return out
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n"
+
+    def save(self, path: str | Path) -> None:
+        write_text_atomic(Path(path), self.dumps())
+
+    @classmethod
+    def from_json(cls, data: object, where: str = "plan") -> "Plan":
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise BadInput(where, f"not a reap-stream plan (format must be {PLAN_FORMAT!r})")
+        if data.get("schema_version") != PLAN_SCHEMA_VERSION:
+            raise BadInput(where, f"plan schema_version {data.get('schema_version')!r} is not supported (expected {PLAN_SCHEMA_VERSION})")
+        layers_in = data.get("layers")
+        if not isinstance(layers_in, dict):
+            raise BadInput(where, "plan has no 'layers' object")
+        layers: dict[int, LayerPlan] = {}
+        for key, entry in layers_in.items():
+            if not (key.isascii() and key.isdigit() and str(int(key)) == key):
+                raise BadInput(where, f"layer key {key!r} is not a layer index (write it as e.g. \"7\")")
+            if not isinstance(entry, dict):
+                raise BadInput(where, f"layer {key}: entry is not an object")
+            kept, pruned = entry.get("kept"), entry.get("pruned")
+            for label, ids in (("kept", kept), ("pruned", pruned)):
+                if not isinstance(ids, list) or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in ids):
+                    raise BadInput(where, f"layer {key}: '{label}' must be a list of expert ids")
+            if len(set(kept)) != len(kept) or len(set(pruned)) != len(pruned):
+                raise BadInput(where, f"layer {key}: an expert id is listed twice")
+            both = sorted(set(kept) & set(pruned))
+            if both:
+                raise BadInput(where, f"layer {key}: expert {both[0]} is both kept and pruned")
+            extra = {k: v for k, v in entry.items() if k not in ("kept", "pruned")}
+            layers[int(key)] = LayerPlan(sorted(kept), sorted(pruned), extra)
+        for name in ("model", "telemetry"):
+            if data.get(name) is not None and not isinstance(data[name], dict):
+                raise BadInput(where, f"'{name}' must be an object or null")
+        known = {"format", "schema_version", "method", "ratio", "model", "telemetry", "layers"}
+        return cls(layers=layers, method=str(data.get("method", "manual")), ratio=data.get("ratio"),
+                   model=data.get("model") or {}, telemetry=data.get("telemetry"),
+                   extra={k: v for k, v in data.items() if k not in known})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise BadInput(path, "plan file not found") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadInput(path, f"invalid JSON: {e}") from None
+        return cls.from_json(data, str(path))

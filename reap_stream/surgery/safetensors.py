@@ -1,0 +1,351 @@
+"""Apply a plan to a safetensors checkpoint (mlx_lm or Hugging Face layout), streaming.
+
+The whole output (names, dtypes, shapes, shard assignment, headers) is laid out from the index and
+the plan before any tensor byte is written. Kept experts are contiguous byte ranges of the source
+(axis 0 of every stacked tensor), so writing is a sequence of range copies through one bounded
+buffer. Output goes to a hidden temporary directory that is renamed into place when complete; the
+index and the manifest are written last.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .. import __version__
+from ..io.safetensors import INDEX_NAME, Checkpoint, sha256_file
+from ..errors import BadInput
+from ..families.table import Family, classify, family_of
+from ..planning.plan import Plan, kept_runs
+from ..families.structure import check_plan, checkpoint_structure, fingerprint
+
+MANIFEST_NAME = "reap_manifest.json"
+PLAN_COPY_NAME = "reap_plan.json"
+MANIFEST_FORMAT = "reap-stream-manifest"
+DEFAULT_MAX_SHARD = 5 * 10**9
+_HAS_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
+# Source files never copied: weights in any format (they would hold the unpruned experts), their
+# indexes, and the source's own reap-stream records. Everything else (tokenizer, generation config,
+# chat template, licence, custom code) is copied as is.
+_NOT_COPIED = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|gguf|h5|msgpack|npz|onnx)$|.*\.index\.json$|^"
+                         + re.escape(MANIFEST_NAME) + "$|^" + re.escape(PLAN_COPY_NAME) + r"$|^config\.json$")
+
+
+@dataclass
+class OutTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    ranges: list[tuple[Path, int, int]]  # source byte ranges, concatenated in order
+
+    @property
+    def nbytes(self) -> int:
+        return sum(end - start for _, start, end in self.ranges)
+
+
+@dataclass
+class OutShard:
+    name: str
+    metadata: dict[str, str]
+    tensors: list[OutTensor] = field(default_factory=list)
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def header(self) -> bytes:
+        """Safetensors header: u64 length + JSON padded with spaces to a multiple of 8."""
+        entries: dict[str, object] = {}
+        if self.metadata:
+            entries["__metadata__"] = self.metadata
+        offset = 0
+        for t in self.tensors:
+            entries[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+        body = json.dumps(entries, separators=(",", ":")).encode()
+        body += b" " * (-len(body) % 8)
+        return len(body).to_bytes(8, "little") + body
+
+
+@dataclass
+class Layout:
+    source: Checkpoint
+    plan: Plan
+    shards: list[OutShard]
+    config: dict
+    copied_files: list[str]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.data_bytes for s in self.shards)
+
+    def summary(self) -> dict:
+        counts = {str(layer): len(lp.kept) for layer, lp in sorted(self.plan.layers.items())}
+        return {
+            "source": str(self.source.root),
+            "model_type": self.source.model_type,
+            "uniform": self.plan.uniform,
+            "kept_per_layer": counts,
+            "shards": [{"name": s.name, "tensors": len(s.tensors), "bytes": s.data_bytes} for s in self.shards],
+            "tensor_bytes": self.total_bytes,
+            "source_tensor_bytes": sum(r.nbytes for r in self.source.tensors.values()),
+            "copied_files": self.copied_files,
+        }
+
+
+def _row_ranges(ref_file: Path, start: int, nbytes: int, rows: int, keep: list[int]) -> list[tuple[Path, int, int]]:
+    """Byte ranges of rows `keep` (ascending) along axis 0, consecutive rows merged."""
+    stride = nbytes // rows
+    return [(ref_file, start + first * stride, start + (first + n) * stride) for first, n in kept_runs(keep)]
+
+
+def _renumbered(name: str, fam: Family, keep_index: dict[int, dict[int, int]]) -> str | None:
+    """Output name of a tensor, None when it is dropped (a pruned per-expert tensor)."""
+    rel = classify(name, fam)
+    if rel is None or rel.kind != "per_expert" or rel.layer not in keep_index:
+        return name
+    new = keep_index[rel.layer].get(rel.expert)
+    return None if new is None else f"{rel.prefix}{new}.{rel.suffix}" if rel.suffix else f"{rel.prefix}{new}"
+
+
+def _out_tensors(ckpt: Checkpoint, plan: Plan, fam: Family, st_experts: dict[int, int]) -> list[OutTensor]:
+    kept = plan.kept_map()
+    keep_index = {layer: {e: i for i, e in enumerate(ids)} for layer, ids in kept.items()}
+    out = []
+    for shard in ckpt.shards:
+        for name, ref in shard.tensors.items():
+            rel = classify(name, fam)
+            if rel is None or rel.layer not in kept:
+                out.append(OutTensor(name, ref.dtype, ref.shape, [(ref.file, ref.start, ref.end)]))
+                continue
+            if rel.kind == "per_expert":
+                new_name = _renumbered(name, fam, keep_index)
+                if new_name is not None:
+                    out.append(OutTensor(new_name, ref.dtype, ref.shape, [(ref.file, ref.start, ref.end)]))
+                continue
+            n = st_experts[rel.layer]
+            if not ref.shape or ref.shape[0] != n:
+                raise BadInput(ref.file, f"tensor {name!r} has shape {list(ref.shape)}; expected {n} experts on axis 0")
+            keep = kept[rel.layer]
+            shape = (len(keep),) + tuple(ref.shape[1:])
+            out.append(OutTensor(name, ref.dtype, shape, _row_ranges(ref.file, ref.start, ref.nbytes, n, keep)))
+    return out
+
+
+def _shard(tensors: list[OutTensor], metadata: dict[str, str], max_bytes: int) -> list[OutShard]:
+    groups: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if groups[-1] and size + t.nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    n = len(groups)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    return [OutShard(name, metadata, g) for name, g in zip(names, groups)]
+
+
+def _new_config(config: dict, plan: Plan, fam: Family, source_fp: str) -> dict:
+    cfg = json.loads(json.dumps(config))
+    counts = {layer: len(lp.kept) for layer, lp in plan.layers.items()}
+    cfg[fam.experts_key] = max(counts.values())
+    keep_index = {layer: {e: i for i, e in enumerate(lp.kept)} for layer, lp in plan.layers.items()}
+    for key in ("quantization", "quantization_config"):
+        q = cfg.get(key)
+        if isinstance(q, dict):
+            renamed = {}
+            for path, value in q.items():
+                if isinstance(value, dict):  # a per-module entry: follows its module's new name
+                    new = _renumbered(path + ".weight", fam, keep_index)
+                    if new is None:
+                        continue
+                    path = new.removesuffix(".weight")
+                renamed[path] = value
+            cfg[key] = renamed
+    cfg["reap_stream"] = {
+        "plan_schema": 1,
+        "tool_version": __version__,
+        "method": plan.method,
+        "ratio": plan.ratio,
+        "uniform": plan.uniform,
+        "original_experts": config[fam.experts_key],
+        "layer_experts": {str(k): v for k, v in sorted(counts.items())},
+        "kept": {str(k): lp.kept for k, lp in sorted(plan.layers.items())},
+        "source_fingerprint": source_fp,
+        "telemetry_fingerprint": (plan.telemetry or {}).get("fingerprint"),
+    }
+    return cfg
+
+
+def plan_layout(ckpt: Checkpoint, plan: Plan, *, max_shard_bytes: int = DEFAULT_MAX_SHARD,
+                plan_where: str = "plan", ignore_fingerprint: bool = False) -> Layout:
+    """Check the plan against the checkpoint and lay out every output file."""
+    fam = family_of(ckpt.config, str(ckpt.root / "config.json"))
+    st = checkpoint_structure(ckpt)
+    fp = fingerprint(ckpt, st)
+    check_plan(plan, st, plan_where, model_fingerprint=None if ignore_fingerprint else fp)
+    tensors = _out_tensors(ckpt, plan, fam, st.layer_experts)
+    metadata = ckpt.shards[0].metadata if ckpt.shards else {}
+    shards = _shard(tensors, dict(metadata), max_shard_bytes)
+    copied = sorted(p.name for p in ckpt.root.iterdir() if p.is_file() and not _NOT_COPIED.match(p.name))
+    return Layout(ckpt, plan, shards, _new_config(ckpt.config, plan, fam, fp), copied)
+
+
+def check_output_path(source: Path, out: Path, overwrite: bool) -> None:
+    src, dst = source.resolve(), out.resolve()
+    if dst == src or dst.is_relative_to(src):
+        raise BadInput(out, f"output directory is the source or inside it ({source})")
+    if src.is_relative_to(dst):
+        raise BadInput(out, f"output directory contains the source ({source}); overwriting it would destroy the source")
+    if out.exists() and not overwrite:
+        raise BadInput(out, "output exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise BadInput(out, "output exists and is not a directory")
+
+
+def _copy_range(src_fd: int, dst_fd: int, start: int, end: int, buffer: memoryview, path: Path) -> None:
+    """Append source bytes [start, end) to dst: in the kernel where it can, else via `buffer`."""
+    global _HAS_COPY_FILE_RANGE
+    pos = start
+    while pos < end:
+        n = 0
+        if _HAS_COPY_FILE_RANGE:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, end - pos, pos)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                _HAS_COPY_FILE_RANGE = False  # e.g. across file systems on older kernels
+                continue
+        else:
+            n = os.preadv(src_fd, [buffer[: min(len(buffer), end - pos)]], pos)
+            if n > 0:
+                _write_all(dst_fd, buffer[:n])
+        if n <= 0:
+            raise BadInput(path, f"unexpected end of file at byte {pos}")
+        pos += n
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _copy_shard(shard: OutShard, dst: Path, buffer: memoryview, bar: tqdm) -> None:
+    handles: dict[Path, int] = {}
+    out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(out, shard.header())
+        for t in shard.tensors:
+            for path, start, end in t.ranges:
+                if path not in handles:
+                    handles[path] = os.open(path, os.O_RDONLY)
+                _copy_range(handles[path], out, start, end, buffer, path)
+                bar.update(end - start)
+        os.fsync(out)
+    finally:
+        os.close(out)
+        for fd in handles.values():
+            os.close(fd)
+
+
+def _digest(shard: OutShard, buffer_bytes: int) -> str:
+    """sha256 of the bytes `shard` is made of, read from the source ranges.
+
+    Runs on a worker thread while the main thread copies the same ranges (hashlib releases the
+    GIL), so hashing costs no wall time beyond the copy's when there is a second core.
+    """
+    sha = hashlib.sha256(shard.header())
+    buffer = memoryview(bytearray(buffer_bytes))
+    handles: dict[Path, int] = {}
+    try:
+        for t in shard.tensors:
+            for path, start, end in t.ranges:
+                if path not in handles:
+                    handles[path] = os.open(path, os.O_RDONLY)
+                pos = start
+                while pos < end:
+                    n = os.preadv(handles[path], [buffer[: min(len(buffer), end - pos)]], pos)
+                    if n <= 0:
+                        raise BadInput(path, f"unexpected end of file at byte {pos}")
+                    sha.update(buffer[:n])
+                    pos += n
+    finally:
+        for fd in handles.values():
+            os.close(fd)
+    return sha.hexdigest()
+
+
+def _write_json(path: Path, data: object) -> dict:
+    raw = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+    path.write_bytes(raw)
+    return {"sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw)}
+
+
+def write_layout(layout: Layout, out: Path, *, overwrite: bool = False, buffer_bytes: int = 8 << 20,
+                 progress: bool = True) -> dict:
+    """Stream the laid-out checkpoint into `out` (atomically: temp dir, then rename)."""
+    out = Path(out)
+    check_output_path(layout.source.root, out, overwrite)
+    tmp = out.parent / f".{out.name}.reap-tmp"
+    trash = out.parent / f".{out.name}.reap-old"
+    for leftover in (tmp, trash):  # of a killed run: ours by name
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    tmp.mkdir(parents=True)
+    try:
+        files = _write_into(layout, tmp, buffer_bytes, progress)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written output behind
+        raise
+    if out.exists():
+        os.replace(out, trash)
+        os.replace(tmp, out)
+        shutil.rmtree(trash)
+    else:
+        os.replace(tmp, out)
+    return files
+
+
+def _write_into(layout: Layout, tmp: Path, buffer_bytes: int, progress: bool) -> dict:
+    buffer = memoryview(bytearray(buffer_bytes))
+    files: dict[str, dict] = {}
+    with ThreadPoolExecutor(max_workers=1) as pool, \
+            tqdm(total=layout.total_bytes, unit="B", unit_scale=True, desc="apply", disable=not progress) as bar:
+        for shard in layout.shards:
+            digest = pool.submit(_digest, shard, buffer_bytes)
+            _copy_shard(shard, tmp / shard.name, buffer, bar)
+            files[shard.name] = {"sha256": digest.result(), "size": (tmp / shard.name).stat().st_size}
+    for name in layout.copied_files:
+        shutil.copyfile(layout.source.root / name, tmp / name)
+        files[name] = {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
+    files["config.json"] = _write_json(tmp / "config.json", layout.config)
+    raw = layout.plan.dumps().encode()
+    (tmp / PLAN_COPY_NAME).write_bytes(raw)
+    files[PLAN_COPY_NAME] = {"sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw)}
+    if len(layout.shards) > 1:
+        index = {"metadata": {"total_size": layout.total_bytes},
+                 "weight_map": {t.name: s.name for s in layout.shards for t in s.tensors}}
+        files[INDEX_NAME] = _write_json(tmp / INDEX_NAME, index)
+    _write_json(tmp / MANIFEST_NAME, {"format": MANIFEST_FORMAT, "tool_version": __version__,
+                                       "files": dict(sorted(files.items()))})
+    _fsync_dir(tmp)
+    return files
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

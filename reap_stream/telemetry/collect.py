@@ -1,0 +1,292 @@
+"""REAP telemetry collection: float64 accumulators per MoE layer, resume, stream and memory modes.
+
+`collect(model_dir, calib, out, work_dir, options)` runs the model over the calibration tokens
+(runner.StreamRunner layer by layer, or runner.MemoryRunner whole) and writes a telemetry store
+(telemetry.py) to `out`. While running, the store lives in WORK_DIR/telemetry.zarr and each MoE
+layer is committed there atomically once its output hidden states are spilled; `out` appears
+(by rename) only when every selected layer is in. WORK_DIR/run.json records the options that
+change results; a rerun with the same ones resumes, a rerun with others is refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..io.safetensors import Checkpoint
+from ..errors import BadInput
+from ..families.table import family_of
+from ..procstats import peak_rss_bytes
+from ..runner.stream import _mx, check_chunk_tokens, check_mode
+from ..io.files import write_text_atomic
+from ..families.structure import checkpoint_structure, fingerprint
+from .store import LayerStats, TelemetryStore
+
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class CollectOptions:
+    mode: str = "stream"
+    layers: tuple[int, ...] | None = None   # MoE layers to record (None: all)
+    renorm_topk: bool = True                 # g = top-k-renormalised probability (CR's default)
+    chunk_tokens: int = 4096
+
+    def result_key(self) -> dict:
+        """Options that change the telemetry (mode does not: both modes give the same)."""
+        return {"layers": None if self.layers is None else list(self.layers),
+                "renorm_topk": self.renorm_topk, "chunk_tokens": self.chunk_tokens}
+
+
+def parse_layers(spec: str | None) -> tuple[int, ...] | None:
+    """"0-3,8" -> (0, 1, 2, 3, 8)."""
+    if spec is None or spec.strip() == "":
+        return None
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                a, b = (int(x) for x in part.split("-", 1))
+                if b < a:
+                    raise ValueError
+                out.update(range(a, b + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise BadInput("--layers", f"cannot read {part!r} (use a list like 0-3,8)") from None
+    if any(i < 0 for i in out):
+        raise BadInput("--layers", "layer numbers must be >= 0")
+    return tuple(sorted(out))
+
+
+# ------------------------------------------------------------------ accumulation
+
+class Accumulator:
+    """Running float64 sums of one MoE layer over the chunks it has seen."""
+
+    def __init__(self, layer: int, num_experts: int, hidden: int, renorm_topk: bool):
+        self.stats = LayerStats.zeros(layer, num_experts, hidden)
+        self.renorm_topk = renorm_topk
+
+    def add(self, cap) -> None:
+        st = self.stats
+        e_count = st.num_experts
+        inds = cap.inds                                         # [T, k]
+        t, k = inds.shape
+        # the k selected probabilities, upcast after the pick (float32 -> float64 is exact)
+        g = np.take_along_axis(np.array(cap.routed.probs).reshape(t, -1), inds, axis=1).astype(np.float64)
+        if self.renorm_topk:
+            g = g / g.sum(axis=1, keepdims=True)
+        b = cap.batch
+        y32 = b.outputs                                         # [T*k, H] float32, grouped by expert
+        norms = np.empty(len(y32))
+        st.tokens += t
+        for e in np.flatnonzero(np.diff(b.bounds)):
+            lo, hi = b.bounds[e], b.bounds[e + 1]
+            y = y32[lo:hi].astype(np.float64)   # one expert at a time: no float64 copy of the chunk
+            norms[lo:hi] = np.sqrt(np.einsum("ij,ij->i", y, y))
+            st.expert_output_sum[e] += y.sum(axis=0)
+            st.max_activations[e] = max(st.max_activations[e], y.max())
+        g_sorted = g.reshape(-1)[b.order]
+        st.frequency += np.bincount(b.experts, minlength=e_count)
+        st.weighted_frequency_sum += np.bincount(b.experts, weights=g_sorted, minlength=e_count)
+        st.ean_sum += np.bincount(b.experts, weights=norms, minlength=e_count)
+        st.weighted_ean_sum += np.bincount(b.experts, weights=g_sorted * norms, minlength=e_count)
+        pairs = (inds[:, :, None] * e_count + inds[:, None, :]).reshape(-1)
+        st.coactivation += np.bincount(pairs, minlength=e_count * e_count).reshape(e_count, e_count)
+
+
+# ------------------------------------------------------------------ run record
+
+
+def _check_run_record(work_dir: Path, record: dict) -> None:
+    path = work_dir / RUN_FILE
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        raise BadInput(path, "unreadable run record; delete the work dir") from None
+    diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
+    if diff:
+        raise BadInput(path, f"work dir belongs to a run with other {', '.join(diff)}; "
+                             f"rerun with the same options or use another --work-dir")
+
+
+def default_work_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".work")
+
+
+# ------------------------------------------------------------------ collect
+
+def collect(model_dir: str | Path | Checkpoint, calib, out: str | Path, work_dir: str | Path | None = None,
+            options: CollectOptions = CollectOptions(), progress: bool = True) -> dict:
+    """Collect telemetry of `calib` (a calibration.CalibrationSet) into `out`; returns a summary."""
+    from tqdm import tqdm
+
+    _mx()  # mlx through ensure_blas, before mlx_lm imports it
+    import mlx_lm.utils  # noqa: F401  (import time is not collection time)
+
+    started = time.perf_counter()
+    out = Path(out)
+    work_dir = Path(work_dir) if work_dir is not None else default_work_dir(out)
+    check_mode(options.mode)
+    check_chunk_tokens(options.chunk_tokens)
+    if not calib.sequences or calib.num_tokens == 0:
+        raise BadInput("calibration", "no tokens to collect on")
+    ckpt = Checkpoint.of(model_dir)
+    fam = family_of(ckpt.config, str(ckpt.root / "config.json"))
+    structure = checkpoint_structure(ckpt)
+    selected = list(structure.moe_layers if options.layers is None else options.layers)
+    not_moe = [i for i in selected if i not in structure.layer_experts]
+    if not_moe:
+        raise BadInput("--layers", f"layer {not_moe[0]} is not an MoE layer (MoE layers: "
+                                   f"{', '.join(map(str, structure.moe_layers))})")
+    attrs = {
+        "model": {**structure.to_json(), "fingerprint": fingerprint(ckpt, structure)},
+        "calibration": calib.summary(),
+        "routing": {"renorm_topk": options.renorm_topk, "routing": fam.routing.value,
+                    "capture": "exact (model's own router and selection)"},
+        "options": {**options.result_key(), "sample_batch_size": calib.batch_size},
+        "tool_version": __version__,
+    }
+    if out.exists():
+        return _already_done(out, attrs)
+
+    record = {"model_fingerprint": attrs["model"]["fingerprint"],
+              "calibration_fingerprint": calib.fingerprint, **attrs["options"]}
+    work_dir.mkdir(parents=True, exist_ok=True)
+    _check_run_record(work_dir, record)
+    write_text_atomic(work_dir / RUN_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    tokens_path = work_dir / "tokens.zarr"
+    if not tokens_path.exists():
+        from .calibration import save_tokens
+        save_tokens(calib, tokens_path)
+
+    store_path = work_dir / "telemetry.zarr"
+    store = TelemetryStore.open(store_path) if (store_path / "zarr.json").exists() \
+        else TelemetryStore.create(store_path, attrs)
+    hidden = int(ckpt.config["hidden_size"])
+    accs: dict[int, Accumulator] = {}
+
+    def on_moe(layer: int, chunk, cap) -> None:
+        if layer in selected:
+            if layer not in accs:
+                accs[layer] = Accumulator(layer, structure.layer_experts[layer], hidden, options.renorm_topk)
+            accs[layer].add(cap)
+
+    def commit(layer: int) -> None:
+        if layer in accs:
+            store.commit(accs.pop(layer).stats)
+
+    stop = max(selected) + 1
+    layers_run = 0
+    if options.mode == "stream":
+        from ..runner.stream import StreamRunner
+
+        runner = StreamRunner(ckpt, work_dir, chunk_tokens=options.chunk_tokens, progress=progress)
+        chunks = runner.chunks(calib.sequences, calib.batch_size)
+        start = runner.next_layer()
+        missing = [i for i in selected if i < start and i not in store.layers()]
+        if missing:
+            raise BadInput(store_path, f"layer {missing[0]} is not committed but the run is past it; delete the work dir")
+        bar = tqdm(total=stop, initial=min(start, stop), desc="layers", unit="layer", disable=None if progress else True)
+        for _ in runner.run(chunks, on_moe=on_moe, stop=stop, on_layer_done=commit):
+            layers_run += 1
+            bar.update(1)
+        bar.close()
+        runner.cleanup()
+    else:
+        from ..runner.stream import MemoryRunner
+
+        runner = MemoryRunner(ckpt, chunk_tokens=options.chunk_tokens, progress=progress)
+        runner.run(runner.chunks(calib.sequences, calib.batch_size), on_moe=on_moe, stop=stop)
+        for layer in sorted(accs):
+            commit(layer)
+        layers_run = stop
+    seconds = time.perf_counter() - started
+
+    _publish(store_path, out)
+    _clean_work_dir(work_dir)
+    done = TelemetryStore.open(out)
+    return {
+        "out": str(out), "mode": options.mode, "layers": done.layers(), "num_tokens": calib.num_tokens,
+        "layers_run": layers_run, "seconds": round(seconds, 3),
+        "tokens_per_s": round(calib.num_tokens * layers_run / max(stop, 1) / seconds, 1) if seconds > 0 else None,
+        "peak_rss_mib": round(peak_rss_bytes() / 2**20, 1),
+        "telemetry_fingerprint": done.fingerprint(), "model_fingerprint": attrs["model"]["fingerprint"],
+        "calibration_fingerprint": calib.fingerprint, "routing": attrs["routing"],
+    }
+
+
+def _already_done(out: Path, attrs: dict) -> dict:
+    """A rerun after completion: fine when `out` is this very run's result, refused otherwise."""
+    store = TelemetryStore.open(out)
+    have = store.attrs
+    same = all(have.get(k) == v for k, v in attrs.items())
+    if not same:
+        raise BadInput(out, "already exists and holds another run's telemetry; choose another --out or delete it")
+    return {"out": str(out), "layers": store.layers(), "layers_run": 0, "already_complete": True,
+            "telemetry_fingerprint": store.fingerprint()}
+
+
+def _clean_work_dir(work_dir: Path) -> None:
+    """Remove what collect put in the work dir (and the dir itself when that leaves it empty)."""
+    for p in sorted(work_dir.iterdir()):
+        ours = p.name in (RUN_FILE, "progress.json", "tokens.zarr", "telemetry.zarr") or \
+            p.name.startswith(("hidden_", ".hidden_", ".progress", ".run.json", ".tokens.zarr"))
+        if ours:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    try:
+        work_dir.rmdir()
+    except OSError:
+        pass
+
+
+def _publish(src: Path, out: Path) -> None:
+    """Move the finished store to `out` in one rename (copy + rename across filesystems)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(src, out)
+    except OSError:
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        os.replace(tmp, out)
+
+
+def merge(paths: list[str | Path], out: str | Path) -> dict:
+    """Add telemetry stores of the same model collected on disjoint calibration shards."""
+    from .store import merge_stores
+
+    out = Path(out)
+    if len(paths) < 2:
+        raise BadInput("merge", "give at least two telemetry stores")
+    if out.exists():
+        raise BadInput(out, "already exists; choose another --out or delete it")
+    seen: dict[str, Path] = {}
+    first = None
+    for p in paths:
+        attrs = TelemetryStore.open(p).attrs
+        first = attrs if first is None else first
+        if attrs.get("model") != first.get("model"):
+            raise BadInput(p, f"model differs from {paths[0]} (telemetry of another model)")
+        cal = (attrs.get("calibration") or {}).get("fingerprint")
+        if cal is not None and cal in seen:
+            raise BadInput(p, f"was collected on the same calibration tokens as {seen[cal]}; merging would count them twice")
+        seen[cal] = Path(p)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merge_stores([Path(p) for p in paths], tmp)
+    os.replace(tmp, out)
+    store = TelemetryStore.open(out)
+    return {"out": str(out), "inputs": [str(p) for p in paths], "layers": store.layers(),
+            "num_tokens": (store.attrs.get("calibration") or {}).get("num_tokens"),
+            "telemetry_fingerprint": store.fingerprint()}
