@@ -187,6 +187,13 @@ def ensure_blas() -> dict:
     return blas_info()
 
 
+def mlx_core():
+    """`mlx.core`, imported after the optimised BLAS is in place (ensure_blas)."""
+    ensure_blas()
+    import mlx.core as mx
+    return mx
+
+
 def blas_info() -> dict:
     """The BLAS in use, JSON-able: state (loaded, preloaded, disabled, missing, too-late, native,
     not-checked), kind (openblas, mkl, unknown, reference, platform), path, version, threads."""

@@ -1,10 +1,10 @@
 """Perplexity and logit comparison through the same streaming runner as collect.
 
-    perplexity(model_dir, sequences, mask=None)  -> PerplexityResult
-    compare_logits(model_a, model_b, sequences)  -> LogitDiff
+    perplexity(model, sequences, run, mask=None)  -> PerplexityResult
+    compare_logits(model_a, model_b, sequences, run)  -> LogitDiff
 
-Both run runner.StreamRunner (one layer's weights in memory, hidden states spilled to a work
-dir) or, with mode="memory", runner.MemoryRunner (the whole model: the parity baseline). A mask
+Both go through reap_stream.runner (stream mode: one layer's weights in memory, hidden states
+spilled to a temporary work dir; memory mode: the whole model, the parity baseline). A mask
 ({layer: [expert ids]}) evaluates the "masked original": the experts a plan would prune are never
 routed, so a plan's damage is measured before anything is written.
 
@@ -24,11 +24,10 @@ from typing import Iterator
 
 import numpy as np
 
-from .io.safetensors import Checkpoint
 from .errors import BadInput
-from .planning.plan import Plan
-from .runner.stream import MemoryRunner, StreamRunner, check_mode
-from .families.structure import check_plan, checkpoint_structure, fingerprint
+from .families.model import Model
+from .planning.plan import Plan, check_plan
+from .runner import RunOptions, open_runner
 
 
 @dataclass(frozen=True)
@@ -54,13 +53,11 @@ class LogitDiff:
         return asdict(self)
 
 
-def mask_from_plan(plan_path: str | Path, model_dir: str | Path | Checkpoint, *,
-                   ignore_fingerprint: bool = False) -> dict[int, list[int]]:
+def mask_from_plan(plan_path: str | Path, model: Model, *, ignore_fingerprint: bool = False) -> dict[int, list[int]]:
     """The plan's pruned experts per layer, after checking the plan fits the model."""
     plan = Plan.load(plan_path)
-    ckpt = Checkpoint.of(model_dir)
-    st = checkpoint_structure(ckpt)
-    check_plan(plan, st, str(plan_path), model_fingerprint=None if ignore_fingerprint else fingerprint(ckpt, st))
+    check_plan(plan, model.structure, str(plan_path),
+               model_fingerprint=None if ignore_fingerprint else model.fingerprint)
     return {layer: ids for layer, ids in plan.pruned_map().items() if ids}
 
 
@@ -108,8 +105,11 @@ def _abs_diff_stats(la: np.ndarray, lb: np.ndarray) -> tuple[float, float]:
 
 
 @contextmanager
-def _work_dir(work_dir: str | Path | None) -> Iterator[Path]:
+def _work_dir(work_dir: str | Path | None, wanted: bool = True) -> Iterator[Path | None]:
     """A fresh spill directory (removed afterwards); inside `work_dir` when given."""
+    if not wanted:
+        yield None
+        return
     if work_dir is not None:
         Path(work_dir).mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix="reap-eval-", dir=None if work_dir is None else str(work_dir)))
@@ -119,25 +119,21 @@ def _work_dir(work_dir: str | Path | None) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def logits_per_chunk(model_dir: str | Path | Checkpoint, sequences: list[np.ndarray], *, mask: dict[int, list[int]] | None = None,
-                     mode: str = "stream", work_dir: str | Path | None = None, chunk_tokens: int = 4096,
-                     max_batch: int | None = None, progress: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def logits_per_chunk(model: Model, sequences: list[np.ndarray], run: RunOptions, *,
+                     mask: dict[int, list[int]] | None = None,
+                     progress: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(tokens [B, L], float32 logits [B, L, V]) for each chunk of `sequences`, in order."""
-    check_mode(mode)
-    if mode == "memory":
-        runner = MemoryRunner(model_dir, chunk_tokens=chunk_tokens, progress=progress)
-        chunks = runner.chunks(sequences, max_batch)
-        hidden = runner.run(chunks, mask=mask)
-        for c, h in zip(chunks, hidden):
-            yield c.tokens, _as_f32(runner.final_logits(c, h))
-        return
-    with _work_dir(work_dir) as spill:
-        runner = StreamRunner(model_dir, spill, chunk_tokens=chunk_tokens, progress=progress)
-        chunks = runner.chunks(sequences, max_batch)
-        for _ in runner.run(chunks, mask=mask):
-            pass
-        for c in chunks:
-            yield c.tokens, _as_f32(runner.final_logits(c))
+    run.validate()
+    with _work_dir(run.work_dir if run.mode == "stream" else None, run.mode == "stream") as spill:
+        runner = open_runner(model, run, spill, progress=progress)
+        try:
+            chunks = runner.chunks(sequences, run.sample_batch_size)
+            for _ in runner.run(chunks, mask=mask):
+                pass
+            for c in chunks:
+                yield c.tokens, _as_f32(runner.logits(c))
+        finally:
+            runner.close()
 
 
 def _as_f32(a) -> np.ndarray:
@@ -153,16 +149,14 @@ def _predictions(sequences: list[np.ndarray], where: str) -> int:
     return n
 
 
-def perplexity(model_dir: str | Path | Checkpoint, sequences: list[np.ndarray], *, mask: dict[int, list[int]] | None = None,
-               mode: str = "stream", work_dir: str | Path | None = None, chunk_tokens: int = 4096,
-               max_batch: int | None = None, progress: bool = True,
+def perplexity(model: Model, sequences: list[np.ndarray], run: RunOptions = RunOptions(), *,
+               mask: dict[int, list[int]] | None = None, progress: bool = True,
                where: str = "--prompt/--dataset-file") -> PerplexityResult:
-    """Perplexity of the model at `model_dir` on `sequences` (optionally with experts masked)."""
+    """Perplexity of `model` on `sequences` (optionally with experts masked)."""
     n_expected = _predictions(sequences, where)
     total = 0.0
     count = 0
-    for tokens, logits in logits_per_chunk(model_dir, sequences, mask=mask, mode=mode, work_dir=work_dir,
-                                           chunk_tokens=chunk_tokens, max_batch=max_batch, progress=progress):
+    for tokens, logits in logits_per_chunk(model, sequences, run, mask=mask, progress=progress):
         nll = token_nll(logits, tokens)
         total += float(nll.sum())
         count += nll.size
@@ -172,33 +166,28 @@ def perplexity(model_dir: str | Path | Checkpoint, sequences: list[np.ndarray], 
                             mean_nll=mean, perplexity=math.exp(mean))
 
 
-def _vocab_size(ckpt: Checkpoint) -> int | None:
-    cfg = ckpt.config
+def _vocab_size(model: Model) -> int | None:
+    cfg = model.config
     return cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size"))
 
 
-def compare_logits(model_a: str | Path | Checkpoint, model_b: str | Path | Checkpoint, sequences: list[np.ndarray], *,
-                   mask_a: dict[int, list[int]] | None = None, mode: str = "stream",
-                   work_dir: str | Path | None = None, chunk_tokens: int = 4096,
-                   max_batch: int | None = None, progress: bool = True) -> LogitDiff:
+def compare_logits(model_a: Model, model_b: Model, sequences: list[np.ndarray], run: RunOptions = RunOptions(), *,
+                   mask_a: dict[int, list[int]] | None = None, progress: bool = True) -> LogitDiff:
     """Max and mean |logit_a - logit_b| over every position and vocabulary entry."""
-    # opened once here and handed on to the runners: each checkpoint's headers are parsed once
-    ckpt_a, ckpt_b = Checkpoint.of(model_a), Checkpoint.of(model_b)
-    va, vb = _vocab_size(ckpt_a), _vocab_size(ckpt_b)
+    va, vb = _vocab_size(model_a), _vocab_size(model_b)
     if va != vb:
-        raise BadInput(ckpt_b.root / "config.json", f"vocab_size {vb} differs from {ckpt_a.root}'s {va}")
+        raise BadInput(model_b.where, f"vocab_size {vb} differs from {model_a.path}'s {va}")
     if not sum(len(s) for s in sequences):
         raise BadInput("--prompt/--dataset-file", "no tokens to compare on")
-    run = dict(mode=mode, work_dir=work_dir, chunk_tokens=chunk_tokens, max_batch=max_batch, progress=progress)
     # chunk by chunk: neither model's logits are ever held whole
     max_diff = 0.0
     abs_sum = 0.0
     n_values = n_pos = agree = 0
-    with closing(logits_per_chunk(ckpt_a, sequences, mask=mask_a, **run)) as a_iter, \
-            closing(logits_per_chunk(ckpt_b, sequences, **run)) as b_iter:
+    with closing(logits_per_chunk(model_a, sequences, run, mask=mask_a, progress=progress)) as a_iter, \
+            closing(logits_per_chunk(model_b, sequences, run, progress=progress)) as b_iter:
         for (_, la), (_, lb) in zip(a_iter, b_iter):
             if la.shape[-1] != lb.shape[-1]:
-                raise BadInput(ckpt_b.root / "config.json", f"logit width {lb.shape[-1]} differs from {la.shape[-1]}")
+                raise BadInput(model_b.where, f"logit width {lb.shape[-1]} differs from {la.shape[-1]}")
             top, total = _abs_diff_stats(la, lb)
             max_diff = max(max_diff, top)
             abs_sum += total

@@ -6,9 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from reap_stream.telemetry.calibration import CalibrationSet, token_fingerprint
-from reap_stream.io.safetensors import Checkpoint, to_float32
+from reap_stream.families.model import open_model
 from reap_stream.families.table import Routing, family_of
+from reap_stream.io.safetensors import Checkpoint, to_float32
+from reap_stream.runner import RunOptions
+from reap_stream.telemetry.calibration import CalibrationSet, token_fingerprint
+from reap_stream.telemetry.collect import CollectOptions, collect
 from reap_stream.telemetry.store import LayerStats
 
 
@@ -143,3 +146,18 @@ def assert_stats_close(a: LayerStats, b: LayerStats, rtol: float, atol: float = 
     for name in LayerStats.ARRAYS:
         np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=rtol, atol=atol,
                                    err_msg=f"layer {a.layer} {name}")
+
+
+def run_collect(model_dir: Path, calib: CalibrationSet, out: Path, work_dir: Path | None = None, *,
+                mode: str = "stream", chunk_tokens: int = 4096, sample_batch_size: int | None = None,
+                layers: tuple[int, ...] | None = None, renorm_topk: bool = True) -> dict:
+    """collect() on a model path, as the CLI runs it (quiet)."""
+    return collect(open_model(model_dir), calib, out, RunOptions(mode, chunk_tokens, sample_batch_size, work_dir),
+                   CollectOptions(layers, renorm_topk), progress=False)
+
+
+def stream_runner(model_dir: Path, work_dir: Path, chunk_tokens: int = 4096, **kwargs):
+    """A StreamRunner of a model path."""
+    from reap_stream.runner.stream import StreamRunner
+
+    return StreamRunner(open_model(model_dir), work_dir, chunk_tokens=chunk_tokens, progress=False, **kwargs)

@@ -9,20 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reap_stream.testing import synth
-from reap_stream.io.safetensors import Checkpoint, read_array
-from reap_stream.families.table import classify, family_of
-from reap_stream.planning.plan import LayerPlan, Plan
-from reap_stream.families.structure import checkpoint_structure, fingerprint
 from cli_helpers import run as _run
+from reap_stream.families.model import open_model
+from reap_stream.families.table import classify, family_of
+from reap_stream.io.safetensors import Checkpoint, read_array
+from reap_stream.planning.plan import LayerPlan, Plan
+from reap_stream.testing import synth
 
 run = partial(_run, catch_exceptions=False)  # a crash in apply shows its traceback
 
 
 def make_plan(model_dir: Path, n_prune: int = 3, seed: int = 0, per_layer: dict[int, int] | None = None) -> Plan:
     """Prune n_prune experts per MoE layer (equal drop per group), chosen pseudo-randomly."""
-    ckpt = Checkpoint.open(model_dir)
-    st = checkpoint_structure(ckpt)
+    model = open_model(model_dir)
+    st = model.structure
     rng = np.random.default_rng(seed)
     layers = {}
     for layer, n in st.layer_experts.items():
@@ -32,8 +32,7 @@ def make_plan(model_dir: Path, n_prune: int = 3, seed: int = 0, per_layer: dict[
         for g in range(st.n_group):
             pruned += sorted(int(e) + g * size for e in rng.choice(size, k // st.n_group, replace=False))
         layers[layer] = LayerPlan(sorted(set(range(n)) - set(pruned)), sorted(pruned))
-    model = {**st.to_json(), "fingerprint": fingerprint(ckpt)}
-    return Plan(layers=layers, method="random", ratio=None, model=model)
+    return Plan(layers=layers, method="random", ratio=None, model=model.model_block())
 
 
 def tokens(n: int = 48) -> np.ndarray:
@@ -144,7 +143,7 @@ def test_same_inputs_give_byte_identical_outputs(fixture_model, tmp_path):
 
 
 def test_small_shards_load_and_manifest_matches(fixture_model, tmp_path):
-    from reap_stream.io.safetensors import sha256_file
+    from reap_stream.io.files import sha256_file
     from reap_stream.families.masking import masked_logits
 
     src = fixture_model("mixtral")
@@ -171,7 +170,7 @@ def test_non_uniform_plan_loads_through_the_reap_stream_loader(fixture_model, tm
     from reap_stream.families.masking import masked_logits
 
     src = fixture_model("qwen3_moe")
-    st = checkpoint_structure(Checkpoint.open(src))
+    st = open_model(src).structure
     per_layer = {layer: i % 3 + 1 for i, layer in enumerate(st.moe_layers)}
     plan = make_plan(src, per_layer=per_layer)
     assert not plan.uniform

@@ -12,9 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from reap_stream.testing import synth
-from reap_stream.telemetry.calibration import (CalibrationOptions, build_calibration, calibration_options,
-                                     load_tokens, save_tokens)
 from reap_stream.cli import LazyGroup
+from reap_stream.cli.options import calibration_options
+from reap_stream.telemetry.calibration import CalibrationOptions, build_calibration
+from reap_stream.telemetry.tokens import load_tokens, save_tokens
 from reap_stream.errors import BadInput
 from cli_helpers import error_line, tree_bytes
 
@@ -198,12 +199,11 @@ def test_packing_token_budget_counts_whole_windows(tok):
 
 
 def test_sample_batch_size_caps_sequences_per_forward_chunk(tok):
-    from reap_stream.runner.stream import make_chunks
+    from reap_stream.runner import make_chunks
 
     calib = build(tok, dataset_file=str(CALIB / "licence.jsonl"), pack_samples=True, window_tokens=32,
-                  max_tokens=32 * 5, sample_batch_size=2)
-    assert calib.batch_size == 2
-    assert [c.tokens.shape for c in make_chunks(calib.sequences, 4096, calib.batch_size)] == [(2, 32), (2, 32), (1, 32)]
+                  max_tokens=32 * 5)
+    assert [c.tokens.shape for c in make_chunks(calib.sequences, 4096, 2)] == [(2, 32), (2, 32), (1, 32)]
     assert [c.tokens.shape[0] for c in make_chunks(calib.sequences, 4096)] == [5]   # no cap: --chunk-tokens decides
     assert [c.tokens.shape[0] for c in make_chunks(calib.sequences, 32, 2)] == [1] * 5  # the token budget still holds
 
@@ -292,7 +292,7 @@ def run_probe(probe_cli, *args):
 
 def test_decorator_passes_one_options_object(probe_cli):
     r = run_probe(probe_cli, "--dataset-file", str(CALIB / "licence.csv"), "--pack-samples", "--window-tokens", "32",
-                  "--max-tokens", "96", "--seed", "3", "--sample-batch-size", "2")
+                  "--max-tokens", "96", "--seed", "3")
     assert r.exit_code == 0, r.output
     summary = json.loads(r.output)
     assert summary["num_sequences"] == 3 and summary["num_tokens"] == 96 and summary["packed"]
@@ -303,7 +303,7 @@ def test_help_lists_every_calibration_option(probe_cli):
     out = CliRunner().invoke(probe_cli, ["probe", "--help"]).output
     for opt in ("--prompt", "--dataset", "--dataset-file", "--dataset-format", "--dataset-text-field",
                 "--dataset-messages-field", "--dataset-split", "--max-samples", "--min-samples", "--max-tokens",
-                "--pack-samples", "--window-tokens", "--sample-batch-size", "--seed"):
+                "--pack-samples", "--window-tokens", "--seed"):
         assert opt in out
 
 

@@ -4,19 +4,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from collect_helpers import assert_stats_close, reference_stats, token_set
-from reap_stream.families import routing; from reap_stream.testing import synth
-from reap_stream.telemetry.collect import CollectOptions, collect, parse_layers
+from collect_helpers import assert_stats_close, reference_stats, run_collect, stream_runner, token_set
 from reap_stream.errors import BadInput
+from reap_stream.families import experts, routing
 from reap_stream.families.table import Routing
+from reap_stream.telemetry.collect import parse_layers
 from reap_stream.telemetry.store import TelemetryStore
+from reap_stream.testing import synth
 
 CALIB = token_set(num_seqs=6, length=32)
 
 
 def _collect(model_dir, tmp_path, name="t", calib=CALIB, **opts):
     opts.setdefault("chunk_tokens", 64)
-    summary = collect(model_dir, calib, tmp_path / f"{name}.zarr", options=CollectOptions(**opts), progress=False)
+    summary = run_collect(model_dir, calib, tmp_path / f"{name}.zarr", **opts)
     return TelemetryStore.open(summary["out"]), summary
 
 
@@ -136,7 +137,7 @@ def test_grouped_experts_equal_the_gather_path(fixture_model):
     import mlx.core as mx
 
     switch, x, inds, weights = _routed_rows(fixture_model("gpt_oss"), 1, "experts", rows=40, k=4, seed=1)
-    batch, weighted_sum = routing.run_experts(switch, x, inds, 8, weights)
+    batch, weighted_sum = experts.run_experts(switch, x, inds, 8, weights)
     grouped = batch.outputs[np.argsort(batch.order, kind="stable")].reshape(40, 4, -1)
     gathered = np.array(switch(x, mx.array(inds)))
     np.testing.assert_allclose(grouped, gathered, rtol=1e-5, atol=1e-6)
@@ -146,13 +147,13 @@ def test_grouped_experts_equal_the_gather_path(fixture_model):
 
 def test_experts_shared_out_to_two_lanes_give_the_bits_of_one(fixture_model):
     """run_experts on two lanes == on one; Σ w·f(x) adds each token's terms in ascending expert order."""
-    from reap_stream.runner.stream import Lanes
+    from reap_stream.runner.lanes import Lanes
 
     switch, x, inds, weights = _routed_rows(fixture_model("qwen3_moe"), 0, "switch_mlp", rows=96, k=2, seed=2)
-    one, y_one = routing.run_experts(switch, x, inds, 8, weights)
+    one, y_one = experts.run_experts(switch, x, inds, 8, weights)
     lanes = Lanes()
     try:
-        two, y_two = routing.run_experts(switch, x, inds, 8, weights, pair=lanes.both)
+        two, y_two = experts.run_experts(switch, x, inds, 8, weights, pair=lanes.both)
     finally:
         lanes.close()
     assert np.array_equal(one.outputs, two.outputs) and np.array_equal(np.array(y_one), np.array(y_two))
@@ -165,19 +166,19 @@ def test_experts_shared_out_to_two_lanes_give_the_bits_of_one(fixture_model):
 
 
 def test_stream_mode_reads_only_the_current_layers_tensors(fixture_model, tmp_path, monkeypatch):
-    from reap_stream.runner import stream as runner_mod
+    from reap_stream.runner import skeleton
 
     everything: list[str] = []
     since_last_layer: list[str] = []
-    real = runner_mod.to_mx
+    real = skeleton.to_mx
 
     def spy(ref):
         everything.append(ref.name)
         since_last_layer.append(ref.name)
         return real(ref)
 
-    monkeypatch.setattr(runner_mod, "to_mx", spy)
-    r = runner_mod.StreamRunner(fixture_model("mixtral"), tmp_path / "w", chunk_tokens=64, progress=False)
+    monkeypatch.setattr(skeleton, "to_mx", spy)
+    r = stream_runner(fixture_model("mixtral"), tmp_path / "w", chunk_tokens=64)
     seen: dict[int, set[str]] = {}
 
     def on_moe(layer, chunk, cap):
@@ -197,14 +198,13 @@ def test_runner_streams_to_the_logits_of_the_masked_original(family, fixture_mod
     import mlx.core as mx
 
     from reap_stream.families.masking import masked_logits
-    from reap_stream.runner.stream import StreamRunner
 
     model = fixture_model(family)
-    r = StreamRunner(model, tmp_path / "w", chunk_tokens=64, progress=False)
+    r = stream_runner(model, tmp_path / "w", chunk_tokens=64)
     pruned = {layer: [0, 5] if family != "deepseek_v3" else [0, 4] for layer in r.moe_layers}
     chunks = r.chunks(CALIB.sequences[:2])
     assert list(r.run(chunks, mask=pruned)) == list(range(r.num_layers))
     for chunk in chunks:
-        streamed = np.array(r.final_logits(chunk).astype(mx.float32))
+        streamed = np.array(r.logits(chunk).astype(mx.float32))
         for b, seq in enumerate(chunk.tokens):
             np.testing.assert_allclose(streamed[b], masked_logits(model, pruned, seq), rtol=1e-4, atol=1e-4)

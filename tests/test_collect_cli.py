@@ -39,14 +39,13 @@ def test_json_summary_names_the_store_the_layers_and_the_blas(fixture_model, tmp
 
 
 def test_telemetry_attributes_record_model_calibration_and_options(fixture_model, tmp_path):
-    from reap_stream.io.safetensors import Checkpoint
-    from reap_stream.families.structure import fingerprint
+    from reap_stream.families.model import open_model
 
     model = fixture_model("glm4_moe")
     out = tmp_path / "t.zarr"
     assert run("collect", model, *SMALL, "--layers", "2-3", "--no-renorm-topk", "--out", out).exit_code == 0
     attrs = TelemetryStore.open(out).attrs
-    assert attrs["model"]["fingerprint"] == fingerprint(Checkpoint.open(model))
+    assert attrs["model"]["fingerprint"] == open_model(model).fingerprint
     assert attrs["model"]["moe_layers"] == [1, 2, 3] and attrs["model"]["n_group"] == 2
     assert attrs["calibration"]["fingerprint"].startswith("sha256:")
     assert attrs["options"] == {"layers": [2, 3], "renorm_topk": False, "chunk_tokens": 64, "sample_batch_size": None}

@@ -8,11 +8,14 @@ import threading
 import numpy as np
 import pytest
 
-from collect_helpers import token_set
-from reap_stream.families import routing; from reap_stream.runner import stream as runner; from reap_stream.testing import synth
-from reap_stream.telemetry.collect import CollectOptions, collect
+from collect_helpers import run_collect, stream_runner, token_set
+from reap_stream.blas import mlx_core
 from reap_stream.errors import BadInput
-from reap_stream.runner.stream import SplitCheck, StreamRunner
+from reap_stream.families import experts
+from reap_stream.runner import stream as runner_stream
+from reap_stream.runner.lanes import Lanes, SplitCheck
+from reap_stream.runner.stream import StreamRunner
+from reap_stream.testing import synth
 
 # Wide enough that every projection of a half-batch (4 x 64 rows) is a full-size BLAS call.
 WIDE = {"hidden_size": 256, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 32,
@@ -28,20 +31,20 @@ def wide_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def splits_here(wide_model, tmp_path_factory) -> bool:
     """Whether this BLAS lets the wide model's layers run as two half-batches (SplitCheck)."""
-    return SplitCheck().ok(StreamRunner(wide_model, tmp_path_factory.mktemp("probe") / "w").fwd, 0, 4, 64)
+    return SplitCheck().ok(stream_runner(wide_model, tmp_path_factory.mktemp("probe") / "w").fwd, 0, 4, 64)
 
 
 @pytest.fixture
 def split_calls(monkeypatch):
     """Counts the layer calls that took the two-lane path."""
     calls = []
-    real = runner.split_layer_forward
+    real = runner_stream.split_layer_forward
 
     def spy(*args, **kwargs):
         calls.append(args[2])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "split_layer_forward", spy)
+    monkeypatch.setattr(runner_stream, "split_layer_forward", spy)
     return calls
 
 
@@ -52,8 +55,7 @@ def _stream(model, tmp_path, name, parallel, monkeypatch, chunk_tokens=512):
         real_init(self, *args, **{**kwargs, "parallel": parallel})
 
     monkeypatch.setattr(StreamRunner, "__init__", init)
-    summary = collect(model, CALIB, tmp_path / f"{name}.zarr",
-                      options=CollectOptions(mode="stream", chunk_tokens=chunk_tokens), progress=False)
+    summary = run_collect(model, CALIB, tmp_path / f"{name}.zarr", chunk_tokens=chunk_tokens)
     monkeypatch.setattr(StreamRunner, "__init__", real_init)
     return summary["telemetry_fingerprint"]
 
@@ -66,8 +68,7 @@ def test_two_lanes_give_the_bytes_of_one_lane_and_of_memory_mode(wide_model, tmp
     assert split_calls == []
     two_lanes = _stream(wide_model, tmp_path, "parallel", True, monkeypatch)
     assert split_calls == [0, 1]                       # every layer of the one 512-token chunk
-    memory = collect(wide_model, CALIB, tmp_path / "memory.zarr",
-                     options=CollectOptions(mode="memory", chunk_tokens=512), progress=False)
+    memory = run_collect(wide_model, CALIB, tmp_path / "memory.zarr", mode="memory", chunk_tokens=512)
     assert two_lanes == one_lane == memory["telemetry_fingerprint"]
 
 
@@ -83,7 +84,7 @@ def test_a_projection_is_split_only_if_its_half_batches_give_the_same_bits(fixtu
     # tiny fixture's k_proj differs in the last bit between 2 x 32 rows and 1 x 32 + 1 x 32 here.
     import mlx.core as mx
 
-    fwd = StreamRunner(fixture_model("qwen3_moe"), tmp_path / "w").fwd
+    fwd = stream_runner(fixture_model("qwen3_moe"), tmp_path / "w").fwd
     k_proj = fwd.model.layers[0].self_attn.k_proj
     x = mx.array(np.random.default_rng(0).standard_normal((2, 32, k_proj.weight.shape[1])).astype(np.float32))
     same_bits = np.array_equal(np.array(k_proj(x)), np.concatenate([np.array(k_proj(x[:1])), np.array(k_proj(x[1:]))]))
@@ -97,9 +98,9 @@ def test_an_error_in_the_shared_moe_step_surfaces_as_itself(wide_model, tmp_path
     def broken(block, fam, cap, layer, where):
         raise BadInput(where, f"layer {layer}: routing capture does not reproduce the MoE block")
 
-    monkeypatch.setattr(routing, "self_check", broken)
+    monkeypatch.setattr(experts, "self_check", broken)
     with pytest.raises(BadInput, match="layer 0: routing capture"):
-        collect(wide_model, CALIB, tmp_path / "t.zarr", options=CollectOptions(chunk_tokens=512), progress=False)
+        run_collect(wide_model, CALIB, tmp_path / "t.zarr", chunk_tokens=512)
     assert split_calls == [0]
     assert not (tmp_path / "t.zarr").exists()
 
@@ -107,24 +108,23 @@ def test_an_error_in_the_shared_moe_step_surfaces_as_itself(wide_model, tmp_path
 @pytest.mark.parametrize("mode", ["stream", "memory"])
 def test_an_error_in_the_experts_of_the_other_lane_surfaces_as_itself(mode, wide_model, tmp_path, monkeypatch,
                                                                     split_calls, splits_here):
-    real = routing._expert_linear
+    real = experts._expert_linear
 
     def failing(lin, e, x):
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("expert failed on the other lane")
         return real(lin, e, x)
 
-    monkeypatch.setattr(routing, "_expert_linear", failing)
+    monkeypatch.setattr(experts, "_expert_linear", failing)
     with pytest.raises(RuntimeError, match="expert failed on the other lane"):
-        collect(wide_model, CALIB, tmp_path / "t.zarr", options=CollectOptions(mode=mode, chunk_tokens=512),
-                progress=False)
+        run_collect(wide_model, CALIB, tmp_path / "t.zarr", mode=mode, chunk_tokens=512)
     if mode == "stream" and splits_here:
         assert split_calls == [0]  # the experts were shared out from inside the two-lane layer call
     assert not (tmp_path / "t.zarr").exists()
 
 
 def test_an_error_on_the_worker_lane_surfaces_as_itself():
-    lanes = runner.Lanes()
+    lanes = Lanes()
     barrier = threading.Barrier(2)
 
     def worker():
@@ -141,11 +141,11 @@ def test_the_worker_lane_releases_its_mlx_state_itself_on_close(monkeypatch):
     """MLX's per-thread compile cache drops Python objects when its OS thread ends; if that falls
     into interpreter finalization the process aborts. So the worker clears its own streams (and
     that cache) before it ends, and a closed pair of lanes refuses work."""
-    mx = runner._mx()
+    mx = mlx_core()
     cleared_on: list[str] = []
     real = mx.clear_streams
     monkeypatch.setattr(mx, "clear_streams", lambda: (cleared_on.append(threading.current_thread().name), real()))
-    lanes = runner.Lanes()
+    lanes = Lanes()
     assert lanes.both(lambda: 1, lambda: 2) == (1, 2)
     lanes.close()
     lanes.close()  # idempotent
@@ -159,7 +159,7 @@ def test_the_shared_worker_has_ended_before_the_interpreter_finalizes():
     lanes existed sees the lanes' own handler's result."""
     script = "\n".join([
         "import atexit",
-        "from reap_stream.runner import stream as runner",
+        "from reap_stream.runner import lanes as runner",
         "lanes = []",
         "atexit.register(lambda: print('alive at exit:', lanes[0]._thread.is_alive()))",
         "lanes.append(runner.shared_lanes())",

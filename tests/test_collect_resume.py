@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from collect_helpers import assert_stats_close, calib_of, token_set
 from cli_helpers import error_line, run, tree_bytes
-from reap_stream.telemetry.collect import CollectOptions, collect
+from collect_helpers import assert_stats_close, calib_of, run_collect, token_set
 from reap_stream.telemetry.store import TelemetryStore
 
 CALIB_FILE = Path(__file__).resolve().parents[1] / "fixtures" / "calibration" / "licence.jsonl"
@@ -21,8 +20,8 @@ ARGS = ["--dataset-file", str(CALIB_FILE), "--pack-samples", "--window-tokens", 
 
 # Where the child kills itself (SIGKILL, no cleanup): a patch applied before the CLI runs.
 KILL_POINTS = {
-    "while embedding": ("reap_stream.runner.stream", "HiddenSpill", "write", "args[1] == 0 and args[2] == 1"),
-    "inside layer 2": ("reap_stream.runner.stream", "HiddenSpill", "write", "args[1] == 3 and args[2] == 2"),
+    "while embedding": ("reap_stream.runner.spill", "HiddenSpill", "write", "args[1] == 0 and args[2] == 1"),
+    "inside layer 2": ("reap_stream.runner.spill", "HiddenSpill", "write", "args[1] == 3 and args[2] == 2"),
     "output spilled, telemetry not committed": ("reap_stream.telemetry.store", "TelemetryStore", "commit",
                                                 "args[1].layer == 2"),
     "telemetry half committed": ("reap_stream.telemetry.store", "", "fsync_tree", "'layer_001' in str(args[0])"),
@@ -83,13 +82,12 @@ def test_rerun_after_completion_changes_nothing(uninterrupted, fixture_model):
 
 
 def test_a_failed_run_resumes_from_its_last_committed_layer(fixture_model, tmp_path, monkeypatch):
-    from reap_stream.telemetry import collect as collect_mod
+    from reap_stream.telemetry import accumulate
 
     model, calib = fixture_model("olmoe"), token_set(4, 32, seed=3)
-    opts = CollectOptions(chunk_tokens=32)
-    whole = collect(model, calib, tmp_path / "whole.zarr", options=opts, progress=False)
+    whole = run_collect(model, calib, tmp_path / "whole.zarr", chunk_tokens=32)
 
-    real_add, calls, failed = collect_mod.Accumulator.add, [], []
+    real_add, calls, failed = accumulate.Accumulator.add, [], []
 
     def failing_add(self, cap):
         calls.append(self.stats.layer)
@@ -98,13 +96,13 @@ def test_a_failed_run_resumes_from_its_last_committed_layer(fixture_model, tmp_p
             raise RuntimeError("power cut")
         return real_add(self, cap)
 
-    monkeypatch.setattr(collect_mod.Accumulator, "add", failing_add)
+    monkeypatch.setattr(accumulate.Accumulator, "add", failing_add)
     with pytest.raises(RuntimeError, match="power cut"):
-        collect(model, calib, tmp_path / "t.zarr", tmp_path / "w", options=opts, progress=False)
+        run_collect(model, calib, tmp_path / "t.zarr", tmp_path / "w", chunk_tokens=32)
     assert TelemetryStore.open(tmp_path / "w" / "telemetry.zarr").layers() == [0, 1]
 
     calls.clear()
-    summary = collect(model, calib, tmp_path / "t.zarr", tmp_path / "w", options=opts, progress=False)
+    summary = run_collect(model, calib, tmp_path / "t.zarr", tmp_path / "w", chunk_tokens=32)
     assert sorted(set(calls)) == [2, 3]   # layers 0 and 1 were not run again
     assert summary["layers_run"] == 2
     assert tree_bytes(tmp_path / "t.zarr") == tree_bytes(Path(whole["out"]))
@@ -135,9 +133,8 @@ def test_merge_of_disjoint_shards_equals_one_run_over_their_union(fixture_model,
     model = fixture_model("deepseek_v3")
     union = token_set(8, 32, seed=5)
     first, second = calib_of(union.sequences[:4]), calib_of(union.sequences[4:])
-    opts = CollectOptions(chunk_tokens=32)
     for name, calib in (("a", first), ("b", second), ("all", union)):
-        collect(model, calib, tmp_path / f"{name}.zarr", options=opts, progress=False)
+        run_collect(model, calib, tmp_path / f"{name}.zarr", chunk_tokens=32)
     result = run("merge", tmp_path / "a.zarr", tmp_path / "b.zarr", "--out", tmp_path / "merged.zarr", "--json")
     assert result.exit_code == 0, result.output
     merged, whole = TelemetryStore.open(tmp_path / "merged.zarr"), TelemetryStore.open(tmp_path / "all.zarr")

@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reap_stream.blas import ensure_blas
-from reap_stream.io.safetensors import Checkpoint
-from reap_stream import eval as reap_eval
-from reap_stream.eval import perplexity
-from reap_stream.planning.plan import Plan
-from reap_stream.families.structure import checkpoint_structure
 from cli_helpers import error_line, run
+from reap_stream import eval as reap_eval
+from reap_stream.blas import ensure_blas
+from reap_stream.families.model import open_model
+from reap_stream.planning.plan import Plan
+from reap_stream.runner import RunOptions
 from test_apply import make_plan
 
 ensure_blas()
@@ -42,6 +41,13 @@ def mlx_lm_perplexity(model_dir: Path, windows: np.ndarray, pruned: dict | None 
     x = mx.array(windows)
     logits = model(x[:, :-1]).astype(mx.float32)
     return math.exp(nn.losses.cross_entropy(logits, x[:, 1:], reduction="mean").item())
+
+
+def perplexity(model_dir: Path, sequences, *, mode: str = "stream", chunk_tokens: int = 4096,
+               mask: dict | None = None) -> reap_eval.PerplexityResult:
+    """reap_stream.eval.perplexity of a model path, quiet."""
+    return reap_eval.perplexity(open_model(model_dir), sequences, RunOptions(mode, chunk_tokens), mask=mask,
+                                progress=False)
 
 
 def run_json(*args: str) -> dict:
@@ -85,7 +91,7 @@ def test_streamed_perplexity_equals_mlx_lm_in_memory(fixture_model, text, family
     ids = tokens_of(model_dir, text)
     windows = ids[: len(ids) // 65 * 65].reshape(-1, 65)[:6]
     # 2 windows per chunk: three chunks spilled and read back layer by layer
-    got = perplexity(model_dir, list(windows), chunk_tokens=130, progress=False)
+    got = perplexity(model_dir, list(windows), chunk_tokens=130)
     want = mlx_lm_perplexity(model_dir, windows)
     assert got.num_sequences == 6 and got.num_predictions == 6 * 64
     assert got.perplexity == pytest.approx(want, rel=1e-5)
@@ -95,8 +101,8 @@ def test_memory_mode_equals_stream_mode(fixture_model, text):
     model_dir = fixture_model("qwen3_moe", "bf16")
     ids = tokens_of(model_dir, text)[:200]
     seqs = [ids[:120], ids[120:200]]  # unequal lengths: one chunk each
-    stream = perplexity(model_dir, seqs, mode="stream", progress=False)
-    memory = perplexity(model_dir, seqs, mode="memory", progress=False)
+    stream = perplexity(model_dir, seqs, mode="stream")
+    memory = perplexity(model_dir, seqs, mode="memory")
     assert stream.num_predictions == 119 + 79
     assert stream.perplexity == pytest.approx(memory.perplexity, rel=1e-6)
 
@@ -112,7 +118,7 @@ def test_bf16_checkpoint_matches_its_float32_upcast_reference(fixture_model, tex
     model.set_dtype(mx.float32)
     x = mx.array(ids)
     want = math.exp(nn.losses.cross_entropy(model(x[:, :-1]), x[:, 1:], reduction="mean").item())
-    got = perplexity(model_dir, list(ids), progress=False)
+    got = perplexity(model_dir, list(ids))
     assert got.perplexity == pytest.approx(want, rel=2e-2)
 
 
@@ -156,7 +162,7 @@ def test_masked_perplexity_equals_mlx_lm_with_masked_routing(pruned_pair, text):
     src, plan_path, _ = pruned_pair
     pruned = Plan.load(plan_path).pruned_map()
     ids = tokens_of(src, text)[:257][None]
-    got = perplexity(src, list(ids), mask=pruned, progress=False)
+    got = perplexity(src, list(ids), mask=pruned)
     assert got.perplexity == pytest.approx(mlx_lm_perplexity(src, ids, pruned), rel=1e-5)
 
 
@@ -285,8 +291,8 @@ def test_training_forward_is_mlx_lm_forward(trainer):
 
 def test_the_committed_trained_model_is_a_valid_mlx_lm_checkpoint(trainer):
     root = Path(__file__).resolve().parents[1] / "fixtures" / "trained"
-    ckpt = Checkpoint.open(root)
-    st = checkpoint_structure(ckpt)
+    model = open_model(root)
+    st, ckpt = model.structure, model.checkpoint
     assert st.model_type == "qwen3_moe" and st.moe_layers == [0, 1, 2, 3]
     assert set(st.layer_experts.values()) == {32} and st.top_k == 2
     assert ckpt.config == json.loads(json.dumps(trainer.MODEL_CONFIG))
@@ -296,8 +302,6 @@ def test_the_committed_trained_model_is_a_valid_mlx_lm_checkpoint(trainer):
 
 def test_eval_streams_a_non_uniform_prune_like_its_masked_original(fixture_model, tmp_path):
     """mlx_lm cannot build per-layer expert counts; the streaming runner reads them from the shapes."""
-    from reap_stream.eval import perplexity
-
     src = fixture_model("qwen3_moe")
     plan = make_plan(src, per_layer={0: 1, 1: 3, 2: 2, 3: 4})
     assert not plan.uniform
@@ -305,6 +309,6 @@ def test_eval_streams_a_non_uniform_prune_like_its_masked_original(fixture_model
     res = run("apply", src, tmp_path / "plan.json", "--out", tmp_path / "out", "--quiet")
     assert res.exit_code == 0, res.output
     seqs = [np.arange(1, 65, dtype=np.int32) * 7 % 500, np.arange(3, 67, dtype=np.int32) * 11 % 500]
-    pruned = perplexity(tmp_path / "out", seqs, progress=False)
-    masked = perplexity(src, seqs, mask=plan.pruned_map(), progress=False)
+    pruned = perplexity(tmp_path / "out", seqs)
+    masked = perplexity(src, seqs, mask=plan.pruned_map())
     assert pruned.perplexity == pytest.approx(masked.perplexity, rel=1e-6)

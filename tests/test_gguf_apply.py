@@ -14,14 +14,15 @@ import pytest
 from gguf.constants import GGMLQuantizationType as T
 
 from reap_stream.testing import synth
-from reap_stream.io.safetensors import Checkpoint, is_gguf, sha256_file, to_float32
+from reap_stream.families.model import open_model
+from reap_stream.io.files import sha256_file
+from reap_stream.io.gguf import is_gguf
+from reap_stream.io.safetensors import Checkpoint, to_float32
 from reap_stream.errors import BadInput
-from reap_stream.surgery.gguf import (COMPACT_LAYOUT, POLICY_HASH_PRESERVED, POLICY_NONE,
-                                    POLICY_ROUTER_MASK_PRUNED, apply_gguf, open_gguf)
+from reap_stream.surgery.gguf import POLICY_HASH_PRESERVED, POLICY_NONE, POLICY_ROUTER_MASK_PRUNED, apply_gguf
 from reap_stream.testing.gguf_convert import HASH_LAYER, cached_gguf, gguf_name
 from reap_stream.io.gguf import verify
 from reap_stream.planning.plan import LayerPlan, Plan
-from reap_stream.families.structure import checkpoint_structure, fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 MLX_ROOT = REPO / "fixtures" / "generated"
@@ -69,13 +70,18 @@ def pruned_ids(layer: int, n: int, n_group: int) -> list[int]:
 
 def mlx_plan(family: str) -> Plan:
     """A uniform plan made from the MLX checkpoint, with its structure and fingerprint."""
-    ckpt = Checkpoint.open(mlx_dir(family))
-    st = checkpoint_structure(ckpt)
+    model = open_model(mlx_dir(family))
+    st = model.structure
     layers = {}
     for L, n in st.layer_experts.items():
         pruned = pruned_ids(L, n, st.n_group)
         layers[L] = LayerPlan([e for e in range(n) if e not in pruned], pruned)
-    return Plan(layers, method="manual", ratio=0.25, model={**st.to_json(), "fingerprint": fingerprint(ckpt)})
+    return Plan(layers, method="manual", ratio=0.25, model=model.model_block())
+
+
+def apply(src: Path, plan: Plan, out: Path, **options) -> dict:
+    """apply_gguf on a GGUF path (resolved as the CLI resolves it)."""
+    return apply_gguf(open_model(src), plan, out, **options)
 
 
 def manual_plan(kept: dict[int, list[int]], n: int = 8, **model) -> Plan:
@@ -125,12 +131,12 @@ def check_recompacted(src: Path, out: Path, arch: str, kept: dict[int, list[int]
 @pytest.mark.parametrize("family", GGUF_FAMILIES)
 def test_uniform_plan_from_the_mlx_form_recompacts_the_gguf(family, qtype, gguf_model, tmp_path):
     src = gguf_model(family, qtype)
-    arch = open_gguf(src).arch
+    arch = open_model(src).gguf_arch
     plan = mlx_plan(family)
     out = tmp_path / "pruned.gguf"
     before = sha256_file(src)
 
-    summary = apply_gguf(src, plan, out, overwrite=False, dry_run=False)
+    summary = apply(src, plan, out, overwrite=False, dry_run=False)
 
     kept = plan.kept_map()
     n_kept = len(next(iter(kept.values())))
@@ -152,33 +158,33 @@ def test_kept_experts_equal_the_mlx_checkpoint_experts(family, gguf_model, tmp_p
     """The two forms agree after pruning: GGUF expert tensors equal the MLX stacks at the kept ids."""
     plan = mlx_plan(family)
     out = tmp_path / "pruned.gguf"
-    apply_gguf(gguf_model(family, "f32"), plan, out, overwrite=False, dry_run=False)
+    apply(gguf_model(family, "f32"), plan, out, overwrite=False, dry_run=False)
     ckpt = Checkpoint.open(mlx_dir(family))
     pruned_tensors = tensors_of(out)
     compared = 0
     for name, ref in ckpt.tensors.items():
         g = gguf_name(name)
         layer = int(g.split(".")[1]) if g.startswith("blk.") else None
-        if layer in plan.layers and g.split(".", 2)[2] in EXPERT_AXIS[open_gguf(out).arch]:
+        if layer in plan.layers and g.split(".", 2)[2] in EXPERT_AXIS[open_model(out).gguf_arch]:
             np.testing.assert_array_equal(dequant(pruned_tensors[g]), to_float32(ref)[plan.layers[layer].kept])
             compared += 1
-    assert compared == len(plan.layers) * len(EXPERT_AXIS[open_gguf(out).arch])
+    assert compared == len(plan.layers) * len(EXPERT_AXIS[open_model(out).gguf_arch])
 
 
 def test_output_is_deterministic_and_independent_of_the_buffer_size(gguf_model, tmp_path):
     src, plan = gguf_model("qwen3_moe", "q8_0"), mlx_plan("qwen3_moe")
     a, b, c = tmp_path / "a.gguf", tmp_path / "b.gguf", tmp_path / "c.gguf"
-    apply_gguf(src, plan, a, overwrite=False, dry_run=False)
-    apply_gguf(src, plan, b, overwrite=False, dry_run=False)
-    apply_gguf(src, plan, c, overwrite=False, dry_run=False, buffer_bytes=4096)
+    apply(src, plan, a, overwrite=False, dry_run=False)
+    apply(src, plan, b, overwrite=False, dry_run=False)
+    apply(src, plan, c, overwrite=False, dry_run=False, buffer_bytes=4096)
     assert a.read_bytes() == b.read_bytes() == c.read_bytes()
 
 
 def test_dry_run_plans_everything_and_writes_nothing(gguf_model, tmp_path):
     src, out = gguf_model("mixtral", "q4_0"), tmp_path / "pruned.gguf"
-    dry = apply_gguf(src, mlx_plan("mixtral"), out, overwrite=False, dry_run=True)
+    dry = apply(src, mlx_plan("mixtral"), out, overwrite=False, dry_run=True)
     assert list(tmp_path.iterdir()) == []
-    real = apply_gguf(src, mlx_plan("mixtral"), out, overwrite=False, dry_run=False)
+    real = apply(src, mlx_plan("mixtral"), out, overwrite=False, dry_run=False)
     assert dry["bytes_out"] == real["bytes_out"] == out.stat().st_size
     assert {k: v for k, v in dry.items() if k != "dry_run"} == {k: v for k, v in real.items() if k != "dry_run"}
 
@@ -189,7 +195,7 @@ def test_a_layer_the_plan_does_not_list_keeps_all_experts(gguf_model, tmp_path):
     src = gguf_model("qwen3_moe", "f16")
     kept = {L: [0, 2, 3, 4, 6, 7] for L in range(4)}
     out = tmp_path / "o.gguf"
-    apply_gguf(src, manual_plan(kept), out, overwrite=False, dry_run=False)
+    apply(src, manual_plan(kept), out, overwrite=False, dry_run=False)
     assert fields_of(out)["qwen3moe.expert_count"] == 6
     assert check_recompacted(src, out, "qwen3moe", kept) == 16
 
@@ -198,7 +204,7 @@ def test_split_gguf_is_recompacted_part_by_part(gguf_model, tmp_path):
     src = gguf_model("qwen3_moe", "q8_0", split=20)
     assert src.name == "model-00001-of-00003.gguf"
     plan = mlx_plan("qwen3_moe")
-    summary = apply_gguf(src, plan, tmp_path / "pruned.gguf", overwrite=False, dry_run=False)
+    summary = apply(src, plan, tmp_path / "pruned.gguf", overwrite=False, dry_run=False)
     outs = [tmp_path / f"pruned-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
     assert summary["out"] == [str(p) for p in outs]
     assert sorted(tmp_path.iterdir()) == outs
@@ -232,7 +238,7 @@ def test_every_ggml_type_slices_as_whole_experts(qtype, tmp_path):
     w.write_tensors_to_file()
     w.close()
     out = tmp_path / "out.gguf"
-    apply_gguf(src, manual_plan({0: [0, 2, 3]}, n=4), out, overwrite=False, dry_run=False)
+    apply(src, manual_plan({0: [0, 2, 3]}, n=4), out, overwrite=False, dry_run=False)
     a, b = tensors_of(src), tensors_of(out)
     for name in ("blk.0.ffn_gate_exps.weight", "blk.0.ffn_up_exps.weight", "blk.0.ffn_down_exps.weight"):
         with np.errstate(all="ignore"):  # random blocks decode to some inf/nan; equal positions still
@@ -246,9 +252,9 @@ def test_deepseek4_non_uniform_plan_writes_ds4_compact_v1(gguf_model, tmp_path):
     src = gguf_model("deepseek4", "q8_0")
     kept = {2: [0, 1, 2, 4, 5, 7], 3: [1, 3, 4, 6]}   # groups of 4: 3+3 and 2+2 kept
     out = tmp_path / "ds4.gguf"
-    summary = apply_gguf(src, manual_plan(kept, model_type="deepseek_v4"), out, overwrite=False, dry_run=False)
+    summary = apply(src, manual_plan(kept, model_type="deepseek_v4"), out, overwrite=False, dry_run=False)
 
-    assert summary["layout"] == COMPACT_LAYOUT
+    assert summary["layout"] == "ds4-compact-v1"
     assert check_recompacted(src, out, "deepseek4", kept) == 2 * len(EXPERT_AXIS["deepseek4"])
     fb = fields_of(out)
     assert fb["deepseek4.expert_count"] == 8
@@ -270,12 +276,12 @@ def test_deepseek4_non_uniform_plan_writes_ds4_compact_v1(gguf_model, tmp_path):
 def test_deepseek4_hash_layer_and_recompacted_input_are_refused(gguf_model, tmp_path):
     src = gguf_model("deepseek4", "f32")
     with pytest.raises(BadInput, match=f"layer {HASH_LAYER} routes by a fixed table"):
-        apply_gguf(src, manual_plan({HASH_LAYER: [0, 1, 2, 3, 4, 5]}), tmp_path / "x.gguf",
+        apply(src, manual_plan({HASH_LAYER: [0, 1, 2, 3, 4, 5]}), tmp_path / "x.gguf",
                    overwrite=False, dry_run=False)
     out = tmp_path / "ds4.gguf"
-    apply_gguf(src, manual_plan({2: [0, 1, 2, 4, 5, 7]}), out, overwrite=False, dry_run=False)
+    apply(src, manual_plan({2: [0, 1, 2, 4, 5, 7]}), out, overwrite=False, dry_run=False)
     with pytest.raises(BadInput, match="already recompacted") as e:
-        apply_gguf(out, manual_plan({3: [0, 1, 2, 4, 5, 7]}), tmp_path / "again.gguf", overwrite=False, dry_run=False)
+        apply(out, manual_plan({3: [0, 1, 2, 4, 5, 7]}), tmp_path / "again.gguf", overwrite=False, dry_run=False)
     assert e.value.where == str(out)
 
 
@@ -294,7 +300,7 @@ def test_a_failed_write_leaves_no_output_and_no_partial_file(gguf_model, tmp_pat
 
     monkeypatch.setattr(ga.os, "fsync", failing_fsync)
     with pytest.raises(OSError):
-        apply_gguf(src, mlx_plan("qwen3_moe"), tmp_path / "o.gguf", overwrite=False, dry_run=False)
+        apply(src, mlx_plan("qwen3_moe"), tmp_path / "o.gguf", overwrite=False, dry_run=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -302,12 +308,12 @@ def test_existing_output_needs_overwrite(gguf_model, tmp_path):
     src, out = gguf_model("qwen3_moe", "f32"), tmp_path / "o.gguf"
     out.write_bytes(b"keep me")
     with pytest.raises(BadInput, match="pass --overwrite") as e:
-        apply_gguf(src, mlx_plan("qwen3_moe"), out, overwrite=False, dry_run=False)
+        apply(src, mlx_plan("qwen3_moe"), out, overwrite=False, dry_run=False)
     assert e.value.where == str(out) and out.read_bytes() == b"keep me"
-    apply_gguf(src, mlx_plan("qwen3_moe"), out, overwrite=True, dry_run=False)
+    apply(src, mlx_plan("qwen3_moe"), out, overwrite=True, dry_run=False)
     assert verify(out).ok
     with pytest.raises(BadInput, match="overwrite the source"):
-        apply_gguf(out, manual_plan({0: list(range(6))}, n=6), out, overwrite=True, dry_run=False)
+        apply(out, manual_plan({0: list(range(6))}, n=6), out, overwrite=True, dry_run=False)
 
 
 def test_verify_flags_a_gap_between_tensors(gguf_model, tmp_path):
@@ -337,7 +343,7 @@ def test_plan_errors_name_the_plan_file(gguf_model, tmp_path):
     plan = mlx_plan("qwen3_moe")
     plan.model["num_layers"] = 6
     with pytest.raises(BadInput) as e:
-        apply_gguf(gguf_model("qwen3_moe"), plan, tmp_path / "o.gguf", overwrite=False, dry_run=False,
+        apply(gguf_model("qwen3_moe"), plan, tmp_path / "o.gguf", overwrite=False, dry_run=False,
                    plan_where=tmp_path / "plan.json")
     assert e.value.where == str(tmp_path / "plan.json")
     assert "plan is for 6 layers; model.gguf has qwen3moe.block_count=4" in e.value.what
@@ -348,6 +354,6 @@ def test_the_byte_bar_shows_only_when_progress_is_on(gguf_model, tmp_path, capsy
     import sys
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)   # a terminal, where bars are drawn
-    apply_gguf(gguf_model("qwen3_moe"), mlx_plan("qwen3_moe"), tmp_path / "o.gguf", overwrite=False,
+    apply(gguf_model("qwen3_moe"), mlx_plan("qwen3_moe"), tmp_path / "o.gguf", overwrite=False,
                dry_run=False, progress=progress)
     assert ("apply " in capsys.readouterr().err) is progress

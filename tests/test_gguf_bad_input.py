@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reap_stream.io.safetensors import sha256_file
+from reap_stream.io.files import sha256_file
 from reap_stream.planning.plan import Plan
 from cli_helpers import error_line, run
 from test_gguf_apply import gguf_model, manual_plan, mlx_plan  # noqa: F401  (fixture)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from reap_stream.planning.parity import compare, layer_hashes, normalised_bytes
-from reap_stream.planning.planner import make_plan
-from reap_stream.cli.plan import write_synthetic_telemetry
+from reap_stream.planning.planner import PlanOptions, make_plan
+from reap_stream.telemetry.synthetic import write_synthetic_telemetry
 from reap_stream.telemetry.store import TelemetryStore
 from cli_helpers import error_line, run
 
@@ -40,7 +40,7 @@ def test_identical_stores_are_identical(pair, tmp_path):
 
 def test_parity_finds_a_planted_one_expert_difference(pair, tmp_path):
     left, right = pair
-    pruned = make_plan(left, method="reap", ratio=0.5).layers[2].pruned
+    pruned = make_plan(left, PlanOptions(method="reap", ratio=0.5)).layers[2].pruned
     target = pruned[0]
     plant(right, 2, target, 1000.0)                 # a pruned expert becomes the layer's best
     r = run("parity", left.path, right.path, "--method", "reap", "--ratio", 0.5, "--out", tmp_path / "out")
@@ -58,9 +58,9 @@ def test_parity_finds_a_planted_one_expert_difference(pair, tmp_path):
 
 def test_a_difference_that_keeps_the_prune_sets_is_equivalent(pair, tmp_path):
     left, right = pair
-    kept = make_plan(left, method="reap", ratio=0.5).layers[1].kept
+    kept = make_plan(left, PlanOptions(method="reap", ratio=0.5)).layers[1].kept
     plant(right, 1, kept[-1], 1.0 + 1e-9)           # nudge a kept expert: same decisions
-    report = compare(left, right, method="reap", ratio=0.5)
+    report = compare(left, right, PlanOptions("reap", ratio=0.5))
     assert report["verdict"] == "equivalent" and report["passed"]
     assert report["first_difference"]["row"] == kept[-1]
     assert 0 < report["layers"]["1"]["arrays"]["weighted_ean_sum"]["max_rel_diff"] < 1e-8
@@ -89,7 +89,7 @@ def test_stores_with_different_layers_are_refused(pair, tmp_path):
 def test_parity_needs_exactly_one_count(pair, tmp_path):
     r = run("parity", pair[0].path, pair[1].path, "--method", "reap", "--out", tmp_path / "out")
     assert r.exit_code == 2
-    assert r.output.strip() == "reap-stream: error: --ratio/--n-prune: give exactly one of --ratio, --n-prune"
+    assert r.output.strip() == "reap-stream: error: --ratio/--n-prune/--keep: give exactly one of --ratio, --n-prune, --keep"
     assert not (tmp_path / "out").exists()
 
 

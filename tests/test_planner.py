@@ -11,7 +11,7 @@ import pytest
 
 from reap_stream.errors import BadInput
 from reap_stream.planning.plan import Plan
-from reap_stream.planning.planner import (dense_layers, frozen_layers, make_plan, parse_layer_spec,
+from reap_stream.planning.planner import (PlanOptions, make_plan, parse_layer_spec,
                                  super_expert_threshold)
 from reap_stream.telemetry.store import LayerStats, TelemetryStore
 from cli_helpers import error_line, run
@@ -48,7 +48,7 @@ E8 = [5, 3, 8, 1, 7, 2, 6, 4]   # ascending order of scores: 3, 5, 1, 7, 0, 6, 4
 
 def test_uniform_prunes_the_lowest_scores_of_every_layer(tmp_path):
     store = make_store(tmp_path / "t", {0: E8, 1: E8[::-1]})
-    plan = make_plan(store, method="frequency", ratio=0.5)
+    plan = make_plan(store, PlanOptions(method="frequency", ratio=0.5))
     assert plan.layers[0].pruned == [1, 3, 5, 7]
     assert plan.layers[1].pruned == [0, 2, 4, 6]   # reversed scores, mirrored ids
     assert plan.uniform and all(len(lp.kept) == 4 for lp in plan.layers.values())
@@ -56,29 +56,29 @@ def test_uniform_prunes_the_lowest_scores_of_every_layer(tmp_path):
 
 def test_ratio_is_the_floor_of_experts_times_ratio(tmp_path):
     store = make_store(tmp_path / "t", {0: E8})
-    assert len(make_plan(store, method="frequency", ratio=0.3).layers[0].pruned) == 2   # floor(2.4)
-    assert len(make_plan(store, method="frequency", ratio=0.0).layers[0].pruned) == 0
+    assert len(make_plan(store, PlanOptions(method="frequency", ratio=0.3)).layers[0].pruned) == 2   # floor(2.4)
+    assert len(make_plan(store, PlanOptions(method="frequency", ratio=0.0)).layers[0].pruned) == 0
 
 
 def test_ratio_n_prune_and_keep_say_the_same_thing(tmp_path):
     store = make_store(tmp_path / "t", {0: E8, 1: E8})
-    a = make_plan(store, method="frequency", ratio=0.25)
-    b = make_plan(store, method="frequency", n_prune=2)
-    c = make_plan(store, method="frequency", keep=6)
+    a = make_plan(store, PlanOptions(method="frequency", ratio=0.25))
+    b = make_plan(store, PlanOptions(method="frequency", n_prune=2))
+    c = make_plan(store, PlanOptions(method="frequency", keep=6))
     assert a.pruned_map() == b.pruned_map() == c.pruned_map() == {0: [3, 5], 1: [3, 5]}
 
 
 def test_ties_break_by_expert_id_lowest_pruned_first(tmp_path):
     store = make_store(tmp_path / "t", {0: [2, 1, 1, 1, 2, 2, 9, 9]})
-    assert make_plan(store, method="frequency", n_prune=2).layers[0].pruned == [1, 2]
-    assert make_plan(store, method="frequency", n_prune=4).layers[0].pruned == [0, 1, 2, 3]
+    assert make_plan(store, PlanOptions(method="frequency", n_prune=2)).layers[0].pruned == [1, 2]
+    assert make_plan(store, PlanOptions(method="frequency", n_prune=4)).layers[0].pruned == [0, 1, 2, 3]
 
 
 def test_global_budget_spends_the_same_total_on_the_lowest_normalised_scores(tmp_path):
     # layer 0 is flat (every expert at its layer mean); layer 1 has three near-useless experts
     store = make_store(tmp_path / "t", {0: [1, 1, 1, 1], 1: [0.1, 0.1, 0.1, 3.7]}, top_k=1)
-    uniform = make_plan(store, method="frequency", ratio=0.5)
-    glob = make_plan(store, method="frequency", ratio=0.5, budget="global")
+    uniform = make_plan(store, PlanOptions(method="frequency", ratio=0.5))
+    glob = make_plan(store, PlanOptions(method="frequency", ratio=0.5, budget="global"))
     assert sum(len(v) for v in glob.pruned_map().values()) == sum(len(v) for v in uniform.pruned_map().values()) == 4
     assert glob.pruned_map() == {0: [0], 1: [0, 1, 2]}
     assert not glob.uniform
@@ -86,44 +86,44 @@ def test_global_budget_spends_the_same_total_on_the_lowest_normalised_scores(tmp
 
 def test_global_budget_stops_each_layer_at_its_minimum(tmp_path):
     store = make_store(tmp_path / "t", {0: [1, 1, 1, 1], 1: [0.1, 0.1, 0.1, 3.7]}, top_k=2)
-    glob = make_plan(store, method="frequency", ratio=0.5, budget="global")
+    glob = make_plan(store, PlanOptions(method="frequency", ratio=0.5, budget="global"))
     assert glob.pruned_map() == {0: [0, 1], 1: [0, 1]}   # layer 1 may not go below top_k=2
 
 
 def test_global_budget_that_no_layer_can_absorb_is_refused(tmp_path):
     store = make_store(tmp_path / "t", {0: E8, 1: E8}, top_k=2)
-    assert sum(map(len, make_plan(store, method="frequency", n_prune=6, budget="global").pruned_map().values())) == 12
+    assert sum(map(len, make_plan(store, PlanOptions(method="frequency", n_prune=6, budget="global")).pruned_map().values())) == 12
     with pytest.raises(BadInput, match="global budget of 14 experts cannot be met"):
-        make_plan(store, method="frequency", n_prune=7, budget="global")
+        make_plan(store, PlanOptions(method="frequency", n_prune=7, budget="global"))
 
 
 def test_random_baseline_depends_only_on_the_seed(tmp_path):
     store = make_store(tmp_path / "t", {0: E8, 1: E8})
-    a = make_plan(store, method="random", ratio=0.5, seed=3)
-    assert a.dumps() == make_plan(store, method="random", ratio=0.5, seed=3).dumps()
-    assert any(make_plan(store, method="random", ratio=0.5, seed=s).pruned_map() != a.pruned_map() for s in range(4, 8))
+    a = make_plan(store, PlanOptions(method="random", ratio=0.5, seed=3))
+    assert a.dumps() == make_plan(store, PlanOptions(method="random", ratio=0.5, seed=3)).dumps()
+    assert any(make_plan(store, PlanOptions(method="random", ratio=0.5, seed=s)).pruned_map() != a.pruned_map() for s in range(4, 8))
 
 
 # ---- constraints ---------------------------------------------------------------------------------
 
 def test_top_k_is_a_floor(tmp_path):
     store = make_store(tmp_path / "t", {0: E8}, top_k=3)
-    assert len(make_plan(store, method="frequency", n_prune=5).layers[0].kept) == 3
+    assert len(make_plan(store, PlanOptions(method="frequency", n_prune=5)).layers[0].kept) == 3
     with pytest.raises(BadInput, match="leaves 2 experts, fewer than the 3 needed"):
-        make_plan(store, method="frequency", n_prune=6)
+        make_plan(store, PlanOptions(method="frequency", n_prune=6))
 
 
 def test_pruning_more_experts_than_a_layer_has_names_the_prune_count(tmp_path):
     store = make_store(tmp_path / "t", {0: E8})
     with pytest.raises(BadInput, match="--n-prune 9 asks to prune 9 experts, more than the layer's 8"):
-        make_plan(store, method="frequency", n_prune=9)
+        make_plan(store, PlanOptions(method="frequency", n_prune=9))
 
 
 def test_min_experts_is_a_floor(tmp_path):
     store = make_store(tmp_path / "t", {0: E8})
     with pytest.raises(BadInput, match="--min-experts=6"):
-        make_plan(store, method="frequency", ratio=0.5, min_experts=6)
-    assert len(make_plan(store, method="frequency", n_prune=2, min_experts=6).layers[0].kept) == 6
+        make_plan(store, PlanOptions(method="frequency", ratio=0.5, min_experts=6))
+    assert len(make_plan(store, PlanOptions(method="frequency", n_prune=2, min_experts=6)).layers[0].kept) == 6
 
 
 GROUPED = [9, 1, 8, 2,  7, 3, 6, 4,  10, 11, 0, 12,  5, 13, 14, 15]   # 4 groups of 4
@@ -131,7 +131,7 @@ GROUPED = [9, 1, 8, 2,  7, 3, 6, 4,  10, 11, 0, 12,  5, 13, 14, 15]   # 4 groups
 
 def test_groups_drop_the_same_number_from_every_group(tmp_path):
     store = make_store(tmp_path / "t", {0: GROUPED}, top_k=4, n_group=4, topk_group=2)
-    plan = make_plan(store, method="frequency", ratio=0.5)
+    plan = make_plan(store, PlanOptions(method="frequency", ratio=0.5))
     assert plan.layers[0].pruned == [1, 3, 5, 7, 8, 10, 12, 13]   # the two lowest of each group
     per_group = [sum(1 for e in plan.layers[0].kept if e // 4 == g) for g in range(4)]
     assert per_group == [2, 2, 2, 2]
@@ -139,60 +139,57 @@ def test_groups_drop_the_same_number_from_every_group(tmp_path):
 
 def test_groups_round_a_ratio_down_to_a_multiple_of_n_group(tmp_path):
     store = make_store(tmp_path / "t", {0: GROUPED}, top_k=4, n_group=4, topk_group=2)
-    assert len(make_plan(store, method="frequency", ratio=0.4).layers[0].pruned) == 4   # floor(6.4)=6 -> 4
+    assert len(make_plan(store, PlanOptions(method="frequency", ratio=0.4)).layers[0].pruned) == 4   # floor(6.4)=6 -> 4
 
 
 def test_groups_refuse_an_explicit_count_they_cannot_split_evenly(tmp_path):
     store = make_store(tmp_path / "t", {0: GROUPED}, top_k=4, n_group=4, topk_group=2)
     with pytest.raises(BadInput, match="not a multiple of n_group=4"):
-        make_plan(store, method="frequency", n_prune=6)
+        make_plan(store, PlanOptions(method="frequency", n_prune=6))
 
 
 def test_groups_keep_at_least_two_per_group(tmp_path):
     store = make_store(tmp_path / "t", {0: GROUPED}, top_k=2, n_group=4, topk_group=2)
     with pytest.raises(BadInput, match="fewer than the 8 needed"):
-        make_plan(store, method="frequency", n_prune=12)
+        make_plan(store, PlanOptions(method="frequency", n_prune=12))
 
 
 def test_groups_keep_topk_group_times_kept_per_group_at_least_top_k(tmp_path):
     store = make_store(tmp_path / "t", {0: GROUPED}, top_k=6, n_group=4, topk_group=2)
     with pytest.raises(BadInput, match="topk_group=2"):
-        make_plan(store, method="frequency", n_prune=8)   # 2 per group x 2 groups = 4 < 6
-    assert len(make_plan(store, method="frequency", n_prune=4).layers[0].kept) == 12
+        make_plan(store, PlanOptions(method="frequency", n_prune=8))   # 2 per group x 2 groups = 4 < 6
+    assert len(make_plan(store, PlanOptions(method="frequency", n_prune=4)).layers[0].kept) == 12
 
 
 def test_global_budget_with_groups_moves_whole_rows_of_groups(tmp_path):
     store = make_store(tmp_path / "t", {0: GROUPED, 1: list(range(16, 32))}, top_k=4, n_group=4, topk_group=2)
-    plan = make_plan(store, method="frequency", ratio=0.25, budget="global")
+    plan = make_plan(store, PlanOptions(method="frequency", ratio=0.25, budget="global"))
     for lp in plan.layers.values():
         assert len({sum(1 for e in lp.kept if e // 4 == g) for g in range(4)}) == 1
 
 
-def test_hash_and_mtp_layers_from_config_are_left_untouched(tmp_path):
-    config = {"num_hidden_layers": 3, "num_nextn_predict_layers": 1, "mlp_layer_types": ["hash_moe", "moe", "moe"]}
-    assert frozen_layers(config) == [0, 3]
+def test_hash_and_mtp_layers_of_the_model_are_left_untouched(tmp_path):
     store = make_store(tmp_path / "t", {0: E8, 1: E8, 2: E8, 3: E8})
-    plan = make_plan(store, method="frequency", ratio=0.5, config=config)
+    plan = make_plan(store, PlanOptions(method="frequency", ratio=0.5), frozen=[0, 3])
     assert sorted(plan.layers) == [1, 2]
     assert plan.extra["provenance"]["untouched_layers"] == [0, 3]
 
 
 def test_frozen_layers_recorded_in_the_model_block_are_left_untouched(tmp_path):
     store = make_store(tmp_path / "t", {0: E8, 1: E8}, frozen_layers=[0])
-    assert sorted(make_plan(store, method="frequency", ratio=0.5).layers) == [1]
+    assert sorted(make_plan(store, PlanOptions(method="frequency", ratio=0.5)).layers) == [1]
 
 
-def test_telemetry_for_a_layer_the_config_calls_dense_is_refused(tmp_path):
-    assert dense_layers({"first_k_dense_replace": 2, "mlp_only_layers": [5]}) == [0, 1, 5]
-    store = make_store(tmp_path / "t", {0: E8, 1: E8})
+def test_telemetry_for_a_layer_the_model_block_does_not_list_is_refused(tmp_path):
+    store = make_store(tmp_path / "t", {0: E8, 1: E8}, moe_layers=[1], num_experts={"1": 8})
     with pytest.raises(BadInput, match="layer 0, which is not an MoE layer"):
-        make_plan(store, method="frequency", ratio=0.5, config={"first_k_dense_replace": 1})
+        make_plan(store, PlanOptions(method="frequency", ratio=0.5))
 
 
 def test_skipped_layers_keep_every_expert_and_say_why(tmp_path):
     assert parse_layer_spec("0,2-4") == (0, 2, 3, 4)
     store = make_store(tmp_path / "t", {0: E8, 1: E8})
-    plan = make_plan(store, method="frequency", ratio=0.5, skip_layers=parse_layer_spec("1"))
+    plan = make_plan(store, PlanOptions(method="frequency", ratio=0.5, skip_layers=parse_layer_spec("1")))
     assert plan.layers[1].pruned == [] and plan.layers[0].pruned == [1, 3, 5, 7]
     assert set(plan.layers[1].extra["reasons"]) == {"kept: layer skipped (--skip-layers)"}
 
@@ -219,7 +216,7 @@ def test_super_experts_are_never_pruned_in_the_first_75_percent_of_layers(tmp_pa
     for layer in (0, 5, 7):
         spikes[layer][3] = 500.0                   # ... and a huge activation in layers 0, 5 and 7
     store = make_store(tmp_path / "t", {i: row for i in range(8)}, max_acts=spikes)
-    plan = make_plan(store, method="frequency", ratio=0.5)
+    plan = make_plan(store, PlanOptions(method="frequency", ratio=0.5))
     assert plan.extra["provenance"]["super_expert_layers"] == [0, 1, 2, 3, 4, 5]   # int(8 * 0.75) = 6
     for layer in (0, 5):
         lp = plan.layers[layer]
@@ -228,7 +225,7 @@ def test_super_experts_are_never_pruned_in_the_first_75_percent_of_layers(tmp_pa
         assert lp.extra["reasons"][3].startswith("kept: super expert (max activation 500")
     assert 3 in plan.layers[7].pruned                        # last quarter: not guarded
     assert 3 in plan.layers[1].pruned                        # no spike: nothing to guard
-    unguarded = make_plan(store, method="frequency", ratio=0.5, preserve_super_experts=False)
+    unguarded = make_plan(store, PlanOptions(method="frequency", ratio=0.5, preserve_super_experts=False))
     assert 3 in unguarded.layers[0].pruned
 
 
@@ -236,16 +233,16 @@ def test_too_many_super_experts_for_the_requested_cut_is_refused(tmp_path):
     spikes = {i: [1.0] * 64 for i in range(8)}
     spikes[0][3:6] = [500.0] * 3                   # three super experts in layer 0
     store = make_store(tmp_path / "t", {i: [float(e) for e in range(64)] for i in range(8)}, max_acts=spikes)
-    assert len(make_plan(store, method="frequency", n_prune=61).layers[0].kept) == 3
+    assert len(make_plan(store, PlanOptions(method="frequency", n_prune=61)).layers[0].kept) == 3
     with pytest.raises(BadInput, match="only 61 of 64 experts can be pruned, not 62.*--no-preserve-super-experts"):
-        make_plan(store, method="frequency", n_prune=62)
+        make_plan(store, PlanOptions(method="frequency", n_prune=62))
 
 
 # ---- plan content ---------------------------------------------------------------------------------
 
 def test_plan_carries_scores_reasons_and_provenance(tmp_path):
     store = make_store(tmp_path / "t", {0: E8})
-    plan = make_plan(store, method="ean_sum", ratio=0.5)
+    plan = make_plan(store, PlanOptions(method="ean_sum", ratio=0.5))
     lp = plan.layers[0]
     assert lp.extra["scores"] == [float(x) for x in E8]
     assert lp.extra["reasons"][3] == "pruned: ean_sum score rank 1 of 8 (1 = lowest)"
@@ -259,7 +256,7 @@ def test_plan_carries_scores_reasons_and_provenance(tmp_path):
 
 def test_never_routed_max_activation_is_written_as_null(tmp_path):
     store = make_store(tmp_path / "t", {0: E8}, max_acts={0: [-np.inf] + [1.0 + i for i in range(7)]})
-    plan = make_plan(store, method="max_activations", n_prune=1)
+    plan = make_plan(store, PlanOptions(method="max_activations", n_prune=1))
     assert plan.layers[0].pruned == [0]
     assert plan.layers[0].extra["scores"][0] is None
     json.loads(plan.dumps())   # strict JSON, no -Infinity
@@ -297,7 +294,7 @@ def test_init_writes_realistic_telemetry_that_plans(tmp_path):
     later = store.read(2)
     assert (later.frequency == 0).sum() >= 1 and later.frequency.sum() == 512 * 2
     assert np.array_equal(np.diag(later.coactivation), later.frequency)
-    plan = make_plan(store, method="reap", ratio=0.5)
+    plan = make_plan(store, PlanOptions(method="reap", ratio=0.5))
     assert sum(len(lp.extra["super_experts"]) for lp in plan.layers.values()) >= 1
     r2 = run("init", "--out", tmp_path / "u", "--layers", 4, "--experts", 16, "--tokens", 512, "--seed", 1)
     assert r2.exit_code == 0 and TelemetryStore.open(tmp_path / "u").fingerprint() == store.fingerprint()
@@ -320,7 +317,7 @@ def synthetic(tmp_path) -> Path:
 
 @pytest.mark.parametrize("ratio", ["1.0", "-0.1", "1.5"])
 def test_ratio_outside_zero_one_is_refused(synthetic, tmp_path, ratio):
-    line = error_line(run("plan", synthetic, "--out", tmp_path / "p.json", "--method", "reap", "--ratio", ratio), str(synthetic))
+    line = error_line(run("plan", synthetic, "--out", tmp_path / "p.json", "--method", "reap", "--ratio", ratio), "--ratio")
     assert "outside [0, 1)" in line
     assert not (tmp_path / "p.json").exists()
 
@@ -331,7 +328,9 @@ def test_n_prune_leaving_fewer_than_top_k_is_refused(synthetic, tmp_path):
 
 
 def test_two_counts_at_once_are_refused(synthetic, tmp_path):
-    error_line(run("plan", synthetic, "--out", tmp_path / "p.json", "--method", "reap", "--ratio", 0.5, "--keep", 4), str(synthetic))
+    line = error_line(run("plan", synthetic, "--out", tmp_path / "p.json", "--method", "reap", "--ratio", 0.5, "--keep", 4),
+                      "--ratio/--n-prune/--keep")
+    assert "give exactly one of --ratio, --n-prune, --keep (got --ratio, --keep)" in line
 
 
 def test_criterion_needing_an_array_the_store_lacks_is_refused(synthetic, tmp_path):

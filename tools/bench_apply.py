@@ -84,7 +84,7 @@ def make_plan(model: Path, ratio: float) -> Path:
 
 
 # checksum and flush every copied file, as apply does for its outputs
-HASH = ("import os, sys, pathlib; from reap_stream.io.safetensors import sha256_file\n"
+HASH = ("import os, sys, pathlib; from reap_stream.io.files import sha256_file\n"
         "for p in sorted(pathlib.Path(sys.argv[1]).iterdir()):\n"
         "    sha256_file(p); fd = os.open(p, os.O_RDONLY); os.fsync(fd); os.close(fd)")
 

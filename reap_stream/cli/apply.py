@@ -2,57 +2,44 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from ..errors import BadInput
-from ..planning.plan import Plan
+from .options import max_shard_option, parse_size
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str, option: str = "--max-shard-size") -> int:
-    s = text.strip().upper().replace(" ", "")
-    num = s.rstrip("KMGTIB")
-    try:
-        value = float(num) * _UNITS[s[len(num):]]
-    except (ValueError, KeyError):
-        value = math.nan
-    if not math.isfinite(value) or value < 1:
-        raise BadInput(option, f"cannot read size {text!r} (a positive size such as 5GB, 500MB, 2GiB)")
-    return int(value)
-
+if TYPE_CHECKING:
+    from ..families.model import Model
+    from ..planning.plan import Plan
 
 @click.command("apply")
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.argument("plan_path", metavar="PLAN", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Output directory (or .gguf file).")
 @click.option("--dry-run", is_flag=True, help="Validate and print the output layout; write nothing.")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
+@max_shard_option
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--ignore-fingerprint", is_flag=True, help="Apply a plan made for another copy of the same structure.")
 @click.option("--buffer-size", default="8MiB", show_default=True, help="Copy buffer (bounds memory).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def apply_cmd(model: Path, plan_path: Path, out: Path, dry_run: bool, max_shard_size: str, overwrite: bool,
+def apply_cmd(model: Path, plan_path: Path, out: Path, dry_run: bool, max_shard_bytes: int, overwrite: bool,
               ignore_fingerprint: bool, buffer_size: str, as_json: bool, quiet: bool) -> None:
     """Apply PLAN to MODEL (a safetensors model directory or a GGUF file) and write OUT."""
+    from ..families.model import open_model
+    from ..planning.plan import Plan
+
     plan = Plan.load(plan_path)
     buffer_bytes = parse_size(buffer_size, "--buffer-size")
-    from ..io.safetensors import is_gguf
-
-    if is_gguf(model):
+    resolved = open_model(model)
+    if resolved.is_gguf:
         from ..surgery.gguf import apply_gguf
-        summary = apply_gguf(model, plan, out, overwrite=overwrite, dry_run=dry_run, buffer_bytes=buffer_bytes,
+        summary = apply_gguf(resolved, plan, out, overwrite=overwrite, dry_run=dry_run, buffer_bytes=buffer_bytes,
                              plan_where=str(plan_path), progress=not quiet and not as_json)
-    elif model.is_file() and model.suffix == ".gguf":
-        raise BadInput(model, "not a GGUF file (bad magic)")
     else:
-        summary = _apply_safetensors(model, plan, plan_path, out, dry_run=dry_run, overwrite=overwrite,
-                                     max_shard=parse_size(max_shard_size), ignore_fingerprint=ignore_fingerprint,
+        summary = _apply_safetensors(resolved, plan, plan_path, out, dry_run=dry_run, overwrite=overwrite,
+                                     max_shard=max_shard_bytes, ignore_fingerprint=ignore_fingerprint,
                                      buffer_bytes=buffer_bytes, progress=not quiet and not as_json)
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
@@ -60,15 +47,13 @@ def apply_cmd(model: Path, plan_path: Path, out: Path, dry_run: bool, max_shard_
         _print_summary(summary)
 
 
-def _apply_safetensors(model: Path, plan: Plan, plan_path: Path, out: Path, *, dry_run: bool, overwrite: bool,
+def _apply_safetensors(model: Model, plan: Plan, plan_path: Path, out: Path, *, dry_run: bool, overwrite: bool,
                        max_shard: int, ignore_fingerprint: bool, buffer_bytes: int, progress: bool) -> dict:
     from ..surgery.safetensors import check_output_path, plan_layout, write_layout
-    from ..io.safetensors import Checkpoint
 
-    ckpt = Checkpoint.open(model)
-    layout = plan_layout(ckpt, plan, max_shard_bytes=max_shard, plan_where=str(plan_path),
+    layout = plan_layout(model, plan, max_shard_bytes=max_shard, plan_where=str(plan_path),
                          ignore_fingerprint=ignore_fingerprint)
-    check_output_path(model, out, overwrite)
+    check_output_path(model.path, out, overwrite)
     summary = {"dry_run": dry_run, "out": str(out), **layout.summary()}
     if not dry_run:
         files = write_layout(layout, out, overwrite=overwrite, buffer_bytes=buffer_bytes, progress=progress)

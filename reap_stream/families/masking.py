@@ -8,7 +8,8 @@ masked original. The rule per routing type:
 - selection_bias: sigmoid routers (DeepSeek-V3, GLM-4.5). sigmoid(-inf) = 0 could still be picked
   (bias, zero-filled losing groups), so e_score_correction_bias = -inf for pruned ids instead: they
   drop out of the group scores and the top-k. Exact only while kept selection scores stay positive
-  (mlx_lm zero-fills losing groups; see DESIGN.md), which holds for bias >= 0.
+  (mlx_lm zero-fills losing groups; docs/routing.md), which holds for bias >= 0.
+The rule is derived from the family's routing kind (Routing.mask_rule).
 """
 
 from __future__ import annotations
@@ -18,31 +19,23 @@ import warnings
 
 import numpy as np
 
-from .table import FAMILIES, Family, Routing
-
-
-# Masking rule per routing type; which modules hold router and experts comes from families.py.
-MASK_RULES: dict[Routing, str] = {
-    Routing.SOFTMAX_TOPK: "logits",
-    Routing.TOPK_SOFTMAX: "logits",
-    Routing.SIGMOID_GROUP: "selection_bias",
-}
+from .table import FAMILIES, Family
 
 
 # `model` parameters below are loaded mlx_lm models (mlx.nn.Module with .layers); left untyped so
 # this module imports without mlx.
 
 def moe_spec(model) -> Family:
-    """The families.py entry of a loaded mlx_lm model (ValueError when it is not an MoE family)."""
+    """The family row of a loaded mlx_lm model (ValueError when it is not an MoE family)."""
     model_type = getattr(model, "model_type", None) or getattr(model.args, "model_type", None)
     if model_type not in FAMILIES:
         raise ValueError(f"no MoE family entry for model_type {model_type!r}")
     return FAMILIES[model_type]
 
 
-def moe_blocks(model) -> dict[int, object]:
+def moe_blocks(model, spec: Family | None = None) -> dict[int, object]:
     """Layer index -> MoE block, dense layers skipped."""
-    spec = moe_spec(model)
+    spec = spec or moe_spec(model)
     out = {}
     for i, layer in enumerate(model.layers):
         block = getattr(layer, spec.block, None)
@@ -54,7 +47,7 @@ def moe_blocks(model) -> dict[int, object]:
 def router_experts(block, spec: Family) -> int:
     """Routed experts of one loaded MoE block (an mlx_lm module), read from its router's shape."""
     router = getattr(block, spec.router)
-    if MASK_RULES[spec.routing] == "selection_bias":
+    if spec.routing.mask_rule == "selection_bias":
         return int(router.e_score_correction_bias.shape[0])
     return int(router.weight.shape[0])
 
@@ -66,12 +59,12 @@ def _top_k(block) -> int:
     return int(block.gate.top_k)
 
 
-def mask_experts(model, pruned: dict[int, list[int]]) -> None:
+def mask_experts(model, pruned: dict[int, list[int]], spec: Family | None = None) -> None:
     """Patch `model` in place so experts pruned[L] of layer L are never routed."""
     import mlx.core as mx
 
-    spec = moe_spec(model)
-    blocks = moe_blocks(model)
+    spec = spec or moe_spec(model)
+    blocks = moe_blocks(model, spec)
     for layer, ids in sorted(pruned.items()):
         ids = sorted(set(int(e) for e in ids))
         if not ids:
@@ -87,13 +80,13 @@ def mask_experts(model, pruned: dict[int, list[int]]) -> None:
         keep = np.ones(n, dtype=bool)
         keep[ids] = False
         router = getattr(block, spec.router)
-        rule = MASK_RULES[spec.routing]
+        rule = spec.routing.mask_rule
         if rule == "selection_bias":
             bias = router.e_score_correction_bias
             if getattr(router, "n_group", 1) > 1 and float(bias.min()) < 0:
                 warnings.warn(
                     f"layer {layer}: negative e_score_correction_bias; with zero-filled losing groups "
-                    "a pruned expert may still win where the masked original cannot (DESIGN.md)",
+                    "a pruned expert may still win where the masked original cannot (docs/routing.md)",
                     stacklevel=2,
                 )
             router.e_score_correction_bias = mx.where(mx.array(keep), bias, mx.array(-np.inf, bias.dtype))
@@ -112,7 +105,7 @@ def routing_counts(model, tokens: np.ndarray) -> dict[int, np.ndarray]:
     import mlx.nn as nn
 
     spec = moe_spec(model)
-    blocks = moe_blocks(model)
+    blocks = moe_blocks(model, spec)
     seen: dict[int, list] = {i: [] for i in blocks}
 
     class _Recorder(nn.Module):

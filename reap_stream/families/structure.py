@@ -1,7 +1,8 @@
-"""The MoE structure of a model (from config + tensor index), its fingerprint, and plan checks.
+"""The MoE structure of a model — from config + safetensors index, or from a GGUF's metadata and
+tensors — and the fingerprint that ties a plan to one set of weights.
 
-Structure (model type, MoE layers, experts per layer, top-k, groups) is what makes a plan fit a model
-in any format; the fingerprint additionally ties a plan to one set of weights.
+Structure (model type, MoE layers, experts per layer, top-k, groups, layers never pruned) is what
+makes a plan fit a model in any format; the fingerprint additionally ties it to one set of weights.
 """
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from ..io.safetensors import Checkpoint
 from ..errors import BadInput
-from .table import Family, classify, family_of, num_experts, top_k
-from ..planning.plan import Plan
+from ..io.gguf import BLOCK_TENSOR, GGUFFile, VType
+from ..io.safetensors import Checkpoint
+from .table import BY_GGUF_ARCH, Family, classify, family_of, frozen_layers, num_experts, top_k
 
 
 @dataclass
@@ -29,6 +30,10 @@ class MoEStructure:
     def moe_layers(self) -> list[int]:
         return sorted(self.layer_experts)
 
+    @property
+    def prunable_layers(self) -> list[int]:
+        return [i for i in self.moe_layers if i not in self.frozen_layers]
+
     def to_json(self) -> dict:
         counts = sorted(set(self.layer_experts.values()))
         return {
@@ -42,9 +47,28 @@ class MoEStructure:
             "frozen_layers": self.frozen_layers,
         }
 
+    @classmethod
+    def from_json(cls, model: dict, where: str) -> "MoEStructure":
+        """The structure recorded in a telemetry store's (or plan's) `model` block."""
+        try:
+            layers = [int(i) for i in model["moe_layers"]]
+            counts = model["num_experts"]
+            if isinstance(counts, dict):
+                layer_experts = {int(k): int(v) for k, v in counts.items()}
+            else:
+                layer_experts = {i: int(counts) for i in layers}
+            return cls(
+                model_type=str(model["model_type"]), num_layers=int(model["num_layers"]),
+                layer_experts=layer_experts, top_k=int(model["top_k"]),
+                n_group=int(model.get("n_group") or 1), topk_group=int(model.get("topk_group") or 1),
+                frozen_layers=sorted(int(i) for i in model.get("frozen_layers") or []))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise BadInput(where, f"telemetry 'model' attributes are incomplete or malformed ({e!r})") from None
 
-def checkpoint_structure(ckpt: Checkpoint) -> MoEStructure:
-    fam = family_of(ckpt.config, str(ckpt.root / "config.json"))
+
+def checkpoint_structure(ckpt: Checkpoint, fam: Family | None = None) -> MoEStructure:
+    where = str(ckpt.root / "config.json")
+    fam = fam or family_of(ckpt.config, where)
     experts: dict[int, int] = {}
     for name, ref in ckpt.tensors.items():
         rel = classify(name, fam)
@@ -53,7 +77,6 @@ def checkpoint_structure(ckpt: Checkpoint) -> MoEStructure:
     if not experts:
         raise BadInput(ckpt.root, f"no MoE router tensors found for model_type {fam.model_type!r}")
     cfg = ckpt.config
-    where = str(ckpt.root / "config.json")
     num_experts(cfg, fam, where)  # present and sane, though the tensors say what each layer holds
     return MoEStructure(
         model_type=fam.model_type,
@@ -62,6 +85,7 @@ def checkpoint_structure(ckpt: Checkpoint) -> MoEStructure:
         top_k=top_k(cfg, where),
         n_group=int(cfg.get("n_group") or 1),
         topk_group=int(cfg.get("topk_group") or 1),
+        frozen_layers=sorted(set(frozen_layers(cfg, fam, where)) & set(experts)),
     )
 
 
@@ -73,72 +97,100 @@ def router_weight_name(ckpt: Checkpoint, fam: Family, layer: int) -> str:
     raise KeyError(layer)
 
 
-def fingerprint(ckpt: Checkpoint, st: MoEStructure | None = None) -> str:
+def fingerprint(ckpt: Checkpoint, st: MoEStructure, fam: Family) -> str:
     """sha256 of the tensor table (names, dtypes, shapes) and the first router's bytes.
 
     Cheap on a 400 GB model, yet different for two random draws of the same architecture.
     """
-    fam = family_of(ckpt.config)
     h = hashlib.sha256()
     table = sorted((n, r.dtype, list(r.shape)) for n, r in ckpt.tensors.items())
     h.update(json.dumps([ckpt.model_type, table], separators=(",", ":")).encode())
-    first = min((st or checkpoint_structure(ckpt)).layer_experts)
-    ref = ckpt.tensors[router_weight_name(ckpt, fam, first)]
+    ref = ckpt.tensors[router_weight_name(ckpt, fam, min(st.layer_experts))]
     with open(ref.file, "rb") as f:
         f.seek(ref.start)
         h.update(f.read(ref.nbytes))
     return "sha256:" + h.hexdigest()
 
 
-def check_plan(plan: Plan, st: MoEStructure, where: str, *, model_fingerprint: str | None = None,
-               min_experts: int = 1) -> None:
-    """Raise BadInput unless `plan` can be applied to a model of structure `st`."""
-    pm = plan.model or {}
-    if pm.get("model_type") not in (None, st.model_type):
-        raise BadInput(where, f"plan is for model_type {pm['model_type']!r}, the model is {st.model_type!r}")
-    have = st.to_json()
-    for key, label in (("num_layers", "layers"), ("moe_layers", "MoE layers"), ("num_experts", "experts"),
-                       ("top_k", "top_k")):
-        if key in pm and pm[key] != have[key]:
-            raise BadInput(where, f"plan is for a model with {label} {pm[key]}, the model has {have[key]}")
-    if model_fingerprint and pm.get("fingerprint") and pm["fingerprint"] != model_fingerprint:
-        raise BadInput(where, f"plan was made for another model (fingerprint {pm['fingerprint'][:19]}…, "
-                              f"this model {model_fingerprint[:19]}…); pass --ignore-fingerprint to apply by structure")
-    if not plan.layers:
-        raise BadInput(where, "plan lists no layers")
-    for layer, lp in sorted(plan.layers.items()):
-        if layer in st.frozen_layers:
-            raise BadInput(where, f"layer {layer} routes by a fixed table (hash/MTP) and cannot be pruned")
-        if layer not in st.layer_experts:
-            raise BadInput(where, f"layer {layer} is not an MoE layer of this model (MoE layers: {_span(st.moe_layers)})")
-        n = st.layer_experts[layer]
-        ids = set(lp.kept) | set(lp.pruned)
-        out_of_range = sorted(e for e in ids if e >= n)
-        if out_of_range:
-            raise BadInput(where, f"layer {layer}: expert {out_of_range[0]} does not exist (layer has {n} experts)")
-        if len(ids) != n:
-            missing = sorted(set(range(n)) - ids)
-            raise BadInput(where, f"layer {layer}: expert {missing[0]} is neither kept nor pruned")
-        k = len(lp.kept)
-        if k < max(st.top_k, min_experts, 1):
-            raise BadInput(where, f"layer {layer}: keeps {k} experts, fewer than top_k={st.top_k}"
-                                  + (f" / --min-experts={min_experts}" if min_experts > st.top_k else ""))
-        if st.n_group > 1:
-            _check_groups(layer, lp.kept, n, st, where)
+# ------------------------------------------------------------------ GGUF
+
+_EXPERT_TENSORS = ("ffn_gate_inp.weight", "ffn_gate_inp.bias", "exp_probs_b.bias", "ffn_gate_exps.weight",
+                   "ffn_up_exps.weight", "ffn_down_exps.weight", "ffn_gate_exps.bias", "ffn_up_exps.bias",
+                   "ffn_down_exps.bias")
 
 
-def _check_groups(layer: int, kept: list[int], n: int, st: MoEStructure, where: str) -> None:
-    size = n // st.n_group
-    per_group = [sum(1 for e in kept if e // size == g) for g in range(st.n_group)]
-    if len(set(per_group)) != 1:
-        raise BadInput(where, f"layer {layer}: n_group={st.n_group} needs the same number kept in every group, plan keeps {per_group}")
-    if per_group[0] < 2:
-        raise BadInput(where, f"layer {layer}: keeps {per_group[0]} expert per group; group scoring needs at least 2")
-    if st.topk_group * per_group[0] < st.top_k:
-        raise BadInput(where, f"layer {layer}: topk_group={st.topk_group} x {per_group[0]} kept per group < top_k={st.top_k}")
+def gguf_expert_tensors(fam: Family) -> frozenset[str]:
+    """blk.N.<suffix> tensors of the family's GGUF whose outermost dimension is the expert.
+    Shared experts (`*_shexp`) are absent on purpose: never pruned, copied unchanged."""
+    return frozenset(_EXPERT_TENSORS + fam.gguf_extra_expert_tensors)
 
 
-def _span(ids: list[int]) -> str:
-    if ids and ids == list(range(ids[0], ids[-1] + 1)) and len(ids) > 2:
-        return f"{ids[0]}-{ids[-1]}"
-    return ",".join(map(str, ids))
+def _uint_kv(g: GGUFFile, key: str, *, required: bool = True) -> int | None:
+    kv = g.kvs.get(key)
+    if kv is None:
+        if required:
+            raise BadInput(g.path, f"metadata key {key!r} is missing")
+        return None
+    if kv.vtype not in (VType.UINT8, VType.UINT16, VType.UINT32, VType.UINT64, VType.INT32, VType.INT64) \
+            or kv.value < 0:
+        raise BadInput(g.path, f"metadata {key!r} must be a non-negative integer, got {kv.value!r}")
+    return int(kv.value)
+
+
+def gguf_family(g: GGUFFile) -> tuple[str, Family]:
+    """(architecture, family row) of a GGUF's first part."""
+    arch_kv = g.kvs.get("general.architecture")
+    if arch_kv is None or arch_kv.vtype != VType.STRING:
+        raise BadInput(g.path, "metadata 'general.architecture' is missing or not a string")
+    arch = arch_kv.value
+    fam = BY_GGUF_ARCH.get(arch)
+    if fam is None:
+        raise BadInput(g.path, f"architecture {arch!r} is not a supported MoE architecture "
+                               f"(supported: {', '.join(sorted(BY_GGUF_ARCH))})")
+    return arch, fam
+
+
+def gguf_structure(parts: list[GGUFFile], arch: str, fam: Family) -> tuple[MoEStructure, list[int]]:
+    """(structure, hash-routed layers) of a GGUF model from its metadata and tensors."""
+    g = parts[0]
+    num_layers = _uint_kv(g, f"{arch}.block_count")
+    expert_tensors = gguf_expert_tensors(fam)
+    experts: dict[int, int] = {}
+    hash_layers = set()
+    for part in parts:
+        for t in part.tensors:
+            m = BLOCK_TENSOR.match(t.name)
+            if not m:
+                continue
+            layer, suffix = int(m.group(1)), m.group(2)
+            if layer >= num_layers:
+                raise BadInput(part.path, f"tensor {t.name!r} is past {arch}.block_count={num_layers}")
+            if suffix == fam.gguf_hash_tensor:
+                hash_layers.add(layer)
+            if suffix in expert_tensors:
+                n = t.ne[-1]
+                if experts.setdefault(layer, n) != n:
+                    raise BadInput(part.path, f"layer {layer}: {t.name!r} holds {n} experts, other expert tensors {experts[layer]}")
+            elif "_exps." in suffix:
+                raise BadInput(part.path, f"tensor {t.name!r} looks like an expert tensor but {arch!r} is not known "
+                                          f"to have it; refusing to guess its expert axis")
+    if not experts:
+        raise BadInput(g.path, f"no MoE expert tensors found for architecture {arch!r}")
+    expert_count = _uint_kv(g, f"{arch}.expert_count")
+    wrong = {L: n for L, n in experts.items() if n != expert_count}
+    if wrong:
+        L = min(wrong)
+        raise BadInput(g.path, f"{arch}.expert_count is {expert_count} but layer {L} holds {wrong[L]} experts")
+    nextn = _uint_kv(g, f"{arch}.nextn_predict_layers", required=False) or 0
+    # only MoE layers can be frozen: a dense NextN block has no experts to protect
+    frozen = sorted((hash_layers | set(range(num_layers - nextn, num_layers))) & set(experts))
+    st = MoEStructure(
+        model_type=fam.model_type,
+        num_layers=num_layers,
+        layer_experts=dict(sorted(experts.items())),
+        top_k=_uint_kv(g, f"{arch}.expert_used_count"),
+        n_group=_uint_kv(g, f"{arch}.expert_group_count", required=False) or 1,
+        topk_group=_uint_kv(g, f"{arch}.expert_group_used_count", required=False) or 1,
+        frozen_layers=frozen,
+    )
+    return st, sorted(hash_layers)

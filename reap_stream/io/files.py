@@ -3,6 +3,8 @@ attributes of a Zarr v3 group, read without trusting the file."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -12,6 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import BadInput
+
+_HAS_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -77,3 +81,42 @@ def build_once(final: Path, complete: Callable[[Path], bool], build: Callable[[P
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def sha256_file(path: Path, bufsize: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(bufsize)
+    view = memoryview(buf)
+    with open(path, "rb") as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def copy_range(src_fd: int, dst_fd: int, start: int, end: int, buffer: memoryview, path: Path) -> None:
+    """Append source bytes [start, end) to dst: in the kernel where it can, else via `buffer`."""
+    global _HAS_COPY_FILE_RANGE
+    pos = start
+    while pos < end:
+        n = 0
+        if _HAS_COPY_FILE_RANGE:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, end - pos, pos)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                _HAS_COPY_FILE_RANGE = False  # e.g. across file systems on older kernels
+                continue
+        else:
+            n = os.preadv(src_fd, [buffer[: min(len(buffer), end - pos)]], pos)
+            if n > 0:
+                write_all(dst_fd, buffer[:n])
+        if n <= 0:
+            raise BadInput(path, f"unexpected end of file at byte {pos}")
+        pos += n
+
+
+def write_all(fd: int, data) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

@@ -115,6 +115,15 @@ def align(n: int, alignment: int) -> int:
 
 # ---------------------------------------------------------------- reading
 
+def is_gguf(path: str | Path) -> bool:
+    """True for a regular file that starts with the GGUF magic."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 class _Cursor:
     """Bounds-checked little-endian reads over a mapped file; every fault names the file."""
 

@@ -6,7 +6,6 @@ covered exactly, no duplicate keys. Shards are opened read-only.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -229,22 +228,3 @@ def to_float32(ref: TensorRef) -> np.ndarray:
     if ref.dtype == "BF16":
         return (np.asarray(arr, np.uint32) << 16).view(np.float32)
     return np.asarray(arr, np.float32)
-
-
-def is_gguf(path: str | Path) -> bool:
-    """True for a regular file that starts with the GGUF magic."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
-
-
-def sha256_file(path: Path, bufsize: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(bufsize)
-    view = memoryview(buf)
-    with open(path, "rb") as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()

@@ -11,7 +11,7 @@ import hashlib
 import numpy as np
 
 from ..errors import BadInput
-from .planner import make_plan
+from .planner import PlanOptions, make_plan
 from ..telemetry.store import LayerStats, TelemetryStore
 
 
@@ -70,14 +70,13 @@ def _max_diffs(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float(d.max()), float(rel.max())
 
 
-def compare(left: TelemetryStore, right: TelemetryStore, *, method: str, ratio: float | None = None,
-            n_prune: int | None = None, require_identical_telemetry: bool = False) -> dict:
+def compare(left: TelemetryStore, right: TelemetryStore, options: PlanOptions, *,
+            require_identical_telemetry: bool = False) -> dict:
     """Parity report of two stores (JSON-ready, deterministic)."""
     for a, b in ((left, right), (right, left)):
         if a.layers() != b.layers():
             raise BadInput(b.path, f"committed layers {b.layers()} differ from {a.path}'s {a.layers()}")
-    left_plan = make_plan(left, method=method, ratio=ratio, n_prune=n_prune)
-    right_plan = make_plan(right, method=method, ratio=ratio, n_prune=n_prune)
+    left_plan, right_plan = make_plan(left, options), make_plan(right, options)
     layers, hashes_l, hashes_r, first = {}, {}, {}, None
     for layer in left.layers():
         sl, sr = left.read(layer), right.read(layer)
@@ -108,7 +107,7 @@ def compare(left: TelemetryStore, right: TelemetryStore, *, method: str, ratio: 
     attrs_l, attrs_r = left.attrs, right.attrs
     return {
         "format": "reap-stream-parity",
-        "method": method, "ratio": ratio, "n_prune": n_prune,
+        "method": options.method, "ratio": options.ratio, "n_prune": options.n_prune, "keep": options.keep,
         "left": _side(left, attrs_l, hashes_l), "right": _side(right, attrs_r, hashes_r),
         "same_model": (attrs_l.get("model") or {}).get("fingerprint") == (attrs_r.get("model") or {}).get("fingerprint"),
         "same_calibration": ((attrs_l.get("calibration") or {}).get("fingerprint")
@@ -132,7 +131,7 @@ def _side(store: TelemetryStore, attrs: dict, hashes: dict[int, dict[str, str]])
 
 def to_markdown(r: dict) -> str:
     """A human summary of a `compare` report."""
-    count = f"ratio {r['ratio']}" if r["ratio"] is not None else f"n_prune {r['n_prune']}"
+    count = next(f"{k} {r[k]}" for k in ("ratio", "n_prune", "keep") if r.get(k) is not None)
     lines = [
         "# Telemetry parity", "",
         f"- verdict: **{r['verdict']}** ({'PASS' if r['passed'] else 'FAIL'}"

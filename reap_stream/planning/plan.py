@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BadInput
+from ..families.structure import MoEStructure
 from ..io.files import write_text_atomic
 
 PLAN_FORMAT = "reap-stream-plan"
@@ -127,3 +128,59 @@ class Plan:
         except (ValueError, UnicodeDecodeError) as e:
             raise BadInput(path, f"invalid JSON: {e}") from None
         return cls.from_json(data, str(path))
+
+
+# ------------------------------------------------------------------ fit to a model
+
+def check_plan(plan: Plan, st: MoEStructure, where: str, *, model_fingerprint: str | None = None,
+               min_experts: int = 1) -> None:
+    """Raise BadInput unless `plan` can be applied to a model of structure `st`."""
+    pm = plan.model or {}
+    if pm.get("model_type") not in (None, st.model_type):
+        raise BadInput(where, f"plan is for model_type {pm['model_type']!r}, the model is {st.model_type!r}")
+    have = st.to_json()
+    for key, label in (("num_layers", "layers"), ("moe_layers", "MoE layers"), ("num_experts", "experts"),
+                       ("top_k", "top_k")):
+        if key in pm and pm[key] != have[key]:
+            raise BadInput(where, f"plan is for a model with {label} {pm[key]}, the model has {have[key]}")
+    if model_fingerprint and pm.get("fingerprint") and pm["fingerprint"] != model_fingerprint:
+        raise BadInput(where, f"plan was made for another model (fingerprint {pm['fingerprint'][:19]}…, "
+                              f"this model {model_fingerprint[:19]}…); pass --ignore-fingerprint to apply by structure")
+    if not plan.layers:
+        raise BadInput(where, "plan lists no layers")
+    for layer, lp in sorted(plan.layers.items()):
+        if layer in st.frozen_layers:
+            raise BadInput(where, f"layer {layer} routes by a fixed table (hash/MTP) and cannot be pruned")
+        if layer not in st.layer_experts:
+            raise BadInput(where, f"layer {layer} is not an MoE layer of this model (MoE layers: {_span(st.moe_layers)})")
+        n = st.layer_experts[layer]
+        ids = set(lp.kept) | set(lp.pruned)
+        out_of_range = sorted(e for e in ids if e >= n)
+        if out_of_range:
+            raise BadInput(where, f"layer {layer}: expert {out_of_range[0]} does not exist (layer has {n} experts)")
+        if len(ids) != n:
+            missing = sorted(set(range(n)) - ids)
+            raise BadInput(where, f"layer {layer}: expert {missing[0]} is neither kept nor pruned")
+        k = len(lp.kept)
+        if k < max(st.top_k, min_experts, 1):
+            raise BadInput(where, f"layer {layer}: keeps {k} experts, fewer than top_k={st.top_k}"
+                                  + (f" / --min-experts={min_experts}" if min_experts > st.top_k else ""))
+        if st.n_group > 1:
+            _check_groups(layer, lp.kept, n, st, where)
+
+
+def _check_groups(layer: int, kept: list[int], n: int, st: MoEStructure, where: str) -> None:
+    size = n // st.n_group
+    per_group = [sum(1 for e in kept if e // size == g) for g in range(st.n_group)]
+    if len(set(per_group)) != 1:
+        raise BadInput(where, f"layer {layer}: n_group={st.n_group} needs the same number kept in every group, plan keeps {per_group}")
+    if per_group[0] < 2:
+        raise BadInput(where, f"layer {layer}: keeps {per_group[0]} expert per group; group scoring needs at least 2")
+    if st.topk_group * per_group[0] < st.top_k:
+        raise BadInput(where, f"layer {layer}: topk_group={st.topk_group} x {per_group[0]} kept per group < top_k={st.top_k}")
+
+
+def _span(ids: list[int]) -> str:
+    if ids and ids == list(range(ids[0], ids[-1] + 1)) and len(ids) > 2:
+        return f"{ids[0]}-{ids[-1]}"
+    return ",".join(map(str, ids))

@@ -8,35 +8,23 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import asdict, dataclass, field, replace
+from typing import Iterable
 
 import numpy as np
 from tqdm import tqdm
 
 from .. import __version__
-from .criteria import METHODS, NEEDS, lacks, scores
 from ..errors import BadInput
-from .plan import LayerPlan, Plan
-from ..families.structure import MoEStructure, check_plan
+from ..families.model import Model
+from ..families.structure import MoEStructure
 from ..telemetry.store import Fingerprint, LayerStats, TelemetryStore, layer_key
+from .criteria import METHODS, NEEDS, lacks, scores
+from .plan import LayerPlan, Plan, check_plan
 
 BUDGETS = ("uniform", "global")
 SUPER_PERCENTILE = 99.5      # CR: torch.quantile(all max activations, 0.995)
 SUPER_MAX_FRACTION = 10.0    # CR: or global max / 10, whichever is larger
 SUPER_LAYER_FRACTION = 0.75  # CR: only the first 75% of the observed MoE layers
-
-# config keys that mark layers a plan must leave alone (value -> layer ids), as data
-_FROZEN_RULES = {
-    # DeepSeek-V4: "hash_moe" layers route by a fixed token -> expert table (tid2eid)
-    "mlp_layer_types": lambda cfg, v: [i for i, t in enumerate(v) if t == "hash_moe"],
-    "num_hash_layers": lambda cfg, v: range(int(v)),
-    # MTP / NextN layers sit after the decoder stack
-    "num_nextn_predict_layers": lambda cfg, v: range(int(cfg["num_hidden_layers"]), int(cfg["num_hidden_layers"]) + int(v)),
-}
-_DENSE_RULES = {
-    "first_k_dense_replace": lambda cfg, v: range(int(v)),
-    "mlp_only_layers": lambda cfg, v: list(v),
-}
-
 
 @dataclass(frozen=True)
 class PlanOptions:
@@ -50,6 +38,29 @@ class PlanOptions:
     budget: str = "uniform"
     seed: int = 0
 
+    def __post_init__(self):
+        object.__setattr__(self, "skip_layers", tuple(sorted(set(self.skip_layers))))
+
+    def validate(self) -> None:
+        """One line naming the option at fault (the same whether the CLI or a library caller set it)."""
+        if self.method not in METHODS:
+            raise BadInput("--method", f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        given = [name for name, v in (("--ratio", self.ratio), ("--n-prune", self.n_prune), ("--keep", self.keep))
+                 if v is not None]
+        if len(given) != 1:
+            raise BadInput("--ratio/--n-prune/--keep", "give exactly one of --ratio, --n-prune, --keep"
+                           + (f" (got {', '.join(given)})" if given else ""))
+        if self.ratio is not None and not (0.0 <= self.ratio < 1.0):
+            raise BadInput("--ratio", f"{self.ratio} is outside [0, 1)")
+        if self.n_prune is not None and self.n_prune < 0:
+            raise BadInput("--n-prune", f"{self.n_prune} is negative")
+        if self.keep is not None and self.keep < 1:
+            raise BadInput("--keep", f"{self.keep} must be at least 1")
+        if self.min_experts < 1:
+            raise BadInput("--min-experts", f"{self.min_experts} must be at least 1")
+        if self.budget not in BUDGETS:
+            raise BadInput("--budget", f"unknown budget {self.budget!r}; choose uniform or global")
+
 
 @dataclass
 class LayerScores:
@@ -57,25 +68,6 @@ class LayerScores:
     scores: np.ndarray
     max_activations: np.ndarray
     super_experts: list[int] = field(default_factory=list)
-
-
-def _layers_from_rules(config: dict, rules: dict) -> set[int]:
-    out: set[int] = set()
-    for key, rule in rules.items():
-        value = config.get(key)
-        if value:
-            out.update(int(i) for i in rule(config, value))
-    return out
-
-
-def frozen_layers(config: dict) -> list[int]:
-    """Hash-routed and MTP layers named by a model's config.json."""
-    return sorted(_layers_from_rules(config, _FROZEN_RULES))
-
-
-def dense_layers(config: dict) -> list[int]:
-    """Layers whose MLP is dense (nothing to prune) by config.json."""
-    return sorted(_layers_from_rules(config, _DENSE_RULES))
 
 
 def parse_layer_spec(spec: str | None, where: str = "--skip-layers") -> tuple[int, ...]:
@@ -93,42 +85,6 @@ def parse_layer_spec(spec: str | None, where: str = "--skip-layers") -> tuple[in
             raise BadInput(where, f"layer range {part!r} runs backwards")
         out.update(range(a, b + 1))
     return tuple(sorted(out))
-
-
-def structure_from_model(model: dict, where: str) -> MoEStructure:
-    """The MoEStructure recorded in a telemetry store's (or plan's) `model` block."""
-    try:
-        layers = [int(i) for i in model["moe_layers"]]
-        counts = model["num_experts"]
-        if isinstance(counts, dict):
-            layer_experts = {int(k): int(v) for k, v in counts.items()}
-        else:
-            layer_experts = {i: int(counts) for i in layers}
-        return MoEStructure(
-            model_type=str(model["model_type"]), num_layers=int(model["num_layers"]),
-            layer_experts=layer_experts, top_k=int(model["top_k"]),
-            n_group=int(model.get("n_group") or 1), topk_group=int(model.get("topk_group") or 1),
-            frozen_layers=sorted(int(i) for i in model.get("frozen_layers") or []))
-    except (KeyError, TypeError, ValueError) as e:
-        raise BadInput(where, f"telemetry 'model' attributes are incomplete or malformed ({e!r})") from None
-
-
-def _check_options(o: PlanOptions, where: str) -> None:
-    if o.method not in METHODS:
-        raise BadInput(where, f"unknown method {o.method!r}; choose one of {', '.join(METHODS)}")
-    given = [name for name, v in (("--ratio", o.ratio), ("--n-prune", o.n_prune), ("--keep", o.keep)) if v is not None]
-    if len(given) != 1:
-        raise BadInput(where, "give exactly one of --ratio, --n-prune, --keep" + (f" (got {', '.join(given)})" if given else ""))
-    if o.ratio is not None and not (0.0 <= o.ratio < 1.0):
-        raise BadInput(where, f"--ratio {o.ratio} is outside [0, 1)")
-    if o.n_prune is not None and o.n_prune < 0:
-        raise BadInput(where, f"--n-prune {o.n_prune} is negative")
-    if o.keep is not None and o.keep < 1:
-        raise BadInput(where, f"--keep {o.keep} must be at least 1")
-    if o.min_experts < 1:
-        raise BadInput(where, f"--min-experts {o.min_experts} must be at least 1")
-    if o.budget not in BUDGETS:
-        raise BadInput(where, f"unknown budget {o.budget!r}; choose uniform or global")
 
 
 def _requested_drop(o: PlanOptions, num_experts: int, n_group: int) -> int:
@@ -306,30 +262,25 @@ def _read_layer(store: TelemetryStore, layer: int, o: PlanOptions, expected: int
     return stats
 
 
-def make_plan(store: TelemetryStore, *, method: str, ratio: float | None = None, n_prune: int | None = None,
-              keep: int | None = None, min_experts: int = 1, skip_layers: tuple[int, ...] | list[int] = (),
-              preserve_super_experts: bool = True, budget: str = "uniform", seed: int = 0,
-              config: dict | None = None, progress: bool = False) -> Plan:
-    """Score every committed MoE layer of `store` by `method`, pick the experts to drop under the
-    budget and constraints, and return a checked Plan with scores, reasons and provenance.
+def make_plan(store: TelemetryStore, o: PlanOptions, *, frozen: Iterable[int] = (), progress: bool = False) -> Plan:
+    """Score every committed MoE layer of `store` by the options' method, pick the experts to drop
+    under the budget and constraints, and return a checked Plan with scores, reasons and provenance.
 
-    `config` (the model's config.json, when at hand) adds hash/MTP layers to the untouched set.
+    `frozen`: layers to leave whole beyond those the store's model block names (hash/MTP layers
+    of the model, when it is at hand).
     """
-    o = PlanOptions(method, ratio, n_prune, keep, min_experts, tuple(sorted(set(skip_layers))),
-                    preserve_super_experts, budget, seed)
     where = str(store.path)
-    _check_options(o, where)
+    o.validate()
     attrs = store.attrs
     if not isinstance(attrs.get("model"), dict):
         raise BadInput(where, "telemetry has no 'model' attributes (not written by collect/init?)")
-    st = structure_from_model(attrs["model"], where)
-    frozen = set(st.frozen_layers) | set(frozen_layers(config or {}))
-    dense = set(dense_layers(config or {}))
+    st = MoEStructure.from_json(attrs["model"], where)
+    frozen = set(st.frozen_layers) | set(frozen)
     committed = store.layers()
     if not committed:
         raise BadInput(where, "telemetry has no committed layers")
     for layer in committed:
-        if layer not in st.layer_experts or layer in dense:
+        if layer not in st.layer_experts:
             raise BadInput(where, f"telemetry holds layer {layer}, which is not an MoE layer of the model")
     prunable = [layer for layer in st.moe_layers if layer not in frozen]
     missing = [layer for layer in prunable if layer not in committed]
@@ -385,3 +336,16 @@ def make_plan(store: TelemetryStore, *, method: str, ratio: float | None = None,
         }})
     check_plan(plan, replace(st, frozen_layers=sorted(frozen)), where, min_experts=o.min_experts)
     return plan
+
+
+def check_store_model(store: TelemetryStore, model: Model) -> None:
+    """Refuse telemetry collected on another model than `model` (fingerprint, then structure)."""
+    recorded = store.attrs.get("model") or {}
+    if not isinstance(recorded, dict) or recorded.get("fingerprint") != model.fingerprint:
+        fp = recorded.get("fingerprint") if isinstance(recorded, dict) else None
+        raise BadInput(store.path, f"telemetry was collected on another model (fingerprint "
+                                   f"{str(fp)[:19]}…, {model.path} is {str(model.fingerprint)[:19]}…)")
+    shape = model.structure.to_json()
+    for key in ("model_type", "moe_layers", "num_experts", "top_k"):
+        if recorded.get(key) != shape[key]:
+            raise BadInput(store.path, f"telemetry {key} {recorded.get(key)!r} differs from {model.path}'s {shape[key]!r}")

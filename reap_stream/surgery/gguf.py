@@ -19,146 +19,24 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .safetensors import _copy_range, _write_all
 from ..errors import BadInput
+from ..families.model import Model
+from ..families.structure import gguf_expert_tensors
 from ..families.table import FAMILIES
-from ..io.gguf import (KV, GGUFFile, OutTensor, VType, encode_header, encode_kv,
-                          align, plan_offsets, read_model, split_name, BLOCK_TENSOR, SPLIT_PATTERN)
-from ..planning.plan import Plan, kept_runs
-from ..families.structure import MoEStructure, check_plan
+from ..io.files import copy_range, write_all
+from ..io.gguf import (BLOCK_TENSOR, KV, SPLIT_PATTERN, GGUFFile, OutTensor, VType, align, encode_header,
+                       encode_kv, plan_offsets, split_name)
+from ..planning.plan import Plan, check_plan, kept_runs
 
-COMPACT_LAYOUT = "ds4-compact-v1"
 # reap.layer.policy values of ds4-compact-v1 (docs/gguf.md); POLICY_MOE_DISABLED is reserved by
 # the layout and never written by this tool
 POLICY_NONE, POLICY_HASH_PRESERVED, POLICY_ROUTER_MASK_PRUNED, POLICY_MOE_DISABLED = 0, 1, 2, 3
 
 
-@dataclass(frozen=True)
-class GGUFArch:
-    model_type: str                    # the mlx_lm / HF model_type of the same model
-    expert_tensors: tuple[str, ...]    # blk.N.<suffix> tensors whose outermost dim is the expert
-    hash_tensor: str | None = None     # present in layers routed by a fixed token->expert table
-    compact_layout: str | None = None  # per-layer expert counts this arch's loader understands
-
-
-_ROUTER = ("ffn_gate_inp.weight",)
-_SWIGLU = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
-_SWIGLU_BIAS = ("ffn_gate_exps.bias", "ffn_up_exps.bias", "ffn_down_exps.bias")
-_SCORE_BIAS = ("exp_probs_b.bias",)
-
-# GGUF architecture -> mlx_lm / HF model_type: the inverse of Family.gguf_arch, so the two
-# tables cannot drift apart; deepseek4 has no mlx_lm family
-_MODEL_TYPE = {f.gguf_arch: f.model_type for f in FAMILIES.values() if f.gguf_arch}
-
-# per-architecture GGUF tensor-name knowledge; shared experts (`*_shexp`, `ffn_gate_inp_shexp`)
-# are absent on purpose: they are never pruned and are copied unchanged.
-GGUF_ARCHS: dict[str, GGUFArch] = {
-    "qwen3moe": GGUFArch(_MODEL_TYPE["qwen3moe"], _ROUTER + _SWIGLU),
-    "qwen2moe": GGUFArch(_MODEL_TYPE["qwen2moe"], _ROUTER + _SWIGLU),
-    "olmoe": GGUFArch(_MODEL_TYPE["olmoe"], _ROUTER + _SWIGLU),
-    "llama": GGUFArch(_MODEL_TYPE["llama"], _ROUTER + _SWIGLU),
-    "deepseek2": GGUFArch(_MODEL_TYPE["deepseek2"], _ROUTER + _SCORE_BIAS + _SWIGLU),
-    "glm4moe": GGUFArch(_MODEL_TYPE["glm4moe"], _ROUTER + _SCORE_BIAS + _SWIGLU),
-    "gpt-oss": GGUFArch(_MODEL_TYPE["gpt-oss"], _ROUTER + ("ffn_gate_inp.bias",) + _SWIGLU + _SWIGLU_BIAS),
-    "deepseek4": GGUFArch(
-        "deepseek_v4",
-        _ROUTER + _SCORE_BIAS + _SWIGLU
-        + ("ffn_gate_up_exps.weight", "ffn_gate_up_exps.scale", "ffn_down_exps.scale"),
-        hash_tensor="ffn_gate_tid2eid.weight", compact_layout=COMPACT_LAYOUT),
-}
-
-
-# ---------------------------------------------------------------- structure
-
-@dataclass
-class GGUFModel:
-    parts: list[GGUFFile]
-    arch: str
-    spec: GGUFArch
-    structure: MoEStructure
-    hash_layers: list[int]
-
-    @property
-    def path(self) -> Path:
-        return self.parts[0].path
-
-    @property
-    def meta(self) -> GGUFFile:
-        return self.parts[0]
-
-
-def _uint_kv(g: GGUFFile, key: str, *, required: bool = True) -> int | None:
-    kv = g.kvs.get(key)
-    if kv is None:
-        if required:
-            raise BadInput(g.path, f"metadata key {key!r} is missing")
-        return None
-    if kv.vtype not in (VType.UINT8, VType.UINT16, VType.UINT32, VType.UINT64, VType.INT32, VType.INT64) \
-            or kv.value < 0:
-        raise BadInput(g.path, f"metadata {key!r} must be a non-negative integer, got {kv.value!r}")
-    return int(kv.value)
-
-
-def open_gguf(path: str | Path) -> GGUFModel:
-    """Read every part of a GGUF model and derive its MoE structure from metadata and tensors."""
-    parts = read_model(path)
-    g = parts[0]
-    arch_kv = g.kvs.get("general.architecture")
-    if arch_kv is None or arch_kv.vtype != VType.STRING:
-        raise BadInput(g.path, "metadata 'general.architecture' is missing or not a string")
-    arch = arch_kv.value
-    spec = GGUF_ARCHS.get(arch)
-    if spec is None:
-        raise BadInput(g.path, f"architecture {arch!r} is not a supported MoE architecture "
-                               f"(supported: {', '.join(sorted(GGUF_ARCHS))})")
-    if "reap.layout" in g.kvs:
-        raise BadInput(g.path, f"already recompacted (reap.layout={g.get('reap.layout')!r}); apply plans to the original file")
-    num_layers = _uint_kv(g, f"{arch}.block_count")
-    experts: dict[int, int] = {}
-    hash_layers = set()
-    for part in parts:
-        for t in part.tensors:
-            m = BLOCK_TENSOR.match(t.name)
-            if not m:
-                continue
-            layer, suffix = int(m.group(1)), m.group(2)
-            if layer >= num_layers:
-                raise BadInput(part.path, f"tensor {t.name!r} is past {arch}.block_count={num_layers}")
-            if suffix == spec.hash_tensor:
-                hash_layers.add(layer)
-            if suffix in spec.expert_tensors:
-                n = t.ne[-1]
-                if experts.setdefault(layer, n) != n:
-                    raise BadInput(part.path, f"layer {layer}: {t.name!r} holds {n} experts, other expert tensors {experts[layer]}")
-            elif "_exps." in suffix:
-                raise BadInput(part.path, f"tensor {t.name!r} looks like an expert tensor but {arch!r} is not known "
-                                          f"to have it; refusing to guess its expert axis")
-    if not experts:
-        raise BadInput(g.path, f"no MoE expert tensors found for architecture {arch!r}")
-    expert_count = _uint_kv(g, f"{arch}.expert_count")
-    wrong = {L: n for L, n in experts.items() if n != expert_count}
-    if wrong:
-        L = min(wrong)
-        raise BadInput(g.path, f"{arch}.expert_count is {expert_count} but layer {L} holds {wrong[L]} experts")
-    nextn = _uint_kv(g, f"{arch}.nextn_predict_layers", required=False) or 0
-    # only MoE layers can be frozen: a dense NextN block has no experts to protect
-    frozen = sorted((hash_layers | set(range(num_layers - nextn, num_layers))) & set(experts))
-    st = MoEStructure(
-        model_type=spec.model_type,
-        num_layers=num_layers,
-        layer_experts=dict(sorted(experts.items())),
-        top_k=_uint_kv(g, f"{arch}.expert_used_count"),
-        n_group=_uint_kv(g, f"{arch}.expert_group_count", required=False) or 1,
-        topk_group=_uint_kv(g, f"{arch}.expert_group_used_count", required=False) or 1,
-        frozen_layers=frozen,
-    )
-    return GGUFModel(parts, arch, spec, st, sorted(hash_layers))
-
-
-def _check_same_model(plan: Plan, gm: GGUFModel, where: str) -> None:
+def _check_same_model(plan: Plan, gm: Model, where: str) -> None:
     """Plans from another form of the model carry its structure: say exactly what differs."""
     pm = plan.model or {}
-    st, arch = gm.structure, gm.arch
+    st, arch = gm.structure, gm.gguf_arch
     mt = pm.get("model_type")
     if mt is not None and mt != st.model_type:
         fam = FAMILIES.get(mt)
@@ -196,11 +74,11 @@ class OutPart:
         return len(self.header) + (align(last.offset + last.nbytes, self.source.alignment) if last else 0)
 
 
-def _out_tensors(part: GGUFFile, spec: GGUFArch, kept: dict[int, list[int]]) -> list[OutTensor]:
+def _out_tensors(part: GGUFFile, expert_tensors: frozenset[str], kept: dict[int, list[int]]) -> list[OutTensor]:
     planned = []
     for t in part.tensors:
         m = BLOCK_TENSOR.match(t.name)
-        ids = kept.get(int(m.group(1))) if m and m.group(2) in spec.expert_tensors else None
+        ids = kept.get(int(m.group(1))) if m and m.group(2) in expert_tensors else None
         if ids is None or len(ids) == t.ne[-1]:
             planned.append((t.name, t.ne, t.ggml_type, t.nbytes, ((t.start, t.nbytes),), False))
             continue
@@ -225,7 +103,7 @@ def _out_paths(out: Path, n_parts: int) -> list[Path]:
     return [out.with_name(split_name(prefix, i + 1, n_parts)) for i in range(n_parts)]
 
 
-def _layer_policy(gm: GGUFModel, after: dict[int, int]) -> tuple[list[int], list[int], list[int]]:
+def _layer_policy(gm: Model, after: dict[int, int]) -> tuple[list[int], list[int], list[int]]:
     st = gm.structure
     policy, count, keep = [], [], []
     for L in range(st.num_layers):
@@ -242,16 +120,16 @@ def _layer_policy(gm: GGUFModel, after: dict[int, int]) -> tuple[list[int], list
     return policy, count, keep
 
 
-def plan_layout(gm: GGUFModel, plan: Plan, out: Path, where: str) -> tuple[list[OutPart], dict]:
+def plan_layout(gm: Model, plan: Plan, out: Path, where: str) -> tuple[list[OutPart], dict]:
     """Every output header and tensor's source ranges, before any byte is written."""
-    st, arch = gm.structure, gm.arch
+    st, arch = gm.structure, gm.gguf_arch
     kept = plan.kept_map()
     after = {L: len(kept.get(L, range(n))) for L, n in st.layer_experts.items()}
     counts = sorted(set(after.values()))
     edits: dict[str, bytes] = {}
     additions: dict[str, bytes] = {}
-    if gm.spec.compact_layout:
-        layout = gm.spec.compact_layout
+    if gm.family.gguf_compact_layout:
+        layout = gm.family.gguf_compact_layout
         policy, count, keep = _layer_policy(gm, after)
         additions = {
             "reap.enabled": encode_kv("reap.enabled", VType.BOOL, True),
@@ -263,7 +141,7 @@ def plan_layout(gm: GGUFModel, plan: Plan, out: Path, where: str) -> tuple[list[
     elif len(counts) == 1:
         layout = "uniform"
         key = f"{arch}.expert_count"
-        kv: KV = gm.meta.kvs[key]
+        kv: KV = gm.gguf_parts[0].kvs[key]
         edits[key] = encode_kv(key, kv.vtype, counts[0])
     else:
         frozen = f" (layers {st.frozen_layers} are never pruned)" if st.frozen_layers else ""
@@ -271,8 +149,8 @@ def plan_layout(gm: GGUFModel, plan: Plan, out: Path, where: str) -> tuple[list[
                               f"{arch!r} loader reads one {arch}.expert_count for all layers, so only uniform "
                               f"plans apply to this GGUF (ds4-compact-v1 exists for deepseek4 only)")
     parts = []
-    for i, (src, path) in enumerate(zip(gm.parts, _out_paths(out, len(gm.parts)))):
-        tensors = _out_tensors(src, gm.spec, kept)
+    for i, (src, path) in enumerate(zip(gm.gguf_parts, _out_paths(out, len(gm.gguf_parts)))):
+        tensors = _out_tensors(src, gguf_expert_tensors(gm.family), kept)
         kv_raw = _metadata(src, edits, list(additions.values()) if i == 0 else [])
         parts.append(OutPart(path, src, encode_header(src.version, kv_raw, tensors, src.alignment), tensors))
     info = {"layout": layout,
@@ -287,29 +165,29 @@ def _write_part(part: OutPart, tmp: Path, buf: memoryview, bar: tqdm) -> None:
     # the safetensors apply's range copy: copy_file_range where it can, short writes retried
     align = part.source.alignment
     with open(part.source.path, "rb", buffering=0) as src, open(tmp, "wb", buffering=0) as dst:
-        _write_all(dst.fileno(), part.header)
+        write_all(dst.fileno(), part.header)
         for t in part.tensors:
             for start, length in t.pieces:
-                _copy_range(src.fileno(), dst.fileno(), start, start + length, buf, part.source.path)
+                copy_range(src.fileno(), dst.fileno(), start, start + length, buf, part.source.path)
                 bar.update(length)
-            _write_all(dst.fileno(), bytes(-t.nbytes % align))
+            write_all(dst.fileno(), bytes(-t.nbytes % align))
         os.fsync(dst.fileno())
 
 
-def apply_gguf(model: Path, plan: Plan, out: Path, *, overwrite: bool, dry_run: bool,
+def apply_gguf(gm: Model, plan: Plan, out: Path, *, overwrite: bool, dry_run: bool,
                buffer_bytes: int = 8 << 20, plan_where: str | Path = "plan", progress: bool = True) -> dict:
-    """Write `out` (or its split parts): `model` with the plan's pruned experts removed.
+    """Write `out` (or its split parts): the GGUF model `gm` with the plan's pruned experts removed.
 
     Returns a JSON-able summary; a GGUF is always matched to the plan by structure, never by
     file hash. `progress=False` hides the byte bar (apply --quiet / --json).
     """
-    model, out, where = Path(model), Path(out), str(plan_where)
-    gm = open_gguf(model)
+    out, where = Path(out), str(plan_where)
+    model = gm.path
     _check_same_model(plan, gm, where)
     check_plan(plan, gm.structure, where)
     parts, info = plan_layout(gm, plan, out, where)
 
-    sources = {p.path.resolve() for p in gm.parts}
+    sources = {p.path.resolve() for p in gm.gguf_parts}
     for p in parts:
         if p.path.resolve() in sources:
             raise BadInput(p.path, "output would overwrite the source model")
@@ -325,7 +203,7 @@ def apply_gguf(model: Path, plan: Plan, out: Path, *, overwrite: bool, dry_run: 
         "format": "gguf",
         "model": str(model),
         "out": [str(p.path) for p in parts],
-        "arch": gm.arch,
+        "arch": gm.gguf_arch,
         "model_type": st.model_type,
         "layout": info["layout"],
         "method": plan.method,
@@ -339,7 +217,7 @@ def apply_gguf(model: Path, plan: Plan, out: Path, *, overwrite: bool, dry_run: 
         "metadata_changed": info["metadata_changed"],
         "tensors": sum(len(p.tensors) for p in parts),
         "tensors_sliced": sum(t.sliced for p in parts for t in p.tensors),
-        "bytes_in": sum(g.size for g in gm.parts),
+        "bytes_in": sum(g.size for g in gm.gguf_parts),
         "bytes_out": sum(p.size for p in parts),
         "fingerprint": "not compared: a GGUF is matched to the plan by structure "
                        "(architecture, layer count, experts per layer)",

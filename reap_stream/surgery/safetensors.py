@@ -8,7 +8,6 @@ index and the manifest are written last.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -21,17 +20,17 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .. import __version__
-from ..io.safetensors import INDEX_NAME, Checkpoint, sha256_file
 from ..errors import BadInput
-from ..families.table import Family, classify, family_of
-from ..planning.plan import Plan, kept_runs
-from ..families.structure import check_plan, checkpoint_structure, fingerprint
+from ..families.model import Model
+from ..families.table import Family, classify
+from ..io.files import copy_range, sha256_file, write_all
+from ..io.safetensors import INDEX_NAME, Checkpoint
+from ..planning.plan import Plan, check_plan, kept_runs
 
 MANIFEST_NAME = "reap_manifest.json"
 PLAN_COPY_NAME = "reap_plan.json"
 MANIFEST_FORMAT = "reap-stream-manifest"
 DEFAULT_MAX_SHARD = 5 * 10**9
-_HAS_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
 # Source files never copied: weights in any format (they would hold the unpruned experts), their
 # indexes, and the source's own reap-stream records. Everything else (tokenizer, generation config,
 # chat template, licence, custom code) is copied as is.
@@ -186,18 +185,16 @@ def _new_config(config: dict, plan: Plan, fam: Family, source_fp: str) -> dict:
     return cfg
 
 
-def plan_layout(ckpt: Checkpoint, plan: Plan, *, max_shard_bytes: int = DEFAULT_MAX_SHARD,
+def plan_layout(model: Model, plan: Plan, *, max_shard_bytes: int = DEFAULT_MAX_SHARD,
                 plan_where: str = "plan", ignore_fingerprint: bool = False) -> Layout:
-    """Check the plan against the checkpoint and lay out every output file."""
-    fam = family_of(ckpt.config, str(ckpt.root / "config.json"))
-    st = checkpoint_structure(ckpt)
-    fp = fingerprint(ckpt, st)
-    check_plan(plan, st, plan_where, model_fingerprint=None if ignore_fingerprint else fp)
+    """Check the plan against the model and lay out every output file."""
+    ckpt, fam, st = model.require_checkpoint("a safetensors apply"), model.family, model.structure
+    check_plan(plan, st, plan_where, model_fingerprint=None if ignore_fingerprint else model.fingerprint)
     tensors = _out_tensors(ckpt, plan, fam, st.layer_experts)
     metadata = ckpt.shards[0].metadata if ckpt.shards else {}
     shards = _shard(tensors, dict(metadata), max_shard_bytes)
     copied = sorted(p.name for p in ckpt.root.iterdir() if p.is_file() and not _NOT_COPIED.match(p.name))
-    return Layout(ckpt, plan, shards, _new_config(ckpt.config, plan, fam, fp), copied)
+    return Layout(ckpt, plan, shards, _new_config(ckpt.config, plan, fam, model.fingerprint), copied)
 
 
 def check_output_path(source: Path, out: Path, overwrite: bool) -> None:
@@ -212,45 +209,16 @@ def check_output_path(source: Path, out: Path, overwrite: bool) -> None:
         raise BadInput(out, "output exists and is not a directory")
 
 
-def _copy_range(src_fd: int, dst_fd: int, start: int, end: int, buffer: memoryview, path: Path) -> None:
-    """Append source bytes [start, end) to dst: in the kernel where it can, else via `buffer`."""
-    global _HAS_COPY_FILE_RANGE
-    pos = start
-    while pos < end:
-        n = 0
-        if _HAS_COPY_FILE_RANGE:
-            try:
-                n = os.copy_file_range(src_fd, dst_fd, end - pos, pos)
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-                _HAS_COPY_FILE_RANGE = False  # e.g. across file systems on older kernels
-                continue
-        else:
-            n = os.preadv(src_fd, [buffer[: min(len(buffer), end - pos)]], pos)
-            if n > 0:
-                _write_all(dst_fd, buffer[:n])
-        if n <= 0:
-            raise BadInput(path, f"unexpected end of file at byte {pos}")
-        pos += n
-
-
-def _write_all(fd: int, data) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 def _copy_shard(shard: OutShard, dst: Path, buffer: memoryview, bar: tqdm) -> None:
     handles: dict[Path, int] = {}
     out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        _write_all(out, shard.header())
+        write_all(out, shard.header())
         for t in shard.tensors:
             for path, start, end in t.ranges:
                 if path not in handles:
                     handles[path] = os.open(path, os.O_RDONLY)
-                _copy_range(handles[path], out, start, end, buffer, path)
+                copy_range(handles[path], out, start, end, buffer, path)
                 bar.update(end - start)
         os.fsync(out)
     finally:

@@ -15,7 +15,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .safetensors import MANIFEST_FORMAT, MANIFEST_NAME, PLAN_COPY_NAME
-from ..io.safetensors import Checkpoint, is_gguf, sha256_file
+from ..io.files import sha256_file
+from ..io.gguf import is_gguf
+from ..io.safetensors import Checkpoint
 from ..errors import BadInput
 from ..families.table import classify, family_of
 from ..planning.plan import Plan
@@ -179,7 +181,8 @@ def check_plan_copy(out: Path, config: dict, findings: list[Finding]) -> None:
 def check_gguf(path: Path, findings: list[Finding]) -> int:
     """A recompacted GGUF (one file or the first of a split): llama.cpp's layout rules, and every
     expert-axis tensor as long as the metadata says its layer is. Returns the parts checked."""
-    from .gguf import GGUF_ARCHS
+    from ..families.structure import gguf_expert_tensors
+    from ..families.table import BY_GGUF_ARCH
     from ..io.gguf import BLOCK_TENSOR, layout_problems, read_model
 
     try:
@@ -191,16 +194,17 @@ def check_gguf(path: Path, findings: list[Finding]) -> int:
         findings.extend(Finding("shape", part.path.name, p) for p in layout_problems(part))
     first = parts[0]
     arch = first.get("general.architecture")
-    spec = GGUF_ARCHS.get(arch)
-    if spec is None:
+    fam = BY_GGUF_ARCH.get(arch) if isinstance(arch, str) else None
+    if fam is None:
         findings.append(Finding("config", path.name, f"architecture {arch!r} has no expert-tensor table"))
         return len(parts)
+    expert_tensors = gguf_expert_tensors(fam)
     keep = first.get("reap.layer.keep_count")
     uniform = first.get(f"{arch}.expert_count")
     for part in parts:
         for t in part.tensors:
             m = BLOCK_TENSOR.match(t.name)
-            if not m or m.group(2) not in spec.expert_tensors:
+            if not m or m.group(2) not in expert_tensors:
                 continue
             layer = int(m.group(1))
             want = keep[layer] if isinstance(keep, list) and layer < len(keep) else uniform

@@ -1,8 +1,8 @@
-"""REAP telemetry collection: float64 accumulators per MoE layer, resume, stream and memory modes.
+"""REAP telemetry collection: a run over the calibration tokens, resumable, committed layer by layer.
 
-`collect(model_dir, calib, out, work_dir, options)` runs the model over the calibration tokens
-(runner.StreamRunner layer by layer, or runner.MemoryRunner whole) and writes a telemetry store
-(telemetry.py) to `out`. While running, the store lives in WORK_DIR/telemetry.zarr and each MoE
+`collect(model, calib, out, run, options)` runs the model over the calibration tokens (layer by
+layer, or whole in memory mode: reap_stream.runner) and writes a telemetry store
+(telemetry/store.py) to `out`. While running, the store lives in WORK_DIR/telemetry.zarr and each MoE
 layer is committed there atomically once its output hidden states are spilled; `out` appears
 (by rename) only when every selected layer is in. WORK_DIR/run.json records the options that
 change results; a rerun with the same ones resumes, a rerun with others is refused.
@@ -16,32 +16,26 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .. import __version__
-from ..io.safetensors import Checkpoint
+from ..blas import mlx_core
 from ..errors import BadInput
-from ..families.table import family_of
-from ..procstats import peak_rss_bytes
-from ..runner.stream import _mx, check_chunk_tokens, check_mode
+from ..families.model import Model
 from ..io.files import write_text_atomic
-from ..families.structure import checkpoint_structure, fingerprint
-from .store import LayerStats, TelemetryStore
+from ..procstats import peak_rss_bytes
+from ..runner import RunOptions, open_runner
+from .accumulate import Accumulator
+from .calibration import CalibrationSet
+from .store import TelemetryStore
+from .tokens import save_tokens
 
 RUN_FILE = "run.json"
 
 
 @dataclass(frozen=True)
 class CollectOptions:
-    mode: str = "stream"
-    layers: tuple[int, ...] | None = None   # MoE layers to record (None: all)
-    renorm_topk: bool = True                 # g = top-k-renormalised probability (CR's default)
-    chunk_tokens: int = 4096
-
-    def result_key(self) -> dict:
-        """Options that change the telemetry (mode does not: both modes give the same)."""
-        return {"layers": None if self.layers is None else list(self.layers),
-                "renorm_topk": self.renorm_topk, "chunk_tokens": self.chunk_tokens}
+    """What collect records (how the model runs is RunOptions: mode, chunking, work dir)."""
+    layers: tuple[int, ...] | None = None   # MoE layers to record (None: every prunable one)
+    renorm_topk: bool = True                 # g = top-k-renormalised probability (the reference's default)
 
 
 def parse_layers(spec: str | None) -> tuple[int, ...] | None:
@@ -64,43 +58,6 @@ def parse_layers(spec: str | None) -> tuple[int, ...] | None:
     if any(i < 0 for i in out):
         raise BadInput("--layers", "layer numbers must be >= 0")
     return tuple(sorted(out))
-
-
-# ------------------------------------------------------------------ accumulation
-
-class Accumulator:
-    """Running float64 sums of one MoE layer over the chunks it has seen."""
-
-    def __init__(self, layer: int, num_experts: int, hidden: int, renorm_topk: bool):
-        self.stats = LayerStats.zeros(layer, num_experts, hidden)
-        self.renorm_topk = renorm_topk
-
-    def add(self, cap) -> None:
-        st = self.stats
-        e_count = st.num_experts
-        inds = cap.inds                                         # [T, k]
-        t, k = inds.shape
-        # the k selected probabilities, upcast after the pick (float32 -> float64 is exact)
-        g = np.take_along_axis(np.array(cap.routed.probs).reshape(t, -1), inds, axis=1).astype(np.float64)
-        if self.renorm_topk:
-            g = g / g.sum(axis=1, keepdims=True)
-        b = cap.batch
-        y32 = b.outputs                                         # [T*k, H] float32, grouped by expert
-        norms = np.empty(len(y32))
-        st.tokens += t
-        for e in np.flatnonzero(np.diff(b.bounds)):
-            lo, hi = b.bounds[e], b.bounds[e + 1]
-            y = y32[lo:hi].astype(np.float64)   # one expert at a time: no float64 copy of the chunk
-            norms[lo:hi] = np.sqrt(np.einsum("ij,ij->i", y, y))
-            st.expert_output_sum[e] += y.sum(axis=0)
-            st.max_activations[e] = max(st.max_activations[e], y.max())
-        g_sorted = g.reshape(-1)[b.order]
-        st.frequency += np.bincount(b.experts, minlength=e_count)
-        st.weighted_frequency_sum += np.bincount(b.experts, weights=g_sorted, minlength=e_count)
-        st.ean_sum += np.bincount(b.experts, weights=norms, minlength=e_count)
-        st.weighted_ean_sum += np.bincount(b.experts, weights=g_sorted * norms, minlength=e_count)
-        pairs = (inds[:, :, None] * e_count + inds[:, None, :]).reshape(-1)
-        st.coactivation += np.bincount(pairs, minlength=e_count * e_count).reshape(e_count, e_count)
 
 
 # ------------------------------------------------------------------ run record
@@ -126,54 +83,51 @@ def default_work_dir(out: Path) -> Path:
 
 # ------------------------------------------------------------------ collect
 
-def collect(model_dir: str | Path | Checkpoint, calib, out: str | Path, work_dir: str | Path | None = None,
+def collect(model: Model, calib: CalibrationSet, out: str | Path, run: RunOptions = RunOptions(),
             options: CollectOptions = CollectOptions(), progress: bool = True) -> dict:
-    """Collect telemetry of `calib` (a calibration.CalibrationSet) into `out`; returns a summary."""
+    """Collect telemetry of `calib` into `out` (work dir: run.work_dir, else OUT.work); returns a summary."""
     from tqdm import tqdm
 
-    _mx()  # mlx through ensure_blas, before mlx_lm imports it
+    mlx_core()  # mlx through ensure_blas, before mlx_lm imports it
     import mlx_lm.utils  # noqa: F401  (import time is not collection time)
 
     started = time.perf_counter()
     out = Path(out)
-    work_dir = Path(work_dir) if work_dir is not None else default_work_dir(out)
-    check_mode(options.mode)
-    check_chunk_tokens(options.chunk_tokens)
+    work_dir = Path(run.work_dir) if run.work_dir is not None else default_work_dir(out)
+    run.validate()
     if not calib.sequences or calib.num_tokens == 0:
         raise BadInput("calibration", "no tokens to collect on")
-    ckpt = Checkpoint.of(model_dir)
-    fam = family_of(ckpt.config, str(ckpt.root / "config.json"))
-    structure = checkpoint_structure(ckpt)
-    selected = list(structure.moe_layers if options.layers is None else options.layers)
+    structure = model.structure
+    selected = list(structure.prunable_layers if options.layers is None else options.layers)
     not_moe = [i for i in selected if i not in structure.layer_experts]
     if not_moe:
         raise BadInput("--layers", f"layer {not_moe[0]} is not an MoE layer (MoE layers: "
                                    f"{', '.join(map(str, structure.moe_layers))})")
     attrs = {
-        "model": {**structure.to_json(), "fingerprint": fingerprint(ckpt, structure)},
+        "model": model.model_block(),
         "calibration": calib.summary(),
-        "routing": {"renorm_topk": options.renorm_topk, "routing": fam.routing.value,
+        "routing": {"renorm_topk": options.renorm_topk, "routing": model.family.routing.value,
                     "capture": "exact (model's own router and selection)"},
-        "options": {**options.result_key(), "sample_batch_size": calib.batch_size},
+        "options": {"layers": None if options.layers is None else list(options.layers),
+                    "renorm_topk": options.renorm_topk, "chunk_tokens": run.chunk_tokens,
+                    "sample_batch_size": run.sample_batch_size},
         "tool_version": __version__,
     }
     if out.exists():
         return _already_done(out, attrs)
 
-    record = {"model_fingerprint": attrs["model"]["fingerprint"],
-              "calibration_fingerprint": calib.fingerprint, **attrs["options"]}
+    record = {"model_fingerprint": model.fingerprint, "calibration_fingerprint": calib.fingerprint, **attrs["options"]}
     work_dir.mkdir(parents=True, exist_ok=True)
     _check_run_record(work_dir, record)
     write_text_atomic(work_dir / RUN_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
     tokens_path = work_dir / "tokens.zarr"
     if not tokens_path.exists():
-        from .calibration import save_tokens
         save_tokens(calib, tokens_path)
 
     store_path = work_dir / "telemetry.zarr"
     store = TelemetryStore.open(store_path) if (store_path / "zarr.json").exists() \
         else TelemetryStore.create(store_path, attrs)
-    hidden = int(ckpt.config["hidden_size"])
+    hidden = int(model.config["hidden_size"])
     accs: dict[int, Accumulator] = {}
 
     def on_moe(layer: int, chunk, cap) -> None:
@@ -187,41 +141,30 @@ def collect(model_dir: str | Path | Checkpoint, calib, out: str | Path, work_dir
             store.commit(accs.pop(layer).stats)
 
     stop = max(selected) + 1
+    runner = open_runner(model, run, work_dir, progress=progress)
+    chunks = runner.chunks(calib.sequences, run.sample_batch_size)
+    start = runner.start_layer
+    missing = [i for i in selected if i < start and i not in store.layers()]
+    if missing:
+        raise BadInput(store_path, f"layer {missing[0]} is not committed but the run is past it; delete the work dir")
     layers_run = 0
-    if options.mode == "stream":
-        from ..runner.stream import StreamRunner
-
-        runner = StreamRunner(ckpt, work_dir, chunk_tokens=options.chunk_tokens, progress=progress)
-        chunks = runner.chunks(calib.sequences, calib.batch_size)
-        start = runner.next_layer()
-        missing = [i for i in selected if i < start and i not in store.layers()]
-        if missing:
-            raise BadInput(store_path, f"layer {missing[0]} is not committed but the run is past it; delete the work dir")
-        bar = tqdm(total=stop, initial=min(start, stop), desc="layers", unit="layer", disable=None if progress else True)
+    with tqdm(total=stop, initial=min(start, stop), desc="layers", unit="layer",
+              disable=None if progress else True) as bar:
         for _ in runner.run(chunks, on_moe=on_moe, stop=stop, on_layer_done=commit):
             layers_run += 1
             bar.update(1)
-        bar.close()
-        runner.cleanup()
-    else:
-        from ..runner.stream import MemoryRunner
-
-        runner = MemoryRunner(ckpt, chunk_tokens=options.chunk_tokens, progress=progress)
-        runner.run(runner.chunks(calib.sequences, calib.batch_size), on_moe=on_moe, stop=stop)
-        for layer in sorted(accs):
-            commit(layer)
-        layers_run = stop
+    runner.close()
     seconds = time.perf_counter() - started
 
     _publish(store_path, out)
     _clean_work_dir(work_dir)
     done = TelemetryStore.open(out)
     return {
-        "out": str(out), "mode": options.mode, "layers": done.layers(), "num_tokens": calib.num_tokens,
+        "out": str(out), "mode": run.mode, "layers": done.layers(), "num_tokens": calib.num_tokens,
         "layers_run": layers_run, "seconds": round(seconds, 3),
         "tokens_per_s": round(calib.num_tokens * layers_run / max(stop, 1) / seconds, 1) if seconds > 0 else None,
         "peak_rss_mib": round(peak_rss_bytes() / 2**20, 1),
-        "telemetry_fingerprint": done.fingerprint(), "model_fingerprint": attrs["model"]["fingerprint"],
+        "telemetry_fingerprint": done.fingerprint(), "model_fingerprint": model.fingerprint,
         "calibration_fingerprint": calib.fingerprint, "routing": attrs["routing"],
     }
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..families import table as families
+from ..families.table import FAMILIES as FAMILY_TABLE, FAMILY_ROWS
 from ..io.files import build_once
 
 QUANTIZED_FAMILIES: tuple[str, ...] = ("qwen3_moe", "deepseek_v3", "gpt_oss")
@@ -56,117 +56,9 @@ _COMMON = {
     "use_cache": True,
 }
 
-# Per-family config.json entries on top of _COMMON (architecture knowledge as data).
-_FAMILY_CONFIG = {
-    "qwen3_moe": {
-        "architectures": ["Qwen3MoeForCausalLM"],
-        "num_experts": 8,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 32,
-        "intermediate_size": 128,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": [],
-        "norm_topk_prob": True,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "use_sliding_window": False,
-        "sliding_window": None,
-        "output_router_logits": False,
-        "router_aux_loss_coef": 0.001,
-    },
-    "qwen2_moe": {
-        "architectures": ["Qwen2MoeForCausalLM"],
-        "num_experts": 8,
-        "num_experts_per_tok": 4,
-        "moe_intermediate_size": 32,
-        "shared_expert_intermediate_size": 64,
-        "intermediate_size": 128,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": [],
-        "norm_topk_prob": False,
-    },
-    "mixtral": {
-        "architectures": ["MixtralForCausalLM"],
-        "num_local_experts": 8,
-        "num_experts_per_tok": 2,
-        "intermediate_size": 32,
-        "sliding_window": None,
-        "attention_dropout": 0.0,
-        "output_router_logits": False,
-        "router_aux_loss_coef": 0.02,
-        "router_jitter_noise": 0.0,
-    },
-    "olmoe": {
-        "architectures": ["OlmoeForCausalLM"],
-        "num_experts": 8,
-        "num_experts_per_tok": 2,
-        "intermediate_size": 32,
-        "norm_topk_prob": False,
-        "attention_bias": False,
-        "clip_qkv": None,
-    },
-    "deepseek_v3": {
-        "architectures": ["DeepseekV3ForCausalLM"],
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "n_routed_experts": 8,
-        "n_shared_experts": 1,
-        "num_experts_per_tok": 2,
-        "n_group": 2,
-        "topk_group": 1,
-        "routed_scaling_factor": 2.5,
-        "norm_topk_prob": True,
-        "topk_method": "noaux_tc",
-        "scoring_func": "sigmoid",
-        "first_k_dense_replace": 1,
-        "moe_layer_freq": 1,
-        "moe_intermediate_size": 32,
-        "intermediate_size": 128,
-        "q_lora_rank": 32,
-        "kv_lora_rank": 32,
-        "qk_nope_head_dim": 32,
-        "qk_rope_head_dim": 16,
-        "v_head_dim": 32,
-        "attention_bias": False,
-    },
-    "glm4_moe": {
-        "architectures": ["Glm4MoeForCausalLM"],
-        "n_routed_experts": 8,
-        "n_shared_experts": 1,
-        "num_experts_per_tok": 2,
-        "n_group": 2,
-        "topk_group": 1,
-        "routed_scaling_factor": 1.5,
-        "norm_topk_prob": True,
-        "topk_method": "noaux_tc",
-        "scoring_func": "sigmoid",
-        "first_k_dense_replace": 1,
-        "moe_intermediate_size": 32,
-        "intermediate_size": 128,
-        "use_qk_norm": True,
-        "attention_bias": True,
-        "partial_rotary_factor": 0.5,
-    },
-    "gpt_oss": {
-        "architectures": ["GptOssForCausalLM"],
-        "num_local_experts": 8,
-        "num_experts_per_tok": 4,
-        "intermediate_size": 32,
-        "sliding_window": 128,
-        "layer_types": ["sliding_attention", "full_attention"] * 2,
-        "rope_theta": 150000.0,
-        "max_position_embeddings": 131072,
-        "rope_scaling": {
-            "rope_type": "yarn",
-            "factor": 32.0,
-            "beta_fast": 32.0,
-            "beta_slow": 1.0,
-            "truncate": False,
-            "original_max_position_embeddings": 4096,
-        },
-    },
-}
-FAMILIES: tuple[str, ...] = tuple(_FAMILY_CONFIG)
+# the families with a tiny fixture: every row mlx_lm can build (config extras in the row's `tiny`)
+FAMILIES: tuple[str, ...] = tuple(f.model_type for f in FAMILY_ROWS if f.mlx)
+NUM_EXPERTS = 8
 
 _ST_DTYPES = {  # numpy dtype name -> safetensors dtype
     "float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint32": "U32",
@@ -175,11 +67,14 @@ _ST_DTYPES = {  # numpy dtype name -> safetensors dtype
 
 
 def tiny_config(family: str) -> dict:
-    """The complete config.json dict of a family's tiny fixture."""
-    if family not in _FAMILY_CONFIG:
+    """The complete config.json dict of a family's tiny fixture: the common keys, 8 routed
+    experts, top-2, then the family row's own `tiny` entries."""
+    if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    fam = FAMILY_TABLE[family]
     cfg = dict(_COMMON)
-    cfg.update(copy.deepcopy(_FAMILY_CONFIG[family]))
+    cfg.update({fam.experts_key: NUM_EXPERTS, "num_experts_per_tok": 2})
+    cfg.update(copy.deepcopy(fam.tiny))
     cfg["model_type"] = family
     return dict(sorted(cfg.items()))
 
@@ -400,7 +295,7 @@ def make_mlx_fixture(
 
 def mlx_to_hf_names(family: str, tensors: dict) -> dict:
     """Unstack mlx_lm's switch_mlp tensors into HF per-expert names (pure dict -> dict)."""
-    fam = families.FAMILIES[family]   # the tensor-name knowledge lives in families.py alone
+    fam = FAMILY_TABLE[family]   # the tensor-name knowledge lives in the family table alone
     mlx_block, hf_block = f"{fam.block}.{fam.stacked}", f"{fam.block}.{fam.hf_experts}"
     proj = {mlx: hf for hf, mlx in fam.hf_names.items()}
     out = {}

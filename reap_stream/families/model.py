@@ -1,0 +1,81 @@
+"""A model resolved once, at the command boundary, and passed down to every stage.
+
+`open_model(path)` reads a safetensors model directory (config.json + shard headers) or a GGUF file
+(every part of a split), finds its family row, works out its MoE structure (frozen layers included)
+and its fingerprint. No tensor byte is read beyond the first router's (for the fingerprint).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import BadInput
+from ..io.gguf import GGUFFile, is_gguf, read_model
+from ..io.safetensors import Checkpoint
+from .structure import MoEStructure, checkpoint_structure, fingerprint, gguf_family, gguf_structure
+from .table import Family, family_of
+
+
+@dataclass
+class Model:
+    """One model as every stage sees it: its source (safetensors checkpoint or GGUF parts), family
+    row, MoE structure and fingerprint (None for a GGUF: matched to plans by structure)."""
+
+    path: Path
+    family: Family
+    structure: MoEStructure
+    fingerprint: str | None
+    checkpoint: Checkpoint | None = None
+    gguf_parts: list[GGUFFile] = field(default_factory=list)
+    gguf_arch: str | None = None
+    hash_layers: list[int] = field(default_factory=list)   # GGUF layers routed by a fixed table
+
+    @property
+    def is_gguf(self) -> bool:
+        return bool(self.gguf_parts)
+
+    @property
+    def config(self) -> dict:
+        if self.checkpoint is None:
+            raise BadInput(self.path, "a GGUF model has no config.json")
+        return self.checkpoint.config
+
+    @property
+    def where(self) -> str:
+        """The file messages about the model's configuration name."""
+        return str(self.gguf_parts[0].path if self.is_gguf else self.path / "config.json")
+
+    def model_block(self) -> dict:
+        """What telemetry stores and plans record of the model: structure and fingerprint."""
+        return {**self.structure.to_json(), "fingerprint": self.fingerprint}
+
+    def require_checkpoint(self, what: str) -> Checkpoint:
+        """The safetensors form, or one line saying `what` needs it."""
+        if self.checkpoint is None:
+            raise BadInput(self.path, f"{what} needs a safetensors model directory (MLX or Hugging Face layout); "
+                                      f"this is a GGUF file")
+        return self.checkpoint
+
+
+def open_model(path: str | Path) -> Model:
+    """Resolve `path` (a model directory or a GGUF file) into a Model, or raise BadInput."""
+    path = Path(path)
+    if path.is_file() and is_gguf(path):
+        parts = read_model(path)
+        arch, fam = gguf_family(parts[0])
+        if "reap.layout" in parts[0].kvs:
+            raise BadInput(path, f"already recompacted (reap.layout={parts[0].get('reap.layout')!r}); "
+                                 f"apply plans to the original file")
+        st, hash_layers = gguf_structure(parts, arch, fam)
+        return Model(path, fam, st, None, gguf_parts=parts, gguf_arch=arch, hash_layers=hash_layers)
+    if path.is_file() and path.suffix == ".gguf":
+        raise BadInput(path, "not a GGUF file (bad magic)")
+    ckpt = Checkpoint.open(path)
+    fam = family_of(ckpt.config, str(ckpt.root / "config.json"))
+    st = checkpoint_structure(ckpt, fam)
+    return Model(path, fam, st, fingerprint(ckpt, st, fam), checkpoint=ckpt)
+
+
+def model_of(model: "str | Path | Model") -> Model:
+    """`model` itself when already resolved, else open_model(model)."""
+    return model if isinstance(model, Model) else open_model(model)

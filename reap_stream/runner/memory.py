@@ -1,0 +1,77 @@
+"""The whole model in memory, chunk-major: the parity and speed baseline of the streaming runner.
+
+mlx_lm's own loader builds the model (families/loader for non-uniform prunes); each chunk runs
+through every layer with the same MoE hooks as stream mode, so both give the same telemetry.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+from ..blas import mlx_core
+from ..families.loader import load_pruned_model
+from ..families.masking import mask_experts
+from ..families.model import Model
+from ..families.table import Family
+from .chunks import Chunk, chunk_bar, make_chunks
+from .lanes import lanes_pair
+from .skeleton import Forward, trace_layers
+from .stream import MoECallback
+
+
+class MemoryRunner:
+    """Same interface as StreamRunner; layers are all complete when the last chunk has run."""
+
+    start_layer = 0
+
+    def __init__(self, model: Model, chunk_tokens: int = 4096, progress: bool = True):
+        ckpt = model.require_checkpoint("running the model")
+        mlx_core()
+        self.model, _ = load_pruned_model(ckpt.root)
+        self.fwd = Forward(self.model, model.family, model.structure.top_k, model.where)
+        self.chunk_tokens = int(chunk_tokens)
+        self.progress = progress
+        self._final: dict[int, object] = {}   # chunk index -> final hidden state
+
+    @property
+    def family(self) -> Family:
+        return self.fwd.family
+
+    @property
+    def num_layers(self) -> int:
+        return self.fwd.num_layers
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return self.fwd.moe_layers
+
+    def chunks(self, sequences, max_batch: int | None = None) -> list[Chunk]:
+        return make_chunks(sequences, self.chunk_tokens, max_batch)
+
+    def run(self, chunks: list[Chunk], on_moe: MoECallback | None = None,
+            mask: dict[int, list[int]] | None = None, stop: int | None = None,
+            on_layer_done: Callable[[int], None] | None = None) -> Iterator[int]:
+        """Every chunk through layers 0..stop-1, then on_layer_done and a yield for each layer."""
+        mx = mlx_core()
+        if mask:
+            mask_experts(self.model, {i: ids for i, ids in mask.items() if ids}, self.family)
+        stop = self.num_layers if stop is None else stop
+        for c in chunk_bar(chunks, "chunks", self.progress):
+            tracers = trace_layers(self.model, c.tokens)
+            h = tracers[0].x
+            for i in range(stop):
+                cb = None if on_moe is None else (lambda cap, c=c, i=i: on_moe(i, c, cap))
+                h = self.fwd.layer_forward(i, h, tracers[i], cb, c.index == 0, lanes_pair)  # as in stream mode
+                mx.eval(h)
+            self._final[c.index] = h
+        for i in range(stop):
+            if on_layer_done is not None:
+                on_layer_done(i)
+            yield i
+
+    def logits(self, chunk: Chunk):
+        out = trace_layers(self.model, chunk.tokens, final=self._final[chunk.index])[0].model_output
+        mlx_core().eval(out)
+        return out
+
+    def close(self) -> None:
+        self._final.clear()
