@@ -77,7 +77,7 @@ def _softmax(z):
 
 
 def route(routing: Routing, logits: np.ndarray, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Selected experts [T, k] and full router probabilities [T, E], by DESIGN.md's rules."""
+    """Selected experts [T, k] and full router probabilities [T, E], by the rules in docs/routing.md."""
     k = int(cfg["num_experts_per_tok"])
     if routing == Routing.SIGMOID_GROUP:
         probs = 1.0 / (1.0 + np.exp(-logits))

@@ -21,7 +21,7 @@ from reap_stream.io.safetensors import Checkpoint, to_float32
 from reap_stream.errors import BadInput
 from reap_stream.surgery.gguf import POLICY_HASH_PRESERVED, POLICY_NONE, POLICY_ROUTER_MASK_PRUNED, apply_gguf
 from reap_stream.testing.gguf_convert import HASH_LAYER, cached_gguf, gguf_name
-from reap_stream.io.gguf import verify
+from reap_stream.io.gguf_write import verify
 from reap_stream.planning.plan import LayerPlan, Plan
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,6 @@ import click
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from reap_stream.surgery.safetensors import OutShard, OutTensor  # noqa: E402
 from reap_stream.planning.plan import LayerPlan, Plan  # noqa: E402

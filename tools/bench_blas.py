@@ -21,7 +21,6 @@ from pathlib import Path
 import click
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 MODEL_OVERRIDES = {"hidden_size": 256, "num_experts": 32, "num_experts_per_tok": 4, "moe_intermediate_size": 128,
                    "intermediate_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32}

@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 # larger synthetic model: layer shape fixed, layer count varied
 SYNTH_SHAPE = {"hidden_size": 512, "num_experts": 64, "num_experts_per_tok": 8, "moe_intermediate_size": 256,
@@ -35,13 +34,15 @@ def child(model: str, mode: str, num_tokens: int, seq_len: int, chunk_tokens: in
     import numpy as np
 
     from reap_stream.telemetry.calibration import CalibrationSet, token_fingerprint
-    from reap_stream.telemetry.collect import CollectOptions, collect
+    from reap_stream.families.model import open_model
+    from reap_stream.runner import RunOptions
+    from reap_stream.telemetry.collect import collect
     from reap_stream.procstats import peak_rss_bytes
 
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, 512, seq_len).astype(np.int32) for _ in range(num_tokens // seq_len)]
     calib = CalibrationSet(seqs, token_fingerprint(seqs, {}), {"bench": True}, True, seq_len)
-    summary = collect(model, calib, out, options=CollectOptions(mode=mode, chunk_tokens=chunk_tokens),
+    summary = collect(open_model(model), calib, out, RunOptions(mode, chunk_tokens),
                       progress=False)
     rss = peak_rss_bytes()
     print(json.dumps({"tokens_per_s": summary["tokens_per_s"], "seconds": summary["seconds"],

@@ -27,7 +27,6 @@ import click
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from reap_stream.procstats import peak_rss_bytes  # noqa: E402
 
@@ -37,7 +36,8 @@ E, H, FF, TOP_K = 64, 1024, 512, 8
 def _write_model(path: Path, mib: int) -> None:
     from gguf.constants import GGMLQuantizationType as T
 
-    from reap_stream.io.gguf import OutTensor, VType, encode_header, encode_kv, plan_offsets, tensor_nbytes
+    from reap_stream.io.gguf import VType, tensor_nbytes
+    from reap_stream.io.gguf_write import OutTensor, encode_header, encode_kv, plan_offsets
 
     per_layer = 3 * tensor_nbytes((H, FF, E), T.Q8_0)
     layers = max(1, (mib << 20) // per_layer)
@@ -73,10 +73,10 @@ def _write_model(path: Path, mib: int) -> None:
 
 
 def _plan(model: Path) -> Path:
-    from reap_stream.surgery.gguf import open_gguf
+    from reap_stream.families.model import open_model
     from reap_stream.planning.plan import LayerPlan, Plan
 
-    st = open_gguf(model).structure
+    st = open_model(model).structure
     rng = np.random.default_rng(1)
     layers = {}
     for L, n in st.layer_experts.items():
@@ -90,11 +90,12 @@ def _plan(model: Path) -> Path:
 # ---------------------------------------------------------------- methods (run in a child process)
 
 def _copy(model: Path, plan_path: Path, out: Path) -> float:
-    from reap_stream.surgery.gguf import open_gguf, plan_layout
+    from reap_stream.families.model import open_model
+    from reap_stream.surgery.gguf import plan_layout
     from reap_stream.planning.plan import Plan
 
     # the ranges are planned before the clock starts: this method times only the byte copy
-    parts, _ = plan_layout(open_gguf(model), Plan.load(plan_path), out, "plan")
+    parts, _ = plan_layout(open_model(model), Plan.load(plan_path), out, "plan")
     ranges = [p for t in parts[0].tensors for p in t.pieces]
     buf = memoryview(bytearray(8 << 20))
     t0 = time.perf_counter()

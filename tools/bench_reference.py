@@ -44,7 +44,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # reap_stream from this checkout, in this interpreter and in the reference's
-sys.path.insert(0, str(REPO))
 
 # the model of the issue (same shape as tools/bench_blas.py)
 MODEL_OVERRIDES = {"hidden_size": 256, "num_experts": 32, "num_experts_per_tok": 4, "moe_intermediate_size": 128,
@@ -115,13 +114,15 @@ def child_reap(mode: str, model: str, tokens: str, out: str, chunk_tokens: int) 
     import numpy as np
 
     from reap_stream.telemetry.calibration import CalibrationSet, token_fingerprint
-    from reap_stream.telemetry.collect import CollectOptions, collect
+    from reap_stream.families.model import open_model
+    from reap_stream.runner import RunOptions
+    from reap_stream.telemetry.collect import collect
     from reap_stream.procstats import peak_rss_bytes
     from reap_stream.telemetry.store import TelemetryStore
 
     seqs = list(np.load(tokens))
     calib = CalibrationSet(seqs, token_fingerprint(seqs, {}), {"bench": "reference"}, True, SEQ_LEN)
-    summary = collect(model, calib, out, options=CollectOptions(mode=mode, chunk_tokens=chunk_tokens),
+    summary = collect(open_model(model), calib, out, RunOptions(mode, chunk_tokens),
                       progress=False)
     store = TelemetryStore.open(out)
     stats = {str(layer): {f: getattr(store.read(layer), f).tolist() for f in SHARED_FIELDS}

@@ -126,7 +126,6 @@ def main() -> None:
         return
     if not args.llama_python:
         ap.error("--llama-python is required (an interpreter with llama-cpp-python)")
-    sys.path.insert(0, str(REPO))
     from reap_stream.blas import ensure_blas
 
     ensure_blas()

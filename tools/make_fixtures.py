@@ -7,12 +7,10 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import click
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from reap_stream.testing import synth  # noqa: E402
 
 

@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from reap_stream.testing import synth  # noqa: E402
 from reap_stream.blas import ensure_blas  # noqa: E402

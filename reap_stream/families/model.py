@@ -74,8 +74,3 @@ def open_model(path: str | Path) -> Model:
     fam = family_of(ckpt.config, str(ckpt.root / "config.json"))
     st = checkpoint_structure(ckpt, fam)
     return Model(path, fam, st, fingerprint(ckpt, st, fam), checkpoint=ckpt)
-
-
-def model_of(model: "str | Path | Model") -> Model:
-    """`model` itself when already resolved, else open_model(model)."""
-    return model if isinstance(model, Model) else open_model(model)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from ..errors import BadInput
 from ..io.gguf import BLOCK_TENSOR, GGUFFile, VType
 from ..io.safetensors import Checkpoint
-from .table import BY_GGUF_ARCH, Family, classify, family_of, frozen_layers, num_experts, top_k
+from .table import BY_GGUF_ARCH, Family, classify, dense_layers, family_of, frozen_layers, num_experts, top_k
 
 
 @dataclass
@@ -78,6 +78,10 @@ def checkpoint_structure(ckpt: Checkpoint, fam: Family | None = None) -> MoEStru
         raise BadInput(ckpt.root, f"no MoE router tensors found for model_type {fam.model_type!r}")
     cfg = ckpt.config
     num_experts(cfg, fam, where)  # present and sane, though the tensors say what each layer holds
+    dense = sorted(set(dense_layers(cfg, fam, where)) & set(experts))
+    if dense:
+        keys = ", ".join(k for k in fam.dense if cfg.get(k))
+        raise BadInput(where, f"{keys} makes layer {dense[0]} dense, but the checkpoint holds a router for it")
     return MoEStructure(
         model_type=fam.model_type,
         num_layers=int(cfg.get("num_hidden_layers", max(experts) + 1)),

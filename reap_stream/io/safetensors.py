@@ -201,12 +201,6 @@ class Checkpoint:
                 raise BadInput(index_path, f"weight_map names {missing[0]!r} but {weight_map[missing[0]]} does not hold it")
         return cls(root, config, shards, tensors)
 
-    @classmethod
-    def of(cls, model: "str | Path | Checkpoint") -> "Checkpoint":
-        """`model` itself when it is already open, else Checkpoint.open(model): callers that hand
-        one on to the next step parse the headers once."""
-        return model if isinstance(model, Checkpoint) else cls.open(model)
-
     @property
     def model_type(self) -> str:
         return self.config["model_type"]

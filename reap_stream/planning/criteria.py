@@ -2,7 +2,7 @@
 
 Higher score = more useful = kept. Every criterion is defined for never-routed experts (no NaN):
 averages over an empty set are 0, and max_activations stays -inf (ranked below everything).
-The table in docs/plan.md and DESIGN.md gives the formulas; the arrays each one reads are listed in
+The table in docs/plan.md gives the formulas; the arrays each one reads are listed in
 NEEDS so a store that lacks them is refused before any score is computed.
 """
 from __future__ import annotations

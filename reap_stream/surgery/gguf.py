@@ -24,8 +24,8 @@ from ..families.model import Model
 from ..families.structure import gguf_expert_tensors
 from ..families.table import FAMILIES
 from ..io.files import copy_range, write_all
-from ..io.gguf import (BLOCK_TENSOR, KV, SPLIT_PATTERN, GGUFFile, OutTensor, VType, align, encode_header,
-                       encode_kv, plan_offsets, split_name)
+from ..io.gguf import BLOCK_TENSOR, KV, SPLIT_PATTERN, GGUFFile, VType, align, split_name
+from ..io.gguf_write import OutTensor, encode_header, encode_kv, plan_offsets
 from ..planning.plan import Plan, check_plan, kept_runs
 
 # reap.layer.policy values of ds4-compact-v1 (docs/gguf.md); POLICY_MOE_DISABLED is reserved by

@@ -183,7 +183,8 @@ def check_gguf(path: Path, findings: list[Finding]) -> int:
     expert-axis tensor as long as the metadata says its layer is. Returns the parts checked."""
     from ..families.structure import gguf_expert_tensors
     from ..families.table import BY_GGUF_ARCH
-    from ..io.gguf import BLOCK_TENSOR, layout_problems, read_model
+    from ..io.gguf import BLOCK_TENSOR, read_model
+    from ..io.gguf_write import layout_problems
 
     try:
         parts = read_model(path)

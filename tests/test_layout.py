@@ -1,0 +1,72 @@
+"""The package's layout: stages in data-flow order, each importing only itself and earlier stages;
+modules of a readable size."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "reap_stream"
+
+# data flow: files -> what a model is -> running it -> telemetry -> plans -> written outputs -> CLI
+STAGES = ["errors", "blas", "procstats", "io", "families", "runner", "telemetry", "planning", "surgery",
+          "eval", "pipeline", "testing", "cli"]
+
+
+def _stage(module: str) -> str:
+    """reap_stream.io.gguf -> io;  reap_stream.eval -> eval;  reap_stream -> (the package itself)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _imports(path: Path) -> set[str]:
+    """reap_stream modules imported anywhere in the file (function bodies included)."""
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    package = list(rel.parts[:-1]) if rel.name != "__init__" else list(rel.parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+                if not node.module:  # "from . import x": x is a module of that package
+                    found.update(f"{target}.{a.name}" for a in node.names if a.name != "__version__")
+                    continue
+            else:
+                target = node.module or ""
+            if target.startswith("reap_stream"):
+                found.add(target)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("reap_stream"))
+    return found
+
+
+MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
+
+
+def test_a_stage_imports_only_itself_and_earlier_stages():
+    wrong = []
+    for path in MODULES:
+        own = _stage(".".join(p for p in path.relative_to(PACKAGE.parent).with_suffix("").parts if p != "__init__"))
+        if not own:
+            continue  # the package's own __init__
+        assert own in STAGES, f"{path.relative_to(PACKAGE)}: not in a known stage"
+        for target in _imports(path):
+            stage = _stage(target)
+            if stage and STAGES.index(stage) > STAGES.index(own):
+                wrong.append(f"{path.relative_to(PACKAGE)} imports {target}")
+    assert wrong == []
+
+
+def test_commands_do_not_import_each_other():
+    cli = PACKAGE / "cli"
+    commands = {p.stem for p in cli.glob("*.py")} - {"__init__", "__main__", "options"}
+    for path in cli.glob("*.py"):
+        for target in _imports(path):
+            parts = target.split(".")
+            if parts[:2] == ["reap_stream", "cli"] and len(parts) > 2 and parts[2] in commands:
+                assert path.stem == "__main__" or parts[2] == path.stem, f"cli/{path.name} imports {target}"
+
+
+def test_modules_stay_readable():
+    long = {str(p.relative_to(PACKAGE)): n for p in MODULES if (n := len(p.read_text().splitlines())) > 420}
+    assert long == {}  # split them by what they hold
