@@ -19,6 +19,7 @@ import numpy as np
 from ..blas import blas_threads, lane_threads
 from ..errors import BadInput
 from .routing import ROUTERS, Routed, shared_output
+from .stacks import expert_forward, projections
 from .table import Family
 
 def _expert_linear(lin, e: int, x: mx.array) -> mx.array:
@@ -59,7 +60,8 @@ def _two_shares(active: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int,
-                weights: np.ndarray, pair: Pair | None = None) -> tuple[ExpertBatch, mx.array]:
+                weights: np.ndarray, pair: Pair | None = None,
+                input_scale: np.ndarray | None = None) -> tuple[ExpertBatch, mx.array]:
     """Every routed expert output f_e(x_t), one dense matmul chain per expert, and the weighted
     sum Σ_k w·f(x) per token (`weights` [T, k]) in float32.
 
@@ -68,26 +70,27 @@ def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int,
     where the lanes call the BLAS single-threaded (blas.lane_threads), the experts are shared out
     to two lanes (MLX's CPU element-wise kernels use one core per stream). The BLAS thread count
     of the expert matmuls depends on that configuration alone, not on whether a pair was given, so
-    every mode computes every expert with the same calls and gets the same bits.
+    every mode computes every expert with the same calls and gets the same bits. With
+    `input_scale` ([T, k]) expert e sees x_t * scale (Llama-4).
     """
-    if not all(hasattr(switch, p) for p in ("gate_proj", "up_proj", "down_proj")):
-        raise BadInput("model", f"expert module {type(switch).__name__} is not a gated (SwitchGLU) expert stack")
+    projections(switch)  # a known stack form, or one line saying it is not
     k = inds.shape[1]
     flat = inds.reshape(-1)
     order = np.argsort(flat, kind="stable")
     experts = flat[order]
     bounds = np.searchsorted(experts, np.arange(num_experts + 1))
     tokens = (order // k).astype(np.int32)
-    outputs = np.empty((len(order), x.shape[-1]), np.float32)
+    outputs = np.empty((len(order), _out_dims(switch)), np.float32)
+    scale_sorted = None if input_scale is None else input_scale.reshape(-1)[order]
 
     def share(ids: np.ndarray) -> Callable[[], None]:
         def run() -> None:
             for e in ids:
                 lo, hi = int(bounds[e]), int(bounds[e + 1])
                 xe = x[mx.array(tokens[lo:hi])]
-                up = _expert_linear(switch.up_proj, e, xe)
-                gate = _expert_linear(switch.gate_proj, e, xe)
-                out = _expert_linear(switch.down_proj, e, switch.activation(up, gate)).astype(mx.float32)
+                if input_scale is not None:
+                    xe = xe * mx.array(scale_sorted[lo:hi, None]).astype(x.dtype)
+                out = expert_forward(switch, e, xe, _expert_linear).astype(mx.float32)
                 outputs[lo:hi] = np.array(out)
         return run
 
@@ -104,6 +107,12 @@ def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int,
     w_sorted = weights.reshape(-1)[order].astype(np.float32)
     y = mx.array(_weighted_sum(outputs, w_sorted, tokens, bounds, inds.shape[0]))
     return ExpertBatch(order, experts, bounds, outputs), y
+
+
+def _out_dims(switch) -> int:
+    """Width of the experts' outputs (the hidden size, or a latent size)."""
+    last = getattr(switch, projections(switch)[-1])
+    return int(last["weight"].shape[1] if "scales" not in last else last["scales"].shape[1])
 
 
 def _weighted_sum(outputs: np.ndarray, w_sorted: np.ndarray, tokens: np.ndarray, bounds: np.ndarray,
@@ -136,13 +145,23 @@ def capture(block, fam: Family, x: mx.array, top_k: int, num_experts: int, pair:
     mx.eval(x, routed.inds, routed.weights, routed.probs)
     inds = np.array(routed.inds).astype(np.int64)
     weights = np.array(routed.weights.astype(mx.float32))
-    batch, y = run_experts(getattr(block, fam.stacked), x, inds, num_experts, weights, pair)
-    y = y.astype(x.dtype)
+    scale = None if routed.input_scale is None else np.array(routed.input_scale.astype(mx.float32))
+    into, out_of = _latent(block, fam)
+    batch, y = run_experts(getattr(block, fam.stacked), into(x), inds, num_experts, weights, pair, scale)
+    y = out_of(y.astype(x.dtype))
     shared = shared_output(block, fam, x)
     if shared is not None:
         y = y + shared
     mx.eval(y)
     return Capture(x, routed, inds, batch, y)
+
+
+def _latent(block, fam: Family) -> tuple[Callable, Callable]:
+    """The projections into and out of the experts' latent space (identity where none)."""
+    mods = [getattr(block, m, None) for m in fam.latent or ()]
+    if not mods or any(m is None for m in mods):
+        return (lambda a: a), (lambda a: a)
+    return mods[0], mods[1]
 
 
 # relative error allowed between the rebuilt output and the block's own forward
@@ -152,7 +171,7 @@ SELF_CHECK_RTOL = {mx.float32: 1e-4, mx.float16: 2e-2, mx.bfloat16: 5e-2}
 def _float32_stack(switch) -> list:
     """Upcast half-precision expert stacks in place (CPU gather_mm is float32-only); returns undo list."""
     undo = []
-    for name in ("gate_proj", "up_proj", "down_proj"):
+    for name in projections(switch):
         lin = getattr(switch, name, None)
         if lin is None or "scales" in lin:
             continue

@@ -2,13 +2,14 @@
 
 A row names the family's modules and tensors in the mlx_lm layout (stacked experts, axis 0 =
 expert) and the Hugging Face layout (one tensor per expert, or fused [E, ...] stacks), its config
-keys, how its router selects and weighs experts (a `Routing` kind plus the top-k spelling), its
-shared experts, which config keys name dense and never-pruned layers, its GGUF architecture, and
-the extra config.json entries of its tiny test fixture. Everything that carries an expert axis is
-found from these names; all other tensors are copied untouched.
+keys, how its router selects and weighs experts (a `Routing` kind whose parameters are a `Route`),
+its shared experts, which config keys name dense and never-pruned layers, its GGUF architecture,
+the model types mlx_lm loads as the same class, and the extra config.json entries of its tiny test
+fixture. Everything that carries an expert axis is found from these names; all other tensors are
+copied untouched. A family that cannot be pruned exactly is a row too, with the reason it is refused.
 
-Adding a family is one row here, plus a routing function (families/routing.py) only when its
-routing is of a new kind.
+Adding a family is one row (families/rows.py holds the families after the first seven), plus a
+routing function (families/routing.py) only when its routing is of a new kind.
 """
 from __future__ import annotations
 
@@ -21,16 +22,80 @@ from ..errors import BadInput
 
 
 class Routing(str, Enum):
-    SOFTMAX_TOPK = "softmax_topk"    # softmax over all experts, top-k, optional renorm
+    SOFTMAX_TOPK = "softmax_topk"    # scores over all experts (softmax), top-k, optional renorm
     TOPK_SOFTMAX = "topk_softmax"    # top-k on raw logits, softmax over the k
-    SIGMOID_GROUP = "sigmoid_group"  # sigmoid, bias for selection only, group-limited top-k
+    SIGMOID_GROUP = "sigmoid_group"  # scores (sigmoid), bias for selection only, group-limited top-k
+    TOP1_SIGMOID_INPUT = "top1_sigmoid_input"  # Llama-4: top-1, sigmoid(logit) scales the expert INPUT
+    SPARSEMIXER = "sparsemixer"      # PhiMoE: k rounds of argmax, softmax over the jitter band
 
     @property
     def mask_rule(self) -> str:
-        """How the masked original keeps pruned experts out of routing (families/masking.py):
-        "logits" (-inf router logits) or "selection_bias" (-inf selection bias, for sigmoid
-        routers where sigmoid(-inf) = 0 could still be picked)."""
+        """How the masked original keeps pruned experts out of routing (families/masking.py), for
+        this kind's default route: "logits" (-inf router logits) or "selection_bias" (-inf selection
+        bias, for sigmoid routers where sigmoid(-inf) = 0 could still be picked)."""
         return "selection_bias" if self is Routing.SIGMOID_GROUP else "logits"
+
+
+@dataclass(frozen=True)
+class At:
+    """A routing parameter read from the MoE block when it routes: a dotted attribute path under
+    the block (e.g. "gate.routed_scaling_factor"), so the capture uses the very value the block's
+    forward uses. `default` stands in when the attribute is absent (else that is an error)."""
+    path: str
+    default: object = None
+    required: bool = True
+
+
+def at(path: str, *default) -> At:
+    return At(path, default[0], False) if default else At(path)
+
+
+@dataclass(frozen=True)
+class Route:
+    """The parameters of a scored router (kinds SOFTMAX_TOPK, TOPK_SOFTMAX, SIGMOID_GROUP), as
+    routing.scored computes them, op for op as mlx_lm's blocks do:
+
+        logits -> [float32] -> score -> (+ selection bias) -> [group limit] -> top-k
+               -> weights = unbiased scores of the k [renormalised] [* scale]
+
+    score "logits" selects on the raw logits and weighs by a softmax over the k (TOPK_SOFTMAX).
+    Values given as `At` are read from the block when it routes."""
+    logits: str = "router"       # "router": router(x); "router_f32_input": router(x.astype(f32));
+    #                              "weight": x @ router.weight.T; "weight_f32": both cast to f32 first
+    score: object = "softmax"     # "softmax" | "sigmoid" | "sqrtsoftplus" | "logits", or At(...) naming
+    #                              one of these or the block's own activation module
+    f32: bool = False            # logits cast to float32 before scoring (TOPK_SOFTMAX: the k selected)
+    precise: bool = True         # softmax(precise=...)
+    bias: str | None = None      # selection-only bias under the block (absent attribute: no bias)
+    bias_cast: bool = False      # the bias is cast to the scores' dtype before the add
+    groups: str | None = None    # group-limited top-k: groups scored by "top2sum" or "max"
+    n_group: object = 1
+    topk_group: object = 1
+    group_fill: float = 0.0      # what losing groups are filled with (mlx_lm: 0.0, or -inf)
+    group_if: tuple | None = None  # (path, value): groups only while that attribute has that value
+    renorm: str | None = None    # "sum": w / (sum + eps); "max": w / max(sum, eps); "l1": w / |w|_1
+    renorm_eps: float = 0.0
+    renorm_if: object = True     # At(flag) or True
+    renorm_k1: bool = True       # renormalise with k == 1 too
+    scale: object = None         # At(...) or a number: the routed scaling factor (None: none)
+    post_scale: str | None = None  # a per-expert [E] factor under the block, taken at the selection
+
+
+# the route each kind has unless the row gives its own (the first seven families' routing)
+DEFAULT_ROUTES = MappingProxyType({
+    # Qwen2/3-MoE, OLMoE: softmax over all experts, top-k, renormalised if the block says so
+    Routing.SOFTMAX_TOPK: Route(renorm="sum", renorm_if=at("norm_topk_prob", False)),
+    # Mixtral, gpt-oss: top-k on the raw logits (router bias included), softmax over the k
+    Routing.TOPK_SOFTMAX: Route(score="logits"),
+    # DeepSeek-V3, GLM-4.5: sigmoid of float32 logits of the raw gate weight, correction bias for
+    # selection only, top-2-sum groups zero-filled, unbiased weights renormalised (k > 1) * scale
+    Routing.SIGMOID_GROUP: Route(logits="weight", f32=True, score="sigmoid", bias="gate.e_score_correction_bias",
+                                 groups="top2sum", n_group=at("gate.n_group"), topk_group=at("gate.topk_group"),
+                                 renorm="sum", renorm_if=at("gate.norm_topk_prob"), renorm_k1=False,
+                                 scale=at("gate.routed_scaling_factor")),
+    Routing.TOP1_SIGMOID_INPUT: Route(score="sigmoid"),
+    Routing.SPARSEMIXER: Route(score="logits"),
+})
 
 
 # config key -> the layers it names, for the dense / frozen rules a row lists (value: the key's value)
@@ -43,9 +108,13 @@ LAYER_RULES = MappingProxyType({
     # MTP / NextN layers sit after the decoder stack
     "num_nextn_predict_layers": lambda cfg, v: range(int(cfg["num_hidden_layers"]),
                                                      int(cfg["num_hidden_layers"]) + int(v)),
+    "num_dense_layers": lambda cfg, v: range(int(v)),
+    "is_moe_layer": lambda cfg, v: [i for i, m in enumerate(v) if not m],
+    "hybrid_override_pattern": lambda cfg, v: [i for i, c in enumerate(v) if c != "E"],
 })
 
 _SWIGLU = MappingProxyType({"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"})
+_W123 = MappingProxyType({"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"})
 _DEEPSEEK_TINY = {
     "n_shared_experts": 1, "n_group": 2, "topk_group": 1, "norm_topk_prob": True, "topk_method": "noaux_tc",
     "scoring_func": "sigmoid", "first_k_dense_replace": 1, "moe_intermediate_size": 32, "intermediate_size": 128,
@@ -59,7 +128,7 @@ class Family:
     routing: Routing
     block: str = "mlp"                # MoE block module under a decoder layer
     stacked: str = "switch_mlp"       # stacked experts module under the block (mlx_lm layout)
-    router: str = "gate"              # router module under the block
+    router: str = "gate"              # router module under the block (dotted path when nested)
     top_k: str = "low"                # how the block spells its top-k (routing.TOP_K): "low" / "high"
     shared: str | None = None         # shared-expert module under the block, never pruned
     shared_gate: str | None = None    # module whose sigmoid scales the shared expert (Qwen2-MoE)
@@ -73,7 +142,36 @@ class Family:
     gguf_extra_expert_tensors: tuple[str, ...] = ()  # GGUF expert-axis tensors beyond the usual ones
     mlx: bool = True                  # mlx_lm has a model class for it (else: GGUF surgery only)
     tiny: dict = field(default_factory=dict)  # the tiny fixture's config.json beyond the common keys
+    # --- beyond the first seven families
+    route: Route | None = None        # routing parameters (None: the kind's DEFAULT_ROUTES entry)
+    top_k_key: str = "num_experts_per_tok"  # config key holding the top-k
+    text_config: bool = False         # expert and top-k keys live in config["text_config"] (wrappers)
+    aliases: tuple[str, ...] = ()     # other model types mlx_lm loads as this class ("type:Architecture"
+    #                                   when mlx_lm remaps by architecture)
+    hf_block: str | None = None       # the block's name in the HF layout, where it differs
+    hf_router: str | None = None      # the router's name in the HF layout, where it differs
+    hf_stacked: tuple[str, ...] = ()  # fused [E, ...] HF expert tensors under the block (no expert id)
+    expert_params: tuple[str, ...] = ()  # more expert-axis tensors under the block (HF bias names ...)
+    latent: tuple[str, str] | None = None  # modules projecting into / out of the experts' latent space
+    tiny_outer: dict = field(default_factory=dict)  # wrappers: config.json keys beside text_config
+    quantizable: bool = True          # mlx_lm quantises its expert stacks (the 4-bit variant applies)
+    refused: str | None = None        # why it cannot be pruned exactly (collect and apply refuse it)
 
+    def __post_init__(self):
+        if self.route is None:
+            object.__setattr__(self, "route", DEFAULT_ROUTES[self.routing])
+
+    @property
+    def expert_tensors(self) -> frozenset[str]:
+        """Block-relative names of the tensors with an expert axis that are not stacked experts:
+        the router's parameters (both layouts), the selection bias, per-expert factors."""
+        names = {f"{r}.{p}" for r in (self.router, self.hf_router) if r for p in ROUTER_PARAMS}
+        names.update(p for p in (self.route.bias, self.route.post_scale) if p)
+        names.update(self.expert_params)
+        return frozenset(names)
+
+
+from .rows import MORE_ROWS  # noqa: E402  (rows of the families added after the first seven)
 
 FAMILY_ROWS: tuple[Family, ...] = (
     Family("qwen3_moe", "num_experts", Routing.SOFTMAX_TOPK, top_k="high", hf_names=_SWIGLU,
@@ -91,7 +189,7 @@ FAMILY_ROWS: tuple[Family, ...] = (
            tiny={"architectures": ["OlmoeForCausalLM"], "intermediate_size": 32, "norm_topk_prob": False,
                  "attention_bias": False, "clip_qkv": None}),
     Family("mixtral", "num_local_experts", Routing.TOPK_SOFTMAX, block="block_sparse_moe",
-           hf_names=MappingProxyType({"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}), gguf_arch="llama",
+           hf_names=_W123, gguf_arch="llama",
            tiny={"architectures": ["MixtralForCausalLM"], "intermediate_size": 32, "sliding_window": None,
                  "attention_dropout": 0.0, "output_router_logits": False, "router_aux_loss_coef": 0.02,
                  "router_jitter_noise": 0.0}),
@@ -104,6 +202,7 @@ FAMILY_ROWS: tuple[Family, ...] = (
                                   "truncate": False, "original_max_position_embeddings": 4096}}),
     Family("deepseek_v3", "n_routed_experts", Routing.SIGMOID_GROUP, hf_names=_SWIGLU, shared="shared_experts",
            dense=("first_k_dense_replace",), frozen=("num_nextn_predict_layers",), gguf_arch="deepseek2",
+           aliases=("kimi_k2", "joyai_llm_flash"),
            tiny={"architectures": ["DeepseekV3ForCausalLM"], **_DEEPSEEK_TINY, "num_attention_heads": 2,
                  "num_key_value_heads": 2, "routed_scaling_factor": 2.5, "moe_layer_freq": 1, "q_lora_rank": 32,
                  "kv_lora_rank": 32, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32,
@@ -112,6 +211,7 @@ FAMILY_ROWS: tuple[Family, ...] = (
            dense=("first_k_dense_replace",), frozen=("num_nextn_predict_layers",), gguf_arch="glm4moe",
            tiny={"architectures": ["Glm4MoeForCausalLM"], **_DEEPSEEK_TINY, "routed_scaling_factor": 1.5,
                  "use_qk_norm": True, "attention_bias": True, "partial_rotary_factor": 0.5}),
+    *MORE_ROWS,
     # DeepSeek-V4 as its GGUF (ds4): hash-routed layers and fused gate_up experts with per-expert
     # scales; non-uniform prunes as ds4-compact-v1 (docs/gguf.md). No mlx_lm class.
     Family("deepseek_v4", "n_routed_experts", Routing.SIGMOID_GROUP, shared="shared_experts",
@@ -123,21 +223,81 @@ FAMILY_ROWS: tuple[Family, ...] = (
 
 # ------------------------------------------------------------------ derived views
 
-FAMILIES: MappingProxyType = MappingProxyType({f.model_type: f for f in FAMILY_ROWS if f.mlx})
+# supported mlx_lm families by their own model_type
+FAMILIES: MappingProxyType = MappingProxyType({f.model_type: f for f in FAMILY_ROWS if f.mlx and not f.refused})
+# every model_type (own or alias) a config.json may name -> its row (refused ones included)
+MODEL_TYPES: MappingProxyType = MappingProxyType({
+    name: f for f in FAMILY_ROWS if f.mlx for name in (f.model_type, *f.aliases) if ":" not in name})
+# (model_type, architecture) -> row, where mlx_lm picks the class by architecture
+_ARCH_ALIASES = MappingProxyType({tuple(a.split(":")): f for f in FAMILY_ROWS for a in f.aliases if ":" in a})
 BY_GGUF_ARCH: MappingProxyType = MappingProxyType({f.gguf_arch: f for f in FAMILY_ROWS if f.gguf_arch})
 
 # router tensors whose axis 0 is the expert axis
 ROUTER_PARAMS = ("weight", "bias", "scales", "biases", "e_score_correction_bias")
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# "layers.N." of the decoder stack, after the prefixes the mlx_lm and HF layouts put before it
+# (a name elsewhere, e.g. a vision tower's or an MTP module's "layers.N.", has no decoder layer)
+_LAYER = re.compile(r"^(?:model\.|language_model\.model\.|model\.language_model\.|language_model\.|backbone\.)?"
+                    r"layers\.(\d+)\.")
+
+
+_MISSING = object()
+
+
+def attr(obj, path: str, default=_MISSING):
+    """obj.a.b.c for a row's dotted path "a.b.c" (mlx modules: attributes and children alike);
+    `default` when a part is absent (without one: AttributeError)."""
+    for part in path.split("."):
+        obj = getattr(obj, part, _MISSING)
+        if obj is _MISSING:
+            if default is _MISSING:
+                raise AttributeError(path)
+            return default
+    return obj
+
+
+def layer_of(name: str) -> re.Match | None:
+    """The decoder-layer match of a tensor name (group 1: the layer), or None."""
+    return _LAYER.match(name)
 
 
 def family_of(config: dict, where: str = "config.json") -> Family:
+    """The row of a config.json: by model_type or an alias mlx_lm loads as the same class; a
+    family that cannot be pruned exactly is refused here, with its reason."""
     model_type = config.get("model_type")
-    fam = FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    fam = None
+    if isinstance(model_type, str):
+        for arch in config.get("architectures") or ():
+            fam = _ARCH_ALIASES.get((model_type, arch))
+            if fam:
+                break
+        fam = fam or MODEL_TYPES.get(model_type)
     if fam is None:
         raise BadInput(where, f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
+    if fam.refused:
+        raise BadInput(where, f"model_type {model_type!r} ({fam.model_type}) cannot be pruned exactly: {fam.refused}")
     return fam
+
+
+
+def text_config(config: dict, fam: Family) -> dict:
+    """The part of config.json that holds the language model's keys (wrappers: text_config)."""
+    inner = config.get("text_config") if fam.text_config else None
+    return inner if isinstance(inner, dict) else config
+
+
+def group_keys(fam: Family) -> tuple[str, str] | None:
+    """The config keys of a grouped route's n_group / topk_group (the attribute the block reads
+    them from is named after them), or None for an ungrouped route."""
+    route = fam.route
+    if route.groups is None:
+        return None
+    return tuple(v.path.rpartition(".")[2] for v in (route.n_group, route.topk_group))
+
+
+def expert_rows(shape: tuple[int, ...]) -> int:
+    """The expert count of an expert-axis tensor: axis 0 (a [1, E] row vector: its length)."""
+    return shape[1] if len(shape) == 2 and shape[0] == 1 else shape[0]
 
 
 def _config_int(config: dict, key: str, where: str) -> int:
@@ -148,11 +308,13 @@ def _config_int(config: dict, key: str, where: str) -> int:
 
 
 def num_experts(config: dict, fam: Family, where: str = "config.json") -> int:
-    return _config_int(config, fam.experts_key, where)
+    return _config_int(text_config(config, fam), fam.experts_key, where)
 
 
-def top_k(config: dict, where: str = "config.json") -> int:
-    return _config_int(config, "num_experts_per_tok", where)
+def top_k(config: dict, where: str = "config.json", fam: Family | None = None) -> int:
+    if fam is None:
+        return _config_int(config, "num_experts_per_tok", where)
+    return _config_int(text_config(config, fam), fam.top_k_key, where)
 
 
 def _rule_layers(config: dict, keys: tuple[str, ...], where: str) -> set[int]:
@@ -170,12 +332,12 @@ def _rule_layers(config: dict, keys: tuple[str, ...], where: str) -> set[int]:
 
 def dense_layers(config: dict, fam: Family, where: str = "config.json") -> list[int]:
     """Layers whose MLP is dense (nothing to prune), by the family's config keys."""
-    return sorted(_rule_layers(config, fam.dense, where))
+    return sorted(_rule_layers(text_config(config, fam), fam.dense, where))
 
 
 def frozen_layers(config: dict, fam: Family, where: str = "config.json") -> list[int]:
     """Hash-routed and MTP layers a plan must leave whole, by the family's config keys."""
-    return sorted(_rule_layers(config, fam.frozen, where))
+    return sorted(_rule_layers(text_config(config, fam), fam.frozen, where))
 
 
 @dataclass(frozen=True)
@@ -191,25 +353,27 @@ class ExpertTensor:
 
 def classify(name: str, fam: Family) -> ExpertTensor | None:
     """Return the expert relation of a tensor name, or None for tensors without an expert axis."""
-    m = _LAYER.search(name)
+    m = _LAYER.match(name)
     if not m:
         return None
     layer = int(m.group(1))
     rest = name[m.end():]
-    head = fam.block + "."
-    if not rest.startswith(head):
-        return None
-    rest = rest[len(head):]
+    for block in dict.fromkeys((fam.block, fam.hf_block or fam.block)):
+        if rest.startswith(block + "."):
+            return _classify_in_block(name, rest[len(block) + 1:], layer, fam)
+    return None
+
+
+def _classify_in_block(name: str, rest: str, layer: int, fam: Family) -> ExpertTensor | None:
     for module in dict.fromkeys((fam.stacked, fam.hf_experts)):
         if rest.startswith(module + "."):
             tail = rest[len(module) + 1:]
             first, _, after = tail.partition(".")
             if first.isdigit():
-                return ExpertTensor(layer, "per_expert", int(first),
-                                    name[: len(name) - len(tail)], after)
+                return ExpertTensor(layer, "per_expert", int(first), name[: len(name) - len(tail)], after)
             return ExpertTensor(layer, "stacked")
-    if rest.startswith(fam.router + "."):
-        param = rest[len(fam.router) + 1:]
-        if param in ROUTER_PARAMS:
-            return ExpertTensor(layer, "router")
+    if any(rest == s or rest.startswith(s + ".") for s in fam.hf_stacked):
+        return ExpertTensor(layer, "stacked")
+    if rest in fam.expert_tensors:
+        return ExpertTensor(layer, "router")
     return None

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..blas import mlx_core
 from ..errors import BadInput
-from ..families.table import Family, classify
+from ..families.table import Family, classify, layer_of
 from ..io.safetensors import Checkpoint, TensorRef, read_array
 
 
@@ -75,23 +75,39 @@ def build_skeleton(ckpt: Checkpoint):
 
 
 def layer_list(model) -> list:
-    """The list object the inner model iterates over (so its items can be swapped)."""
-    for holder in (getattr(model, "model", None), model):
-        layers = getattr(holder, "layers", None) if holder is not None else None
-        if isinstance(layers, list) and layers and layers[0] is model.layers[0]:
-            return layers
+    """The list object the inner model iterates over (so its items can be swapped): the stored
+    list holding model.layers[0], wherever it sits (`model.layers` may be a property returning a
+    fresh slice of it, as mlx_lm's pipeline-parallel models do)."""
+    first = model.layers[0]
+    for path, module in model.named_modules():
+        if module is first and path.endswith(".0"):
+            holder = model
+            for part in path.split(".")[:-2]:
+                holder = getattr(holder, part)
+            layers = getattr(holder, path.split(".")[-2], None)
+            if isinstance(layers, list) and layers and layers[0] is first:
+                return layers
     raise BadInput("model", f"cannot find the decoder layer list of {type(model).__module__}")
 
 
 class Tracer:
-    """Stands in for a decoder layer: records its call arguments, passes the hidden state on."""
+    """Stands in for a decoder layer: records its call arguments, passes the hidden state on. The
+    model's forward may read the layer's attributes (which mask a hybrid layer takes): those come
+    from the layer it stands in for."""
 
-    def __init__(self, out=None):
+    def __init__(self, out=None, layer=None):
         self.args: tuple = ()
         self.kwargs: dict = {}
         self.x = None
         self.out = out
+        self.layer = layer
         self.model_output = None  # set on tracer 0: the model's (lazy) output
+
+    def __getattr__(self, name):
+        layer = self.__dict__.get("layer")
+        if layer is None:
+            raise AttributeError(name)
+        return getattr(layer, name)
 
     def __call__(self, x, *args, **kwargs):
         self.x, self.args, self.kwargs = x, args, kwargs
@@ -107,14 +123,28 @@ def trace_layers(model, tokens: np.ndarray, final=None) -> list[Tracer]:
     mx = mlx_core()
     layers = layer_list(model)
     saved = list(layers)
-    tracers = [Tracer(final) for _ in layers]
+    tracers = [Tracer(final, layer) for layer in layers]
     try:
         layers[:] = tracers
         out = model(mx.array(tokens))
+    except (TypeError, ValueError) as e:  # e.g. unpacking a tuple the tracer did not return
+        raise _not_layer_by_layer(model, f"its forward failed with layers traced ({e})") from None
     finally:
         layers[:] = saved
+    for i in range(1, len(tracers)):
+        previous = tracers[i - 1].x if final is None else final
+        if tracers[i].x is not previous:
+            raise _not_layer_by_layer(model, f"decoder layer {i} does not take layer {i - 1}'s output as its input")
     tracers[0].model_output = out
     return tracers
+
+
+def _not_layer_by_layer(model, why: str) -> BadInput:
+    """Layers that return tuples or hand state to the next layer cannot be run one layer at a
+    time from recorded arguments: refused, never run wrong (a [B, L, D] output unpacked into
+    (h, state) splits along the batch axis without an error)."""
+    return BadInput("model", f"{type(model).__module__.rpartition('.')[2]}: {why}; "
+                             f"a layer-by-layer run cannot reproduce this model")
 
 
 # ------------------------------------------------------------------ MoE hook
@@ -207,11 +237,12 @@ class Weights:
         raise BadInput(self.where, "cannot locate decoder layers in the mlx_lm model")
 
     def names_of(self, layer: int | None) -> list[str]:
-        """Checkpoint tensors of one decoder layer, or (None) everything outside the layers."""
-        if layer is None:
-            return sorted(n for n in self.ckpt.tensors if not n.startswith(self.prefix))
-        p = f"{self.prefix}{layer}."
-        return sorted(n for n in self.ckpt.tensors if n.startswith(p))
+        """Checkpoint tensors of one decoder layer, or (None) everything outside the layers
+        (in either layout: the decoder stack's prefix may differ between them)."""
+        def of(name: str) -> int | None:
+            m = layer_of(name)
+            return None if m is None else int(m.group(1))
+        return sorted(n for n in self.ckpt.tensors if of(n) == layer)
 
     def load(self, layer: int | None, skip: Callable[[str], bool] = lambda name: False) -> list[str]:
         """Read one layer's (or the non-layer) tensors into the skeleton; returns parameter names."""
@@ -244,9 +275,12 @@ class Weights:
         # Family sanitizers look for layer 0's names (e.g. mixtral); present layer i as layer 0.
         if layer is None:
             return self.model.sanitize(weights)
-        src, dst = f"{self.prefix}{layer}.", f"{self.prefix}0."
-        renamed = {dst + n[len(src):]: a for n, a in weights.items()}
+        renamed = {}
+        for n, a in weights.items():
+            m = layer_of(n)
+            renamed[n[:m.start(1)] + "0" + n[m.end(1):]] = a
         out = self.model.sanitize(renamed)
+        src, dst = f"{self.prefix}{layer}.", f"{self.prefix}0."
         return {src + n[len(dst):] if n.startswith(dst) else n: a for n, a in out.items()}
 
     def drop(self, names: list[str]) -> None:

@@ -14,9 +14,9 @@ from typing import Callable, Iterator
 
 from ..blas import mlx_core
 from ..errors import BadInput
-from ..families.masking import mask_experts
+from ..families.masking import mask_experts, unmask_router
 from ..families.model import Model
-from ..families.table import Family
+from ..families.table import Family, attr
 from ..io.files import write_text_atomic
 from .chunks import Chunk, chunk_bar, make_chunks
 from .lanes import SplitCheck, lanes_pair, shared_lanes, split_layer_forward
@@ -101,7 +101,7 @@ class StreamRunner:
             raise BadInput(self.work_dir, f"hidden states for layer {start} are missing; delete the work dir and rerun")
         for i in range(start, stop):
             names = self.weights.load(i)
-            router = getattr(self.fwd.blocks[i], self.family.router) if i in self.fwd.blocks else None
+            router = attr(self.fwd.blocks[i], self.family.router) if i in self.fwd.blocks else None
             had_bias = router is not None and "bias" in router
             if mask and mask.get(i):
                 mask_experts(self.model, {i: mask[i]}, self.family)
@@ -123,8 +123,8 @@ class StreamRunner:
             self._set_next_layer(i + 1)
             self.spill.drop(i)
             self.weights.drop(names)
-            if router is not None and not had_bias and "bias" in router:
-                del router["bias"]  # the -inf bias masking added
+            if router is not None:
+                unmask_router(router, had_bias)  # what masking added to the router
             yield i
 
     def logits(self, chunk: Chunk):

@@ -19,7 +19,7 @@ from ..io.files import sha256_file
 from ..io.gguf import is_gguf
 from ..io.safetensors import Checkpoint
 from ..errors import BadInput
-from ..families.table import classify, family_of
+from ..families.table import classify, expert_rows, family_of, text_config
 from ..planning.plan import Plan
 
 
@@ -118,10 +118,11 @@ def check_shapes(out: Path, findings: list[Finding]) -> Checkpoint | None:
         if rel.kind == "per_expert":
             per_expert.setdefault(rel.layer, set()).add(rel.expert)
         elif ref.shape:
-            axis.setdefault(rel.layer, {})[name] = ref.shape[0]
+            axis.setdefault(rel.layer, {})[name] = expert_rows(ref.shape)
     layers = sorted(set(axis) | set(per_expert))
     try:
-        want = expected_counts(ckpt.config, fam.experts_key, layers)
+        want = expected_counts({**text_config(ckpt.config, fam), "reap_stream": ckpt.config.get("reap_stream")},
+                               fam.experts_key, layers)
     except BadInput as e:
         findings.append(Finding("config", e.where, e.what))
         return ckpt

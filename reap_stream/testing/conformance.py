@@ -1,0 +1,124 @@
+"""The family conformance check: a tiny seeded model of one family, built with mlx_lm's own class,
+through collect (stream mode, with the self-check) -> REAP plan -> apply -> mlx_lm.load, with the
+output's logits compared with the original's when the plan's experts are masked out of routing.
+
+`tools/family_matrix.py` runs it for every family (fp32, a 4-bit variant where mlx_lm quantises
+the family, a non-uniform plan loaded through `load_pruned`); the test suite runs a small slice.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..families.model import open_model
+from ..planning.plan import LayerPlan, Plan
+from ..planning.planner import PlanOptions, make_plan
+from ..runner.chunks import RunOptions
+from ..surgery.safetensors import plan_layout, write_layout
+from ..telemetry.calibration import CalibrationSet, token_fingerprint
+from ..telemetry.collect import collect
+from ..telemetry.store import TelemetryStore
+from . import synth
+
+# logits of the pruned output vs the masked original: fp32 on the CPU (observed: 0 or ~1e-7)
+TOLERANCE = 1e-5
+
+
+@dataclass
+class Result:
+    family: str
+    variant: str                 # "fp32" | "q4" | "non-uniform"
+    routing: str
+    max_abs_diff: float
+    kept: dict[str, int]
+    changed: float               # max |masked - unmasked|: the prune changes the output
+    seconds: float
+    telemetry: str | None = None
+    modes: dict = field(default_factory=dict)  # stream / memory telemetry fingerprints, when compared
+
+    @property
+    def ok(self) -> bool:
+        same_modes = len(set(self.modes.values())) <= 1
+        return self.max_abs_diff <= TOLERANCE and self.changed > 0 and same_modes
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+def calibration(num_seqs: int = 2, length: int = 24, seed: int = 0) -> CalibrationSet:
+    rng = np.random.default_rng(seed)
+    seqs = [rng.integers(0, synth.VOCAB_SIZE, length).astype(np.int32) for _ in range(num_seqs)]
+    return CalibrationSet(sequences=seqs, fingerprint=token_fingerprint(seqs, {}), source={"conformance": True},
+                          packed=True, window_tokens=length)
+
+
+def eval_tokens(n: int = 40) -> np.ndarray:
+    return ((np.arange(n) * 37 + 11) % synth.VOCAB_SIZE).astype(np.int32)
+
+
+def non_uniform(plan: Plan, n_group: int) -> Plan:
+    """The plan with one pruned expert per group given back in every other prunable layer: the
+    layers then keep different numbers of experts (mlx_lm alone cannot load that)."""
+    layers = dict(plan.layers)
+    for j, layer in enumerate(sorted(layers)):
+        lp = layers[layer]
+        if j % 2 or not lp.pruned:
+            continue
+        n = len(lp.kept) + len(lp.pruned)
+        size = n // n_group
+        back = [min(e for e in lp.pruned if e // size == g) for g in range(n_group)
+                if any(e // size == g for e in lp.pruned)]
+        layers[layer] = LayerPlan(sorted(lp.kept + back), sorted(set(lp.pruned) - set(back)))
+    return Plan(layers=layers, method=plan.method, ratio=None, model=plan.model, telemetry=plan.telemetry)
+
+
+def _logits(path: Path, uniform: bool, tokens: np.ndarray) -> np.ndarray:
+    import mlx.core as mx
+
+    from ..families.loader import load_pruned_model
+
+    model, _ = load_pruned_model(path) if not uniform else _mlx_lm_load(path)
+    return np.array(model(mx.array(tokens[None]))[0].astype(mx.float32))
+
+
+def _mlx_lm_load(path: Path):
+    from mlx_lm.utils import load_model
+
+    return load_model(path)
+
+
+def check_family(family: str, fixtures: Path, *, variant: str = "fp32", compare_memory: bool = False,
+                 work: Path | None = None) -> Result:
+    """One family through collect -> plan (REAP, 50 %) -> apply -> load; see the module doc."""
+    from ..families.masking import masked_logits
+
+    started = time.perf_counter()
+    src = synth.cached_fixture(family, "q4" if variant == "q4" else "fp32", fixtures)
+    model = open_model(src)
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        tmp = Path(tmp)
+        calib = calibration()
+        run = RunOptions(mode="stream", chunk_tokens=64, work_dir=tmp / "work")
+        summary = collect(model, calib, tmp / "telemetry.zarr", run, progress=False)
+        modes = {}
+        if compare_memory:
+            memory = collect(model, calib, tmp / "memory.zarr", RunOptions(mode="memory", chunk_tokens=64,
+                                                                           work_dir=tmp / "mwork"), progress=False)
+            modes = {"stream": summary["telemetry_fingerprint"], "memory": memory["telemetry_fingerprint"]}
+        plan = make_plan(TelemetryStore.open(tmp / "telemetry.zarr"), PlanOptions(method="reap", ratio=0.5),
+                         frozen=model.structure.frozen_layers)
+        if variant == "non-uniform":
+            plan = non_uniform(plan, model.structure.n_group)
+        write_layout(plan_layout(model, plan), tmp / "out", progress=False)
+        tokens = eval_tokens()
+        got = _logits(tmp / "out", plan.uniform, tokens)
+        want = masked_logits(src, plan.pruned_map(), tokens)
+        whole = masked_logits(src, {}, tokens)
+    return Result(family, variant, model.family.routing.value, float(np.max(np.abs(got - want))),
+                  {str(k): len(v.kept) for k, v in sorted(plan.layers.items())},
+                  float(np.max(np.abs(want - whole))), round(time.perf_counter() - started, 2),
+                  summary["telemetry_fingerprint"], modes)
