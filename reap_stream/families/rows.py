@@ -25,7 +25,7 @@ _QWEN35_TEXT = {"intermediate_size": 128, "moe_intermediate_size": 32, "shared_e
 _BAILING = {"intermediate_size": 128, "moe_intermediate_size": 32, "num_shared_experts": 1, "norm_topk_prob": True,
             "first_k_dense_replace": 1, "moe_router_enable_expert_bias": True, "score_function": "sigmoid",
             "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5}
-_GRANITE = {"intermediate_size": 32, "logits_scaling": 2.0, "attention_multiplier": 0.25,
+_GRANITE = {"intermediate_size": 64, "logits_scaling": 2.0, "attention_multiplier": 0.25,
             "embedding_multiplier": 12.0, "residual_multiplier": 0.2, "attention_bias": False}
 # Bailing's gate.gate_proj Linear (HF: mlp.gate.weight); selection bias gate.expert_bias
 _BAILING_ROUTE = Route(f32=True, score=at("gate.score_function"), precise=False, bias="gate.expert_bias",
@@ -154,6 +154,14 @@ MORE_ROWS: tuple[Family, ...] = (
                  "topk_group": 1, "layernorm_epsilon": 1e-5, "swa_rope_theta": 10000.0,
                  "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2, "v_head_dim": 16, "swa_head_dim": 16,
                  "swa_v_head_dim": 16, "partial_rotary_factor": 0.5}),
+    # Hunyuan-Large: softmax top-k (gate.wg Linear), plain shared MLP; with cross-layer attention
+    # each decoder layer returns (h, K/V) and the next layer may reuse that K/V
+    Family("hunyuan", "num_experts", Routing.SOFTMAX_TOPK, router="gate.wg", top_k_key="moe_topk",
+           shared="shared_mlp", hf_names=_SWIGLU, layer_outputs=2, gguf_arch="hunyuan-moe",
+           tiny={"architectures": ["HunYuanForCausalLM"], "intermediate_size": 32, "attention_bias": False,
+                 "num_shared_expert": 1, "use_mixed_mlp_moe": True, "use_qk_norm": True, "use_cla": True,
+                 "cla_share_factor": 2, "moe_intermediate_size": 32,
+                 "rope_scaling": {"alpha": 1.0, "factor": 1.0, "type": "dynamic"}}),
     # dots.llm1: DeepSeek-V3 routing; the stacked experts are called `experts` (the HF per-expert
     # modules too: an expert id after it tells them apart)
     Family("dots1", "n_routed_experts", Routing.SIGMOID_GROUP, stacked="experts", shared="shared_experts",

@@ -153,6 +153,7 @@ class Family:
     hf_stacked: tuple[str, ...] = ()  # fused [E, ...] HF expert tensors under the block (no expert id)
     expert_params: tuple[str, ...] = ()  # more expert-axis tensors under the block (HF bias names ...)
     latent: tuple[str, str] | None = None  # modules projecting into / out of the experts' latent space
+    layer_outputs: int = 1            # decoder layers return (h, *state), the state going to the next layer
     tiny_outer: dict = field(default_factory=dict)  # wrappers: config.json keys beside text_config
     quantizable: bool = True          # mlx_lm quantises its expert stacks (the 4-bit variant applies)
     refused: str | None = None        # why it cannot be pruned exactly (collect and apply refuse it)

@@ -95,13 +95,15 @@ class Tracer:
     model's forward may read the layer's attributes (which mask a hybrid layer takes): those come
     from the layer it stands in for."""
 
-    def __init__(self, out=None, layer=None):
+    def __init__(self, out=None, layer=None, index: int = 0, outputs: int = 1):
         self.args: tuple = ()
         self.kwargs: dict = {}
         self.x = None
         self.out = out
         self.layer = layer
         self.model_output = None  # set on tracer 0: the model's (lazy) output
+        # a layer returning (h, *state) (Family.layer_outputs): the state stands in as markers
+        self.extras = tuple(State(index, j) for j in range(1, outputs))
 
     def __getattr__(self, name):
         layer = self.__dict__.get("layer")
@@ -111,19 +113,41 @@ class Tracer:
 
     def __call__(self, x, *args, **kwargs):
         self.x, self.args, self.kwargs = x, args, kwargs
-        return x if self.out is None else self.out
+        h = x if self.out is None else self.out
+        return (h, *self.extras) if self.extras else h
+
+    @property
+    def needs(self) -> list["State"]:
+        """The earlier layers' state outputs this layer is called with."""
+        return [v for v in (*self.args, *self.kwargs.values()) if isinstance(v, State)]
+
+    def bind(self, states: dict) -> tuple[tuple, dict]:
+        """This layer's call arguments with the state markers replaced by the states themselves."""
+        def real(v):
+            return states[(v.layer, v.index)] if isinstance(v, State) else v
+        return tuple(real(v) for v in self.args), {k: real(v) for k, v in self.kwargs.items()}
 
 
-def trace_layers(model, tokens: np.ndarray, final=None) -> list[Tracer]:
+class State:
+    """Marks output `index` of layer `layer` where the traced forward hands it to a later layer
+    (Hunyuan's cross-layer attention passes K/V on this way)."""
+
+    def __init__(self, layer: int, index: int):
+        self.layer, self.index = layer, index
+
+
+def trace_layers(model, tokens: np.ndarray, final=None, outputs: int = 1) -> list[Tracer]:
     """Run the model's own forward with tracers in place of its layers (nothing heavy is evaluated).
 
     Tracer i holds layer i's arguments; tracer 0's input `x` is the embedding output. With `final`
-    given, every tracer returns it, so the model's output is its head applied to `final`.
+    given, every tracer returns it, so the model's output is its head applied to `final`. Layers
+    that return (h, *state) (`outputs` > 1) return state markers; a layer may take only its
+    predecessor's state (what the runners carry from one layer to the next).
     """
     mx = mlx_core()
     layers = layer_list(model)
     saved = list(layers)
-    tracers = [Tracer(final, layer) for layer in layers]
+    tracers = [Tracer(final, layer, i, outputs) for i, layer in enumerate(layers)]
     try:
         layers[:] = tracers
         out = model(mx.array(tokens))
@@ -135,6 +159,8 @@ def trace_layers(model, tokens: np.ndarray, final=None) -> list[Tracer]:
         previous = tracers[i - 1].x if final is None else final
         if tracers[i].x is not previous:
             raise _not_layer_by_layer(model, f"decoder layer {i} does not take layer {i - 1}'s output as its input")
+        if any(s.layer != i - 1 for s in tracers[i].needs):
+            raise _not_layer_by_layer(model, f"decoder layer {i} takes state from a layer before layer {i - 1}")
     tracers[0].model_output = out
     return tracers
 
@@ -198,16 +224,20 @@ class Forward:
                         self.where, pair)
 
     def layer_forward(self, i: int, h, tracer: Tracer, on_capture: Callable | None, check: bool,
-                      pair: Callable | None = None):
+                      pair: Callable | None = None, states: dict | None = None):
+        """Layer i on h with the arguments the model's forward gives it (`states`: the previous
+        layer's state outputs it takes, by (layer, index)); a layer returning (h, *state) returns
+        that tuple."""
         layer = self.model.layers[i]
+        args, kwargs = tracer.bind(states or {})
         if i not in self.blocks:
-            return layer(h, *tracer.args, **tracer.kwargs)
+            return layer(h, *args, **kwargs)
         block = self.blocks[i]
         hook = self.hook(i, on_capture, check, pair)
         # decoder layers call self.<block>(x); swapping the dict entry keeps the rest mlx_lm's code
         layer[self.family.block] = hook
         try:
-            return layer(h, *tracer.args, **tracer.kwargs)
+            return layer(h, *args, **kwargs)
         finally:
             layer[self.family.block] = block
 

@@ -80,7 +80,7 @@ class StreamRunner:
         names = self.weights.load(None, skip=lambda n: n.startswith("lm_head."))
         self.spill.begin(0)
         for c in chunk_bar(chunks, "embed", self.progress):
-            h = trace_layers(self.model, c.tokens)[0].x
+            h = trace_layers(self.model, c.tokens, outputs=self.family.layer_outputs)[0].x
             mx.eval(h)
             self.spill.write(0, c.index, h)
         self.spill.finish(0)
@@ -113,8 +113,16 @@ class StreamRunner:
                 if self._split(i, c.tokens.shape):
                     out = split_layer_forward(self.fwd, shared_lanes(), i, h, c.tokens, cb, check)
                 else:
-                    out = self.fwd.layer_forward(i, h, trace_layers(self.model, c.tokens)[i], cb, check,
-                                                 lanes_pair if self.parallel else None)
+                    tracers = trace_layers(self.model, c.tokens, outputs=self.family.layer_outputs)
+                    states = {(s.layer, s.index): self.spill.read_state(i, c.index)[s.index - 1]
+                              for s in tracers[i].needs}
+                    out = self.fwd.layer_forward(i, h, tracers[i], cb, check,
+                                                 lanes_pair if self.parallel else None, states)
+                    if self.family.layer_outputs > 1:
+                        out, state = out[0], out[1:]
+                        if i + 1 < len(tracers) and tracers[i + 1].needs:
+                            mx.eval(out, [v for v in state if v is not None])
+                            self.spill.write_state(i + 1, c.index, state)
                 mx.eval(out)
                 self.spill.write(i + 1, c.index, out)
             self.spill.finish(i + 1)
@@ -139,7 +147,7 @@ class StreamRunner:
         if self._head is None:
             self._head = self.weights.load(None)
         h = self.spill.read(n, chunk.index)
-        out = trace_layers(self.model, chunk.tokens, final=h)[0].model_output
+        out = trace_layers(self.model, chunk.tokens, final=h, outputs=self.family.layer_outputs)[0].model_output
         mx.eval(out)
         return out
 
@@ -155,7 +163,7 @@ class StreamRunner:
         """Run this chunk as two half-batches on two lanes? Only on the CPU (where one stream
         uses one core) and only where it provably gives the same bytes (SplitCheck)."""
         mx = mlx_core()
-        if not self.parallel or shape[0] < 2 or mx.default_device() != mx.cpu:
+        if not self.parallel or shape[0] < 2 or mx.default_device() != mx.cpu or self.family.layer_outputs > 1:
             return False
         if self._split_check is None:
             self._split_check = SplitCheck()
