@@ -79,6 +79,7 @@ def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int,
     order = np.argsort(flat, kind="stable")
     experts = flat[order]
     bounds = np.searchsorted(experts, np.arange(num_experts + 1))
+    order, experts = order[:bounds[-1]], experts[:bounds[-1]]  # ids past the stack: identity experts
     tokens = (order // k).astype(np.int32)
     outputs = np.empty((len(order), _out_dims(switch)), np.float32)
     scale_sorted = None if input_scale is None else input_scale.reshape(-1)[order]
@@ -149,6 +150,9 @@ def capture(block, fam: Family, x: mx.array, top_k: int, num_experts: int, pair:
     into, out_of = _latent(block, fam)
     batch, y = run_experts(getattr(block, fam.stacked), into(x), inds, num_experts, weights, pair, scale)
     y = out_of(y.astype(x.dtype))
+    if fam.identity_experts is not None:  # LongCat: ids past the routed experts add w * x
+        identity = mx.array(np.where(inds >= num_experts, weights, 0.0).sum(axis=1, keepdims=True))
+        y = y + x * identity.astype(x.dtype)
     shared = shared_output(block, fam, x)
     if shared is not None:
         y = y + shared

@@ -12,6 +12,21 @@ import json
 from pathlib import Path
 
 from ..errors import BadInput
+from .table import attr
+
+
+def fit_identity_experts(model, layer_experts: dict[int, int]) -> None:
+    """Where router ids past the routed experts are identity experts (LongCat), the block tells
+    them apart by its own count of routed experts: set it per layer."""
+    from .masking import moe_blocks, moe_spec
+
+    fam = moe_spec(model)
+    if fam.identity_experts is None:
+        return
+    owner_path, _, name = fam.identity_experts[1].rpartition(".")
+    for layer, block in moe_blocks(model, fam).items():
+        if layer in layer_experts:
+            setattr(attr(block, owner_path) if owner_path else block, name, layer_experts[layer])
 
 
 def load_pruned(path: str | Path) -> tuple:
@@ -43,6 +58,7 @@ def load_pruned_model(path: str | Path) -> tuple:
     wrong = [k for k, v in params.items() if tuple(v.shape) != tuple(stored[k])]
     if wrong:
         raise BadInput(path, f"parameter {wrong[0]} has shape {params[wrong[0]].shape}, stored {stored[wrong[0]]}")
+    fit_identity_experts(model, {int(k): v for k, v in config["reap_stream"]["layer_experts"].items()})
     mx.eval(model.parameters())
     model.eval()
     return model, config

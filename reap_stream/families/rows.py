@@ -144,6 +144,20 @@ MORE_ROWS: tuple[Family, ...] = (
            hf_names=_SWIGLU, dense=("first_k_dense_replace",),
            tiny={"architectures": ["BailingHybridForCausalLM"], **_BAILING, "layer_group_size": 2,
                  "group_norm_size": 1, **{**_MLA, "q_lora_rank": None}, "partial_rotary_factor": 0.5}),
+    # LongCat-Flash: softmax (model dtype) + correction bias over the experts AND zero_expert_num
+    # identity experts (router rows past the stack, adding w * x); high top-k; two attentions and
+    # two dense MLPs per layer around one MoE block
+    Family("longcat_flash", "n_routed_experts", Routing.SIGMOID_GROUP, router="router.classifier", top_k="high",
+           top_k_key="moe_topk", identity_experts=("zero_expert_num", "n_routed_experts"),
+           route=Route(score="softmax", precise=False, bias="router.e_score_correction_bias", renorm="sum",
+                       renorm_eps=1e-20, renorm_if=at("router.norm_topk_prob"),
+                       scale=at("router.routed_scaling_factor")),
+           hf_names=_SWIGLU,
+           tiny={"architectures": ["LongcatFlashForCausalLM"], "attention_method": "MLA",
+                 "zero_expert_type": "identity", "ffn_hidden_size": 128, "expert_ffn_hidden_size": 32,
+                 "zero_expert_num": 2, "num_layers": 4, **_MLA, "routed_scaling_factor": 6.0,
+                 "mla_scale_q_lora": True, "mla_scale_kv_lora": True, "attention_bias": False,
+                 "norm_topk_prob": True}),
     Family("mimo_v2_flash", "n_routed_experts", Routing.SIGMOID_GROUP, route=_SIGMOID_EPS, shared="shared_experts",
            hf_names=_SWIGLU, gguf_arch="mimo2",
            tiny={"architectures": ["MiMoV2FlashForCausalLM"], "hybrid_layer_pattern": [0, 1, 0, 1],

@@ -14,7 +14,7 @@ from ..errors import BadInput
 from ..io.gguf import BLOCK_TENSOR, GGUFFile, VType
 from ..io.safetensors import Checkpoint
 from .table import (BY_GGUF_ARCH, Family, classify, dense_layers, expert_rows, family_of, frozen_layers, group_keys,
-                    num_experts, text_config, top_k)
+                    identity_rows, num_experts, text_config, top_k)
 
 
 @dataclass
@@ -71,10 +71,11 @@ def checkpoint_structure(ckpt: Checkpoint, fam: Family | None = None) -> MoEStru
     where = str(ckpt.root / "config.json")
     fam = fam or family_of(ckpt.config, where)
     experts: dict[int, int] = {}
+    identity = identity_rows(ckpt.config, fam)
     for name, ref in ckpt.tensors.items():
         rel = classify(name, fam)
         if rel and rel.kind == "router" and name.endswith(".weight"):
-            experts[rel.layer] = ref.shape[0]
+            experts[rel.layer] = ref.shape[0] - identity
     model_type = ckpt.config.get("model_type")
     if not experts:
         alias = "" if model_type == fam.model_type else f" (loaded as {fam.model_type})"
@@ -82,7 +83,7 @@ def checkpoint_structure(ckpt: Checkpoint, fam: Family | None = None) -> MoEStru
                                   f"the tensors are not this family's")
     cfg = text_config(ckpt.config, fam)
     configured = num_experts(ckpt.config, fam, where)
-    _check_expert_axes(ckpt, fam, experts)
+    _check_expert_axes(ckpt, fam, experts, identity)
     _check_counts(ckpt, fam, experts, configured, where)
     dense = sorted(set(dense_layers(ckpt.config, fam, where)) & set(experts))
     if dense:
@@ -109,8 +110,9 @@ def _groups(cfg: dict, fam: Family) -> tuple[int, int]:
     return int(cfg.get(keys[0]) or 1), int(cfg.get(keys[1]) or 1)
 
 
-def _check_expert_axes(ckpt: Checkpoint, fam: Family, experts: dict[int, int]) -> None:
-    """Every expert-axis tensor of a layer holds as many experts as its router has rows."""
+def _check_expert_axes(ckpt: Checkpoint, fam: Family, experts: dict[int, int], identity: int) -> None:
+    """Every expert-axis tensor of a layer holds as many experts as its router has rows (router
+    tensors: plus the identity experts)."""
     for name, ref in sorted(ckpt.tensors.items()):
         rel = classify(name, fam)
         if rel is None or rel.layer not in experts:
@@ -118,9 +120,11 @@ def _check_expert_axes(ckpt: Checkpoint, fam: Family, experts: dict[int, int]) -
         n = experts[rel.layer]
         if rel.kind == "per_expert" and rel.expert >= n:
             raise BadInput(ref.file, f"tensor {name!r} is expert {rel.expert}, but layer {rel.layer}'s router has {n} rows")
-        if rel.kind != "per_expert" and (not ref.shape or expert_rows(ref.shape) != n):
+        rows = n + identity if rel.kind == "router" else n
+        if rel.kind != "per_expert" and (not ref.shape or expert_rows(ref.shape) != rows):
             raise BadInput(ref.file, f"tensor {name!r} has shape {list(ref.shape)}; layer {rel.layer}'s router "
-                                     f"has {n} experts, which its axis 0 must hold")
+                                     f"has {n} experts, which its axis 0 must hold"
+                                     + (f" (+ {identity} identity experts)" if rows != n else ""))
 
 
 def _check_counts(ckpt: Checkpoint, fam: Family, experts: dict[int, int], configured: int, where: str) -> None:

@@ -154,6 +154,9 @@ class Family:
     expert_params: tuple[str, ...] = ()  # more expert-axis tensors under the block (HF bias names ...)
     latent: tuple[str, str] | None = None  # modules projecting into / out of the experts' latent space
     layer_outputs: int = 1            # decoder layers return (h, *state), the state going to the next layer
+    identity_experts: tuple[str, str] | None = None  # (config key, block attribute): the count of router
+    #                      rows past the experts, identity ("zero-computation") experts adding w * x, never
+    #                      pruned; and where the block keeps the routed count that tells them apart
     tiny_outer: dict = field(default_factory=dict)  # wrappers: config.json keys beside text_config
     quantizable: bool = True          # mlx_lm quantises its expert stacks (the 4-bit variant applies)
     refused: str | None = None        # why it cannot be pruned exactly (collect and apply refuse it)
@@ -299,6 +302,16 @@ def group_keys(fam: Family) -> tuple[str, str] | None:
 def expert_rows(shape: tuple[int, ...]) -> int:
     """The expert count of an expert-axis tensor: axis 0 (a [1, E] row vector: its length)."""
     return shape[1] if len(shape) == 2 and shape[0] == 1 else shape[0]
+
+
+def identity_rows(config: dict, fam: Family) -> int:
+    """Router rows past the routed experts (LongCat's identity experts); 0 for other families."""
+    if fam.identity_experts is None:
+        return 0
+    value = text_config(config, fam).get(fam.identity_experts[0]) or 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadInput("config.json", f"{fam.identity_experts[0]} must be a count (got {value!r})")
+    return value
 
 
 def _config_int(config: dict, key: str, where: str) -> int:

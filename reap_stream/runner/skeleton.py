@@ -292,6 +292,9 @@ class Weights:
             if missing:
                 raise BadInput(self.ckpt.root, f"layer {layer}: tensor {missing[0]!r} is missing from the checkpoint")
         self.model.load_weights(list(weights.items()), strict=False)
+        if layer in self.layer_experts and self.family.identity_experts is not None:
+            from ..families.loader import fit_identity_experts
+            fit_identity_experts(self.model, {layer: self.layer_experts[layer]})
         return list(weights)
 
     def _pruned_shape(self, name: str, shape: tuple, model_shape: tuple, layer: int | None) -> bool:

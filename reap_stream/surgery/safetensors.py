@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..errors import BadInput
 from ..families.model import Model
-from ..families.table import Family, classify, expert_rows, text_config
+from ..families.table import Family, classify, expert_rows, identity_rows, text_config
 from ..io.files import copy_range, sha256_file, write_all
 from ..io.safetensors import INDEX_NAME, Checkpoint
 from ..planning.plan import Plan, check_plan, kept_runs
@@ -117,6 +117,7 @@ def _renumbered(name: str, fam: Family, keep_index: dict[int, dict[int, int]]) -
 
 def _out_tensors(ckpt: Checkpoint, plan: Plan, fam: Family, st_experts: dict[int, int]) -> list[OutTensor]:
     kept = plan.kept_map()
+    identity = identity_rows(ckpt.config, fam)
     keep_index = {layer: {e: i for i, e in enumerate(ids)} for layer, ids in kept.items()}
     out = []
     for shard in ckpt.shards:
@@ -130,10 +131,11 @@ def _out_tensors(ckpt: Checkpoint, plan: Plan, fam: Family, st_experts: dict[int
                 if new_name is not None:
                     out.append(OutTensor(new_name, ref.dtype, ref.shape, [(ref.file, ref.start, ref.end)]))
                 continue
-            n = st_experts[rel.layer]
+            n = st_experts[rel.layer] + (identity if rel.kind == "router" else 0)
             if not ref.shape or expert_rows(ref.shape) != n:
                 raise BadInput(ref.file, f"tensor {name!r} has shape {list(ref.shape)}; expected {n} experts on axis 0")
-            keep = kept[rel.layer]
+            # identity experts sit past the routed ones in the router: kept, still last
+            keep = kept[rel.layer] + list(range(st_experts[rel.layer], n))
             shape = (len(keep),) + tuple(ref.shape[1:]) if ref.shape[0] == n else (1, len(keep))
             out.append(OutTensor(name, ref.dtype, shape, _row_ranges(ref.file, ref.start, ref.nbytes, n, keep)))
     return out
