@@ -18,7 +18,7 @@ import numpy as np
 
 from ..blas import blas_threads, lane_threads
 from ..errors import BadInput
-from .routing import ROUTERS, Routed, shared_output
+from .routing import ROUTERS, Routed, combine
 from .stacks import expert_forward, projections
 from .table import Family
 
@@ -153,19 +153,22 @@ def capture(block, fam: Family, x: mx.array, top_k: int, num_experts: int, pair:
     if fam.identity_experts is not None:  # LongCat: ids past the routed experts add w * x
         identity = mx.array(np.where(inds >= num_experts, weights, 0.0).sum(axis=1, keepdims=True))
         y = y + x * identity.astype(x.dtype)
-    shared = shared_output(block, fam, x)
-    if shared is not None:
-        y = y + shared
+    y = combine(block, fam, x, y)
     mx.eval(y)
     return Capture(x, routed, inds, batch, y)
 
 
 def _latent(block, fam: Family) -> tuple[Callable, Callable]:
-    """The projections into and out of the experts' latent space (identity where none)."""
-    mods = [getattr(block, m, None) for m in fam.latent or ()]
-    if not mods or any(m is None for m in mods):
+    """The projections into and out of the experts' latent space (identity where none), the way
+    out through the norm of the weighted sum where the block has one (Kimi-K3)."""
+    if not fam.latent:
         return (lambda a: a), (lambda a: a)
-    return mods[0], mods[1]
+    into, out, *norm = [getattr(block, m, None) for m in fam.latent]
+    if into is None or out is None:
+        return (lambda a: a), (lambda a: a)
+    if norm and norm[0] is not None:
+        return into, lambda a: out(norm[0](a))
+    return into, out
 
 
 # relative error allowed between the rebuilt output and the block's own forward

@@ -142,7 +142,11 @@ def scored(block, fam: Family, x: mx.array, k: int) -> Routed:
         weights = mx.softmax(chosen.astype(mx.float32) if route.f32 else chosen, axis=-1, precise=route.precise)
         probs = mx.softmax(logits.astype(mx.float32), axis=-1)
     else:
-        scores = _score(fn, logits.astype(mx.float32) if route.f32 else logits, route.precise)
+        logits = logits.astype(mx.float32) if route.f32 else logits
+        cap = param(block, route.softcap)
+        if cap:
+            logits = mx.tanh(logits / cap) * cap
+        scores = _score(fn, logits, route.precise)
         select = scores
         bias = selection_bias(block, route)
         if bias is not None:
@@ -206,3 +210,13 @@ def shared_output(block, fam: Family, x: mx.array) -> mx.array | None:
     if fam.shared_gate is not None:
         out = mx.sigmoid(getattr(block, fam.shared_gate)(x)) * out
     return out
+
+
+def combine(block, fam: Family, x: mx.array, routed: mx.array) -> mx.array:
+    """The block's output from its routed experts' weighted sum: plus the shared experts, or
+    (Klear, Family.shared_mix) both mixed by a softmax of a Linear of x."""
+    shared = shared_output(block, fam, x)
+    if fam.shared_mix is not None:
+        coef = mx.softmax(getattr(block, fam.shared_mix)(x), axis=-1, precise=True)
+        return routed * coef[..., :1] + shared * coef[..., 1:]
+    return routed if shared is None else routed + shared

@@ -78,6 +78,7 @@ class Route:
     renorm_if: object = True     # At(flag) or True
     renorm_k1: bool = True       # renormalise with k == 1 too
     scale: object = None         # At(...) or a number: the routed scaling factor (None: none)
+    softcap: object = None       # At(...): float32 logits -> tanh(l / cap) * cap when cap > 0
     post_scale: str | None = None  # a per-expert [E] factor under the block, taken at the selection
 
 
@@ -152,8 +153,11 @@ class Family:
     hf_router: str | None = None      # the router's name in the HF layout, where it differs
     hf_stacked: tuple[str, ...] = ()  # fused [E, ...] HF expert tensors under the block (no expert id)
     expert_params: tuple[str, ...] = ()  # more expert-axis tensors under the block (HF bias names ...)
-    latent: tuple[str, str] | None = None  # modules projecting into / out of the experts' latent space
+    latent: tuple[str, ...] | None = None  # modules projecting into / out of the experts' latent space
+    #                                 (and a norm applied to the weighted sum before the way out)
+    shared_mix: str | None = None     # Linear whose softmax mixes the routed sum with the shared experts
     layer_outputs: int = 1            # decoder layers return (h, *state), the state going to the next layer
+    state_is_none: bool = False       # ... a state that must be None (checked on every call; else refused)
     identity_experts: tuple[str, str] | None = None  # (config key, block attribute): the count of router
     #                      rows past the experts, identity ("zero-computation") experts adding w * x, never
     #                      pruned; and where the block keeps the routed count that tells them apart
@@ -241,8 +245,8 @@ ROUTER_PARAMS = ("weight", "bias", "scales", "biases", "e_score_correction_bias"
 
 # "layers.N." of the decoder stack, after the prefixes the mlx_lm and HF layouts put before it
 # (a name elsewhere, e.g. a vision tower's or an MTP module's "layers.N.", has no decoder layer)
-_LAYER = re.compile(r"^(?:model\.|language_model\.model\.|model\.language_model\.|language_model\.|backbone\.)?"
-                    r"layers\.(\d+)\.")
+_LAYER = re.compile(r"^(?:(?:model\.|language_model\.model\.|model\.language_model\.|language_model\.|backbone\.)?"
+                    r"layers|transformer\.h)\.(\d+)\.")
 
 
 _MISSING = object()
@@ -374,11 +378,11 @@ def classify(name: str, fam: Family) -> ExpertTensor | None:
     rest = name[m.end():]
     for block in dict.fromkeys((fam.block, fam.hf_block or fam.block)):
         if rest.startswith(block + "."):
-            return _classify_in_block(name, rest[len(block) + 1:], layer, fam)
+            return _classify_in_block(name, rest[len(block) + 1:], layer, fam, block == (fam.hf_block or fam.block))
     return None
 
 
-def _classify_in_block(name: str, rest: str, layer: int, fam: Family) -> ExpertTensor | None:
+def _classify_in_block(name: str, rest: str, layer: int, fam: Family, hf_block: bool) -> ExpertTensor | None:
     for module in dict.fromkeys((fam.stacked, fam.hf_experts)):
         if rest.startswith(module + "."):
             tail = rest[len(module) + 1:]
@@ -386,7 +390,7 @@ def _classify_in_block(name: str, rest: str, layer: int, fam: Family) -> ExpertT
             if first.isdigit():
                 return ExpertTensor(layer, "per_expert", int(first), name[: len(name) - len(tail)], after)
             return ExpertTensor(layer, "stacked")
-    if any(rest == s or rest.startswith(s + ".") for s in fam.hf_stacked):
+    if hf_block and any(rest == s or rest.startswith(s + ".") for s in fam.hf_stacked):
         return ExpertTensor(layer, "stacked")
     if rest in fam.expert_tensors:
         return ExpertTensor(layer, "router")

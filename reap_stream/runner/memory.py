@@ -14,7 +14,7 @@ from ..families.model import Model
 from ..families.table import Family
 from .chunks import Chunk, chunk_bar, make_chunks
 from .lanes import lanes_pair
-from .skeleton import Forward, trace_layers
+from .skeleton import Forward, split_outputs, trace_layers
 from .stream import MoECallback
 
 
@@ -55,17 +55,15 @@ class MemoryRunner:
         if mask:
             mask_experts(self.model, {i: ids for i, ids in mask.items() if ids}, self.family)
         stop = self.num_layers if stop is None else stop
-        outputs = self.family.layer_outputs
         for c in chunk_bar(chunks, "chunks", self.progress):
-            tracers = trace_layers(self.model, c.tokens, outputs=outputs)
+            tracers = trace_layers(self.model, c.tokens, family=self.family)
             h = tracers[0].x
             state: tuple = ()
             for i in range(stop):
                 cb = None if on_moe is None else (lambda cap, c=c, i=i: on_moe(i, c, cap))
                 states = {(s.layer, s.index): state[s.index - 1] for s in tracers[i].needs}
                 h = self.fwd.layer_forward(i, h, tracers[i], cb, c.index == 0, lanes_pair, states)  # as in stream mode
-                if outputs > 1:
-                    h, state = h[0], h[1:]
+                h, state = split_outputs(self.family, h)
                 mx.eval(h)
             self._final[c.index] = h
         for i in range(stop):
@@ -75,7 +73,7 @@ class MemoryRunner:
 
     def logits(self, chunk: Chunk):
         out = trace_layers(self.model, chunk.tokens, final=self._final[chunk.index],
-                           outputs=self.family.layer_outputs)[0].model_output
+                           family=self.family)[0].model_output
         mlx_core().eval(out)
         return out
 

@@ -95,7 +95,7 @@ class Tracer:
     model's forward may read the layer's attributes (which mask a hybrid layer takes): those come
     from the layer it stands in for."""
 
-    def __init__(self, out=None, layer=None, index: int = 0, outputs: int = 1):
+    def __init__(self, out=None, layer=None, index: int = 0, outputs: int = 1, state_is_none: bool = False):
         self.args: tuple = ()
         self.kwargs: dict = {}
         self.x = None
@@ -103,7 +103,7 @@ class Tracer:
         self.layer = layer
         self.model_output = None  # set on tracer 0: the model's (lazy) output
         # a layer returning (h, *state) (Family.layer_outputs): the state stands in as markers
-        self.extras = tuple(State(index, j) for j in range(1, outputs))
+        self.extras = tuple(None if state_is_none else State(index, j) for j in range(1, outputs))
 
     def __getattr__(self, name):
         layer = self.__dict__.get("layer")
@@ -114,7 +114,7 @@ class Tracer:
     def __call__(self, x, *args, **kwargs):
         self.x, self.args, self.kwargs = x, args, kwargs
         h = x if self.out is None else self.out
-        return (h, *self.extras) if self.extras else h
+        return (h, *self.extras) if len(self.extras) else h
 
     @property
     def needs(self) -> list["State"]:
@@ -128,6 +128,18 @@ class Tracer:
         return tuple(real(v) for v in self.args), {k: real(v) for k, v in self.kwargs.items()}
 
 
+def split_outputs(family: Family, out) -> tuple:
+    """(h, state) of a layer's output; state is () for layers returning h alone. A state the row
+    says is None must be (checked on every call: never carried wrong)."""
+    if family.layer_outputs == 1:
+        return out, ()
+    h, state = out[0], tuple(out[1:])
+    if family.state_is_none and any(v is not None for v in state):
+        raise BadInput("model", f"{family.model_type}: a decoder layer hands state to the next one "
+                                f"(attention residuals?); a layer-by-layer run cannot carry it")
+    return h, state
+
+
 class State:
     """Marks output `index` of layer `layer` where the traced forward hands it to a later layer
     (Hunyuan's cross-layer attention passes K/V on this way)."""
@@ -136,18 +148,19 @@ class State:
         self.layer, self.index = layer, index
 
 
-def trace_layers(model, tokens: np.ndarray, final=None, outputs: int = 1) -> list[Tracer]:
+def trace_layers(model, tokens: np.ndarray, final=None, family: Family | None = None) -> list[Tracer]:
     """Run the model's own forward with tracers in place of its layers (nothing heavy is evaluated).
 
     Tracer i holds layer i's arguments; tracer 0's input `x` is the embedding output. With `final`
     given, every tracer returns it, so the model's output is its head applied to `final`. Layers
-    that return (h, *state) (`outputs` > 1) return state markers; a layer may take only its
-    predecessor's state (what the runners carry from one layer to the next).
+    that return (h, *state) (the family's layer_outputs > 1) return state markers; a layer may take
+    only its predecessor's state (what the runners carry from one layer to the next).
     """
     mx = mlx_core()
     layers = layer_list(model)
     saved = list(layers)
-    tracers = [Tracer(final, layer, i, outputs) for i, layer in enumerate(layers)]
+    outputs, none = (family.layer_outputs, family.state_is_none) if family is not None else (1, False)
+    tracers = [Tracer(final, layer, i, outputs, none) for i, layer in enumerate(layers)]
     try:
         layers[:] = tracers
         out = model(mx.array(tokens))

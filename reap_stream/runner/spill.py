@@ -74,9 +74,13 @@ class HiddenSpill:
                 return {"v": v}
             if isinstance(v, (tuple, list)):
                 return {"items": [spec(x) for x in v]}
+            if not isinstance(v, mx.array):
+                raise BadInput("model", f"a decoder layer hands a {type(v).__name__} to the next layer, which a "
+                                        f"layer-by-layer run cannot carry")
             leaves.append(v)
             return {"array": len(leaves) - 1}
 
+        mx = mlx_core()
         tree = spec(state)
         for j, leaf in enumerate(leaves):
             self.write(layer, f"{chunk:06d}_s{j}", leaf)

@@ -20,7 +20,7 @@ from ..families.table import Family, attr
 from ..io.files import write_text_atomic
 from .chunks import Chunk, chunk_bar, make_chunks
 from .lanes import SplitCheck, lanes_pair, shared_lanes, split_layer_forward
-from .skeleton import Forward, Weights, build_skeleton, trace_layers
+from .skeleton import Forward, Weights, build_skeleton, split_outputs, trace_layers
 from .spill import HiddenSpill
 
 MoECallback = Callable[[int, Chunk, object], None]
@@ -80,7 +80,7 @@ class StreamRunner:
         names = self.weights.load(None, skip=lambda n: n.startswith("lm_head."))
         self.spill.begin(0)
         for c in chunk_bar(chunks, "embed", self.progress):
-            h = trace_layers(self.model, c.tokens, outputs=self.family.layer_outputs)[0].x
+            h = trace_layers(self.model, c.tokens, family=self.family)[0].x
             mx.eval(h)
             self.spill.write(0, c.index, h)
         self.spill.finish(0)
@@ -113,16 +113,15 @@ class StreamRunner:
                 if self._split(i, c.tokens.shape):
                     out = split_layer_forward(self.fwd, shared_lanes(), i, h, c.tokens, cb, check)
                 else:
-                    tracers = trace_layers(self.model, c.tokens, outputs=self.family.layer_outputs)
+                    tracers = trace_layers(self.model, c.tokens, family=self.family)
                     states = {(s.layer, s.index): self.spill.read_state(i, c.index)[s.index - 1]
                               for s in tracers[i].needs}
                     out = self.fwd.layer_forward(i, h, tracers[i], cb, check,
                                                  lanes_pair if self.parallel else None, states)
-                    if self.family.layer_outputs > 1:
-                        out, state = out[0], out[1:]
-                        if i + 1 < len(tracers) and tracers[i + 1].needs:
-                            mx.eval(out, [v for v in state if v is not None])
-                            self.spill.write_state(i + 1, c.index, state)
+                    out, state = split_outputs(self.family, out)
+                    if state and i + 1 < len(tracers) and tracers[i + 1].needs:
+                        mx.eval(out, [v for v in state if v is not None])
+                        self.spill.write_state(i + 1, c.index, state)
                 mx.eval(out)
                 self.spill.write(i + 1, c.index, out)
             self.spill.finish(i + 1)
@@ -147,7 +146,7 @@ class StreamRunner:
         if self._head is None:
             self._head = self.weights.load(None)
         h = self.spill.read(n, chunk.index)
-        out = trace_layers(self.model, chunk.tokens, final=h, outputs=self.family.layer_outputs)[0].model_output
+        out = trace_layers(self.model, chunk.tokens, final=h, family=self.family)[0].model_output
         mx.eval(out)
         return out
 

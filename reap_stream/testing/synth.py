@@ -57,6 +57,9 @@ _COMMON = {
 
 # the families with a tiny fixture: every supported row mlx_lm can build (config extras in the row's `tiny`)
 FAMILIES: tuple[str, ...] = tuple(f.model_type for f in FAMILY_ROWS if f.mlx and not f.refused)
+# the first seven families, which the per-stage tests (brute-force reference, masking, fixtures)
+# cover; every family goes through tests/test_family_matrix.py
+FIRST_FAMILIES: tuple[str, ...] = FAMILIES[:7]
 NUM_EXPERTS = 8
 
 _ST_DTYPES = {  # numpy dtype name -> safetensors dtype

@@ -1,0 +1,107 @@
+"""Every MoE family mlx_lm ships: a tiny seeded model built with mlx_lm's own class goes through
+collect (stream mode, with the self-check) -> REAP plan -> apply -> mlx_lm.load, and the output's
+logits equal the original's with the pruned experts masked out of routing (the conformance matrix
+of tools/family_matrix.py, one case per family here; 4-bit, non-uniform and stream == memory on a
+slice). A model_type the installed mlx_lm has and the family table does not list fails here."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reap_stream.families.table import FAMILIES, FAMILY_ROWS, MODEL_TYPES
+from reap_stream.testing import conformance, synth
+
+# hybrid layers (linear attention, Mamba, short convolutions), tuple-returning layers, identity experts
+STREAM_EQUALS_MEMORY = ("qwen3_next", "qwen3_5_moe", "nemotron_h", "jamba", "lfm2_moe", "granitemoehybrid",
+                        "kimi_linear", "bailing_moe_linear", "bailing_moe_v3", "hunyuan", "longcat_flash")
+QUANTISED = ("qwen3_5_moe", "minimax", "llama4", "nemotron_h", "longcat_flash", "step3p5")
+NON_UNIFORM = ("qwen3_next", "glm_moe_dsa", "longcat_flash", "hunyuan", "bailing_moe_v3")
+
+# files of mlx_lm/models that build on an MoE module and are still dense, with why
+NOT_MOE = {"switch_layers": "the expert-stack layers themselves"}
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    from conftest import FIXTURE_ROOT
+    return FIXTURE_ROOT
+
+
+@pytest.mark.parametrize("family", synth.FAMILIES)
+def test_pruned_output_equals_the_masked_original(family, fixtures, tmp_path):
+    result = conformance.check_family(family, fixtures, compare_memory=family in STREAM_EQUALS_MEMORY,
+                                      work=tmp_path)
+    assert result.changed > 1e-3, "the prune changes the output (else the comparison would prove nothing)"
+    assert result.max_abs_diff <= conformance.TOLERANCE, result
+    assert len(set(result.modes.values())) <= 1, f"stream and memory telemetry differ: {result.modes}"
+    assert set(result.kept.values()) == {4}
+
+
+@pytest.mark.parametrize("family", QUANTISED)
+def test_4bit_pruned_output_equals_the_masked_original(family, fixtures, tmp_path):
+    result = conformance.check_family(family, fixtures, variant="q4", work=tmp_path)
+    assert result.ok, result
+
+
+@pytest.mark.parametrize("family", NON_UNIFORM)
+def test_non_uniform_prune_loads_through_load_pruned(family, fixtures, tmp_path):
+    result = conformance.check_family(family, fixtures, variant="non-uniform", work=tmp_path)
+    assert len(set(result.kept.values())) == 2 and result.ok, result
+
+
+def _moe_modules() -> set[str]:
+    """mlx_lm model files that build an expert stack, or build on a file that does (the issue's
+    `grep -l -E "SwitchGLU|SwitchMLP"` plus what imports those), and the expert-list model."""
+    import mlx_lm.models
+
+    files = {p.stem: p.read_text() for p in Path(mlx_lm.models.__file__).parent.glob("*.py")}
+    moe = {n for n, src in files.items() if re.search(r"SwitchGLU|SwitchMLP", src)} - set(NOT_MOE)
+    grew = True
+    while grew:
+        grew = False
+        for name, src in files.items():
+            deps = set(re.findall(r"^from \.(\w+) import", src, re.M))
+            for group in re.findall(r"^from \. import ([\w, ]+)", src, re.M):
+                deps |= {d.strip() for d in group.split(",")}
+            if name not in moe and name not in NOT_MOE and deps & moe:
+                moe.add(name)
+                grew = True
+    return moe
+
+
+def test_every_moe_model_type_of_the_installed_mlx_lm_is_a_row():
+    from mlx_lm.utils import MODEL_ARCHITECTURE_REMAPPING, MODEL_REMAPPING
+
+    known = {f.model_type for f in FAMILY_ROWS}
+    missing = sorted(_moe_modules() - known)
+    assert not missing, (f"mlx_lm has MoE model types the family table does not list: {', '.join(missing)}; "
+                         f"add a row (supported, or refused with the reason) to reap_stream/families")
+    aliases = sorted(a for a, target in MODEL_REMAPPING.items() if target in known and a not in MODEL_TYPES)
+    assert not aliases, f"mlx_lm loads {', '.join(aliases)} as a listed family: add them to that row's aliases"
+    remapped = sorted(f"{t}:{a}" for (t, a), target in MODEL_ARCHITECTURE_REMAPPING.items() if target in known
+                      and not any(f"{t}:{a}" in f.aliases for f in FAMILY_ROWS))
+    assert not remapped, f"mlx_lm remaps {', '.join(remapped)} by architecture: add them to that row's aliases"
+
+
+def test_the_fixtures_route_every_expert(fixtures):
+    """The tiny models are informative: in every MoE layer each expert is chosen for some token."""
+    import mlx_lm
+
+    from reap_stream.families import masking
+
+    tokens = conformance.eval_tokens(256)
+    for family in synth.FAMILIES[len(synth.FIRST_FAMILIES):]:
+        model, _ = mlx_lm.load(str(synth.cached_fixture(family, "fp32", fixtures)))
+        for layer, counts in masking.routing_counts(model, tokens).items():
+            assert (counts > 0).all(), f"{family} layer {layer}: an expert is never routed: {counts}"
+
+
+def test_the_matrix_lists_every_row_with_a_verdict():
+    """Each mlx row is either checked here or refused with its reason."""
+    rows = [f for f in FAMILY_ROWS if f.mlx]
+    assert {f.model_type for f in rows if not f.refused} == set(FAMILIES) == set(synth.FAMILIES)
+    assert all(len(f.refused) > 20 for f in rows if f.refused)
+    assert np.all([f.model_type in MODEL_TYPES for f in rows])
