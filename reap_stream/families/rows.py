@@ -195,7 +195,7 @@ MORE_ROWS: tuple[Family, ...] = (
            gguf_arch="granitehybrid",
            tiny={"architectures": ["GraniteMoeHybridForCausalLM"], **_GRANITE,
                  "layer_types": ["mamba", "attention", "mamba", "mamba"], "shared_intermediate_size": 64,
-                 "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_proj_bias": False, "mamba_d_state": 16,
+                 "mamba_n_heads": 4, "mamba_d_head": 32, "mamba_proj_bias": False, "mamba_d_state": 16,
                  "mamba_d_conv": 4, "mamba_n_groups": 1, "mamba_conv_bias": True}),
     Family("phimoe", "num_local_experts", Routing.SPARSEMIXER, block="block_sparse_moe", hf_names=_W123,
            gguf_arch="phimoe",

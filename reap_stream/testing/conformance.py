@@ -86,9 +86,9 @@ def _logits(path: Path, uniform: bool, tokens: np.ndarray) -> np.ndarray:
 
 
 def _mlx_lm_load(path: Path):
-    from mlx_lm.utils import load_model
+    import mlx_lm
 
-    return load_model(path)
+    return mlx_lm.load(str(path))  # model and tokenizer, as a user loads the output
 
 
 def check_family(family: str, fixtures: Path, *, variant: str = "fp32", compare_memory: bool = False,
