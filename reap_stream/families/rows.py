@@ -29,6 +29,7 @@ _GRANITE = {"intermediate_size": 64, "logits_scaling": 2.0, "attention_multiplie
             "embedding_multiplier": 12.0, "residual_multiplier": 0.2, "attention_bias": False}
 # Bailing's gate.gate_proj Linear (HF: mlp.gate.weight); selection bias gate.expert_bias
 _BAILING_ROUTE = Route(f32=True, score=at("gate.score_function"), precise=False, bias="gate.expert_bias",
+                       bias_optional=True,
                        groups="top2sum", n_group=at("gate.n_group"), topk_group=at("gate.topk_group"),
                        renorm="sum", renorm_if=at("gate.norm_topk_prob"), renorm_k1=False,
                        scale=at("gate.routed_scaling_factor"))
@@ -90,7 +91,7 @@ MORE_ROWS: tuple[Family, ...] = (
     # LFM2-MoE: sigmoid in the model dtype, optional expert_bias (selection in float32), high top-k,
     # renormalised by (sum + 1e-6) when norm_topk_prob (k = 1 too), times routed_scaling_factor
     Family("lfm2_moe", "num_experts", Routing.SIGMOID_GROUP, block="feed_forward", top_k="high",
-           route=Route(score="sigmoid", bias="expert_bias", renorm="sum", renorm_eps=1e-6,
+           route=Route(score="sigmoid", bias="expert_bias", bias_optional=True, renorm="sum", renorm_eps=1e-6,
                        renorm_if=at("norm_topk_prob"), scale=at("routed_scaling_factor")),
            hf_names=_W123, dense=("num_dense_layers",), gguf_arch="lfm2moe",
            tiny={"architectures": ["Lfm2MoeForCausalLM"], "intermediate_size": 128, "moe_intermediate_size": 32,

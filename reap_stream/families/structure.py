@@ -84,6 +84,7 @@ def checkpoint_structure(ckpt: Checkpoint, fam: Family | None = None) -> MoEStru
     cfg = text_config(ckpt.config, fam)
     configured = num_experts(ckpt.config, fam, where)
     _check_expert_axes(ckpt, fam, experts, identity)
+    _check_selection_bias(ckpt, fam, experts)
     _check_counts(ckpt, fam, experts, configured, where)
     dense = sorted(set(dense_layers(ckpt.config, fam, where)) & set(experts))
     if dense:
@@ -125,6 +126,21 @@ def _check_expert_axes(ckpt: Checkpoint, fam: Family, experts: dict[int, int], i
             raise BadInput(ref.file, f"tensor {name!r} has shape {list(ref.shape)}; layer {rel.layer}'s router "
                                      f"has {n} experts, which its axis 0 must hold"
                                      + (f" (+ {identity} identity experts)" if rows != n else ""))
+
+
+def _check_selection_bias(ckpt: Checkpoint, fam: Family, experts: dict[int, int]) -> None:
+    """A router that selects with a bias has one in every MoE layer (in either layout's name): a
+    checkpoint without is another family's (or an alias over the wrong tensors)."""
+    route = fam.route
+    if route.bias is None or route.bias_optional:
+        return
+    leaf = route.bias.rpartition(".")[2]
+    have = {classify(n, fam).layer for n in ckpt.tensors
+            if n.endswith("." + leaf) and classify(n, fam) is not None}
+    missing = sorted(set(experts) - have)
+    if missing:
+        raise BadInput(ckpt.root, f"layer {missing[0]} has no {leaf} tensor, which a {fam.model_type} router "
+                                  f"selects with: the tensors are not this family's")
 
 
 def _check_counts(ckpt: Checkpoint, fam: Family, experts: dict[int, int], configured: int, where: str) -> None:

@@ -66,7 +66,8 @@ class Route:
     #                              one of these or the block's own activation module
     f32: bool = False            # logits cast to float32 before scoring (TOPK_SOFTMAX: the k selected)
     precise: bool = True         # softmax(precise=...)
-    bias: str | None = None      # selection-only bias under the block (absent attribute: no bias)
+    bias: str | None = None      # selection-only bias under the block
+    bias_optional: bool = False  # a config switch may leave the block without it
     bias_cast: bool = False      # the bias is cast to the scores' dtype before the add
     groups: str | None = None    # group-limited top-k: groups scored by "top2sum" or "max"
     n_group: object = 1
@@ -318,21 +319,23 @@ def identity_rows(config: dict, fam: Family) -> int:
     return value
 
 
-def _config_int(config: dict, key: str, where: str) -> int:
-    value = config.get(key)
+def _config_int(config: dict, key: str, where: str, fam: Family | None = None, what: str = "") -> int:
+    section = text_config(config, fam) if fam is not None else config
+    value = section.get(key)
+    name = f"text_config.{key}" if section is not config else key
+    if value is None and fam is not None:
+        raise BadInput(where, f"{name} is missing: {fam.model_type} reads its {what} from it")
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BadInput(where, f"{key} must be a positive integer (got {value!r})")
+        raise BadInput(where, f"{name} must be a positive integer (got {value!r})")
     return value
 
 
 def num_experts(config: dict, fam: Family, where: str = "config.json") -> int:
-    return _config_int(text_config(config, fam), fam.experts_key, where)
+    return _config_int(config, fam.experts_key, where, fam, "routed expert count")
 
 
 def top_k(config: dict, where: str = "config.json", fam: Family | None = None) -> int:
-    if fam is None:
-        return _config_int(config, "num_experts_per_tok", where)
-    return _config_int(text_config(config, fam), fam.top_k_key, where)
+    return _config_int(config, fam.top_k_key if fam else "num_experts_per_tok", where, fam, "top-k")
 
 
 def _rule_layers(config: dict, keys: tuple[str, ...], where: str) -> set[int]:

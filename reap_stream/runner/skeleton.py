@@ -174,6 +174,9 @@ def trace_layers(model, tokens: np.ndarray, final=None, family: Family | None = 
             raise _not_layer_by_layer(model, f"decoder layer {i} does not take layer {i - 1}'s output as its input")
         if any(s.layer != i - 1 for s in tracers[i].needs):
             raise _not_layer_by_layer(model, f"decoder layer {i} takes state from a layer before layer {i - 1}")
+    if tuple(getattr(out, "shape", ())[:-1]) != tuple(np.shape(tokens)):
+        raise _not_layer_by_layer(model, f"its output has shape {list(getattr(out, 'shape', []))} for tokens of "
+                                         f"shape {list(np.shape(tokens))} with layers traced")
     tracers[0].model_output = out
     return tracers
 
