@@ -136,3 +136,18 @@ def test_streamed_perplexity_equals_mlx_lm_on_hybrid_layers(family, fixtures):
     want = nn.losses.cross_entropy(logits, x[:, 1:], reduction="mean").item()
     # mean NLL (random tiny models: ~20-35 nats) within float32 summation noise
     assert got.num_sequences == 6 and math.log(got.perplexity) == pytest.approx(want, abs=1e-4)
+
+
+# families whose transformers class mlx_lm agrees with (tools/family_matrix.py --transformers: all)
+TRANSFORMERS = ("qwen3_next", "minimax", "nemotron_h", "granitemoe", "exaone_moe", "qwen3_moe")
+
+
+@pytest.mark.parametrize("family", TRANSFORMERS)
+def test_hf_layout_written_by_transformers_is_pruned_and_loads_in_transformers(family, fixtures, tmp_path):
+    """Per-expert (Qwen3-Next, MiniMax w1/w2/w3, Nemotron-H up/down) and fused (Granite's
+    input_linear) HF layouts, as transformers saves them: the pruned output loads in transformers
+    and equals mlx_lm's masked original (qwen3_moe: transformers 5 writes num_local_experts beside
+    num_experts and reads that one: both are rewritten)."""
+    result = conformance.check_transformers(family, fixtures, work=tmp_path)
+    assert result.unpruned_gap <= conformance.HF_TOLERANCE
+    assert result.ok, result

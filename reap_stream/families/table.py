@@ -239,6 +239,8 @@ MODEL_TYPES: MappingProxyType = MappingProxyType({
     name: f for f in FAMILY_ROWS if f.mlx for name in (f.model_type, *f.aliases) if ":" not in name})
 # (model_type, architecture) -> row, where mlx_lm picks the class by architecture
 _ARCH_ALIASES = MappingProxyType({tuple(a.split(":")): f for f in FAMILY_ROWS for a in f.aliases if ":" in a})
+# the config keys that count routed experts, in any family (a config may carry several)
+EXPERT_COUNT_KEYS: tuple[str, ...] = tuple(sorted({f.experts_key for f in FAMILY_ROWS}))
 BY_GGUF_ARCH: MappingProxyType = MappingProxyType({f.gguf_arch: f for f in FAMILY_ROWS if f.gguf_arch})
 
 # router tensors whose axis 0 is the expert axis

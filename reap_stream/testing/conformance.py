@@ -26,6 +26,8 @@ from . import synth
 
 # logits of the pruned output vs the masked original: fp32 on the CPU (observed: 0 or ~1e-7)
 TOLERANCE = 1e-5
+# the same, the output loaded by transformers (torch) against mlx_lm's masked original
+HF_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -40,10 +42,13 @@ class Result:
     telemetry: str | None = None
     modes: dict = field(default_factory=dict)  # stream / memory telemetry fingerprints, when compared
 
+    unpruned_gap: float | None = None  # transformers vs mlx_lm on the unpruned model (HF checks)
+
     @property
     def ok(self) -> bool:
         same_modes = len(set(self.modes.values())) <= 1
-        return self.max_abs_diff <= TOLERANCE and self.changed > 0 and same_modes
+        tolerance = HF_TOLERANCE if self.variant == "transformers" else TOLERANCE
+        return self.max_abs_diff <= tolerance and self.changed > 0 and same_modes
 
     def to_json(self) -> dict:
         return {**asdict(self), "ok": self.ok}
@@ -122,3 +127,49 @@ def check_family(family: str, fixtures: Path, *, variant: str = "fp32", compare_
                   {str(k): len(v.kept) for k, v in sorted(plan.layers.items())},
                   float(np.max(np.abs(want - whole))), round(time.perf_counter() - started, 2),
                   summary["telemetry_fingerprint"], modes)
+
+
+def check_transformers(family: str, fixtures: Path, *, work: Path | None = None) -> Result:
+    """The family's tiny model as transformers writes it (its HF layout) -> a plan pruning half the
+    experts -> apply -> transformers.from_pretrained of the output, against mlx_lm's masked
+    original of the same checkpoint. `unpruned_gap` says how far the two runtimes are apart before
+    any pruning (where they disagree, the comparison cannot be made)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..families.masking import masked_logits
+
+    started = time.perf_counter()
+    src = synth.cached_fixture(family, "transformers", fixtures)
+    model = open_model(src)
+    plan = _random_plan(model)
+    tokens = eval_tokens()
+
+    def hf_logits(path: Path) -> np.ndarray:
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        with torch.no_grad():
+            return hf(torch.tensor(tokens[None].astype(np.int64))).logits[0].numpy()
+
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        write_layout(plan_layout(model, plan), Path(tmp) / "out", progress=False)
+        got = hf_logits(Path(tmp) / "out")
+    want = masked_logits(src, plan.pruned_map(), tokens)
+    whole = masked_logits(src, {}, tokens)
+    return Result(family, "transformers", model.family.routing.value, float(np.max(np.abs(got - want))),
+                  {str(k): len(v.kept) for k, v in sorted(plan.layers.items())},
+                  float(np.max(np.abs(want - whole))), round(time.perf_counter() - started, 2),
+                  unpruned_gap=float(np.max(np.abs(hf_logits(src) - whole))))
+
+
+def _random_plan(model, seed: int = 1) -> Plan:
+    """Half the experts of every prunable layer, the same number from each expert group."""
+    st = model.structure
+    rng = np.random.default_rng(seed)
+    layers = {}
+    for layer in st.prunable_layers:
+        n = st.layer_experts[layer]
+        size = n // st.n_group
+        pruned = sorted(int(e) + g * size for g in range(st.n_group)
+                        for e in rng.choice(size, size // 2, replace=False))
+        layers[layer] = LayerPlan(sorted(set(range(n)) - set(pruned)), pruned)
+    return Plan(layers=layers, method="random", ratio=0.5, model=model.model_block())
