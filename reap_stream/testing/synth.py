@@ -370,7 +370,7 @@ def make_transformers_fixture(family: str, out_dir: Path, *, seed: int = 0) -> P
                                for i in range(text["num_hidden_layers"])]
     names = {k for k, _ in _flat(_build_model(cfg))}
     text["tie_word_embeddings"] = not any(k.endswith("lm_head.weight") for k in names)
-    hf_config = AutoConfig.for_model(hf_type, **text)
+    hf_config = AutoConfig.for_model(hf_type, **{k: v for k, v in text.items() if v is not None})
     with torch.device("meta"):  # a config key transformers reads by another name could mean a full-size model
         size = sum(p.numel() for p in AutoModelForCausalLM.from_config(hf_config).parameters())
     if size > 5_000_000:
@@ -386,7 +386,8 @@ def make_transformers_fixture(family: str, out_dir: Path, *, seed: int = 0) -> P
     model.save_pretrained(out_dir)
     config = json.loads((out_dir / "config.json").read_text())
     for key, value in text.items():  # keys transformers 5 renames or folds (rope_theta ...), as published
-        config.setdefault(key, value)
+        if value is not None:
+            config.setdefault(key, value)
     _write_json(out_dir / "config.json", config)
     write_tokenizer(out_dir)
     return out_dir
