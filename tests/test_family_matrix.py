@@ -151,3 +151,46 @@ def test_hf_layout_written_by_transformers_is_pruned_and_loads_in_transformers(f
     result = conformance.check_transformers(family, fixtures, work=tmp_path)
     assert result.unpruned_gap <= conformance.HF_TOLERANCE
     assert result.ok, result
+
+
+def test_a_multimodal_wrapper_keeps_every_non_expert_tensor_byte_for_byte(fixtures, tmp_path):
+    """Qwen3.5-MoE as a vision-language checkpoint: the vision tower's tensors (one with a
+    `layers.N.` of its own) are copied untouched; the language model's experts are pruned; the
+    output loads with mlx_lm (whose sanitize drops the tower) and collect runs over it."""
+    import json
+    import shutil
+
+    from reap_stream.families.model import open_model
+    from reap_stream.io.safetensors import Checkpoint, read_array
+    from reap_stream.runner import RunOptions
+    from reap_stream.telemetry.collect import collect
+
+    src = tmp_path / "vl"
+    shutil.copytree(synth.cached_fixture("qwen3_5_moe", "fp32", fixtures), src)
+    rng = np.random.default_rng(3)
+    vision = {"vision_tower.blocks.0.attn.qkv.weight": ("F32", rng.normal(size=(12, 4)).astype(np.float32)),
+              "vision_tower.encoder.layers.0.mlp.fc1.weight": ("F32", rng.normal(size=(8, 4)).astype(np.float32))}
+    synth.write_safetensors(src / "vision.safetensors", vision)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"].update(dict.fromkeys(vision, "vision.safetensors"))
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    model = open_model(src)
+    collect(model, conformance.calibration(), tmp_path / "t.zarr",
+            RunOptions("stream", 64, work_dir=tmp_path / "w"), progress=False)
+    plan = conformance._random_plan(model)
+    from reap_stream.surgery.safetensors import plan_layout, write_layout
+    write_layout(plan_layout(model, plan), tmp_path / "out", progress=False)
+    out = Checkpoint.open(tmp_path / "out")
+    for name, (_, arr) in vision.items():
+        assert np.array_equal(read_array(out.tensors[name]), arr)
+    assert out.config["text_config"]["num_experts"] == 4
+    import mlx.core as mx
+    import mlx_lm
+
+    from reap_stream.families.masking import masked_logits
+
+    pruned, _ = mlx_lm.load(str(tmp_path / "out"))
+    tokens = conformance.eval_tokens()
+    got = np.array(pruned(mx.array(tokens[None]))[0].astype(mx.float32))
+    assert np.max(np.abs(got - masked_logits(src, plan.pruned_map(), tokens))) <= conformance.TOLERANCE

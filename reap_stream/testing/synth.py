@@ -386,7 +386,8 @@ def make_transformers_fixture(family: str, out_dir: Path, *, seed: int = 0) -> P
     model.save_pretrained(out_dir)
     config = json.loads((out_dir / "config.json").read_text())
     for key, value in text.items():  # keys transformers 5 renames or folds (rope_theta ...), as published
-        if value is not None:
+        per_layer_type = all(isinstance(v, dict) for v in (config.get("rope_parameters") or {"": 0}).values())
+        if not (key == "rope_scaling" and value is None and per_layer_type):  # would void per-type rope
             config.setdefault(key, value)
     _write_json(out_dir / "config.json", config)
     write_tokenizer(out_dir)
