@@ -30,7 +30,8 @@ ensure_blas()
 
 from reap_stream.errors import BadInput  # noqa: E402
 from reap_stream.families.table import FAMILY_ROWS, At, Family, Routing  # noqa: E402
-from reap_stream.testing import conformance, synth  # noqa: E402
+from reap_stream.testing import conformance  # noqa: E402
+from reap_stream.testing.hf_fixture import transformers_model_type  # noqa: E402
 
 
 def describe(fam: Family) -> str:
@@ -63,7 +64,7 @@ def run_family(fam: Family, fixtures: Path, work: Path, transformers: bool) -> d
     for variant in variants:
         row["checks"][variant] = _check(lambda v=variant: conformance.check_family(
             fam.model_type, fixtures, variant=v, compare_memory=v == "fp32", work=work))
-    if transformers and synth.transformers_model_type(fam.model_type):
+    if transformers and transformers_model_type(fam.model_type):
         row["checks"]["transformers"] = _check(lambda: conformance.check_transformers(
             fam.model_type, fixtures, work=work))
     failed = [v for v, c in row["checks"].items()
