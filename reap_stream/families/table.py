@@ -284,7 +284,8 @@ def family_of(config: dict, where: str = "config.json") -> Family:
                 break
         fam = fam or MODEL_TYPES.get(model_type)
     if fam is None:
-        raise BadInput(where, f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
+        names = ", ".join(sorted(FAMILIES, key=str.lower))
+        raise BadInput(where, f"unsupported model_type {model_type!r}; supported: {names}")
     if fam.refused:
         raise BadInput(where, f"model_type {model_type!r} ({fam.model_type}) cannot be pruned exactly: {fam.refused}")
     return fam
