@@ -118,3 +118,15 @@ def test_kimi_k3_with_attention_residuals_is_refused_when_its_layers_hand_on_sta
     runner = open_runner(resolved, RunOptions(mode="stream"), tmp_path / "work", progress=False)
     with pytest.raises(BadInput, match="kimi_k3: .*cannot"):
         list(runner.run(runner.chunks([np.zeros(8, np.int32)])))
+
+
+def test_gemma4_with_kv_sharing_layers_is_refused(tmp_path):
+    """Gemma-4's KV-sharing layers reuse the K/V of a layer further back than their predecessor,
+    which a layer-by-layer run does not carry: refused with one line (without sharing: supported)."""
+    from reap_stream.families.model import open_model
+    from reap_stream.runner import RunOptions, open_runner
+
+    model = synth.make_mlx_fixture("gemma4_text", tmp_path / "g4", config_overrides={"num_kv_shared_layers": 2})
+    runner = open_runner(open_model(model), RunOptions(mode="stream"), tmp_path / "work", progress=False)
+    with pytest.raises(BadInput, match="gemma4_text: decoder layer 2 takes state from a layer before layer 1"):
+        list(runner.run(runner.chunks([np.zeros(8, np.int32)])))

@@ -17,7 +17,7 @@ from reap_stream.testing import conformance, synth
 # hybrid layers (linear attention, Mamba, short convolutions), tuple-returning layers, identity experts
 STREAM_EQUALS_MEMORY = ("qwen3_next", "qwen3_5_moe", "nemotron_h", "jamba", "lfm2_moe", "granitemoehybrid",
                         "kimi_linear", "bailing_moe_linear", "bailing_moe_v3", "hunyuan", "longcat_flash")
-QUANTISED = ("qwen3_5_moe", "minimax", "llama4", "nemotron_h", "longcat_flash", "step3p5")
+QUANTISED = ("qwen3_5_moe", "minimax", "llama4", "nemotron_h", "longcat_flash", "step3p5", "gemma4_text")
 NON_UNIFORM = ("qwen3_next", "glm_moe_dsa", "longcat_flash", "hunyuan", "bailing_moe_v3")
 
 # files of mlx_lm/models that build on an MoE module and are still dense, with why

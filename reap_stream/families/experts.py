@@ -20,7 +20,7 @@ from ..blas import blas_threads, lane_threads
 from ..errors import BadInput
 from .routing import ROUTERS, Routed, combine
 from .stacks import expert_forward, projections
-from .table import Family
+from .table import Family, attr
 
 def _expert_linear(lin, e: int, x: mx.array) -> mx.array:
     """x @ W_e^T (+ b_e) for expert e of a (Quantized)SwitchLinear, as one dense matmul."""
@@ -139,16 +139,18 @@ class Capture:
     output: mx.array       # [T, D] block output rebuilt from the experts (+ shared), x's dtype
 
 
-def capture(block, fam: Family, x: mx.array, top_k: int, num_experts: int, pair: Pair | None = None) -> Capture:
-    """Route x [T, D] exactly as `block` does and evaluate its experts grouped by expert
-    (shared out to two lanes with `pair`; the same bits either way)."""
-    routed = ROUTERS[fam.routing](block, fam, x, top_k)
+def capture(block, fam: Family, x: mx.array, top_k: int, num_experts: int, pair: Pair | None = None,
+            routed: Routed | None = None) -> Capture:
+    """Route x [T, D] exactly as `block` does (or take `routed`, the model's own router's choice)
+    and evaluate its experts grouped by expert (shared out to two lanes with `pair`; the same bits
+    either way)."""
+    routed = routed or ROUTERS[fam.routing](block, fam, x, top_k)
     mx.eval(x, routed.inds, routed.weights, routed.probs)
     inds = np.array(routed.inds).astype(np.int64)
     weights = np.array(routed.weights.astype(mx.float32))
     scale = None if routed.input_scale is None else np.array(routed.input_scale.astype(mx.float32))
     into, out_of = _latent(block, fam)
-    batch, y = run_experts(getattr(block, fam.stacked), into(x), inds, num_experts, weights, pair, scale)
+    batch, y = run_experts(attr(block, fam.stacked), into(x), inds, num_experts, weights, pair, scale)
     y = out_of(y.astype(x.dtype))
     if fam.identity_experts is not None:  # LongCat: ids past the routed experts add w * x
         identity = mx.array(np.where(inds >= num_experts, weights, 0.0).sum(axis=1, keepdims=True))
@@ -193,12 +195,14 @@ def _float32_stack(switch) -> list:
 SELF_CHECK_ROWS = 256
 
 
-def self_check(block, fam: Family, cap: Capture, layer: int, where: str) -> float:
-    """Raise BadInput unless Σ w·f(x) (+ shared) reproduces the block's own output on cap.x."""
+def self_check(block, fam: Family, cap: Capture, layer: int, where: str,
+               reference: Callable | None = None) -> float:
+    """Raise BadInput unless Σ w·f(x) (+ shared) reproduces the block's own output on cap.x
+    (`reference(x, rows)`: the module whose output it is, where that is not the block)."""
     rows = min(SELF_CHECK_ROWS, cap.x.shape[0])
-    undo = _float32_stack(getattr(block, fam.stacked)) if mx.default_device() == mx.cpu else []
+    undo = _float32_stack(attr(block, fam.stacked)) if mx.default_device() == mx.cpu else []
     try:
-        ref = block(cap.x[None, :rows])[0].astype(mx.float32)
+        ref = (reference(cap.x[None, :rows], rows) if reference else block(cap.x[None, :rows]))[0].astype(mx.float32)
         mine = cap.output[:rows].astype(mx.float32)
         err = float(mx.sqrt(mx.sum((ref - mine) ** 2)) / (mx.sqrt(mx.sum(ref ** 2)) + 1e-30))
     finally:

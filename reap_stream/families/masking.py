@@ -52,7 +52,7 @@ def moe_blocks(model, spec: Family | None = None) -> dict[int, object]:
     spec = spec or moe_spec(model)
     out = {}
     for i, layer in enumerate(model.layers):
-        block = getattr(layer, spec.block, None)
+        block = getattr(layer, spec.block, None) if spec.block else layer
         if block is not None and _attr(block, spec.router) is not None and _attr(block, spec.stacked) is not None:
             out[i] = block
     return out

@@ -27,6 +27,9 @@ _BAILING = {"intermediate_size": 128, "moe_intermediate_size": 32, "num_shared_e
             "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5}
 _GRANITE = {"intermediate_size": 64, "logits_scaling": 2.0, "attention_multiplier": 0.25,
             "embedding_multiplier": 12.0, "residual_multiplier": 0.2, "attention_bias": False}
+_GEMMA4 = {"intermediate_size": 128, "global_head_dim": 32, "num_kv_shared_layers": 0,
+           "hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 512, "sliding_window": 4,
+           "sliding_window_pattern": 2, "enable_moe_block": True, "moe_intermediate_size": 32}
 # Bailing's gate.gate_proj Linear (HF: mlp.gate.weight); selection bias gate.expert_bias
 _BAILING_ROUTE = Route(f32=True, score=at("gate.score_function"), precise=False, bias="gate.expert_bias",
                        bias_optional=True,
@@ -363,6 +366,19 @@ MORE_ROWS: tuple[Family, ...] = (
     Family("phixtral", "num_local_experts", Routing.TOPK_SOFTMAX, block="moe", aliases=("phi-msft",),
            hf_experts="mlp", hf_names=MappingProxyType({"fc1": "fc1", "fc2": "fc2"}),
            tiny={"num_vocab": 512, "model_dim": 64, "num_heads": 4, "num_layers": 4, "rotary_dim": 8}),
+    # Gemma-4: the MoE is two attributes of the decoder layer, beside a dense MLP: router (its own
+    # RMSNorm of the residual stream, top-k of the logits, softmax of the k in the model dtype,
+    # times router.per_expert_scale) and experts (on a second pre-norm); layers return
+    # (h, K/V, offset), handed on only to KV-sharing layers (those are refused by the runner)
+    Family("gemma4_text", "num_experts", Routing.LAYER_ROUTER, block="", router="router.proj",
+           stacked="experts.switch_glu", top_k="high", top_k_key="top_k_experts", layer_outputs=3,
+           route=Route(score="logits", precise=False, post_scale="router.per_expert_scale"), gguf_arch="gemma4",
+           tiny=_GEMMA4),
+    Family("gemma4", "num_experts", Routing.LAYER_ROUTER, block="", router="router.proj",
+           stacked="experts.switch_glu", top_k="high", top_k_key="top_k_experts", layer_outputs=3,
+           route=Route(score="logits", precise=False, post_scale="router.per_expert_scale"), text_config=True,
+           aliases=("gemma4_unified",), tiny_outer={"architectures": ["Gemma4ForConditionalGeneration"]},
+           tiny={"model_type": "gemma4_text", **_GEMMA4}),
     # ------------------------------------------------------------ refused, with the reason
     Family("deepseek_v41", "n_routed_experts", Routing.SIGMOID_GROUP, aliases=("deepseek_v41_text",),
            refused="its decoder layers pass [B, L, hc_mult, D] hyper-connection streams and a shared dict of "
@@ -371,12 +387,6 @@ MORE_ROWS: tuple[Family, ...] = (
            router="router.layer",
            refused="its experts are a list of separate modules in the MLX layout and fused [E * I, D] rows in the "
                    "HF layout, and its expert count is a nested config key; not handled yet"),
-    Family("gemma4_text", "num_experts", Routing.TOPK_SOFTMAX, aliases=(),
-           refused="its MoE is two attributes of the decoder layer (router on the residual stream, experts on "
-                   "a second pre-norm) and its layers return (h, shared K/V, offset); not handled yet"),
-    Family("gemma4", "num_experts", Routing.TOPK_SOFTMAX, text_config=True, aliases=("gemma4_unified",),
-           refused="a multimodal wrapper of gemma4_text, whose MoE is not handled yet (decoder-layer MoE, "
-                   "layers returning (h, shared K/V, offset))"),
     Family("muse_spark", "num_local_experts", Routing.SIGMOID_GROUP, text_config=True,
            refused="routing and the expert combine are Metal-only kernels (no CPU or CUDA path to run or check), "
                    "and its NVFP4 experts carry per-expert global scales"),

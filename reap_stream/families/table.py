@@ -27,6 +27,7 @@ class Routing(str, Enum):
     SIGMOID_GROUP = "sigmoid_group"  # scores (sigmoid), bias for selection only, group-limited top-k
     TOP1_SIGMOID_INPUT = "top1_sigmoid_input"  # Llama-4: top-1, sigmoid(logit) scales the expert INPUT
     SPARSEMIXER = "sparsemixer"      # PhiMoE: k rounds of argmax, softmax over the jitter band
+    LAYER_ROUTER = "layer_router"    # Gemma-4: the decoder layer's own router module selects and weighs
 
     @property
     def mask_rule(self) -> str:
@@ -97,6 +98,7 @@ DEFAULT_ROUTES = MappingProxyType({
                                  scale=at("gate.routed_scaling_factor")),
     Routing.TOP1_SIGMOID_INPUT: Route(score="sigmoid"),
     Routing.SPARSEMIXER: Route(score="logits"),
+    Routing.LAYER_ROUTER: Route(score="logits"),
 })
 
 
@@ -128,7 +130,7 @@ class Family:
     model_type: str
     experts_key: str                  # config key holding the routed expert count
     routing: Routing
-    block: str = "mlp"                # MoE block module under a decoder layer
+    block: str = "mlp"                # MoE block module under a decoder layer ("": the layer itself)
     stacked: str = "switch_mlp"       # stacked experts module under the block (mlx_lm layout)
     router: str = "gate"              # router module under the block (dotted path when nested)
     top_k: str = "low"                # how the block spells its top-k (routing.TOP_K): "low" / "high"
@@ -383,8 +385,9 @@ def classify(name: str, fam: Family) -> ExpertTensor | None:
     layer = int(m.group(1))
     rest = name[m.end():]
     for block in dict.fromkeys((fam.block, fam.hf_block or fam.block)):
-        if rest.startswith(block + "."):
-            return _classify_in_block(name, rest[len(block) + 1:], layer, fam, block == (fam.hf_block or fam.block))
+        if not block or rest.startswith(block + "."):
+            inner = rest[len(block) + 1:] if block else rest
+            return _classify_in_block(name, inner, layer, fam, block == (fam.hf_block or fam.block))
     return None
 
 

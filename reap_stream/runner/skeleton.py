@@ -17,7 +17,7 @@ import numpy as np
 
 from ..blas import mlx_core
 from ..errors import BadInput
-from ..families.table import Family, classify, layer_of
+from ..families.table import Family, attr, classify, layer_of
 from ..io.safetensors import Checkpoint, TensorRef, read_array
 
 
@@ -214,6 +214,56 @@ class MoEHook:
         return cap.output.reshape(shape)
 
 
+class LayerMoEHook(MoEHook):
+    """For a family whose MoE is two attributes of the decoder layer (Gemma-4: `router` on the
+    residual stream, `experts` on a second pre-norm): the layer's own router module selects and
+    weighs, the logits of its projection are recorded, and the experts module is replaced by this
+    hook, called as the layer calls it: (x, top-k indices, top-k weights)."""
+
+    def install(self, layer) -> Callable[[], None]:
+        """Put the hook in place on `layer`; returns what takes it out again."""
+        owner_path, _, proj_name = self.fam.router.rpartition(".")
+        owner = attr(layer, owner_path) if owner_path else layer
+        proj = owner[proj_name]
+        experts_name = self.fam.stacked.partition(".")[0]
+        self.experts = layer[experts_name]
+        self.logits = None
+
+        def record(x):
+            self.logits = proj(x)
+            return self.logits
+
+        owner[proj_name], layer[experts_name] = record, self
+
+        def remove():
+            owner[proj_name], layer[experts_name] = proj, self.experts
+        return remove
+
+    def __getattr__(self, name):  # while in place, the layer's `experts.<stack>` is reached through here
+        experts = self.__dict__.get("experts")
+        if experts is None:
+            raise AttributeError(name)
+        return getattr(experts, name)
+
+    def __call__(self, x, inds, weights):
+        from ..families import experts
+        from ..families.routing import Routed
+
+        mx = mlx_core()
+        shape, k = x.shape, inds.shape[-1]
+        flat = x.reshape(-1, shape[-1])
+        logits = self.logits.reshape(-1, self.logits.shape[-1])
+        routed = Routed(inds.reshape(-1, k), weights.reshape(-1, k), mx.softmax(logits.astype(mx.float32), axis=-1))
+        cap = experts.capture(self.block, self.fam, flat, k, self.num_experts, self.pair, routed=routed)
+        if self.check:
+            def reference(xr, rows):
+                return self.experts(xr, routed.inds[None, :rows], routed.weights[None, :rows])
+            experts.self_check(self.block, self.fam, cap, self.layer, self.where, reference)
+        if self.on_capture is not None:
+            self.on_capture(cap)
+        return cap.output.reshape(shape)
+
+
 class Forward:
     """What both runners share: the skeleton, its MoE layers, and one layer's forward with hooks."""
 
@@ -236,8 +286,9 @@ class Forward:
         return router_experts(self.blocks[layer], self.family)
 
     def hook(self, i: int, on_capture: Callable | None, check: bool, pair: Callable | None = None) -> MoEHook:
-        return MoEHook(self.blocks[i], self.family, i, self.top_k, self.num_experts(i), on_capture, check,
-                        self.where, pair)
+        kind = LayerMoEHook if not self.family.block else MoEHook
+        return kind(self.blocks[i], self.family, i, self.top_k, self.num_experts(i), on_capture, check,
+                    self.where, pair)
 
     def layer_forward(self, i: int, h, tracer: Tracer, on_capture: Callable | None, check: bool,
                       pair: Callable | None = None, states: dict | None = None):
@@ -250,6 +301,12 @@ class Forward:
             return layer(h, *args, **kwargs)
         block = self.blocks[i]
         hook = self.hook(i, on_capture, check, pair)
+        if isinstance(hook, LayerMoEHook):
+            remove = hook.install(layer)
+            try:
+                return layer(h, *args, **kwargs)
+            finally:
+                remove()
         # decoder layers call self.<block>(x); swapping the dict entry keeps the rest mlx_lm's code
         layer[self.family.block] = hook
         try:
