@@ -19,7 +19,8 @@ import numpy as np
 from ..blas import blas_threads, lane_threads
 from ..errors import BadInput
 from .routing import ROUTERS, Routed, combine
-from .stacks import expert_forward, projections
+from .stacks import expert_forward, out_dims, projections
+from .stacks import parameters as stack_parameters
 from .table import Family, attr
 
 def _expert_linear(lin, e: int, x: mx.array) -> mx.array:
@@ -81,7 +82,7 @@ def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int,
     bounds = np.searchsorted(experts, np.arange(num_experts + 1))
     order, experts = order[:bounds[-1]], experts[:bounds[-1]]  # ids past the stack: identity experts
     tokens = (order // k).astype(np.int32)
-    outputs = np.empty((len(order), _out_dims(switch)), np.float32)
+    outputs = np.empty((len(order), out_dims(switch)), np.float32)
     scale_sorted = None if input_scale is None else input_scale.reshape(-1)[order]
 
     def share(ids: np.ndarray) -> Callable[[], None]:
@@ -100,7 +101,7 @@ def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int,
     threads = lane_threads() if mx.default_device() == mx.cpu else None
     with blas_threads(threads):
         if pair is not None and threads == 1:
-            mx.eval(x, switch.parameters())  # the other lane cannot run work queued on this thread's stream
+            mx.eval(x, stack_parameters(switch))  # the other lane cannot run work queued on this thread's stream
             pair(share(first), share(second))
         else:
             share(first)()
@@ -108,12 +109,6 @@ def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int,
     w_sorted = weights.reshape(-1)[order].astype(np.float32)
     y = mx.array(_weighted_sum(outputs, w_sorted, tokens, bounds, inds.shape[0]))
     return ExpertBatch(order, experts, bounds, outputs), y
-
-
-def _out_dims(switch) -> int:
-    """Width of the experts' outputs (the hidden size, or a latent size)."""
-    last = getattr(switch, projections(switch)[-1])
-    return int(last["weight"].shape[1] if "scales" not in last else last["scales"].shape[1])
 
 
 def _weighted_sum(outputs: np.ndarray, w_sorted: np.ndarray, tokens: np.ndarray, bounds: np.ndarray,

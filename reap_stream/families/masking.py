@@ -61,10 +61,9 @@ def moe_blocks(model, spec: Family | None = None) -> dict[int, object]:
 def router_experts(block, spec: Family) -> int:
     """Routed experts of one loaded MoE block (an mlx_lm module), read from the router's rows
     (the expert stack's axis 0 where the router has more rows: identity experts)."""
-    from .stacks import projections
+    from .stacks import num_experts
 
-    switch = _attr(block, spec.stacked)
-    return int(getattr(switch, projections(switch)[0])["weight"].shape[0])
+    return num_experts(_attr(block, spec.stacked))
 
 
 def _top_k(block) -> int:

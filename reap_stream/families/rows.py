@@ -379,14 +379,18 @@ MORE_ROWS: tuple[Family, ...] = (
            route=Route(score="logits", precise=False, post_scale="router.per_expert_scale"), text_config=True,
            aliases=("gemma4_unified",), tiny_outer={"architectures": ["Gemma4ForConditionalGeneration"]},
            tiny={"model_type": "gemma4_text", **_GEMMA4}),
+    # DBRX: softmax of float32 logits (not precise), L1-renormalised; the experts are a list of
+    # modules (w1, v1, w2) in the MLX layout; the count is a nested key. Its HF layout fuses the
+    # experts as [E * I, D] rows, which apply refuses (the expert axis is not axis 0)
+    Family("dbrx", "ffn_config.moe_num_experts", Routing.SOFTMAX_TOPK, block="ffn", stacked="experts",
+           router="router.layer", top_k_key="ffn_config.moe_top_k", route=Route(f32=True, precise=False, renorm="l1"),
+           hf_names=MappingProxyType({"w1": "w1", "v1": "v1", "w2": "w2"}), gguf_arch="dbrx",
+           tiny={"d_model": 64, "n_layers": 4, "n_heads": 4, "ffn_config": {"ffn_hidden_size": 32},
+                 "attn_config": {"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 10000.0}}),
     # ------------------------------------------------------------ refused, with the reason
     Family("deepseek_v41", "n_routed_experts", Routing.SIGMOID_GROUP, aliases=("deepseek_v41_text",),
            refused="its decoder layers pass [B, L, hc_mult, D] hyper-connection streams and a shared dict of "
                    "compressed KV / indexer state from layer to layer, which a layer-by-layer run cannot replay"),
-    Family("dbrx", "ffn_config.moe_num_experts", Routing.SOFTMAX_TOPK, block="ffn", stacked="experts",
-           router="router.layer",
-           refused="its experts are a list of separate modules in the MLX layout and fused [E * I, D] rows in the "
-                   "HF layout, and its expert count is a nested config key; not handled yet"),
     Family("muse_spark", "num_local_experts", Routing.SIGMOID_GROUP, text_config=True,
            refused="routing and the expert combine are Metal-only kernels (no CPU or CUDA path to run or check), "
                    "and its NVFP4 experts carry per-expert global scales"),

@@ -251,7 +251,7 @@ ROUTER_PARAMS = ("weight", "bias", "scales", "biases", "e_score_correction_bias"
 # "layers.N." of the decoder stack, after the prefixes the mlx_lm and HF layouts put before it
 # (a name elsewhere, e.g. a vision tower's or an MTP module's "layers.N.", has no decoder layer)
 _LAYER = re.compile(r"^(?:(?:model\.|language_model\.model\.|model\.language_model\.|language_model\.|backbone\.)?"
-                    r"layers|transformer\.h)\.(\d+)\.")
+                    r"layers|transformer\.h|transformer\.blocks)\.(\d+)\.")
 
 
 _MISSING = object()
@@ -324,9 +324,25 @@ def identity_rows(config: dict, fam: Family) -> int:
     return value
 
 
+def config_value(config: dict, key: str, default=None):
+    """config[key]; a dotted key reads a nested dict (DBRX's ffn_config.moe_num_experts)."""
+    for part in key.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return default
+        config = config[part]
+    return config
+
+
+def set_config_value(config: dict, key: str, value) -> None:
+    *path, last = key.split(".")
+    for part in path:
+        config = config.setdefault(part, {})
+    config[last] = value
+
+
 def _config_int(config: dict, key: str, where: str, fam: Family | None = None, what: str = "") -> int:
     section = text_config(config, fam) if fam is not None else config
-    value = section.get(key)
+    value = config_value(section, key)
     name = f"text_config.{key}" if section is not config else key
     if value is None and fam is not None:
         raise BadInput(where, f"{name} is missing: {fam.model_type} reads its {what} from it")

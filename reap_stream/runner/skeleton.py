@@ -324,13 +324,16 @@ class Weights:
     def __init__(self, ckpt: Checkpoint, model, family: Family, where: str):
         from mlx.utils import tree_flatten
 
+        from ..families.loader import fit_layer_counts
+
         self.ckpt, self.model, self.family, self.where = ckpt, model, family, where
-        self.params = {n: (tuple(a.shape), a.dtype) for n, a in tree_flatten(model.parameters())}
-        self.prefix = self._layer_prefix()
-        self.mlx_layout = set(ckpt.tensors) <= set(self.params)
         # a non-uniform prune (apply's config record): MoE layer -> experts it holds
         record = ckpt.config.get("reap_stream") or {}
         self.layer_experts = {int(k): int(v) for k, v in (record.get("layer_experts") or {}).items()}
+        fit_layer_counts(model, self.layer_experts, family)
+        self.params = {n: (tuple(a.shape), a.dtype) for n, a in tree_flatten(model.parameters())}
+        self.prefix = self._layer_prefix()
+        self.mlx_layout = set(ckpt.tensors) <= set(self.params)
 
     def _layer_prefix(self) -> str:
         first = self.model.layers[0]
@@ -365,9 +368,6 @@ class Weights:
             if missing:
                 raise BadInput(self.ckpt.root, f"layer {layer}: tensor {missing[0]!r} is missing from the checkpoint")
         self.model.load_weights(list(weights.items()), strict=False)
-        if layer in self.layer_experts and self.family.identity_experts is not None:
-            from ..families.loader import fit_identity_experts
-            fit_identity_experts(self.model, {layer: self.layer_experts[layer]})
         return list(weights)
 
     def _pruned_shape(self, name: str, shape: tuple, model_shape: tuple, layer: int | None) -> bool:

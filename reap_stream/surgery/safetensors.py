@@ -22,7 +22,8 @@ from tqdm import tqdm
 from .. import __version__
 from ..errors import BadInput
 from ..families.model import Model
-from ..families.table import EXPERT_COUNT_KEYS, Family, classify, expert_rows, identity_rows, text_config
+from ..families.table import (EXPERT_COUNT_KEYS, Family, classify, config_value, expert_rows, identity_rows,
+                              set_config_value, text_config)
 from ..io.files import copy_range, sha256_file, write_all
 from ..io.safetensors import INDEX_NAME, Checkpoint
 from ..planning.plan import Plan, check_plan, kept_runs
@@ -159,12 +160,12 @@ def _new_config(config: dict, plan: Plan, fam: Family, source_fp: str) -> dict:
     cfg = json.loads(json.dumps(config))
     counts = {layer: len(lp.kept) for layer, lp in plan.layers.items()}
     section = text_config(cfg, fam)
-    original = section[fam.experts_key]
+    original = config_value(section, fam.experts_key)
     # the family's key, and any other name the config gives the same count (transformers 5 writes
     # num_local_experts beside Qwen's num_experts, and reads that one)
     for key in EXPERT_COUNT_KEYS:
-        if key == fam.experts_key or (key in section and section[key] == original):
-            section[key] = max(counts.values())
+        if key == fam.experts_key or config_value(section, key) == original:
+            set_config_value(section, key, max(counts.values()))
     keep_index = {layer: {e: i for i, e in enumerate(lp.kept)} for layer, lp in plan.layers.items()}
     for key in ("quantization", "quantization_config"):
         q = cfg.get(key)
@@ -184,7 +185,7 @@ def _new_config(config: dict, plan: Plan, fam: Family, source_fp: str) -> dict:
         "method": plan.method,
         "ratio": plan.ratio,
         "uniform": plan.uniform,
-        "original_experts": text_config(config, fam)[fam.experts_key],
+        "original_experts": config_value(text_config(config, fam), fam.experts_key),
         "layer_experts": {str(k): v for k, v in sorted(counts.items())},
         "kept": {str(k): lp.kept for k, lp in sorted(plan.layers.items())},
         "source_fingerprint": source_fp,

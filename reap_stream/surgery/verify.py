@@ -19,7 +19,7 @@ from ..io.files import sha256_file
 from ..io.gguf import is_gguf
 from ..io.safetensors import Checkpoint
 from ..errors import BadInput
-from ..families.table import classify, expert_rows, family_of, text_config
+from ..families.table import classify, config_value, expert_rows, family_of, text_config
 from ..planning.plan import Plan
 
 
@@ -95,7 +95,7 @@ def expected_counts(config: dict, experts_key: str, moe_layers: list[int]) -> di
         raise BadInput("config.json", f"reap_stream.layer_experts is not a map of layer -> expert count ({raw!r:.80})")
     counts = {int(k): v for k, v in raw.items()}
     key, default = ("reap_stream.original_experts", rec["original_experts"]) if counts and "original_experts" in rec \
-        else (experts_key, config.get(experts_key, 0))
+        else (experts_key, config_value(config, experts_key, 0))
     if not _is_count(default):
         raise BadInput("config.json", f"{key} is not an expert count ({default!r:.80})")
     return {layer: counts.get(layer, default) for layer in moe_layers}

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..families.table import FAMILIES as FAMILY_TABLE, FAMILY_ROWS, Family, classify, family_of
+from ..families.table import FAMILIES as FAMILY_TABLE
+from ..families.table import FAMILY_ROWS, Family, classify, config_value, family_of, set_config_value
 from ..io.files import build_once
 
 QUANTIZED_FAMILIES: tuple[str, ...] = ("qwen3_moe", "deepseek_v3", "gpt_oss")
@@ -76,8 +77,10 @@ def tiny_config(family: str) -> dict:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
     fam = FAMILY_TABLE[family]
     cfg = dict(_COMMON)
-    cfg.update({fam.experts_key: NUM_EXPERTS, fam.top_k_key: 2})
     cfg.update(copy.deepcopy(fam.tiny))
+    for key, value in ((fam.experts_key, NUM_EXPERTS), (fam.top_k_key, 2)):
+        if config_value(fam.tiny, key) is None:
+            set_config_value(cfg, key, value)
     if fam.text_config:
         outer = {"model_type": family, "eos_token_id": _COMMON["eos_token_id"], **copy.deepcopy(fam.tiny_outer)}
         return dict(sorted({**outer, "text_config": dict(sorted(cfg.items()))}.items()))
