@@ -70,7 +70,7 @@ def test_a_row_names_the_modules_of_its_mlx_lm_class(family):
     dense = dense_layers(cfg, fam)
     moe = 0
     for i, layer in enumerate(model.layers):
-        block = getattr(layer, fam.block, None)
+        block = getattr(layer, fam.block, None) if fam.block else layer  # "": the decoder layer itself
         is_moe = block is not None and attr(block, fam.router, None) is not None \
             and attr(block, fam.stacked, None) is not None
         moe += is_moe

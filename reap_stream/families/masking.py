@@ -197,23 +197,32 @@ def routing_counts(model, tokens: np.ndarray) -> dict[int, np.ndarray]:
     seen: dict[int, list] = {i: [] for i in blocks}
 
     class _Recorder(nn.Module):
-        def __init__(self, inner, layer):
+        def __init__(self, inner, layer, expert=None):
             super().__init__()
             self.inner = inner
-            self._layer = layer
+            self._layer, self._expert = layer, expert
 
-        def __call__(self, x, indices):
-            seen[self._layer].append(np.array(indices).reshape(-1))
-            return self.inner(x, indices)
+        def __call__(self, x, indices=None):
+            if self._expert is None:
+                seen[self._layer].append(np.array(indices).reshape(-1))
+                return self.inner(x, indices)
+            seen[self._layer].append(np.full(max(1, x.size // x.shape[-1]), self._expert))  # a list's expert e
+            return self.inner(x)
 
-    originals = {i: getattr(b, spec.stacked) for i, b in blocks.items()}
+    def place(block, make) -> None:
+        owner_path, _, name = spec.stacked.rpartition(".")
+        owner = _attr(block, owner_path) if owner_path else block
+        owner[name] = make(owner[name])
+
+    originals = {i: _attr(b, spec.stacked) for i, b in blocks.items()}
     try:
         for i, b in blocks.items():
-            setattr(b, spec.stacked, _Recorder(originals[i], i))
+            place(b, lambda stack, i=i: [_Recorder(m, i, e) for e, m in enumerate(stack)]
+                  if isinstance(stack, list) else _Recorder(stack, i))
         mx.eval(model(mx.array(np.asarray(tokens).reshape(1, -1))))
     finally:
         for i, b in blocks.items():
-            setattr(b, spec.stacked, originals[i])
+            place(b, lambda stack, i=i: originals[i])
     return {
         i: np.bincount(np.concatenate(seen[i]), minlength=router_experts(blocks[i], spec))
         for i in blocks
