@@ -194,3 +194,27 @@ def test_a_multimodal_wrapper_keeps_every_non_expert_tensor_byte_for_byte(fixtur
     tokens = conformance.eval_tokens()
     got = np.array(pruned(mx.array(tokens[None]))[0].astype(mx.float32))
     assert np.max(np.abs(got - masked_logits(src, plan.pruned_map(), tokens))) <= conformance.TOLERANCE
+
+
+@pytest.mark.parametrize("family,change", [
+    ("minimax", {"renorm": None}),                    # MiniMax always renormalises
+    ("step3p5", {"scale": None}),                     # Step-3.5 scales by moe_router_scaling_factor
+    ("bailing_moe_v3", {"group_fill": 0.0, "bias": None}),  # selects with its bias, -inf-filled groups
+    ("laguna", {"score": "softmax"}),                 # sigmoid scores
+])
+def test_a_route_that_differs_from_the_block_is_stopped_by_the_self_check(family, change, fixtures, tmp_path):
+    """The routing parameters are data; data that does not describe the block is caught on the
+    first chunk of the first MoE layer, before anything is written."""
+    from dataclasses import replace
+
+    from reap_stream.errors import BadInput
+    from reap_stream.families.model import open_model
+    from reap_stream.runner import RunOptions
+    from reap_stream.telemetry.collect import collect
+
+    model = open_model(synth.cached_fixture(family, "fp32", fixtures))
+    model.family = replace(model.family, route=replace(model.family.route, **change))
+    with pytest.raises(BadInput, match="routing capture does not reproduce the MoE block"):
+        collect(model, conformance.calibration(), tmp_path / "t.zarr", RunOptions("stream", 64, work_dir=tmp_path / "w"),
+                progress=False)
+    assert not (tmp_path / "t.zarr").exists()
