@@ -59,16 +59,17 @@ def moe_blocks(model, spec: Family | None = None) -> dict[int, object]:
 
 
 def router_experts(block, spec: Family) -> int:
-    """Routed experts of one loaded MoE block (an mlx_lm module), read from the router's rows
-    (the expert stack's axis 0 where the router has more rows: identity experts)."""
+    """Routed experts of one loaded MoE block (an mlx_lm module), read from its expert stack (the
+    router may hold more rows: LongCat's identity experts)."""
     from .stacks import num_experts
 
     return num_experts(_attr(block, spec.stacked))
 
 
 def _top_k(block) -> int:
-    for attr in ("top_k", "num_experts_per_tok", "k", "gate.top_k", "router.top_k", "args.num_experts_per_token"):
-        value = _attr(block, attr)
+    """The block's top-k, where it keeps one (for the kept >= top-k check; 1 where it does not)."""
+    for path in ("top_k", "num_experts_per_tok", "k", "gate.top_k", "router.top_k", "args.num_experts_per_token"):
+        value = _attr(block, path)
         if isinstance(value, int):
             return value
     return 1
@@ -106,16 +107,11 @@ def mask_experts(model, pruned: dict[int, list[int]], spec: Family | None = None
         keep = np.ones(n, dtype=bool)
         keep[ids] = False
         router = _attr(block, spec.router)
-        rows = _router_rows(router)
+        rows = int(router["weight"].shape[0])
         if rows > n:  # rows past the stack: experts without weights (identity), never pruned
             keep = np.concatenate([keep, np.ones(rows - n, dtype=bool)])
         for rule in mask_rules(block, spec):
             _MASKS[rule](block, spec, router, keep, layer)
-
-
-def _router_rows(router) -> int:
-    w = router["weight"]
-    return int(w.shape[0])
 
 
 def _mask_selection_bias(block, spec: Family, router, keep: np.ndarray, layer: int) -> None:
@@ -148,9 +144,7 @@ def _mask_input_column(block, spec: Family, router, keep: np.ndarray, layer: int
     import mlx.core as mx
 
     column = mx.array(np.where(keep, 0.0, -np.inf).astype(np.float32))[:, None]
-    cls = type(router)
-    masked = _augmented_class(cls)
-    router.__class__ = masked
+    router.__class__ = _augmented_class(type(router))
     router.reap_column = column.astype(router.weight.dtype)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from types import MappingProxyType
 
-from .table import _SWIGLU, _W123, DEFAULT_ROUTES, Family, Route, Routing, at
+from .schema import _SWIGLU, _W123, DEFAULT_ROUTES, Family, Route, Routing, at
 _SIGMOID = DEFAULT_ROUTES[Routing.SIGMOID_GROUP]
 _SIGMOID_EPS = replace(_SIGMOID, renorm_eps=1e-20)   # the same, renormalised by (sum + 1e-20)
 _INF = float("inf")
