@@ -36,7 +36,7 @@ class HiddenSpill:
             shutil.rmtree(tmp)
         zarr_io.write_group(tmp)
 
-    def write(self, layer: int, chunk: int, h) -> None:
+    def write(self, layer: int, chunk: int | str, h) -> None:
         mx = mlx_core()
         if h.dtype == mx.bfloat16:
             data, dtype = np.array(h.view(mx.uint16)), "bfloat16"
@@ -52,7 +52,7 @@ class HiddenSpill:
             shutil.rmtree(final)
         os.replace(tmp, final)
 
-    def read(self, layer: int, chunk: int):
+    def read(self, layer: int, chunk: int | str):
         mx = mlx_core()
         path = self.path(layer) / (f"c{chunk:06d}" if isinstance(chunk, int) else f"c{chunk}")
         try:
