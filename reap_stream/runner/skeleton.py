@@ -21,13 +21,6 @@ from ..families.table import Family, classify
 from ..io.safetensors import Checkpoint, TensorRef, read_array
 
 
-class _ShapeProxy:
-    """What mlx_lm's quantisation inference reads of a weight: shape and dtype."""
-
-    def __init__(self, shape, dtype):
-        self.shape, self.dtype = shape, dtype
-
-
 _MX_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "U8": "uint8",
               "I32": "int32", "I8": "int8", "U16": "uint16", "I64": "int64"}
 
@@ -45,11 +38,29 @@ def to_mx(ref: TensorRef):
     return mx.array(arr)
 
 
+# modes whose scales are stored as uint8 allow one (bits, group size) each; affine keeps float scales
+_UINT8_SCALE_MODES = {(4, 16): "nvfp4", (4, 32): "mxfp4", (8, 32): "mxfp8"}
+
+
+def packing(path: str, in_dims: int, tensors: dict[str, TensorRef]) -> dict:
+    """group_size, bits and mode a saved quantised weight was packed with, read from its shapes
+    (for modules the config's per-path quantization map does not name)."""
+    scales, weight = tensors[f"{path}.scales"], tensors[f"{path}.weight"]
+    group_size = in_dims // scales.shape[-1]
+    bits = weight.shape[-1] * 32 // in_dims
+    if scales.dtype != "U8":
+        return {"group_size": group_size, "bits": bits, "mode": "affine"}
+    mode = _UINT8_SCALE_MODES.get((bits, group_size))
+    if mode is None:
+        raise BadInput(weight.file, f"cannot tell how {path} was quantised ({bits} bits, group size {group_size})")
+    return {"group_size": group_size, "bits": bits, "mode": mode}
+
+
 def build_skeleton(ckpt: Checkpoint):
     """The mlx_lm Model of ckpt's config, quantised like the checkpoint, with nothing evaluated."""
-    mx = mlx_core()
+    mlx_core()
     import mlx.nn as nn
-    from mlx_lm.utils import _get_classes, infer_quant_config
+    from mlx_lm.utils import _get_classes
 
     config = dict(ckpt.config)
     try:
@@ -59,15 +70,12 @@ def build_skeleton(ckpt: Checkpoint):
     model = model_class(args_class.from_dict(config))
     quant = config.get("quantization")
     if quant is not None:
-        proxies = {n: _ShapeProxy(r.shape, getattr(mx, _MX_DTYPES.get(r.dtype, "uint8")))
-                   for n, r in ckpt.tensors.items()}
-
         def predicate(path, module):
             if path in quant:
                 return quant[path]
-            if not hasattr(module, "to_quantized") or f"{path}.scales" not in proxies:
+            if not hasattr(module, "to_quantized") or f"{path}.scales" not in ckpt.tensors:
                 return False
-            return infer_quant_config(path, module, proxies)
+            return packing(path, module.weight.shape[-1], ckpt.tensors)
 
         nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"],
                     mode=quant.get("mode", "affine"), class_predicate=predicate)
