@@ -19,6 +19,7 @@ from ..blas import mlx_core
 from ..errors import BadInput
 from ..families.table import Family, classify
 from ..io.safetensors import Checkpoint, TensorRef, read_array
+from .chunks import Chunk, make_chunks
 
 
 _MX_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "U8": "uint8",
@@ -188,6 +189,29 @@ class Forward:
             return layer(h, *tracer.args, **tracer.kwargs)
         finally:
             layer[self.family.block] = block
+
+
+class Runs:
+    """What both runners tell about the model they run (their `fwd` is a Forward) and how they
+    batch calibration sequences (their `chunk_tokens`)."""
+
+    fwd: Forward
+    chunk_tokens: int
+
+    @property
+    def family(self) -> Family:
+        return self.fwd.family
+
+    @property
+    def num_layers(self) -> int:
+        return self.fwd.num_layers
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return self.fwd.moe_layers
+
+    def chunks(self, sequences, max_batch: int | None = None) -> list[Chunk]:
+        return make_chunks(sequences, self.chunk_tokens, max_batch)
 
 
 class Weights:
