@@ -138,10 +138,10 @@ def check_plan(plan: Plan, st: MoEStructure, where: str, *, model_fingerprint: s
     pm = plan.model or {}
     if pm.get("model_type") not in (None, st.model_type):
         raise BadInput(where, f"plan is for model_type {pm['model_type']!r}, the model is {st.model_type!r}")
-    have = st.to_json()
+    have, decoder = st.to_json(), st.decoder_only().to_json()   # a form may drop NextN/MTP blocks
     for key, label in (("num_layers", "layers"), ("moe_layers", "MoE layers"), ("num_experts", "experts"),
                        ("top_k", "top_k")):
-        if key in pm and pm[key] != have[key]:
+        if key in pm and pm[key] not in (have[key], decoder[key]):
             raise BadInput(where, f"plan is for a model with {label} {pm[key]}, the model has {have[key]}")
     if model_fingerprint and pm.get("fingerprint") and pm["fingerprint"] != model_fingerprint:
         raise BadInput(where, f"plan was made for another model (fingerprint {pm['fingerprint'][:19]}…, "
