@@ -163,7 +163,7 @@ def test_kept_experts_equal_the_mlx_checkpoint_experts(family, gguf_model, tmp_p
     pruned_tensors = tensors_of(out)
     compared = 0
     for name, ref in ckpt.tensors.items():
-        g = gguf_name(name)
+        g = gguf_name(name, open_model(out).gguf_arch)
         layer = int(g.split(".")[1]) if g.startswith("blk.") else None
         if layer in plan.layers and g.split(".", 2)[2] in EXPERT_AXIS[open_model(out).gguf_arch]:
             np.testing.assert_array_equal(dequant(pruned_tensors[g]), to_float32(ref)[plan.layers[layer].kept])

@@ -32,7 +32,7 @@ def collect_cmd(model_dir: Path, calibration: CalibrationOptions, run: RunOption
 
     options = CollectOptions(layers=parse_layers(layers_spec), renorm_topk=renorm_topk)
     model = open_model(model_dir)  # an unknown model_type or no MoE is refused before tokenising
-    model.require_checkpoint("collect")
+    model.require_runnable("collect")
     calib = tokenise(model, calibration)
     summary = collect(model, calib, out, run, options, progress=not as_json)
     summary["blas"] = blas_info()

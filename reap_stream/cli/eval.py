@@ -30,7 +30,7 @@ def _open(path: Path, calibration: CalibrationOptions | None = None):
     from ..telemetry.tokenizer import tokenise
 
     model = open_model(path)
-    model.require_checkpoint("eval and compare")
+    model.require_runnable("eval and compare")
     return model, (tokenise(model, calibration) if calibration is not None else None)
 
 

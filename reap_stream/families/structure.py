@@ -109,6 +109,15 @@ def router_weight_name(ckpt: Checkpoint, fam: Family, layer: int) -> str:
     raise KeyError(layer)
 
 
+GGUF_FINGERPRINT = "gguf-sha256:"
+
+
+def same_kind(a: str, b: str) -> bool:
+    """Fingerprints compare only within one form: a safetensors checkpoint's bytes differ from its
+    GGUF's, so across forms a plan matches by structure."""
+    return a.startswith(GGUF_FINGERPRINT) == b.startswith(GGUF_FINGERPRINT)
+
+
 def fingerprint(ckpt: Checkpoint, st: MoEStructure, fam: Family) -> str:
     """sha256 of the tensor table (names, dtypes, shapes) and the first router's bytes.
 
@@ -235,3 +244,22 @@ def gguf_structure(parts: list[GGUFFile], arch: str, fam: Family) -> tuple[MoESt
         frozen_layers=frozen,
     )
     return st, sorted(hash_layers)
+
+
+def gguf_fingerprint(parts: list[GGUFFile], arch: str, st: MoEStructure, fam: Family) -> str:
+    """sha256 of the architecture, the tensor names and shapes and the first router's float32 values.
+
+    Types are left out on purpose: llama.cpp's converter writes routers in F32 and llama-quantize
+    never quantises them, so every quantisation of one model (Q8_0, Q4_K_M, ...) has the same
+    fingerprint, and a plan made on one applies to the others; two different models do not."""
+    from ..io.gguf_read import read_tensor
+
+    roles = gguf_roles(fam, arch, parts[0].path)
+    tensors = [t for p in parts for t in p.tensors]
+    h = hashlib.sha256()
+    h.update(json.dumps([arch, sorted((t.name, list(t.ne)) for t in tensors)], separators=(",", ":")).encode())
+    routers = [t for t in tensors if (m := BLOCK_TENSOR.match(t.name)) and int(m.group(1)) == min(st.layer_experts)
+               and m.group(2).endswith(".weight") and roles.of(m.group(2)) is Role.ROUTER]
+    if routers:
+        h.update(read_tensor(routers[0]).astype("<f4").tobytes())
+    return GGUF_FINGERPRINT + h.hexdigest()

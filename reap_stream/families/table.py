@@ -71,13 +71,14 @@ class Family:
     gguf_hash_tensor: str | None = None     # GGUF: present in layers routed by a fixed table
     gguf_compact_layout: str | None = None  # GGUF: per-layer expert counts its loader understands
     gguf_extra_expert_tensors: tuple[str, ...] = ()  # GGUF expert-axis tensors gguf-py's tables do not list
+    gguf_config: dict = field(default_factory=dict)  # config.json entries a GGUF does not carry
     mlx: bool = True                  # mlx_lm has a model class for it (else: GGUF surgery only)
     tiny: dict = field(default_factory=dict)  # the tiny fixture's config.json beyond the common keys
 
 
 FAMILY_ROWS: tuple[Family, ...] = (
     Family("qwen3_moe", "num_experts", Routing.SOFTMAX_TOPK, top_k="high", hf_names=_SWIGLU,
-           dense=("mlp_only_layers",), gguf_arch="qwen3moe",
+           dense=("mlp_only_layers",), gguf_arch="qwen3moe", gguf_config={"decoder_sparse_step": 1},
            tiny={"architectures": ["Qwen3MoeForCausalLM"], "moe_intermediate_size": 32, "intermediate_size": 128,
                  "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True, "attention_bias": False,
                  "attention_dropout": 0.0, "use_sliding_window": False, "sliding_window": None,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BadInput
-from ..families.structure import MoEStructure
+from ..families.structure import MoEStructure, same_kind
 from ..io.files import write_text_atomic
 
 PLAN_FORMAT = "reap-stream-plan"
@@ -143,7 +143,8 @@ def check_plan(plan: Plan, st: MoEStructure, where: str, *, model_fingerprint: s
                        ("top_k", "top_k")):
         if key in pm and pm[key] not in (have[key], decoder[key]):
             raise BadInput(where, f"plan is for a model with {label} {pm[key]}, the model has {have[key]}")
-    if model_fingerprint and pm.get("fingerprint") and pm["fingerprint"] != model_fingerprint:
+    planned = pm.get("fingerprint")
+    if model_fingerprint and planned and same_kind(planned, model_fingerprint) and planned != model_fingerprint:
         raise BadInput(where, f"plan was made for another model (fingerprint {pm['fingerprint'][:19]}…, "
                               f"this model {model_fingerprint[:19]}…); pass --ignore-fingerprint to apply by structure")
     if not plan.layers:
