@@ -11,7 +11,7 @@ import pytest
 from reap_stream.io.files import sha256_file
 from reap_stream.planning.plan import Plan
 from cli_helpers import error_line, run
-from test_gguf_apply import gguf_model, manual_plan, mlx_plan  # noqa: F401  (fixture)
+from test_gguf_apply import manual_plan, mlx_plan
 
 
 def refuse(tmp_path: Path, model: Path, plan: Plan | Path, *needles: str, extra: tuple[str, ...] = ()) -> str:

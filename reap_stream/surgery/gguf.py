@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ..errors import BadInput
 from ..families.model import Model
 from ..families.gguf_arch import GROUP_KEYS, Role, Roles, check_prunable
-from ..families.structure import gguf_roles
+from ..families.structure import gguf_roles, same_kind
 from ..families.table import FAMILIES
 from ..io.files import copy_range, write_all
 from ..io.gguf import BLOCK_TENSOR, KV, SPLIT_PATTERN, GGUFFile, VType, align, split_name
@@ -104,7 +104,8 @@ def _metadata(part: GGUFFile, edits: dict[str, bytes], additions: list[bytes]) -
     return [edits.get(kv.key, kv.raw) for kv in part.kvs.values()] + additions
 
 
-def _out_paths(out: Path, n_parts: int) -> list[Path]:
+def out_paths(out: Path, n_parts: int) -> list[Path]:
+    """The file(s) apply writes for `out`: one, or the parts of a split named like llama.cpp's."""
     if n_parts == 1:
         return [out]
     m = SPLIT_PATTERN.match(out.name)
@@ -184,7 +185,7 @@ def plan_layout(gm: Model, plan: Plan, out: Path, where: str) -> tuple[list[OutP
     counts = sorted(set(after.values()))
     parts = []
     roles = gguf_roles(gm.family, arch, first.path)
-    for i, (src, path) in enumerate(zip(gm.gguf_parts, _out_paths(out, len(gm.gguf_parts)))):
+    for i, (src, path) in enumerate(zip(gm.gguf_parts, out_paths(out, len(gm.gguf_parts)))):
         tensors = _out_tensors(src, roles, kept, group)
         kv_raw = _metadata(src, edits, list(additions.values()) if i == 0 else [])
         parts.append(OutPart(path, src, encode_header(src.version, kv_raw, tensors, src.alignment), tensors))
@@ -211,16 +212,19 @@ def _write_part(part: OutPart, tmp: Path, buf: memoryview, bar: tqdm) -> None:
 
 
 def apply_gguf(gm: Model, plan: Plan, out: Path, *, overwrite: bool, dry_run: bool,
-               buffer_bytes: int = 8 << 20, plan_where: str | Path = "plan", progress: bool = True) -> dict:
+               buffer_bytes: int = 8 << 20, plan_where: str | Path = "plan", progress: bool = True,
+               ignore_fingerprint: bool = False) -> dict:
     """Write `out` (or its split parts): the GGUF model `gm` with the plan's pruned experts removed.
 
-    Returns a JSON-able summary; a GGUF is always matched to the plan by structure, never by
-    file hash. `progress=False` hides the byte bar (apply --quiet / --json).
+    Returns a JSON-able summary. A plan made on a GGUF must carry this model's GGUF fingerprint
+    (any quantisation of the same weights has it); a plan made on another form of the model is
+    matched by structure. `progress=False` hides the byte bar (apply --quiet / --json).
     """
     out, where = Path(out), str(plan_where)
     model = gm.path
     _check_same_model(plan, gm, where)
-    check_plan(plan, gm.structure, where)
+    check_plan(plan, gm.structure, where, model_fingerprint=None if ignore_fingerprint else gm.fingerprint)
+    planned = (plan.model or {}).get("fingerprint")
     parts, info = plan_layout(gm, plan, out, where)
 
     sources = {p.path.resolve() for p in gm.gguf_parts}
@@ -256,8 +260,9 @@ def apply_gguf(gm: Model, plan: Plan, out: Path, *, overwrite: bool, dry_run: bo
         "tensors_sliced": sum(t.sliced for p in parts for t in p.tensors),
         "bytes_in": sum(g.size for g in gm.gguf_parts),
         "bytes_out": sum(p.size for p in parts),
-        "fingerprint": "not compared: a GGUF is matched to the plan by structure "
-                       "(architecture, layer count, experts per layer)",
+        "fingerprint": ("compared" if isinstance(planned, str) and same_kind(planned, gm.fingerprint)
+                        and not ignore_fingerprint else
+                        "not compared: matched by structure (architecture, layer count, experts per layer)"),
     }
     if dry_run:
         return summary
