@@ -197,3 +197,17 @@ def test_fused_gate_up_experts_are_split_back_into_gate_and_up(gguf_model):
         assert src.sources[name].tensor.name == "blk.2.ffn_gate_up_exps.weight"
         np.testing.assert_array_equal(src.array(name), ref_src.array(name))
         np.testing.assert_array_equal(src.experts(name, 5, 3), ref_src.array(name)[5:8])
+
+
+def test_collect_from_a_gguf_resumes_after_sigkill_byte_identical(gguf_model, tmp_path):
+    from test_collect_resume import ARGS, killed_collect
+
+    model = gguf_model("glm4_moe", "q8_0")
+    whole = tmp_path / "whole.zarr"
+    assert run("collect", model, *ARGS, "--out", whole).exit_code == 0
+    out, work = tmp_path / "t.zarr", tmp_path / "work"
+    command = killed_collect("inside layer 2", model, out, work)
+    assert not out.exists() and work.exists()
+    result = run(*command)
+    assert result.exit_code == 0, result.output
+    assert tree_bytes(out) == tree_bytes(whole)

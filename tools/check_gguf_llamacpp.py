@@ -12,8 +12,9 @@ row's `tiny` config; a new family needs nothing else), and each GGUF type:
      out of routing (the "masked original").
 The pruned GGUF passes when llama.cpp's logits match the masked original's about as well as the two
 runtimes agree on the unpruned model (per position, the largest |difference| over the largest
-|logit|: median within the type's tolerance, no more than 2 extra outlier positions, the same
-argmax), while pruning itself moved the logits by far more. The table then lists every MoE
+|logit|: median within the type's tolerance, no more than 2 extra outlier positions, and no more
+than 2 extra positions with another top-1 where the reference's top-2 gap is beyond the typical
+error), while pruning itself moved the logits by far more. The table then lists every MoE
 architecture gguf-py knows that was not run, and why.
 
 llama-cpp-python is not a reap-stream dependency (pip builds llama.cpp from source: ~6-8 minutes on
@@ -49,7 +50,8 @@ def child(gguf: str, tokens: str, out: str) -> None:
     from llama_cpp import Llama
 
     ids = json.loads(tokens)
-    llm = Llama(model_path=gguf, n_ctx=max(64, len(ids)), n_threads=2, logits_all=True, verbose=False)
+    # verbose: llama.cpp's own reason reaches stderr when it refuses a file
+    llm = Llama(model_path=gguf, n_ctx=max(64, len(ids)), n_threads=2, logits_all=True, verbose=True)
     llm.eval(ids)
     np.save(out, np.array(llm.scores[: len(ids)], dtype=np.float32))
 
@@ -68,8 +70,10 @@ def _llama_logits(python: str, gguf: Path, ids: list[int], work: Path):
     res = subprocess.run([python, __file__, "--child", str(gguf), json.dumps(ids), str(out)],
                          capture_output=True, text=True)
     if res.returncode != 0:
-        last = (res.stderr.strip().splitlines() or [f"signal {-res.returncode}"])[-1]
-        return None, f"llama.cpp failed (exit {res.returncode}): {last}"
+        lines = res.stderr.strip().splitlines()
+        reason = next((ln.split("error loading model:", 1)[1].strip() for ln in lines if "error loading model:" in ln),
+                      (lines or [f"signal {-res.returncode}"])[-1])
+        return None, f"llama.cpp failed (exit {res.returncode}): {reason}"
     return np.load(out), None
 
 
@@ -77,9 +81,13 @@ def _agreement(got, want) -> dict:
     """Per position, the largest |difference| over the largest |logit| of the reference."""
     import numpy as np
 
-    per_position = np.abs(got - want).max(axis=-1) / np.abs(want).max()
+    scale = np.abs(want).max()
+    per_position = np.abs(got - want).max(axis=-1) / scale
+    top2 = np.sort(want, axis=-1)[:, -2:]
     return {"median_rel_err": float(np.median(per_position)), "max_rel_err": float(per_position.max()),
-            "per_position": per_position.tolist(), "argmax_agree": float(np.mean(got.argmax(-1) == want.argmax(-1)))}
+            "per_position": per_position.tolist(), "margin": ((top2[:, 1] - top2[:, 0]) / scale).tolist(),
+            "same_argmax": (got.argmax(-1) == want.argmax(-1)).tolist(),
+            "argmax_agree": float(np.mean(got.argmax(-1) == want.argmax(-1)))}
 
 
 def _verdict(original: dict, pruned: dict, qtype: str) -> bool:
@@ -89,8 +97,11 @@ def _verdict(original: dict, pruned: dict, qtype: str) -> bool:
     the other runtime's rounding, which moves a whole position) at most 2 more than unpruned."""
     typical = max(TOLERANCE[qtype], 1.5 * original["median_rel_err"])
     outliers = [sum(e > 5 * typical for e in r["per_position"]) for r in (original, pruned)]
-    return pruned["median_rel_err"] <= typical and outliers[1] <= outliers[0] + 2 \
-        and pruned["argmax_agree"] >= original["argmax_agree"] - 2 / NUM_TOKENS
+    # a different top-1 counts where the reference's top-2 gap is beyond the typical error (a tiny
+    # random model has many near-ties, which any rounding resolves either way)
+    flips = [sum(not same and m > 4 * typical for same, m in zip(r["same_argmax"], r["margin"]))
+             for r in (original, pruned)]
+    return pruned["median_rel_err"] <= typical and outliers[1] <= outliers[0] + 2 and flips[1] <= flips[0] + 2
 
 
 def check(family: str, qtype: str, args, work: Path) -> dict:
@@ -152,6 +163,24 @@ def not_run(families: list[str]) -> list[dict]:
     return rows
 
 
+def render(rows: list[dict], others: list[dict]) -> str:
+    fmt = lambda r: r.get("error") or (f"{r['median_rel_err']:.1e} / {r['max_rel_err']:.1e} / "  # noqa: E731
+                                       f"{r['argmax_agree']:.0%}")
+    out = ["| family | arch | GGUF type | unpruned vs mlx_lm: median / max rel. error / same top-1 | pruned vs masked "
+           "original: median / max rel. error / same top-1 | pruning moved the logits by | ok |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "skipped" in r:
+            out.append(f"| {r['family']} | {r['arch']} | {r['qtype']} | {r['skipped']} | | | n/a |")
+            continue
+        verdict = {True: "yes", False: "NO", None: "n/a (unpruned file fails too)"}[r["ok"]]
+        moved = r.get("pruning moved the logits by")
+        out.append(f"| {r['family']} | {r['arch']} | {r['qtype']} | {fmt(r.get('original', {'error': '-'}))} | "
+                   f"{fmt(r['pruned'])} | {'' if moved is None else f'{moved:.2f}'} | {verdict} |")
+    out += ["", "| not run | why |", "|---|---|"] + [f"| {r['arch']} | {r['why']} |" for r in others]
+    return "\n".join(out)
+
+
 def main() -> None:
     from reap_stream.families.table import FAMILIES
 
@@ -159,13 +188,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-python", help="an interpreter that can import llama_cpp (see above)")
     ap.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "reap_stream_llamacpp")
-    ap.add_argument("--families", default=default, help=f"comma-separated (default: every row with a GGUF arch)")
+    ap.add_argument("--families", default=default, help="comma-separated (default: every row with a GGUF arch)")
     ap.add_argument("--qtypes", default="f32,f16,q8_0")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--from-json", type=Path, help="print the table of an earlier --json run")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(*args.child)
+        return
+    if args.from_json:
+        done = json.loads(args.from_json.read_text())
+        print(render(done["checked"], done["not_run"]))
         return
     if not args.llama_python:
         ap.error("--llama-python is required (an interpreter with llama-cpp-python)")
@@ -177,25 +211,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.root) as tmp:
         rows = [check(f, q, args, Path(tmp)) for f in families for q in args.qtypes.split(",")]
     others = not_run(families)
-    if args.json:
-        print(json.dumps({"checked": rows, "not_run": others}))
-    else:
-        fmt = lambda r: r.get("error") or (f"{r['median_rel_err']:.1e} / {r['max_rel_err']:.1e} / "  # noqa: E731
-                                           f"{r['argmax_agree']:.0%}")
-        print("| family | arch | GGUF type | unpruned vs mlx_lm: median / max rel. error / argmax | pruned vs masked "
-              "original: median / max rel. error / argmax | pruning moved the logits by | ok |")
-        print("|---|---|---|---|---|---|---|")
-        for r in rows:
-            if "skipped" in r:
-                print(f"| {r['family']} | {r['arch']} | {r['qtype']} | {r['skipped']} | | | n/a |")
-                continue
-            verdict = {True: "yes", False: "NO", None: "n/a (unpruned file fails too)"}[r["ok"]]
-            moved = r.get("pruning moved the logits by")
-            print(f"| {r['family']} | {r['arch']} | {r['qtype']} | {fmt(r.get('original', {'error': '-'}))} | "
-                  f"{fmt(r['pruned'])} | {'' if moved is None else f'{moved:.2f}'} | {verdict} |")
-        print("\n| not run | why |\n|---|---|")
-        for r in others:
-            print(f"| {r['arch']} | {r['why']} |")
+    print(json.dumps({"checked": rows, "not_run": others}) if args.json else render(rows, others))
     sys.exit(1 if any(r["ok"] is False for r in rows) else 0)
 
 
