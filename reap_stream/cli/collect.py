@@ -22,7 +22,7 @@ from .options import calibration_options, run_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def collect_cmd(model_dir: Path, calibration: CalibrationOptions, run: RunOptions, out: Path,
                 layers_spec: str | None, renorm_topk: bool, as_json: bool) -> None:
-    """Collect REAP telemetry of MODEL_DIR on calibration text into --out."""
+    """Collect REAP telemetry of MODEL_DIR (a model directory or a GGUF file) on calibration text into --out."""
     from ..blas import blas_info, ensure_blas
 
     ensure_blas()  # before the first `import mlx`

@@ -25,7 +25,7 @@ from .options import calibration_options, max_shard_option, plan_options, run_op
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def full_cmd(model_path: Path, calibration: CalibrationOptions, plan_options: PlanOptions, run: RunOptions, out: Path,
              renorm_topk: bool, max_shard_bytes: int, overwrite: bool, as_json: bool) -> None:
-    """Collect telemetry, plan and apply in one resumable run."""
+    """Collect telemetry, plan and apply in one resumable run (a GGUF MODEL gives a GGUF --out)."""
     from ..blas import blas_info, ensure_blas
 
     ensure_blas()  # before the first `import mlx`
