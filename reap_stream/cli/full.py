@@ -17,7 +17,8 @@ from .options import calibration_options, max_shard_option, plan_options, run_op
 @calibration_options
 @plan_options
 @run_options
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Pruned model directory (a .gguf file when MODEL is a GGUF).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Pruned model directory (a .gguf file when MODEL is a GGUF).")
 @click.option("--renorm-topk/--no-renorm-topk", default=True, show_default=True,
               help="Router weight g = probability divided by the token's top-k sum (the reference's default).")
 @max_shard_option

@@ -56,7 +56,8 @@ NORM_TOPK = MappingProxyType({"qwen3moe": True, "qwen2moe": False, "olmoe": Fals
 # llama.cpp's sliding-window pattern per architecture: every n-th layer is full attention
 SWA_PATTERN = MappingProxyType({"gpt-oss": 2})
 _GATING = {1: "softmax", 2: "sigmoid"}
-_ROPE_SCALING = {"rope.scaling.factor": "factor", "rope.scaling.original_context_length": "original_max_position_embeddings",
+_ROPE_SCALING = {"rope.scaling.factor": "factor",
+                 "rope.scaling.original_context_length": "original_max_position_embeddings",
                  "rope.scaling.yarn_beta_fast": "beta_fast", "rope.scaling.yarn_beta_slow": "beta_slow"}
 
 
@@ -92,8 +93,8 @@ def mlx_config(parts: list[GGUFFile], arch: str, fam: Family, st: MoEStructure) 
         raise BadInput(g.path, "tensor 'token_embd.weight' is missing")
     cfg["vocab_size"] = int(embed.ne[-1])
     cfg["tie_word_embeddings"] = "output.weight" not in names
-    first_attn = min((int(m.group(1)) for n in names if (m := BLOCK_TENSOR.match(n)) and m.group(2).startswith("attn_")),
-                     default=0)
+    first_attn = min((int(m.group(1)) for n in names
+                      if (m := BLOCK_TENSOR.match(n)) and m.group(2).startswith("attn_")), default=0)
     cfg["attention_bias"] = f"blk.{first_attn}.attn_q.bias" in names
     cfg["use_qk_norm"] = f"blk.{first_attn}.attn_q_norm.weight" in names
     rope_dim = _value(g, f"{arch}.rope.dimension_count")

@@ -51,8 +51,9 @@ class Model:
     def require_runnable(self, what: str) -> None:
         """mlx_lm must have a model class for the family (GGUF-only families are apply-only)."""
         if not self.family.mlx:
-            raise BadInput(self.where, f"{what} needs an mlx_lm model class; {self.gguf_arch or self.family.model_type!r} "
-                                       f"has none (apply works on it; collect on another form of the model)")
+            name = self.gguf_arch or self.family.model_type
+            raise BadInput(self.where, f"{what} needs an mlx_lm model class; {name!r} has none (apply works on it; "
+                                       f"collect on another form of the model)")
 
     @property
     def where(self) -> str:
