@@ -29,7 +29,7 @@ class GGUFWeights:
         self.params = {n: (tuple(a.shape), a.dtype) for n, a in tree_flatten(skeleton.parameters())}
         self.prefix = layer_prefix(skeleton, where)
         tensors = {t.name: t for p in model.gguf_parts for t in p.tensors}
-        blocks = max(model.structure.num_layers, max(model.structure.layer_experts) + 1)
+        blocks = int(model.gguf_parts[0].get(f"{model.gguf_arch}.block_count"))
         self.source = GGUFSource(model.gguf_arch, model.family, model.config, tensors,
                                  {n: shape for n, (shape, _) in self.params.items()}, blocks, where)
 

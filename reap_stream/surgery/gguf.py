@@ -114,7 +114,8 @@ def out_paths(out: Path, n_parts: int) -> list[Path]:
 
 
 def _block_count(gm: Model) -> int:
-    return max(gm.structure.num_layers, max(gm.structure.layer_experts) + 1)
+    """`{arch}.block_count`: decoder blocks and NextN blocks."""
+    return int(gm.gguf_parts[0].get(f"{gm.gguf_arch}.block_count"))
 
 
 def _layer_policy(gm: Model, after: dict[int, int]) -> tuple[list[int], list[int], list[int]]:
