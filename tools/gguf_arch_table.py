@@ -42,12 +42,12 @@ def rows(llamacpp: dict | None) -> list[tuple[str, str, str, str]]:
             apply += "; refused at " + ", ".join(f"{n} experts" for n in COUNT_SWITCHES[arch])
         if arch in GROUP_KEYS:
             apply += f"; whole groups of {GROUP_KEYS[arch]}"
-        if fam is None:
+        if arch in NOT_READABLE:
+            collect = f"no: {NOT_READABLE[arch]}"
+        elif fam is None:
             collect = "with its mlx_lm family row"
         elif not fam.mlx:
             collect = "no (no mlx_lm model class)"
-        elif arch in NOT_READABLE:
-            collect = f"no ({NOT_READABLE[arch]})"
         else:
             collect = "yes, tested against the MLX form" if arch in TESTED_COLLECT else "yes (untested)"
         runs = checked.get(arch, [])

@@ -112,13 +112,14 @@ def moe_archs() -> list[str]:
 class Roles:
     """Classifies `blk.N.<suffix>` tensor suffixes of one architecture by their expert axis.
 
-    The architecture's own tensors come first; names any architecture uses are accepted too (a
-    newer converter may write a fused `ffn_gate_up_exps` where gguf-py lists gate and up), and
-    `extra` names (a family row's, for tensors gguf-py does not list) are routed-expert tensors."""
+    Names are gguf-py's, which every architecture shares: besides the ones gguf-py lists for the
+    architecture, any other is accepted where it appears (a newer converter may write a fused
+    `ffn_gate_up_exps` where gguf-py lists gate and up). `extra` names (a family row's, for
+    tensors gguf-py does not list at all) are routed-expert tensors."""
 
     def __init__(self, arch: str, extra: tuple[str, ...] = (), where: str = "model"):
         self.arch, self.where = arch, where
-        self.bases = {**_global_roles(), **arch_expert_tensors(arch)}
+        self.bases = _global_roles()
         self.extra = frozenset(extra)
 
     def of(self, suffix: str) -> Role | None:
@@ -136,14 +137,14 @@ class Roles:
             return role if leaf in _LEAVES[role] else self._unknown(suffix, role, leaf)
         if ("_exps" in base or "_chexps" in base) and base not in LOOK_ALIKE_BASES:
             raise BadInput(self.where, f"tensor suffix {suffix!r} looks like an expert tensor but gguf-py does not "
-                                    f"list it for {self.arch!r}; refusing to guess its expert axis")
+                                       f"list it for {self.arch!r}; refusing to guess its expert axis")
         return None
 
     def _unknown(self, suffix: str, role: Role, leaf: str | None) -> None:
         if role is Role.ROUTER and leaf == "scale":
             return None   # Gemma-4's router input scale, {n_embd}
         raise BadInput(self.where, f"tensor suffix {suffix!r}: {leaf!r} is not a known part of a {role.value} "
-                                f"tensor; refusing to guess its expert axis")
+                                   f"tensor; refusing to guess its expert axis")
 
 
 def check_prunable(arch: str, experts: int, kept: dict[int, list[int]], group_size: int | None, where: str) -> None:
@@ -153,7 +154,8 @@ def check_prunable(arch: str, experts: int, kept: dict[int, list[int]], group_si
     if experts in switch and counts and counts != [experts]:
         raise BadInput(where, f"{arch}: cannot prune a {experts}-expert model: {switch[experts]}")
     if group_size:
-        for layer, ids in sorted(kept.items()):
+        for layer, kept_ids in sorted(kept.items()):
+            ids = set(kept_ids)
             groups = {e // group_size for e in ids}
             whole = all(g * group_size + i in ids for g in groups for i in range(group_size))
             if not whole:

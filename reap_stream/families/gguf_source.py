@@ -133,7 +133,7 @@ class GGUFSource:
                 t = self.tensors[fused]
                 half = t.ne[1] // 2
                 return Source(t, rows=slice(0, half) if "ffn_gate_exps" in g else slice(half, 2 * half))
-        tried = f" (looked for {', '.join(dict.fromkeys(names))})" if names else ""
+        tried = f" (looked for {', '.join(names)})" if names else ""
         raise BadInput(self.where, f"{self.arch}: no GGUF tensor holds mlx_lm's parameter {name!r}{tried}")
 
     def _shape(self, src: Source) -> tuple[int, ...]:
