@@ -13,7 +13,7 @@ from ..families.masking import mask_experts
 from ..families.model import Model
 from .chunks import Chunk, chunk_bar
 from .lanes import lanes_pair
-from .skeleton import Forward, Runs, trace_layers
+from .skeleton import Forward, Runs, open_skeleton, trace_layers
 from .stream import MoECallback
 
 
@@ -23,9 +23,13 @@ class MemoryRunner(Runs):
     start_layer = 0
 
     def __init__(self, model: Model, chunk_tokens: int = 4096, progress: bool = True):
-        ckpt = model.require_checkpoint("running the model")
         mlx_core()
-        self.model, _ = load_pruned_model(ckpt.root)
+        if model.is_gguf:
+            self.model, weights = open_skeleton(model)
+            for layer in [None, *range(len(self.model.layers))]:
+                weights.load(layer)
+        else:
+            self.model, _ = load_pruned_model(model.require_checkpoint("running the model").root)
         self.fwd = Forward(self.model, model.family, model.structure.top_k, model.where)
         self.chunk_tokens = int(chunk_tokens)
         self.progress = progress

@@ -11,7 +11,8 @@ layer is swapped for a hook that routes exactly and evaluates experts grouped by
 """
 from __future__ import annotations
 
-from typing import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from ..errors import BadInput
 from ..families.table import Family, classify
 from ..io.safetensors import Checkpoint, TensorRef, read_array
 from .chunks import Chunk, make_chunks
+
+if TYPE_CHECKING:
+    from ..families.model import Model
 
 
 _MX_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "U8": "uint8",
@@ -57,18 +61,25 @@ def packing(path: str, in_dims: int, tensors: dict[str, TensorRef]) -> dict:
     return {"group_size": group_size, "bits": bits, "mode": mode}
 
 
+def model_from_config(config: dict, where: str | Path):
+    """The mlx_lm Model of a config, with nothing evaluated (its random init stays lazy)."""
+    from mlx_lm.utils import _get_classes
+
+    mlx_core()
+    try:
+        model_class, args_class = _get_classes(dict(config))
+    except ValueError as e:
+        raise BadInput(where, str(e)) from None
+    return model_class(args_class.from_dict(dict(config)))
+
+
 def build_skeleton(ckpt: Checkpoint):
     """The mlx_lm Model of ckpt's config, quantised like the checkpoint, with nothing evaluated."""
     mlx_core()
     import mlx.nn as nn
-    from mlx_lm.utils import _get_classes
 
     config = dict(ckpt.config)
-    try:
-        model_class, args_class = _get_classes(config)
-    except ValueError as e:
-        raise BadInput(ckpt.root / "config.json", str(e)) from None
-    model = model_class(args_class.from_dict(config))
+    model = model_from_config(config, ckpt.root / "config.json")
     quant = config.get("quantization")
     if quant is not None:
         def predicate(path, module):
@@ -214,6 +225,28 @@ class Runs:
         return make_chunks(sequences, self.chunk_tokens, max_batch)
 
 
+def open_skeleton(model: "Model"):
+    """(skeleton, weights) of a model: a safetensors checkpoint's skeleton is quantised like it and
+    filled from its shards, a GGUF's is float32 and filled from the GGUF (runner/gguf_weights)."""
+    if model.is_gguf:
+        from .gguf_weights import GGUFWeights, gguf_skeleton
+
+        skeleton = gguf_skeleton(model)
+        return skeleton, GGUFWeights(model, skeleton, model.where)
+    ckpt = model.require_checkpoint("running the model")
+    skeleton = build_skeleton(ckpt)
+    return skeleton, Weights(ckpt, skeleton, model.family, model.where)
+
+
+def layer_prefix(model, where: str) -> str:
+    """"model.layers." (or the model's own spelling): the name prefix of decoder layer parameters."""
+    first = model.layers[0]
+    for path, module in model.named_modules():
+        if module is first:
+            return path[: -len(".0")] + "."
+    raise BadInput(where, "cannot locate decoder layers in the mlx_lm model")
+
+
 class Weights:
     """Reads one decoder layer's tensors (or the ones outside the layers) from a checkpoint's byte
     ranges into a skeleton, and drops them again. Hugging Face-layout tensors go through the
@@ -232,11 +265,7 @@ class Weights:
         self.layer_experts = {int(k): int(v) for k, v in (record.get("layer_experts") or {}).items()}
 
     def _layer_prefix(self) -> str:
-        first = self.model.layers[0]
-        for path, module in self.model.named_modules():
-            if module is first:
-                return path[: -len(".0")] + "."
-        raise BadInput(self.where, "cannot locate decoder layers in the mlx_lm model")
+        return layer_prefix(self.model, self.where)
 
     def names_of(self, layer: int | None) -> list[str]:
         """Checkpoint tensors of one decoder layer, or (None) everything outside the layers."""

@@ -19,7 +19,7 @@ from ..families.model import Model
 from ..io.files import write_text_atomic
 from .chunks import Chunk, chunk_bar
 from .lanes import SplitCheck, lanes_pair, shared_lanes, split_layer_forward
-from .skeleton import Forward, Runs, Weights, build_skeleton, trace_layers
+from .skeleton import Forward, Runs, open_skeleton, trace_layers
 from .spill import HiddenSpill
 
 MoECallback = Callable[[int, Chunk, object], None]
@@ -30,7 +30,6 @@ class StreamRunner(Runs):
 
     def __init__(self, model: Model, work_dir: str | Path, chunk_tokens: int = 4096,
                  progress: bool = True, parallel: bool = True):
-        self.ckpt = model.require_checkpoint("running the model")
         self.where = model.where
         # run chunks of >= 2 sequences as two half-batches on two CPU streams (same bytes)
         self.parallel = parallel
@@ -38,9 +37,9 @@ class StreamRunner(Runs):
         self.work_dir = Path(work_dir)
         self.chunk_tokens = int(chunk_tokens)
         self.progress = progress
-        self.fwd = Forward(build_skeleton(self.ckpt), model.family, model.structure.top_k, self.where)
+        skeleton, self.weights = open_skeleton(model)
+        self.fwd = Forward(skeleton, model.family, model.structure.top_k, self.where)
         self.model = self.fwd.model
-        self.weights = Weights(self.ckpt, self.model, model.family, self.where)
         self.spill = HiddenSpill(self.work_dir)
         self._head: list[str] | None = None
 
