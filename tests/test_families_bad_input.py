@@ -88,7 +88,8 @@ def test_layers_returning_a_tuple_the_row_does_not_declare_are_refused_not_misre
     unpacks along the batch axis without an error (h = the first sequence); the runner refuses
     instead, at every batch size, also where no later layer would trip over the wrong shape."""
     from reap_stream.families.model import open_model
-    from reap_stream.runner.skeleton import build_skeleton, trace_layers
+    from reap_stream.runner.skeleton import build_skeleton
+    from reap_stream.runner.trace import trace_layers
 
     path = synth.make_mlx_fixture("hunyuan", tmp_path / "m", config_overrides={"num_hidden_layers": layers})
     model = open_model(path)

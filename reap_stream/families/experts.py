@@ -87,7 +87,7 @@ def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int,
 
     def share(ids: np.ndarray) -> Callable[[], None]:
         def run() -> None:
-            for e in ids:
+            for e in map(int, ids):
                 lo, hi = int(bounds[e]), int(bounds[e + 1])
                 xe = x[mx.array(tokens[lo:hi])]
                 if input_scale is not None:

@@ -119,7 +119,8 @@ class Family:
     gguf_arch: str | None = None      # llama.cpp architecture of the same model
     gguf_hash_tensor: str | None = None     # GGUF: present in layers routed by a fixed table
     gguf_compact_layout: str | None = None  # GGUF: per-layer expert counts its loader understands
-    gguf_extra_expert_tensors: tuple[str, ...] = ()  # GGUF expert-axis tensors beyond the usual ones
+    gguf_extra_expert_tensors: tuple[str, ...] = ()  # GGUF expert-axis tensors gguf-py's tables do not list
+    gguf_config: dict = field(default_factory=dict)  # config.json entries a GGUF does not carry
     mlx: bool = True                  # mlx_lm has a model class for it (else: GGUF surgery only)
     tiny: dict = field(default_factory=dict)  # the tiny fixture's config.json beyond the common keys
     # --- beyond the first seven families

@@ -11,7 +11,8 @@ layer is swapped for a hook that routes exactly and evaluates experts grouped by
 """
 from __future__ import annotations
 
-from typing import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -19,13 +20,11 @@ from ..blas import mlx_core
 from ..errors import BadInput
 from ..families.table import Family, attr, classify, layer_of
 from ..io.safetensors import Checkpoint, TensorRef, read_array
+from .chunks import Chunk, make_chunks
+from .trace import Tracer
 
-
-class _ShapeProxy:
-    """What mlx_lm's quantisation inference reads of a weight: shape and dtype."""
-
-    def __init__(self, shape, dtype):
-        self.shape, self.dtype = shape, dtype
+if TYPE_CHECKING:
+    from ..families.model import Model
 
 
 _MX_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "U8": "uint8",
@@ -45,151 +44,56 @@ def to_mx(ref: TensorRef):
     return mx.array(arr)
 
 
+# modes whose scales are stored as uint8 allow one (bits, group size) each; affine keeps float scales
+_UINT8_SCALE_MODES = {(4, 16): "nvfp4", (4, 32): "mxfp4", (8, 32): "mxfp8"}
+
+
+def packing(path: str, in_dims: int, tensors: dict[str, TensorRef]) -> dict:
+    """group_size, bits and mode a saved quantised weight was packed with, read from its shapes
+    (for modules the config's per-path quantization map does not name)."""
+    scales, weight = tensors[f"{path}.scales"], tensors[f"{path}.weight"]
+    group_size = in_dims // scales.shape[-1]
+    bits = weight.shape[-1] * 32 // in_dims
+    if scales.dtype != "U8":
+        return {"group_size": group_size, "bits": bits, "mode": "affine"}
+    mode = _UINT8_SCALE_MODES.get((bits, group_size))
+    if mode is None:
+        raise BadInput(weight.file, f"cannot tell how {path} was quantised ({bits} bits, group size {group_size})")
+    return {"group_size": group_size, "bits": bits, "mode": mode}
+
+
+def model_from_config(config: dict, where: str | Path):
+    """The mlx_lm Model of a config, with nothing evaluated (its random init stays lazy)."""
+    from mlx_lm.utils import _get_classes
+
+    mlx_core()
+    try:
+        model_class, args_class = _get_classes(dict(config))
+    except ValueError as e:
+        raise BadInput(where, str(e)) from None
+    return model_class(args_class.from_dict(dict(config)))
+
+
 def build_skeleton(ckpt: Checkpoint):
     """The mlx_lm Model of ckpt's config, quantised like the checkpoint, with nothing evaluated."""
-    mx = mlx_core()
+    mlx_core()
     import mlx.nn as nn
-    from mlx_lm.utils import _get_classes, infer_quant_config
 
     config = dict(ckpt.config)
-    try:
-        model_class, args_class = _get_classes(config)
-    except ValueError as e:
-        raise BadInput(ckpt.root / "config.json", str(e)) from None
-    model = model_class(args_class.from_dict(config))
+    model = model_from_config(config, ckpt.root / "config.json")
     quant = config.get("quantization")
     if quant is not None:
-        proxies = {n: _ShapeProxy(r.shape, getattr(mx, _MX_DTYPES.get(r.dtype, "uint8")))
-                   for n, r in ckpt.tensors.items()}
-
         def predicate(path, module):
             if path in quant:
                 return quant[path]
-            if not hasattr(module, "to_quantized") or f"{path}.scales" not in proxies:
+            if not hasattr(module, "to_quantized") or f"{path}.scales" not in ckpt.tensors:
                 return False
-            return infer_quant_config(path, module, proxies)
+            return packing(path, module.weight.shape[-1], ckpt.tensors)
 
         nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"],
                     mode=quant.get("mode", "affine"), class_predicate=predicate)
     return model
 
-
-def layer_list(model) -> list:
-    """The list object the inner model iterates over (so its items can be swapped): the stored
-    list holding model.layers[0], wherever it sits (`model.layers` may be a property returning a
-    fresh slice of it, as mlx_lm's pipeline-parallel models do)."""
-    first = model.layers[0]
-    for path, module in model.named_modules():
-        if module is first and path.endswith(".0"):
-            holder = model
-            for part in path.split(".")[:-2]:
-                holder = getattr(holder, part)
-            layers = getattr(holder, path.split(".")[-2], None)
-            if isinstance(layers, list) and layers and layers[0] is first:
-                return layers
-    raise BadInput("model", f"cannot find the decoder layer list of {type(model).__module__}")
-
-
-class Tracer:
-    """Stands in for a decoder layer: records its call arguments, passes the hidden state on. The
-    model's forward may read the layer's attributes (which mask a hybrid layer takes): those come
-    from the layer it stands in for."""
-
-    def __init__(self, out=None, layer=None, index: int = 0, outputs: int = 1, state_is_none: bool = False):
-        self.args: tuple = ()
-        self.kwargs: dict = {}
-        self.x = None
-        self.out = out
-        self.layer = layer
-        self.model_output = None  # set on tracer 0: the model's (lazy) output
-        # a layer returning (h, *state) (Family.layer_outputs): the state stands in as markers
-        self.extras = tuple(None if state_is_none else State(index, j) for j in range(1, outputs))
-
-    def __getattr__(self, name):
-        layer = self.__dict__.get("layer")
-        if layer is None:
-            raise AttributeError(name)
-        return getattr(layer, name)
-
-    def __call__(self, x, *args, **kwargs):
-        self.x, self.args, self.kwargs = x, args, kwargs
-        h = x if self.out is None else self.out
-        return (h, *self.extras) if len(self.extras) else h
-
-    @property
-    def needs(self) -> list["State"]:
-        """The earlier layers' state outputs this layer is called with."""
-        return [v for v in (*self.args, *self.kwargs.values()) if isinstance(v, State)]
-
-    def bind(self, states: dict) -> tuple[tuple, dict]:
-        """This layer's call arguments with the state markers replaced by the states themselves."""
-        def real(v):
-            return states[(v.layer, v.index)] if isinstance(v, State) else v
-        return tuple(real(v) for v in self.args), {k: real(v) for k, v in self.kwargs.items()}
-
-
-def split_outputs(family: Family, out) -> tuple:
-    """(h, state) of a layer's output; state is () for layers returning h alone. A state the row
-    says is None must be (checked on every call: never carried wrong)."""
-    if family.layer_outputs == 1:
-        return out, ()
-    h, state = out[0], tuple(out[1:])
-    if family.state_is_none and any(v is not None for v in state):
-        raise BadInput("model", f"{family.model_type}: a decoder layer hands state to the next one "
-                                f"(attention residuals?); a layer-by-layer run cannot carry it")
-    return h, state
-
-
-class State:
-    """Marks output `index` of layer `layer` where the traced forward hands it to a later layer
-    (Hunyuan's cross-layer attention passes K/V on this way)."""
-
-    def __init__(self, layer: int, index: int):
-        self.layer, self.index = layer, index
-
-
-def trace_layers(model, tokens: np.ndarray, final=None, family: Family | None = None) -> list[Tracer]:
-    """Run the model's own forward with tracers in place of its layers (nothing heavy is evaluated).
-
-    Tracer i holds layer i's arguments; tracer 0's input `x` is the embedding output. With `final`
-    given, every tracer returns it, so the model's output is its head applied to `final`. Layers
-    that return (h, *state) (the family's layer_outputs > 1) return state markers; a layer may take
-    only its predecessor's state (what the runners carry from one layer to the next).
-    """
-    mx = mlx_core()
-    layers = layer_list(model)
-    saved = list(layers)
-    outputs, none = (family.layer_outputs, family.state_is_none) if family is not None else (1, False)
-    tracers = [Tracer(final, layer, i, outputs, none) for i, layer in enumerate(layers)]
-    try:
-        layers[:] = tracers
-        out = model(mx.array(tokens))
-    except (TypeError, ValueError) as e:  # e.g. unpacking a tuple the tracer did not return
-        raise _not_layer_by_layer(model, f"its forward failed with layers traced ({e})") from None
-    finally:
-        layers[:] = saved
-    for i in range(1, len(tracers)):
-        previous = tracers[i - 1].x if final is None else final
-        if tracers[i].x is not previous:
-            raise _not_layer_by_layer(model, f"decoder layer {i} does not take layer {i - 1}'s output as its input")
-        if any(s.layer != i - 1 for s in tracers[i].needs):
-            raise _not_layer_by_layer(model, f"decoder layer {i} takes state from a layer before layer {i - 1}")
-    if tuple(getattr(out, "shape", ())[:-1]) != tuple(np.shape(tokens)):
-        raise _not_layer_by_layer(model, f"its output has shape {list(getattr(out, 'shape', []))} for tokens of "
-                                         f"shape {list(np.shape(tokens))} with layers traced")
-    tracers[0].model_output = out
-    return tracers
-
-
-def _not_layer_by_layer(model, why: str) -> BadInput:
-    """Layers that return tuples or hand state to the next layer cannot be run one layer at a
-    time from recorded arguments: refused, never run wrong (a [B, L, D] output unpacked into
-    (h, state) splits along the batch axis without an error)."""
-    return BadInput("model", f"{type(model).__module__.rpartition('.')[2]}: {why}; "
-                             f"a layer-by-layer run cannot reproduce this model")
-
-
-# ------------------------------------------------------------------ MoE hook
 
 class MoEHook:
     """Replaces a layer's MoE block for one call: exact routing, grouped experts, callback."""
@@ -315,6 +219,51 @@ class Forward:
             layer[self.family.block] = block
 
 
+class Runs:
+    """What both runners tell about the model they run (their `fwd` is a Forward) and how they
+    batch calibration sequences (their `chunk_tokens`)."""
+
+    fwd: Forward
+    chunk_tokens: int
+
+    @property
+    def family(self) -> Family:
+        return self.fwd.family
+
+    @property
+    def num_layers(self) -> int:
+        return self.fwd.num_layers
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return self.fwd.moe_layers
+
+    def chunks(self, sequences, max_batch: int | None = None) -> list[Chunk]:
+        return make_chunks(sequences, self.chunk_tokens, max_batch)
+
+
+def open_skeleton(model: "Model"):
+    """(skeleton, weights) of a model: a safetensors checkpoint's skeleton is quantised like it and
+    filled from its shards, a GGUF's is float32 and filled from the GGUF (runner/gguf_weights)."""
+    if model.is_gguf:
+        from .gguf_weights import GGUFWeights, gguf_skeleton
+
+        skeleton = gguf_skeleton(model)
+        return skeleton, GGUFWeights(model, skeleton, model.where)
+    ckpt = model.require_checkpoint("running the model")
+    skeleton = build_skeleton(ckpt)
+    return skeleton, Weights(ckpt, skeleton, model.family, model.where)
+
+
+def layer_prefix(model, where: str) -> str:
+    """"model.layers." (or the model's own spelling): the name prefix of decoder layer parameters."""
+    first = model.layers[0]
+    for path, module in model.named_modules():
+        if module is first:
+            return path[: -len(".0")] + "."
+    raise BadInput(where, "cannot locate decoder layers in the mlx_lm model")
+
+
 class Weights:
     """Reads one decoder layer's tensors (or the ones outside the layers) from a checkpoint's byte
     ranges into a skeleton, and drops them again. Hugging Face-layout tensors go through the
@@ -336,11 +285,7 @@ class Weights:
         self.mlx_layout = set(ckpt.tensors) <= set(self.params)
 
     def _layer_prefix(self) -> str:
-        first = self.model.layers[0]
-        for path, module in self.model.named_modules():
-            if module is first:
-                return path[: -len(".0")] + "."
-        raise BadInput(self.where, "cannot locate decoder layers in the mlx_lm model")
+        return layer_prefix(self.model, self.where)
 
     def names_of(self, layer: int | None) -> list[str]:
         """Checkpoint tensors of one decoder layer, or (None) everything outside the layers

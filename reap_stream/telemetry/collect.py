@@ -116,6 +116,8 @@ def collect(model: Model, calib: CalibrationSet, out: str | Path, run: RunOption
     if out.exists():
         return _already_done(out, attrs)
 
+    # the runner reads nothing yet, but refuses weights it cannot read before anything is written
+    runner = open_runner(model, run, work_dir, progress=progress)
     record = {"model_fingerprint": model.fingerprint, "calibration_fingerprint": calib.fingerprint, **attrs["options"]}
     work_dir.mkdir(parents=True, exist_ok=True)
     _check_run_record(work_dir, record)
@@ -141,7 +143,6 @@ def collect(model: Model, calib: CalibrationSet, out: str | Path, run: RunOption
             store.commit(accs.pop(layer).stats)
 
     stop = max(selected) + 1
-    runner = open_runner(model, run, work_dir, progress=progress)
     chunks = runner.chunks(calib.sequences, run.sample_batch_size)
     start = runner.start_layer
     missing = [i for i in selected if i < start and i not in store.layers()]
