@@ -1,32 +1,52 @@
 """Every MoE family mlx_lm ships: a tiny seeded model built with mlx_lm's own class goes through
 collect (stream mode, with the self-check) -> REAP plan -> apply -> mlx_lm.load, and the output's
 logits equal the original's with the pruned experts masked out of routing (the conformance matrix
-of tools/family_matrix.py, one case per family here; 4-bit, non-uniform and stream == memory on a
-slice). A model_type the installed mlx_lm has and the family table does not list fails here."""
+of tools/family_matrix.py, one case per family here; 4-bit, non-uniform, stream == memory and the
+HF layout on a slice). A model_type the installed mlx_lm has and the family table does not list
+fails here."""
 from __future__ import annotations
 
+import json
+import math
 import re
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import FIXTURE_ROOT
+from reap_stream import eval as reap_eval
+from reap_stream.blas import ensure_blas
+from reap_stream.errors import BadInput
+from reap_stream.families import masking
+from reap_stream.families.model import open_model
 from reap_stream.families.table import FAMILIES, FAMILY_ROWS, MODEL_TYPES
+from reap_stream.io.safetensors import Checkpoint, read_array
+from reap_stream.runner import RunOptions
+from reap_stream.surgery.safetensors import plan_layout, write_layout
+from reap_stream.telemetry.collect import collect
 from reap_stream.testing import conformance, synth
 
-# hybrid layers (linear attention, Mamba, short convolutions), tuple-returning layers, identity experts
-STREAM_EQUALS_MEMORY = ("qwen3_next", "qwen3_5_moe", "nemotron_h", "jamba", "lfm2_moe", "granitemoehybrid",
-                        "kimi_linear", "bailing_moe_linear", "bailing_moe_v3", "hunyuan", "longcat_flash")
-QUANTISED = ("qwen3_5_moe", "minimax", "llama4", "nemotron_h", "longcat_flash", "step3p5", "gemma4_text")
-NON_UNIFORM = ("qwen3_next", "glm_moe_dsa", "longcat_flash", "hunyuan", "bailing_moe_v3")
+ensure_blas()
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx_lm  # noqa: E402
+from mlx_lm.utils import MODEL_ARCHITECTURE_REMAPPING, MODEL_REMAPPING, load_model  # noqa: E402
 
-# files of mlx_lm/models that build on an MoE module and are still dense, with why
-NOT_MOE = {"switch_layers": "the expert-stack layers themselves"}
+# linear attention (Gated DeltaNet, GLA, KDA), Mamba / Mamba2, short convolutions, cross-layer K/V
+HYBRID = ("qwen3_next", "qwen3_5_moe", "nemotron_h", "jamba", "lfm2_moe", "granitemoehybrid", "kimi_linear",
+          "bailing_moe_linear", "bailing_moe_v3", "hunyuan", "longcat_flash_ngram")
+STREAM_EQUALS_MEMORY = HYBRID + ("longcat_flash", "gemma4_text", "dbrx")
+QUANTISED = ("qwen3_5_moe", "minimax", "llama4", "nemotron_h", "longcat_flash", "step3p5", "gemma4_text", "dbrx")
+NON_UNIFORM = ("qwen3_next", "glm_moe_dsa", "longcat_flash", "hunyuan", "bailing_moe_v3", "dbrx")
+# families whose transformers class mlx_lm agrees with (tools/family_matrix.py tries all)
+TRANSFORMERS = ("qwen3_next", "minimax", "nemotron_h", "granitemoe", "exaone_moe", "qwen3_moe")
 
 
 @pytest.fixture(scope="module")
-def fixtures(tmp_path_factory):
-    from conftest import FIXTURE_ROOT
+def fixtures() -> Path:
     return FIXTURE_ROOT
 
 
@@ -54,11 +74,11 @@ def test_non_uniform_prune_loads_through_load_pruned(family, fixtures, tmp_path)
 
 def _moe_modules() -> set[str]:
     """mlx_lm model files that build an expert stack, or build on a file that does (the issue's
-    `grep -l -E "SwitchGLU|SwitchMLP"` plus what imports those), and the expert-list model."""
+    `grep -l -E "SwitchGLU|SwitchMLP"` plus what imports those)."""
     import mlx_lm.models
 
     files = {p.stem: p.read_text() for p in Path(mlx_lm.models.__file__).parent.glob("*.py")}
-    moe = {n for n, src in files.items() if re.search(r"SwitchGLU|SwitchMLP", src)} - set(NOT_MOE)
+    moe = {n for n, src in files.items() if re.search(r"SwitchGLU|SwitchMLP", src)} - {"switch_layers"}
     grew = True
     while grew:
         grew = False
@@ -66,15 +86,13 @@ def _moe_modules() -> set[str]:
             deps = set(re.findall(r"^from \.(\w+) import", src, re.M))
             for group in re.findall(r"^from \. import ([\w, ]+)", src, re.M):
                 deps |= {d.strip() for d in group.split(",")}
-            if name not in moe and name not in NOT_MOE and deps & moe:
+            if name not in moe and name != "switch_layers" and deps & moe:
                 moe.add(name)
                 grew = True
     return moe
 
 
 def test_every_moe_model_type_of_the_installed_mlx_lm_is_a_row():
-    from mlx_lm.utils import MODEL_ARCHITECTURE_REMAPPING, MODEL_REMAPPING
-
     known = {f.model_type for f in FAMILY_ROWS}
     missing = sorted(_moe_modules() - known)
     assert not missing, (f"mlx_lm has MoE model types the family table does not list: {', '.join(missing)}; "
@@ -88,10 +106,6 @@ def test_every_moe_model_type_of_the_installed_mlx_lm_is_a_row():
 
 def test_the_fixtures_route_every_expert(fixtures):
     """The tiny models are informative: in every MoE layer each expert is chosen for some token."""
-    import mlx_lm
-
-    from reap_stream.families import masking
-
     tokens = conformance.eval_tokens(256)
     for family in synth.FAMILIES[len(synth.FIRST_FAMILIES):]:
         model, _ = mlx_lm.load(str(synth.cached_fixture(family, "fp32", fixtures)))
@@ -107,26 +121,11 @@ def test_the_matrix_lists_every_row_with_a_verdict():
     assert np.all([f.model_type in MODEL_TYPES for f in rows])
 
 
-# linear attention (Gated DeltaNet, GLA, KDA), Mamba / Mamba2, short convolutions, cross-layer K/V
-HYBRID = ("qwen3_next", "qwen3_5_moe", "nemotron_h", "jamba", "lfm2_moe", "granitemoehybrid", "kimi_linear",
-          "bailing_moe_linear", "bailing_moe_v3", "hunyuan", "longcat_flash_ngram")
-
-
 @pytest.mark.parametrize("family", HYBRID)
 def test_streamed_perplexity_equals_mlx_lm_on_hybrid_layers(family, fixtures):
     """Stream mode runs each layer through mlx_lm's own module, one layer for every chunk before
     the next layer; a chunk holds whole sequences, so recurrent layers start each sequence from
     their zero state exactly as one pass does (several chunks, two sequences each)."""
-    import math
-
-    import mlx.core as mx
-    import mlx.nn as nn
-    from mlx_lm.utils import load_model
-
-    from reap_stream import eval as reap_eval
-    from reap_stream.families.model import open_model
-    from reap_stream.runner import RunOptions
-
     path = synth.cached_fixture(family, "fp32", fixtures)
     windows = conformance.eval_tokens(6 * 33).reshape(6, 33)
     got = reap_eval.perplexity(open_model(path), list(windows), RunOptions("stream", 66), progress=False)
@@ -136,10 +135,6 @@ def test_streamed_perplexity_equals_mlx_lm_on_hybrid_layers(family, fixtures):
     want = nn.losses.cross_entropy(logits, x[:, 1:], reduction="mean").item()
     # mean NLL (random tiny models: ~20-35 nats) within float32 summation noise
     assert got.num_sequences == 6 and math.log(got.perplexity) == pytest.approx(want, abs=1e-4)
-
-
-# families whose transformers class mlx_lm agrees with (tools/family_matrix.py --transformers: all)
-TRANSFORMERS = ("qwen3_next", "minimax", "nemotron_h", "granitemoe", "exaone_moe", "qwen3_moe")
 
 
 @pytest.mark.parametrize("family", TRANSFORMERS)
@@ -157,14 +152,6 @@ def test_a_multimodal_wrapper_keeps_every_non_expert_tensor_byte_for_byte(fixtur
     """Qwen3.5-MoE as a vision-language checkpoint: the vision tower's tensors (one with a
     `layers.N.` of its own) are copied untouched; the language model's experts are pruned; the
     output loads with mlx_lm (whose sanitize drops the tower) and collect runs over it."""
-    import json
-    import shutil
-
-    from reap_stream.families.model import open_model
-    from reap_stream.io.safetensors import Checkpoint, read_array
-    from reap_stream.runner import RunOptions
-    from reap_stream.telemetry.collect import collect
-
     src = tmp_path / "vl"
     shutil.copytree(synth.cached_fixture("qwen3_5_moe", "fp32", fixtures), src)
     rng = np.random.default_rng(3)
@@ -178,22 +165,16 @@ def test_a_multimodal_wrapper_keeps_every_non_expert_tensor_byte_for_byte(fixtur
     model = open_model(src)
     collect(model, conformance.calibration(), tmp_path / "t.zarr",
             RunOptions("stream", 64, work_dir=tmp_path / "w"), progress=False)
-    plan = conformance._random_plan(model)
-    from reap_stream.surgery.safetensors import plan_layout, write_layout
+    plan = conformance.random_plan(model)
     write_layout(plan_layout(model, plan), tmp_path / "out", progress=False)
     out = Checkpoint.open(tmp_path / "out")
     for name, (_, arr) in vision.items():
         assert np.array_equal(read_array(out.tensors[name]), arr)
     assert out.config["text_config"]["num_experts"] == 4
-    import mlx.core as mx
-    import mlx_lm
-
-    from reap_stream.families.masking import masked_logits
-
     pruned, _ = mlx_lm.load(str(tmp_path / "out"))
     tokens = conformance.eval_tokens()
     got = np.array(pruned(mx.array(tokens[None]))[0].astype(mx.float32))
-    assert np.max(np.abs(got - masked_logits(src, plan.pruned_map(), tokens))) <= conformance.TOLERANCE
+    assert np.max(np.abs(got - masking.masked_logits(src, plan.pruned_map(), tokens))) <= conformance.TOLERANCE
 
 
 @pytest.mark.parametrize("family,change", [
@@ -205,13 +186,6 @@ def test_a_multimodal_wrapper_keeps_every_non_expert_tensor_byte_for_byte(fixtur
 def test_a_route_that_differs_from_the_block_is_stopped_by_the_self_check(family, change, fixtures, tmp_path):
     """The routing parameters are data; data that does not describe the block is caught on the
     first chunk of the first MoE layer, before anything is written."""
-    from dataclasses import replace
-
-    from reap_stream.errors import BadInput
-    from reap_stream.families.model import open_model
-    from reap_stream.runner import RunOptions
-    from reap_stream.telemetry.collect import collect
-
     model = open_model(synth.cached_fixture(family, "fp32", fixtures))
     model.family = replace(model.family, route=replace(model.family.route, **change))
     with pytest.raises(BadInput, match="routing capture does not reproduce the MoE block"):

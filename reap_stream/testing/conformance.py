@@ -148,7 +148,7 @@ def check_transformers(family: str, fixtures: Path, *, work: Path | None = None)
         raise NotComparable(f"mlx_lm cannot load the checkpoint transformers writes ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:120]})") from None
     model = open_model(src)
-    plan = _random_plan(model)
+    plan = random_plan(model)
 
     def hf_logits(path: Path) -> np.ndarray:
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -169,7 +169,7 @@ class NotComparable(Exception):
     """The HF check cannot be made for a family (the runtimes cannot share a checkpoint)."""
 
 
-def _random_plan(model, seed: int = 1) -> Plan:
+def random_plan(model, seed: int = 1) -> Plan:
     """Half the experts of every prunable layer, the same number from each expert group."""
     st = model.structure
     rng = np.random.default_rng(seed)
