@@ -46,7 +46,8 @@ def describe(fam: Family) -> str:
     if r.groups:
         parts.append(f"groups ({r.groups}{', -inf fill' if r.group_fill != 0.0 else ''})")
     if r.renorm:
-        parts.append(f"renorm{f' +{r.renorm_eps:g}' if r.renorm_eps else ''}")
+        form = {"sum": "", "max": " max", "l1": " L1"}[r.renorm]
+        parts.append(f"renorm{form}{f' {r.renorm_eps:g}' if r.renorm_eps else ''}")
     if r.scale is not None:
         parts.append("scaled")
     if fam.identity_experts:
@@ -55,7 +56,8 @@ def describe(fam: Family) -> str:
 
 
 def run_family(fam: Family, fixtures: Path, work: Path, transformers: bool) -> dict:
-    row = {"family": fam.model_type, "aliases": list(fam.aliases), "routing": describe(fam), "checks": {}}
+    row = {"family": fam.model_type, "aliases": list(fam.aliases), "routing": "—" if fam.refused else describe(fam),
+           "checks": {}}
     if fam.refused:
         row["status"] = "refused"
         row["reason"] = fam.refused
@@ -130,7 +132,15 @@ def main(argv=None) -> int:
     ap.add_argument("--no-transformers", action="store_true", help="skip the HF-layout checks")
     ap.add_argument("--json", type=Path, help="write the results as JSON here")
     ap.add_argument("--markdown", type=Path, help="write the README table here")
+    ap.add_argument("--render", type=Path, help="only render the table of an earlier --json run")
     args = ap.parse_args(argv)
+    if args.render:
+        rows = {f.model_type: f for f in FAMILY_ROWS}
+        results = json.loads(args.render.read_text())["rows"]
+        for r in results:
+            r["routing"] = "—" if rows[r["family"]].refused else describe(rows[r["family"]])
+        print(markdown(results))
+        return 0
     from tqdm import tqdm
 
     rows = [f for f in FAMILY_ROWS if f.mlx]

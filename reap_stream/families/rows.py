@@ -1,12 +1,14 @@
-"""The rows of the families beyond the first seven (families/table.py holds the schema, the first
-rows and the derived views; FAMILY_ROWS lists these after them). Order: the order in which users
-asked for them. Routing parameters are data (`Route`); `at(path)` reads one from the block."""
+"""The rows of the families beyond the first seven (families/table.py holds the first rows and the
+derived views, FAMILY_ROWS lists these after them; families/schema.py says what a row is). Order:
+the order in which users asked for them, then the others, then the refused ones. Routing
+parameters are data (`Route`); `at(path)` reads one from the block when it routes."""
 from __future__ import annotations
 
 from dataclasses import replace
 from types import MappingProxyType
 
 from .schema import _SWIGLU, _W123, DEFAULT_ROUTES, Family, Route, Routing, at
+
 _SIGMOID = DEFAULT_ROUTES[Routing.SIGMOID_GROUP]
 _SIGMOID_EPS = replace(_SIGMOID, renorm_eps=1e-20)   # the same, renormalised by (sum + 1e-20)
 _INF = float("inf")
@@ -45,7 +47,7 @@ MORE_ROWS: tuple[Family, ...] = (
            shared_gate="shared_expert_gate", text_config=True, hf_names=_SWIGLU, gguf_arch="qwen35moe",
            tiny_outer={"architectures": ["Qwen3_5MoeForConditionalGeneration"]},
            tiny={"model_type": "qwen3_5_moe_text", **_QWEN35_TEXT}),
-    # Qwen3.5 dense-or-MoE: MoE when text_config.num_experts > 0 (else refused: no experts)
+    # Qwen3.5 dense-or-MoE: MoE when text_config.num_experts > 0 (0: refused, no experts to prune)
     Family("qwen3_5", "num_experts", Routing.SOFTMAX_TOPK, top_k="high", shared="shared_expert",
            shared_gate="shared_expert_gate", text_config=True, hf_names=_SWIGLU,
            tiny_outer={"architectures": ["Qwen3_5ForConditionalGeneration"]},
