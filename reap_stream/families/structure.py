@@ -155,7 +155,11 @@ def _check_counts(ckpt: Checkpoint, fam: Family, experts: dict[int, int], config
     """The config's expert count is every layer's (a reap-stream output: its record says each)."""
     record = ckpt.config.get("reap_stream")
     layer_record = (record or {}).get("layer_experts") if isinstance(record, dict) else None
-    want = {int(k): v for k, v in layer_record.items()} if isinstance(layer_record, dict) else {}
+    try:
+        want = {int(k): int(v) for k, v in layer_record.items()} if isinstance(layer_record, dict) else {}
+    except (TypeError, ValueError):
+        raise BadInput(where, f"reap_stream.layer_experts is not a map of layer -> expert count "
+                              f"({layer_record!r:.80})") from None
     for layer, n in sorted(experts.items()):
         expected = want.get(layer, configured)
         if n != expected:
