@@ -56,6 +56,7 @@ def test_pruned_output_equals_the_masked_original(family, fixtures, tmp_path):
                                       work=tmp_path)
     assert result.changed > 1e-3, "the prune changes the output (else the comparison would prove nothing)"
     assert result.max_abs_diff <= conformance.TOLERANCE, result
+    assert result.verify == [], "reap-stream verify finds the output consistent"
     assert len(set(result.modes.values())) <= 1, f"stream and memory telemetry differ: {result.modes}"
     assert set(result.kept.values()) == {4}
 

@@ -19,6 +19,7 @@ from ..planning.plan import LayerPlan, Plan
 from ..planning.planner import PlanOptions, make_plan
 from ..runner.chunks import RunOptions
 from ..surgery.safetensors import plan_layout, write_layout
+from ..surgery.verify import verify_output
 from ..telemetry.calibration import CalibrationSet, token_fingerprint
 from ..telemetry.collect import collect
 from ..telemetry.store import TelemetryStore
@@ -43,12 +44,13 @@ class Result:
     modes: dict = field(default_factory=dict)  # stream / memory telemetry fingerprints, when compared
 
     unpruned_gap: float | None = None  # transformers vs mlx_lm on the unpruned model (HF checks)
+    verify: list[str] = field(default_factory=list)  # what `reap-stream verify` found wrong with the output
 
     @property
     def ok(self) -> bool:
         same_modes = len(set(self.modes.values())) <= 1
         tolerance = HF_TOLERANCE if self.variant == "transformers" else TOLERANCE
-        return self.max_abs_diff <= tolerance and self.changed > 0 and same_modes
+        return self.max_abs_diff <= tolerance and self.changed > 0 and same_modes and not self.verify
 
     def to_json(self) -> dict:
         return {**asdict(self), "ok": self.ok}
@@ -119,6 +121,7 @@ def check_family(family: str, fixtures: Path, *, variant: str = "fp32", compare_
         if variant == "non-uniform":
             plan = non_uniform(plan, model.structure.n_group)
         write_layout(plan_layout(model, plan), tmp / "out", progress=False)
+        findings = [f"{f['file']}: {f['what']}" for f in verify_output(tmp / "out")["findings"]]
         tokens = eval_tokens()
         got = _logits(tmp / "out", plan.uniform, tokens)
         want = masked_logits(src, plan.pruned_map(), tokens)
@@ -126,7 +129,7 @@ def check_family(family: str, fixtures: Path, *, variant: str = "fp32", compare_
     return Result(family, variant, model.family.routing.value, float(np.max(np.abs(got - want))),
                   {str(k): len(v.kept) for k, v in sorted(plan.layers.items())},
                   float(np.max(np.abs(want - whole))), round(time.perf_counter() - started, 2),
-                  summary["telemetry_fingerprint"], modes)
+                  summary["telemetry_fingerprint"], modes, verify=findings)
 
 
 def check_transformers(family: str, fixtures: Path, *, work: Path | None = None) -> Result:
