@@ -193,3 +193,20 @@ def test_a_route_that_differs_from_the_block_is_stopped_by_the_self_check(family
         collect(model, conformance.calibration(), tmp_path / "t.zarr", RunOptions("stream", 64, work_dir=tmp_path / "w"),
                 progress=False)
     assert not (tmp_path / "t.zarr").exists()
+
+
+@pytest.mark.parametrize("family", ["deepseek", "minimax", "longcat_flash", "gemma4_text", "llama4", "hunyuan"])
+def test_streamed_perplexity_with_a_mask_plan_equals_mlx_lm_masked(family, fixtures):
+    """`eval --mask-plan` runs the masked original layer by layer: -inf input column (DeepSeek's raw
+    gate), block-level selection bias (MiniMax), both rules (LongCat), a decoder-layer router
+    (Gemma-4), the input-scaling router (Llama-4), layers handing K/V on (Hunyuan)."""
+    path = synth.cached_fixture(family, "fp32", fixtures)
+    model = open_model(path)
+    pruned = conformance.random_plan(model).pruned_map()
+    windows = conformance.eval_tokens(4 * 33).reshape(4, 33)
+    got = reap_eval.perplexity(model, list(windows), RunOptions("stream", 66), mask=pruned, progress=False)
+    reference, _ = load_model(path)
+    masking.mask_experts(reference, pruned)
+    x = mx.array(windows)
+    want = nn.losses.cross_entropy(reference(x[:, :-1]).astype(mx.float32), x[:, 1:], reduction="mean").item()
+    assert math.log(got.perplexity) == pytest.approx(want, abs=1e-4)
