@@ -158,7 +158,6 @@ def family_of(config: dict, where: str = "config.json") -> Family:
     return fam
 
 
-
 def text_config(config: dict, fam: Family) -> dict:
     """The part of config.json that holds the language model's keys (wrappers: text_config)."""
     inner = config.get("text_config") if fam.text_config else None
