@@ -22,7 +22,8 @@ FIXTURE_ROOT = Path(os.environ.get("REAP_STREAM_FIXTURES", REPO / "fixtures" / "
 @pytest.fixture(scope="session")
 def fixture_model():
     """fixture_model(family, variant="fp32") -> Path of a cached tiny checkpoint.
-    variant: "fp32" | "fp16" | "bf16" | "q4" (synth.QUANTIZED_FAMILIES) | "hf" (synth.HF_FAMILIES)."""
+    variant: "fp32" | "fp16" | "bf16" | "q4" (4-bit, mlx_lm's quantisation) | "hf" (synth.HF_FAMILIES) |
+    "transformers" (as transformers writes it: testing/hf_fixture.py)."""
 
     def get(family: str, variant: str = "fp32") -> Path:
         return synth.cached_fixture(family, variant, FIXTURE_ROOT)

@@ -18,8 +18,10 @@ import numpy as np
 
 from ..blas import blas_threads, lane_threads
 from ..errors import BadInput
-from .routing import ROUTERS, Routed, shared_output
-from .table import Family
+from .routing import ROUTERS, Routed, combine
+from .stacks import expert_forward, out_dims, projections
+from .stacks import parameters as stack_parameters
+from .table import Family, attr
 
 def _expert_linear(lin, e: int, x: mx.array) -> mx.array:
     """x @ W_e^T (+ b_e) for expert e of a (Quantized)SwitchLinear, as one dense matmul."""
@@ -59,7 +61,8 @@ def _two_shares(active: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int,
-                weights: np.ndarray, pair: Pair | None = None) -> tuple[ExpertBatch, mx.array]:
+                weights: np.ndarray, pair: Pair | None = None,
+                input_scale: np.ndarray | None = None) -> tuple[ExpertBatch, mx.array]:
     """Every routed expert output f_e(x_t), one dense matmul chain per expert, and the weighted
     sum Σ_k w·f(x) per token (`weights` [T, k]) in float32.
 
@@ -68,26 +71,28 @@ def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int,
     where the lanes call the BLAS single-threaded (blas.lane_threads), the experts are shared out
     to two lanes (MLX's CPU element-wise kernels use one core per stream). The BLAS thread count
     of the expert matmuls depends on that configuration alone, not on whether a pair was given, so
-    every mode computes every expert with the same calls and gets the same bits.
+    every mode computes every expert with the same calls and gets the same bits. With
+    `input_scale` ([T, k]) expert e sees x_t * scale (Llama-4).
     """
-    if not all(hasattr(switch, p) for p in ("gate_proj", "up_proj", "down_proj")):
-        raise BadInput("model", f"expert module {type(switch).__name__} is not a gated (SwitchGLU) expert stack")
+    projections(switch)  # a known stack form, or one line saying it is not
     k = inds.shape[1]
     flat = inds.reshape(-1)
     order = np.argsort(flat, kind="stable")
     experts = flat[order]
     bounds = np.searchsorted(experts, np.arange(num_experts + 1))
+    order, experts = order[:bounds[-1]], experts[:bounds[-1]]  # ids past the stack: identity experts
     tokens = (order // k).astype(np.int32)
-    outputs = np.empty((len(order), x.shape[-1]), np.float32)
+    outputs = np.empty((len(order), out_dims(switch)), np.float32)
+    scale_sorted = None if input_scale is None else input_scale.reshape(-1)[order]
 
     def share(ids: np.ndarray) -> Callable[[], None]:
         def run() -> None:
             for e in map(int, ids):
                 lo, hi = int(bounds[e]), int(bounds[e + 1])
                 xe = x[mx.array(tokens[lo:hi])]
-                up = _expert_linear(switch.up_proj, e, xe)
-                gate = _expert_linear(switch.gate_proj, e, xe)
-                out = _expert_linear(switch.down_proj, e, switch.activation(up, gate)).astype(mx.float32)
+                if input_scale is not None:
+                    xe = xe * mx.array(scale_sorted[lo:hi, None]).astype(x.dtype)
+                out = expert_forward(switch, e, xe, _expert_linear).astype(mx.float32)
                 outputs[lo:hi] = np.array(out)
         return run
 
@@ -96,7 +101,7 @@ def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int,
     threads = lane_threads() if mx.default_device() == mx.cpu else None
     with blas_threads(threads):
         if pair is not None and threads == 1:
-            mx.eval(x, switch.parameters())  # the other lane cannot run work queued on this thread's stream
+            mx.eval(x, stack_parameters(switch))  # the other lane cannot run work queued on this thread's stream
             pair(share(first), share(second))
         else:
             share(first)()
@@ -129,20 +134,38 @@ class Capture:
     output: mx.array       # [T, D] block output rebuilt from the experts (+ shared), x's dtype
 
 
-def capture(block, fam: Family, x: mx.array, top_k: int, num_experts: int, pair: Pair | None = None) -> Capture:
-    """Route x [T, D] exactly as `block` does and evaluate its experts grouped by expert
-    (shared out to two lanes with `pair`; the same bits either way)."""
-    routed = ROUTERS[fam.routing](block, fam, x, top_k)
+def capture(block, fam: Family, x: mx.array, top_k: int, num_experts: int, pair: Pair | None = None,
+            routed: Routed | None = None) -> Capture:
+    """Route x [T, D] exactly as `block` does (or take `routed`, the model's own router's choice)
+    and evaluate its experts grouped by expert (shared out to two lanes with `pair`; the same bits
+    either way)."""
+    routed = routed or ROUTERS[fam.routing](block, fam, x, top_k)
     mx.eval(x, routed.inds, routed.weights, routed.probs)
     inds = np.array(routed.inds).astype(np.int64)
     weights = np.array(routed.weights.astype(mx.float32))
-    batch, y = run_experts(getattr(block, fam.stacked), x, inds, num_experts, weights, pair)
-    y = y.astype(x.dtype)
-    shared = shared_output(block, fam, x)
-    if shared is not None:
-        y = y + shared
+    scale = None if routed.input_scale is None else np.array(routed.input_scale.astype(mx.float32))
+    into, out_of = _latent(block, fam)
+    batch, y = run_experts(attr(block, fam.stacked), into(x), inds, num_experts, weights, pair, scale)
+    y = out_of(y.astype(x.dtype))
+    if fam.identity_experts is not None:  # LongCat: ids past the routed experts add w * x
+        identity = mx.array(np.where(inds >= num_experts, weights, 0.0).sum(axis=1, keepdims=True))
+        y = y + x * identity.astype(x.dtype)
+    y = combine(block, fam, x, y)
     mx.eval(y)
     return Capture(x, routed, inds, batch, y)
+
+
+def _latent(block, fam: Family) -> tuple[Callable, Callable]:
+    """The projections into and out of the experts' latent space (identity where none), the way
+    out through the norm of the weighted sum where the block has one (Kimi-K3)."""
+    if not fam.latent:
+        return (lambda a: a), (lambda a: a)
+    into, out, *norm = [getattr(block, m, None) for m in fam.latent]
+    if into is None or out is None:
+        return (lambda a: a), (lambda a: a)
+    if norm and norm[0] is not None:
+        return into, lambda a: out(norm[0](a))
+    return into, out
 
 
 # relative error allowed between the rebuilt output and the block's own forward
@@ -152,7 +175,7 @@ SELF_CHECK_RTOL = {mx.float32: 1e-4, mx.float16: 2e-2, mx.bfloat16: 5e-2}
 def _float32_stack(switch) -> list:
     """Upcast half-precision expert stacks in place (CPU gather_mm is float32-only); returns undo list."""
     undo = []
-    for name in ("gate_proj", "up_proj", "down_proj"):
+    for name in projections(switch):
         lin = getattr(switch, name, None)
         if lin is None or "scales" in lin:
             continue
@@ -167,12 +190,14 @@ def _float32_stack(switch) -> list:
 SELF_CHECK_ROWS = 256
 
 
-def self_check(block, fam: Family, cap: Capture, layer: int, where: str) -> float:
-    """Raise BadInput unless Σ w·f(x) (+ shared) reproduces the block's own output on cap.x."""
+def self_check(block, fam: Family, cap: Capture, layer: int, where: str,
+               reference: Callable | None = None) -> float:
+    """Raise BadInput unless Σ w·f(x) (+ shared) reproduces the block's own output on cap.x
+    (`reference(x, rows)`: the module whose output it is, where that is not the block)."""
     rows = min(SELF_CHECK_ROWS, cap.x.shape[0])
-    undo = _float32_stack(getattr(block, fam.stacked)) if mx.default_device() == mx.cpu else []
+    undo = _float32_stack(attr(block, fam.stacked)) if mx.default_device() == mx.cpu else []
     try:
-        ref = block(cap.x[None, :rows])[0].astype(mx.float32)
+        ref = (reference(cap.x[None, :rows], rows) if reference else block(cap.x[None, :rows]))[0].astype(mx.float32)
         mine = cap.output[:rows].astype(mx.float32)
         err = float(mx.sqrt(mx.sum((ref - mine) ** 2)) / (mx.sqrt(mx.sum(ref ** 2)) + 1e-30))
     finally:

@@ -15,7 +15,8 @@ from ..errors import BadInput
 from ..io.gguf import BLOCK_TENSOR, GGUFFile, VType
 from ..io.safetensors import Checkpoint
 from .gguf_arch import GROUP_KEYS, Role, Roles, arch_expert_tensors, known_arch
-from .table import BY_GGUF_ARCH, Family, classify, dense_layers, family_of, frozen_layers, num_experts, top_k
+from .table import (BY_GGUF_ARCH, Family, classify, dense_layers, expert_rows, family_of, frozen_layers, group_keys,
+                    identity_rows, num_experts, text_config, top_k)
 
 
 @dataclass
@@ -78,27 +79,93 @@ def checkpoint_structure(ckpt: Checkpoint, fam: Family | None = None) -> MoEStru
     where = str(ckpt.root / "config.json")
     fam = fam or family_of(ckpt.config, where)
     experts: dict[int, int] = {}
+    identity = identity_rows(ckpt.config, fam)
     for name, ref in ckpt.tensors.items():
         rel = classify(name, fam)
         if rel and rel.kind == "router" and name.endswith(".weight"):
-            experts[rel.layer] = ref.shape[0]
+            experts[rel.layer] = ref.shape[0] - identity
+    model_type = ckpt.config.get("model_type")
     if not experts:
-        raise BadInput(ckpt.root, f"no MoE router tensors found for model_type {fam.model_type!r}")
-    cfg = ckpt.config
-    num_experts(cfg, fam, where)  # present and sane, though the tensors say what each layer holds
-    dense = sorted(set(dense_layers(cfg, fam, where)) & set(experts))
+        alias = "" if model_type == fam.model_type else f" (loaded as {fam.model_type})"
+        raise BadInput(ckpt.root, f"no MoE router tensors found for model_type {model_type!r}{alias}: "
+                                  f"the tensors are not this family's")
+    cfg = text_config(ckpt.config, fam)
+    configured = num_experts(ckpt.config, fam, where)
+    _check_expert_axes(ckpt, fam, experts, identity)
+    _check_selection_bias(ckpt, fam, experts)
+    _check_counts(ckpt, fam, experts, configured, where)
+    dense = sorted(set(dense_layers(ckpt.config, fam, where)) & set(experts))
     if dense:
         keys = ", ".join(k for k in fam.dense if cfg.get(k))
         raise BadInput(where, f"{keys} makes layer {dense[0]} dense, but the checkpoint holds a router for it")
+    groups = _groups(cfg, fam)
     return MoEStructure(
         model_type=fam.model_type,
         num_layers=int(cfg.get("num_hidden_layers", max(experts) + 1)),
         layer_experts=experts,
-        top_k=top_k(cfg, where),
-        n_group=int(cfg.get("n_group") or 1),
-        topk_group=int(cfg.get("topk_group") or 1),
-        frozen_layers=sorted(set(frozen_layers(cfg, fam, where)) & set(experts)),
+        top_k=top_k(ckpt.config, where, fam),
+        n_group=groups[0],
+        topk_group=groups[1],
+        frozen_layers=sorted(set(frozen_layers(ckpt.config, fam, where)) & set(experts)),
     )
+
+
+def _groups(cfg: dict, fam: Family) -> tuple[int, int]:
+    """(n_group, topk_group) of a group-limited route, (1, 1) where routing has no groups."""
+    keys = group_keys(fam)
+    cond = fam.route.group_if
+    if keys is None or (cond is not None and cfg.get(cond[0].rpartition(".")[2]) != cond[1]):
+        return 1, 1
+    return int(cfg.get(keys[0]) or 1), int(cfg.get(keys[1]) or 1)
+
+
+def _check_expert_axes(ckpt: Checkpoint, fam: Family, experts: dict[int, int], identity: int) -> None:
+    """Every expert-axis tensor of a layer holds as many experts as its router has rows (router
+    tensors: plus the identity experts)."""
+    for name, ref in sorted(ckpt.tensors.items()):
+        rel = classify(name, fam)
+        if rel is None or rel.layer not in experts:
+            continue
+        n = experts[rel.layer]
+        if rel.kind == "per_expert" and rel.expert >= n:
+            raise BadInput(ref.file, f"tensor {name!r} is expert {rel.expert}, but layer {rel.layer}'s router has {n} rows")
+        rows = n + identity if rel.kind == "router" else n
+        if rel.kind != "per_expert" and (not ref.shape or expert_rows(ref.shape) != rows):
+            raise BadInput(ref.file, f"tensor {name!r} has shape {list(ref.shape)}; layer {rel.layer}'s router "
+                                     f"has {n} experts, which its axis 0 must hold"
+                                     + (f" (+ {identity} identity experts)" if rows != n else ""))
+
+
+def _check_selection_bias(ckpt: Checkpoint, fam: Family, experts: dict[int, int]) -> None:
+    """A router that selects with a bias has one in every MoE layer (in either layout's name): a
+    checkpoint without is another family's (or an alias over the wrong tensors)."""
+    route = fam.route
+    if route.bias is None or route.bias_optional:
+        return
+    leaf = route.bias.rpartition(".")[2]
+    have = {classify(n, fam).layer for n in ckpt.tensors
+            if n.endswith("." + leaf) and classify(n, fam) is not None}
+    missing = sorted(set(experts) - have)
+    if missing:
+        raise BadInput(ckpt.root, f"layer {missing[0]} has no {leaf} tensor, which a {fam.model_type} router "
+                                  f"selects with: the tensors are not this family's")
+
+
+def _check_counts(ckpt: Checkpoint, fam: Family, experts: dict[int, int], configured: int, where: str) -> None:
+    """The config's expert count is every layer's (a reap-stream output: its record says each)."""
+    record = ckpt.config.get("reap_stream")
+    layer_record = (record or {}).get("layer_experts") if isinstance(record, dict) else None
+    try:
+        want = {int(k): int(v) for k, v in layer_record.items()} if isinstance(layer_record, dict) else {}
+    except (TypeError, ValueError):
+        raise BadInput(where, f"reap_stream.layer_experts is not a map of layer -> expert count "
+                              f"({layer_record!r:.80})") from None
+    for layer, n in sorted(experts.items()):
+        expected = want.get(layer, configured)
+        if n != expected:
+            source = f"reap_stream.layer_experts[{layer}]" if layer in want else fam.experts_key
+            raise BadInput(where, f"{source} is {expected} but layer {layer} holds {n} experts "
+                                  f"(its router has {n} rows)")
 
 
 def router_weight_name(ckpt: Checkpoint, fam: Family, layer: int) -> str:

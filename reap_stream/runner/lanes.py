@@ -20,7 +20,8 @@ from typing import Callable
 import numpy as np
 
 from ..blas import blas_threads, lane_threads, mlx_core, total_threads
-from .skeleton import Forward, MoEHook, trace_layers
+from .skeleton import Forward, MoEHook
+from .trace import trace_layers
 
 
 class _Rendezvous:

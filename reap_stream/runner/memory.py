@@ -13,7 +13,8 @@ from ..families.masking import mask_experts
 from ..families.model import Model
 from .chunks import Chunk, chunk_bar
 from .lanes import lanes_pair
-from .skeleton import Forward, Runs, open_skeleton, trace_layers
+from .skeleton import Forward, Runs, open_skeleton
+from .trace import split_outputs, trace_layers
 from .stream import MoECallback
 
 
@@ -44,11 +45,14 @@ class MemoryRunner(Runs):
             mask_experts(self.model, {i: ids for i, ids in mask.items() if ids}, self.family)
         stop = self.num_layers if stop is None else stop
         for c in chunk_bar(chunks, "chunks", self.progress):
-            tracers = trace_layers(self.model, c.tokens)
+            tracers = trace_layers(self.model, c.tokens, family=self.family)
             h = tracers[0].x
+            state: tuple = ()
             for i in range(stop):
                 cb = None if on_moe is None else (lambda cap, c=c, i=i: on_moe(i, c, cap))
-                h = self.fwd.layer_forward(i, h, tracers[i], cb, c.index == 0, lanes_pair)  # as in stream mode
+                states = {(s.layer, s.index): state[s.index - 1] for s in tracers[i].needs}
+                h = self.fwd.layer_forward(i, h, tracers[i], cb, c.index == 0, lanes_pair, states)  # as in stream mode
+                h, state = split_outputs(self.family, h)
                 mx.eval(h)
             self._final[c.index] = h
         for i in range(stop):
@@ -57,7 +61,8 @@ class MemoryRunner(Runs):
             yield i
 
     def logits(self, chunk: Chunk):
-        out = trace_layers(self.model, chunk.tokens, final=self._final[chunk.index])[0].model_output
+        out = trace_layers(self.model, chunk.tokens, final=self._final[chunk.index],
+                           family=self.family)[0].model_output
         mlx_core().eval(out)
         return out
 

@@ -18,9 +18,10 @@ import numpy as np
 
 from ..blas import mlx_core
 from ..errors import BadInput
-from ..families.table import Family, classify
+from ..families.table import Family, attr, classify, layer_of
 from ..io.safetensors import Checkpoint, TensorRef, read_array
 from .chunks import Chunk, make_chunks
+from .trace import Tracer
 
 if TYPE_CHECKING:
     from ..families.model import Model
@@ -94,51 +95,6 @@ def build_skeleton(ckpt: Checkpoint):
     return model
 
 
-def layer_list(model) -> list:
-    """The list object the inner model iterates over (so its items can be swapped)."""
-    for holder in (getattr(model, "model", None), model):
-        layers = getattr(holder, "layers", None) if holder is not None else None
-        if isinstance(layers, list) and layers and layers[0] is model.layers[0]:
-            return layers
-    raise BadInput("model", f"cannot find the decoder layer list of {type(model).__module__}")
-
-
-class Tracer:
-    """Stands in for a decoder layer: records its call arguments, passes the hidden state on."""
-
-    def __init__(self, out=None):
-        self.args: tuple = ()
-        self.kwargs: dict = {}
-        self.x = None
-        self.out = out
-        self.model_output = None  # set on tracer 0: the model's (lazy) output
-
-    def __call__(self, x, *args, **kwargs):
-        self.x, self.args, self.kwargs = x, args, kwargs
-        return x if self.out is None else self.out
-
-
-def trace_layers(model, tokens: np.ndarray, final=None) -> list[Tracer]:
-    """Run the model's own forward with tracers in place of its layers (nothing heavy is evaluated).
-
-    Tracer i holds layer i's arguments; tracer 0's input `x` is the embedding output. With `final`
-    given, every tracer returns it, so the model's output is its head applied to `final`.
-    """
-    mx = mlx_core()
-    layers = layer_list(model)
-    saved = list(layers)
-    tracers = [Tracer(final) for _ in layers]
-    try:
-        layers[:] = tracers
-        out = model(mx.array(tokens))
-    finally:
-        layers[:] = saved
-    tracers[0].model_output = out
-    return tracers
-
-
-# ------------------------------------------------------------------ MoE hook
-
 class MoEHook:
     """Replaces a layer's MoE block for one call: exact routing, grouped experts, callback."""
 
@@ -157,6 +113,56 @@ class MoEHook:
         cap = experts.capture(self.block, self.fam, flat, self.top_k, self.num_experts, self.pair)
         if self.check:
             experts.self_check(self.block, self.fam, cap, self.layer, self.where)
+        if self.on_capture is not None:
+            self.on_capture(cap)
+        return cap.output.reshape(shape)
+
+
+class LayerMoEHook(MoEHook):
+    """For a family whose MoE is two attributes of the decoder layer (Gemma-4: `router` on the
+    residual stream, `experts` on a second pre-norm): the layer's own router module selects and
+    weighs, the logits of its projection are recorded, and the experts module is replaced by this
+    hook, called as the layer calls it: (x, top-k indices, top-k weights)."""
+
+    def install(self, layer) -> Callable[[], None]:
+        """Put the hook in place on `layer`; returns what takes it out again."""
+        owner_path, _, proj_name = self.fam.router.rpartition(".")
+        owner = attr(layer, owner_path) if owner_path else layer
+        proj = owner[proj_name]
+        experts_name = self.fam.stacked.partition(".")[0]
+        self.experts = layer[experts_name]
+        self.logits = None
+
+        def record(x):
+            self.logits = proj(x)
+            return self.logits
+
+        owner[proj_name], layer[experts_name] = record, self
+
+        def remove():
+            owner[proj_name], layer[experts_name] = proj, self.experts
+        return remove
+
+    def __getattr__(self, name):  # while in place, the layer's `experts.<stack>` is reached through here
+        experts = self.__dict__.get("experts")
+        if experts is None:
+            raise AttributeError(name)
+        return getattr(experts, name)
+
+    def __call__(self, x, inds, weights):
+        from ..families import experts
+        from ..families.routing import Routed
+
+        mx = mlx_core()
+        shape, k = x.shape, inds.shape[-1]
+        flat = x.reshape(-1, shape[-1])
+        logits = self.logits.reshape(-1, self.logits.shape[-1])
+        routed = Routed(inds.reshape(-1, k), weights.reshape(-1, k), mx.softmax(logits.astype(mx.float32), axis=-1))
+        cap = experts.capture(self.block, self.fam, flat, k, self.num_experts, self.pair, routed=routed)
+        if self.check:
+            def reference(xr, rows):
+                return self.experts(xr, routed.inds[None, :rows], routed.weights[None, :rows])
+            experts.self_check(self.block, self.fam, cap, self.layer, self.where, reference)
         if self.on_capture is not None:
             self.on_capture(cap)
         return cap.output.reshape(shape)
@@ -184,20 +190,31 @@ class Forward:
         return router_experts(self.blocks[layer], self.family)
 
     def hook(self, i: int, on_capture: Callable | None, check: bool, pair: Callable | None = None) -> MoEHook:
-        return MoEHook(self.blocks[i], self.family, i, self.top_k, self.num_experts(i), on_capture, check,
-                        self.where, pair)
+        kind = LayerMoEHook if not self.family.block else MoEHook
+        return kind(self.blocks[i], self.family, i, self.top_k, self.num_experts(i), on_capture, check,
+                    self.where, pair)
 
     def layer_forward(self, i: int, h, tracer: Tracer, on_capture: Callable | None, check: bool,
-                      pair: Callable | None = None):
+                      pair: Callable | None = None, states: dict | None = None):
+        """Layer i on h with the arguments the model's forward gives it (`states`: the previous
+        layer's state outputs it takes, by (layer, index)); a layer returning (h, *state) returns
+        that tuple."""
         layer = self.model.layers[i]
+        args, kwargs = tracer.bind(states or {})
         if i not in self.blocks:
-            return layer(h, *tracer.args, **tracer.kwargs)
+            return layer(h, *args, **kwargs)
         block = self.blocks[i]
         hook = self.hook(i, on_capture, check, pair)
+        if isinstance(hook, LayerMoEHook):
+            remove = hook.install(layer)
+            try:
+                return layer(h, *args, **kwargs)
+            finally:
+                remove()
         # decoder layers call self.<block>(x); swapping the dict entry keeps the rest mlx_lm's code
         layer[self.family.block] = hook
         try:
-            return layer(h, *tracer.args, **tracer.kwargs)
+            return layer(h, *args, **kwargs)
         finally:
             layer[self.family.block] = block
 
@@ -256,23 +273,27 @@ class Weights:
     def __init__(self, ckpt: Checkpoint, model, family: Family, where: str):
         from mlx.utils import tree_flatten
 
+        from ..families.loader import fit_layer_counts
+
         self.ckpt, self.model, self.family, self.where = ckpt, model, family, where
-        self.params = {n: (tuple(a.shape), a.dtype) for n, a in tree_flatten(model.parameters())}
-        self.prefix = self._layer_prefix()
-        self.mlx_layout = set(ckpt.tensors) <= set(self.params)
         # a non-uniform prune (apply's config record): MoE layer -> experts it holds
         record = ckpt.config.get("reap_stream") or {}
         self.layer_experts = {int(k): int(v) for k, v in (record.get("layer_experts") or {}).items()}
+        fit_layer_counts(model, self.layer_experts, family)
+        self.params = {n: (tuple(a.shape), a.dtype) for n, a in tree_flatten(model.parameters())}
+        self.prefix = self._layer_prefix()
+        self.mlx_layout = set(ckpt.tensors) <= set(self.params)
 
     def _layer_prefix(self) -> str:
         return layer_prefix(self.model, self.where)
 
     def names_of(self, layer: int | None) -> list[str]:
-        """Checkpoint tensors of one decoder layer, or (None) everything outside the layers."""
-        if layer is None:
-            return sorted(n for n in self.ckpt.tensors if not n.startswith(self.prefix))
-        p = f"{self.prefix}{layer}."
-        return sorted(n for n in self.ckpt.tensors if n.startswith(p))
+        """Checkpoint tensors of one decoder layer, or (None) everything outside the layers
+        (in either layout: the decoder stack's prefix may differ between them)."""
+        def of(name: str) -> int | None:
+            m = layer_of(name)
+            return None if m is None else int(m.group(1))
+        return sorted(n for n in self.ckpt.tensors if of(n) == layer)
 
     def load(self, layer: int | None, skip: Callable[[str], bool] = lambda name: False) -> list[str]:
         """Read one layer's (or the non-layer) tensors into the skeleton; returns parameter names."""
@@ -305,9 +326,12 @@ class Weights:
         # Family sanitizers look for layer 0's names (e.g. mixtral); present layer i as layer 0.
         if layer is None:
             return self.model.sanitize(weights)
-        src, dst = f"{self.prefix}{layer}.", f"{self.prefix}0."
-        renamed = {dst + n[len(src):]: a for n, a in weights.items()}
+        renamed = {}
+        for n, a in weights.items():
+            m = layer_of(n)
+            renamed[n[:m.start(1)] + "0" + n[m.end(1):]] = a
         out = self.model.sanitize(renamed)
+        src, dst = f"{self.prefix}{layer}.", f"{self.prefix}0."
         return {src + n[len(dst):] if n.startswith(dst) else n: a for n, a in out.items()}
 
     def drop(self, names: list[str]) -> None:

@@ -14,12 +14,14 @@ from typing import Callable, Iterator
 
 from ..blas import mlx_core
 from ..errors import BadInput
-from ..families.masking import mask_experts
+from ..families.masking import mask_experts, unmask_router
 from ..families.model import Model
+from ..families.table import attr
 from ..io.files import write_text_atomic
 from .chunks import Chunk, chunk_bar
 from .lanes import SplitCheck, lanes_pair, shared_lanes, split_layer_forward
-from .skeleton import Forward, Runs, open_skeleton, trace_layers
+from .skeleton import Forward, Runs, open_skeleton
+from .trace import split_outputs, trace_layers
 from .spill import HiddenSpill
 
 MoECallback = Callable[[int, Chunk, object], None]
@@ -63,7 +65,7 @@ class StreamRunner(Runs):
         names = self.weights.load(None, skip=lambda n: n.startswith("lm_head."))
         self.spill.begin(0)
         for c in chunk_bar(chunks, "embed", self.progress):
-            h = trace_layers(self.model, c.tokens)[0].x
+            h = trace_layers(self.model, c.tokens, family=self.family)[0].x
             mx.eval(h)
             self.spill.write(0, c.index, h)
         self.spill.finish(0)
@@ -84,7 +86,7 @@ class StreamRunner(Runs):
             raise BadInput(self.work_dir, f"hidden states for layer {start} are missing; delete the work dir and rerun")
         for i in range(start, stop):
             names = self.weights.load(i)
-            router = getattr(self.fwd.blocks[i], self.family.router) if i in self.fwd.blocks else None
+            router = attr(self.fwd.blocks[i], self.family.router) if i in self.fwd.blocks else None
             had_bias = router is not None and "bias" in router
             if mask and mask.get(i):
                 mask_experts(self.model, {i: mask[i]}, self.family)
@@ -96,8 +98,15 @@ class StreamRunner(Runs):
                 if self._split(i, c.tokens.shape):
                     out = split_layer_forward(self.fwd, shared_lanes(), i, h, c.tokens, cb, check)
                 else:
-                    out = self.fwd.layer_forward(i, h, trace_layers(self.model, c.tokens)[i], cb, check,
-                                                 lanes_pair if self.parallel else None)
+                    tracers = trace_layers(self.model, c.tokens, family=self.family)
+                    states = {(s.layer, s.index): self.spill.read_state(i, c.index)[s.index - 1]
+                              for s in tracers[i].needs}
+                    out = self.fwd.layer_forward(i, h, tracers[i], cb, check,
+                                                 lanes_pair if self.parallel else None, states)
+                    out, state = split_outputs(self.family, out)
+                    if state and i + 1 < len(tracers) and tracers[i + 1].needs:
+                        mx.eval(out, [v for v in state if v is not None])
+                        self.spill.write_state(i + 1, c.index, state)
                 mx.eval(out)
                 self.spill.write(i + 1, c.index, out)
             self.spill.finish(i + 1)
@@ -106,8 +115,8 @@ class StreamRunner(Runs):
             self._set_next_layer(i + 1)
             self.spill.drop(i)
             self.weights.drop(names)
-            if router is not None and not had_bias and "bias" in router:
-                del router["bias"]  # the -inf bias masking added
+            if router is not None:
+                unmask_router(router, had_bias)  # what masking added to the router
             yield i
 
     def logits(self, chunk: Chunk):
@@ -122,7 +131,7 @@ class StreamRunner(Runs):
         if self._head is None:
             self._head = self.weights.load(None)
         h = self.spill.read(n, chunk.index)
-        out = trace_layers(self.model, chunk.tokens, final=h)[0].model_output
+        out = trace_layers(self.model, chunk.tokens, final=h, family=self.family)[0].model_output
         mx.eval(out)
         return out
 
@@ -138,7 +147,7 @@ class StreamRunner(Runs):
         """Run this chunk as two half-batches on two lanes? Only on the CPU (where one stream
         uses one core) and only where it provably gives the same bytes (SplitCheck)."""
         mx = mlx_core()
-        if not self.parallel or shape[0] < 2 or mx.default_device() != mx.cpu:
+        if not self.parallel or shape[0] < 2 or mx.default_device() != mx.cpu or self.family.layer_outputs > 1:
             return False
         if self._split_check is None:
             self._split_check = SplitCheck()

@@ -22,7 +22,8 @@ from tqdm import tqdm
 from .. import __version__
 from ..errors import BadInput
 from ..families.model import Model
-from ..families.table import Family, classify
+from ..families.table import (EXPERT_COUNT_KEYS, Family, classify, config_value, expert_rows, identity_rows,
+                              set_config_value, text_config)
 from ..io.files import copy_range, sha256_file, write_all
 from ..io.safetensors import INDEX_NAME, Checkpoint
 from ..planning.plan import Plan, check_plan, kept_runs
@@ -117,6 +118,7 @@ def _renumbered(name: str, fam: Family, keep_index: dict[int, dict[int, int]]) -
 
 def _out_tensors(ckpt: Checkpoint, plan: Plan, fam: Family, st_experts: dict[int, int]) -> list[OutTensor]:
     kept = plan.kept_map()
+    identity = identity_rows(ckpt.config, fam)
     keep_index = {layer: {e: i for i, e in enumerate(ids)} for layer, ids in kept.items()}
     out = []
     for shard in ckpt.shards:
@@ -130,11 +132,12 @@ def _out_tensors(ckpt: Checkpoint, plan: Plan, fam: Family, st_experts: dict[int
                 if new_name is not None:
                     out.append(OutTensor(new_name, ref.dtype, ref.shape, [(ref.file, ref.start, ref.end)]))
                 continue
-            n = st_experts[rel.layer]
-            if not ref.shape or ref.shape[0] != n:
+            n = st_experts[rel.layer] + (identity if rel.kind == "router" else 0)
+            if not ref.shape or expert_rows(ref.shape) != n:
                 raise BadInput(ref.file, f"tensor {name!r} has shape {list(ref.shape)}; expected {n} experts on axis 0")
-            keep = kept[rel.layer]
-            shape = (len(keep),) + tuple(ref.shape[1:])
+            # identity experts sit past the routed ones in the router: kept, still last
+            keep = kept[rel.layer] + list(range(st_experts[rel.layer], n))
+            shape = (len(keep),) + tuple(ref.shape[1:]) if ref.shape[0] == n else (1, len(keep))
             out.append(OutTensor(name, ref.dtype, shape, _row_ranges(ref.file, ref.start, ref.nbytes, n, keep)))
     return out
 
@@ -156,7 +159,13 @@ def _shard(tensors: list[OutTensor], metadata: dict[str, str], max_bytes: int) -
 def _new_config(config: dict, plan: Plan, fam: Family, source_fp: str) -> dict:
     cfg = json.loads(json.dumps(config))
     counts = {layer: len(lp.kept) for layer, lp in plan.layers.items()}
-    cfg[fam.experts_key] = max(counts.values())
+    section = text_config(cfg, fam)
+    original = config_value(section, fam.experts_key)
+    # the family's key, and any other name the config gives the same count (transformers 5 writes
+    # num_local_experts beside Qwen's num_experts, and reads that one)
+    for key in EXPERT_COUNT_KEYS:
+        if key == fam.experts_key or config_value(section, key) == original:
+            set_config_value(section, key, max(counts.values()))
     keep_index = {layer: {e: i for i, e in enumerate(lp.kept)} for layer, lp in plan.layers.items()}
     for key in ("quantization", "quantization_config"):
         q = cfg.get(key)
@@ -176,7 +185,7 @@ def _new_config(config: dict, plan: Plan, fam: Family, source_fp: str) -> dict:
         "method": plan.method,
         "ratio": plan.ratio,
         "uniform": plan.uniform,
-        "original_experts": config[fam.experts_key],
+        "original_experts": config_value(text_config(config, fam), fam.experts_key),
         "layer_experts": {str(k): v for k, v in sorted(counts.items())},
         "kept": {str(k): lp.kept for k, lp in sorted(plan.layers.items())},
         "source_fingerprint": source_fp,

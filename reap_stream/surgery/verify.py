@@ -19,7 +19,7 @@ from ..io.files import sha256_file
 from ..io.gguf import is_gguf
 from ..io.safetensors import Checkpoint
 from ..errors import BadInput
-from ..families.table import classify, family_of
+from ..families.table import classify, config_value, expert_rows, family_of, identity_rows, text_config
 from ..planning.plan import Plan
 
 
@@ -95,7 +95,7 @@ def expected_counts(config: dict, experts_key: str, moe_layers: list[int]) -> di
         raise BadInput("config.json", f"reap_stream.layer_experts is not a map of layer -> expert count ({raw!r:.80})")
     counts = {int(k): v for k, v in raw.items()}
     key, default = ("reap_stream.original_experts", rec["original_experts"]) if counts and "original_experts" in rec \
-        else (experts_key, config.get(experts_key, 0))
+        else (experts_key, config_value(config, experts_key, 0))
     if not _is_count(default):
         raise BadInput("config.json", f"{key} is not an expert count ({default!r:.80})")
     return {layer: counts.get(layer, default) for layer in moe_layers}
@@ -111,17 +111,19 @@ def check_shapes(out: Path, findings: list[Finding]) -> Checkpoint | None:
         return None
     axis: dict[int, dict[str, int]] = {}
     per_expert: dict[int, set[int]] = {}
+    identity = identity_rows(ckpt.config, fam)
     for name, ref in sorted(ckpt.tensors.items()):
         rel = classify(name, fam)
         if rel is None:
             continue
         if rel.kind == "per_expert":
             per_expert.setdefault(rel.layer, set()).add(rel.expert)
-        elif ref.shape:
-            axis.setdefault(rel.layer, {})[name] = ref.shape[0]
+        elif ref.shape:  # (router tensors also hold the identity experts' rows, never pruned)
+            axis.setdefault(rel.layer, {})[name] = expert_rows(ref.shape) - (identity if rel.kind == "router" else 0)
     layers = sorted(set(axis) | set(per_expert))
     try:
-        want = expected_counts(ckpt.config, fam.experts_key, layers)
+        want = expected_counts({**text_config(ckpt.config, fam), "reap_stream": ckpt.config.get("reap_stream")},
+                               fam.experts_key, layers)
     except BadInput as e:
         findings.append(Finding("config", e.where, e.what))
         return ckpt
@@ -135,13 +137,13 @@ def check_shapes(out: Path, findings: list[Finding]) -> Checkpoint | None:
         if ids is not None and ids != set(range(n)):
             findings.append(Finding("shape", "config.json", f"layer {layer}: per-expert tensors for experts "
                                     f"{_span(sorted(ids))}, config says 0..{n - 1}"))
-    k = ckpt.config.get("num_experts_per_tok")
+    k = config_value(text_config(ckpt.config, fam), fam.top_k_key)
     if k is not None and not _is_count(k):
-        findings.append(Finding("config", "config.json", f"num_experts_per_tok is not a count ({k!r:.80})"))
+        findings.append(Finding("config", "config.json", f"{fam.top_k_key} is not a count ({k!r:.80})"))
     elif k is not None and want and min(want.values()) < k:
         layer = min(want, key=want.get)
         findings.append(Finding("config", "config.json",
-                                f"layer {layer} has {want[layer]} experts, fewer than num_experts_per_tok={k}"))
+                                f"layer {layer} has {want[layer]} experts, fewer than {fam.top_k_key}={k}"))
     return ckpt
 
 

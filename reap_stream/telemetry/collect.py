@@ -129,13 +129,13 @@ def collect(model: Model, calib: CalibrationSet, out: str | Path, run: RunOption
     store_path = work_dir / "telemetry.zarr"
     store = TelemetryStore.open(store_path) if (store_path / "zarr.json").exists() \
         else TelemetryStore.create(store_path, attrs)
-    hidden = int(model.config["hidden_size"])
     accs: dict[int, Accumulator] = {}
 
     def on_moe(layer: int, chunk, cap) -> None:
         if layer in selected:
-            if layer not in accs:
-                accs[layer] = Accumulator(layer, structure.layer_experts[layer], hidden, options.renorm_topk)
+            if layer not in accs:  # expert outputs are hidden-sized, or latent-sized (Nemotron-H)
+                width = int(cap.batch.outputs.shape[1])
+                accs[layer] = Accumulator(layer, structure.layer_experts[layer], width, options.renorm_topk)
             accs[layer].add(cap)
 
     def commit(layer: int) -> None:
