@@ -205,7 +205,11 @@ MORE_ROWS: tuple[Family, ...] = (
                  "mamba_d_conv": 4, "mamba_n_groups": 1, "mamba_conv_bias": True}),
     Family("phimoe", "num_local_experts", Routing.SPARSEMIXER, block="block_sparse_moe", hf_names=_W123,
            gguf_arch="phimoe",
-           tiny={"architectures": ["PhimoeForCausalLM"], "intermediate_size": 32, "router_jitter_noise": 0.01}),
+           tiny={"architectures": ["PhimoeForCausalLM"], "intermediate_size": 32, "router_jitter_noise": 0.01,
+                 # Phi-3.5-MoE's su-scaled RoPE (mlx-lm before 0.32.2 needs it to build the model)
+                 "original_max_position_embeddings": 1024,
+                 "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.25] * 8,
+                                  "short_mscale": 1.0, "long_mscale": 1.1}}),
     # EXAONE-MoE: DeepSeek-V3 routing (+1e-20); the HF checkpoint keeps the bias on the block
     Family("exaone_moe", "num_experts", Routing.SIGMOID_GROUP, route=_SIGMOID_EPS, shared="shared_experts",
            hf_names=_SWIGLU, expert_params=("e_score_correction_bias",), dense=("is_moe_layer",),

@@ -261,7 +261,7 @@ def make_ds4_fixture(src: Path, out: Path, *, qtype: str = "f32", seed: int = 0)
 
 
 def cached_gguf(family: str, qtype: str, root: Path, mlx_dir: Path, *, split: int = 0) -> list[Path]:
-    """root/<family>-<qtype>[-split<N>]/model.gguf (or its parts), written once via temp dir + rename.
+    """root/<family>-<qtype>[-split<N>]-from-<mlx fixture>/model.gguf (or its parts), written once via temp dir + rename.
     family "deepseek4" builds the deepseek4-like file from the deepseek_v3 mlx fixture `mlx_dir`."""
     def build(tmp: Path) -> None:
         if family == "deepseek4":
@@ -270,6 +270,7 @@ def cached_gguf(family: str, qtype: str, root: Path, mlx_dir: Path, *, split: in
             convert_mlx_to_gguf(mlx_dir, tmp / "model.gguf", qtype=qtype, split_max_tensors=split)
         (tmp / "done").write_text("")
 
-    final = Path(root) / (f"{family}-{qtype}" + (f"-split{split}" if split else ""))
+    # named after the MLX fixture it converts (whose name carries its config digest)
+    final = Path(root) / (f"{family}-{qtype}" + (f"-split{split}" if split else "") + f"-from-{Path(mlx_dir).name}")
     build_once(final, lambda p: (p / "done").is_file(), build)
     return sorted(final.glob("*.gguf"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import io
 import json
 import struct
@@ -362,7 +363,7 @@ def fixture_complete(path: Path) -> bool:
 
 
 def cached_fixture(family: str, variant: str, root: Path) -> Path:
-    """root/<family>-<variant>, generated once (storage.build_once: temp dir + rename; incomplete
+    """root/<family>-<variant>-<config digest>, generated once (storage.build_once: temp dir + rename; incomplete
     dirs are rebuilt; safe against concurrent processes)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
@@ -378,4 +379,7 @@ def cached_fixture(family: str, variant: str, root: Path) -> Path:
         else:
             make_mlx_fixture(family, tmp, **_VARIANT_ARGS[variant])
 
-    return build_once(Path(root) / f"{family}-{variant}", fixture_complete, build)
+    # the config's digest in the name: a changed family row never reuses a stale cached fixture
+    digest = hashlib.sha256(json.dumps([tiny_config(family), _VARIANT_ARGS.get(variant)], sort_keys=True)
+                            .encode()).hexdigest()[:8]
+    return build_once(Path(root) / f"{family}-{variant}-{digest}", fixture_complete, build)
