@@ -71,6 +71,7 @@ class Watchdog:
         self._seq = 0
         self._progressed = False
         self._in_mlx: tuple[str, float] | None = None
+        self._gone: set[int] = set()                        # ranks whose connection has ended
         self.failure: str | None = None
         self.closing = False
         self._connect(coord)
@@ -104,7 +105,7 @@ class Watchdog:
             else:
                 self._cv.wait_for(lambda: self.failure or seq in self._go)
             if self.failure:
-                raise SystemExit(EXIT_CODE)   # the line is out already
+                self._exit()
             return self._go.pop(seq)
 
     def progress(self) -> None:
@@ -120,7 +121,7 @@ class Watchdog:
             with self._cv:   # the side channel usually names the lost rank within milliseconds
                 self._cv.wait_for(lambda: self.failure is not None, timeout=max(2.0, 2 * self.heartbeat))
             self.fail(self.rank, f"lost its ring connection during MLX {name} ({e})")
-            raise SystemExit(EXIT_CODE) from None
+            self._exit()
         finally:
             self._in_mlx = None
 
@@ -141,16 +142,23 @@ class Watchdog:
             self.failure = f"reap-stream: error: rank {rank}: {why} (distributed run stopped; seen by rank {self.rank})"
             say(self.failure)
             if relay and self.rank == 0:
-                for r, link in self._links.items():
-                    if r != rank:
-                        try:
-                            link.send(t="abort", rank=rank, why=why)
-                        except OSError:
-                            pass
-            timer = threading.Timer(1.0, os._exit, (EXIT_CODE,))
+                for link in self._links.values():   # the culprit too: a hung rank is told why it stops
+                    try:
+                        link.send(t="abort", rank=rank, why=why)
+                    except OSError:
+                        pass
+            timer = threading.Timer(3.0 if self.rank == 0 else 1.0, os._exit, (EXIT_CODE,))
             timer.daemon = True
             timer.start()
             self._cv.notify_all()
+
+    def _exit(self) -> None:
+        """The main thread's way out once the line is out. Rank 0 first waits (up to 2 s) for the
+        others to hang up: closing a socket with unread input resets it, which can drop the relay."""
+        if self.rank == 0:
+            with self._cv:
+                self._cv.wait_for(lambda: self._gone >= set(self._links), timeout=2.0)
+        raise SystemExit(EXIT_CODE)
 
     def _refuse(self, why: str) -> None:
         """Handshake failure (main thread): tell whoever is connected, one line, exit 2."""
@@ -177,9 +185,14 @@ class Watchdog:
                 msg = link.recv()
             except socket.timeout:
                 msg, why = None, f"sent no heartbeat for {self.silence:.0f}s (machine or network lost?)"
+            except ConnectionResetError:
+                msg, why = None, "exited (its connection was reset)"
             except (OSError, ValueError) as e:
                 msg, why = None, f"lost its connection ({e})"
             if msg is None:
+                with self._cv:
+                    self._gone.add(r)
+                    self._cv.notify_all()
                 return self.fail(r, why)
             with self._cv:
                 kind = msg.get("t")
@@ -240,9 +253,12 @@ class Watchdog:
                         link.close()   # not one of ours: ignore it
                         continue
                     self._links[-1] = link   # to hear a refusal
-                    if (hello.get("size"), hello.get("protocol")) != (self.size, PROTOCOL):
+                    if hello.get("size") != self.size:
                         self._refuse(f"rank {r}: was started as one of {hello.get('size')} ranks, rank 0 as one "
-                                     f"of {self.size} (protocol {hello.get('protocol')} vs {PROTOCOL})")
+                                     f"of {self.size}")
+                    if hello.get("protocol") != PROTOCOL:
+                        self._refuse(f"rank {r}: speaks side-channel protocol {hello.get('protocol')}, rank 0 "
+                                     f"speaks {PROTOCOL} (install the same reap-stream everywhere)")
                     if not isinstance(r, int) or not 0 < r < self.size or r in self._links:
                         self._refuse(f"rank {r}: joined twice, or is no rank of a group of {self.size}")
                     del self._links[-1]

@@ -130,8 +130,10 @@ def collect(model: Model, calib: CalibrationSet, out: str | Path, run: RunOption
         work_dir = work_dir / f"rank-{group.rank:02d}"
     done = group.together("output", lambda: _already_done(out, attrs) if group.rank == 0 and out.exists() else None)[0]
     if done is not None:
-        if group.distributed and work_dir.is_dir():
-            _clean_work_dir(work_dir, rank_dir=True)   # a rank killed after the output was complete
+        if group.distributed:
+            done["distributed"] = {"ranks": group.size, "rank": group.rank}
+            if work_dir.is_dir():
+                _clean_work_dir(work_dir, rank_dir=True)   # a rank killed after the output was complete
         group.close()
         return done
     group.together("work dir", lambda: _prepare_work_dir(work_dir, record, calib, group))

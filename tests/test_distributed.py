@@ -1,0 +1,233 @@
+"""collect, eval and full as ranks of an mlx.launch group (ring backend, 127.0.0.1 only): each rank
+runs a share of whole calibration chunks, the sums are added in rank order, and the answer is the
+one-process answer: counts, co-occurrences and maxima equal, float64 sums within 1e-12 relative,
+the same plan; two runs with the same rank count are byte-identical. mlx.launch exits 0 whatever
+its ranks did, so these tests check what each rank left behind."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cli_helpers import error_line, run, tree_bytes
+from reap_stream.errors import BadInput
+from reap_stream.planning.plan import Plan
+from reap_stream.runner.chunks import Chunk
+from reap_stream.runner.distributed import (COORD_ENV, TIMEOUT_ENV, Group, World, rank_order_reduce,
+                                            share_chunks, timeout_from_env, world)
+from reap_stream.telemetry.store import TelemetryStore
+from reap_stream.testing.ranks import launch
+
+CALIB_FILE = Path(__file__).resolve().parents[1] / "fixtures" / "calibration" / "licence.jsonl"
+# 8 windows of 64 tokens in chunks of 2: 4 chunks, two per rank of 2
+CALIB = ["--dataset-file", CALIB_FILE, "--pack-samples", "--window-tokens", "64", "--max-tokens", "512",
+         "--chunk-tokens", "128"]
+# 2 chunks for 3 ranks: rank 2 has no token and still hands in (zero) sums
+CALIB_2_CHUNKS = [*CALIB[:-3], "256", "--chunk-tokens", "128"]
+EXACT = ("frequency", "coactivation", "max_activations")
+SUMS = ("weighted_frequency_sum", "ean_sum", "weighted_ean_sum", "expert_output_sum")
+
+
+def assert_same_answer(single: Path, ranks: Path) -> None:
+    """The distributed store holds the one-process answer (up to the order of float64 additions)."""
+    one, many = TelemetryStore.open(single), TelemetryStore.open(ranks)
+    assert one.layers() == many.layers()
+    for layer in one.layers():
+        a, b = one.read(layer), many.read(layer)
+        assert a.tokens == b.tokens
+        for name in EXACT:
+            assert np.array_equal(getattr(a, name), getattr(b, name)), (layer, name)
+        for name in SUMS:
+            np.testing.assert_allclose(getattr(b, name), getattr(a, name), rtol=1e-12, atol=0, err_msg=name)
+
+
+def pruned(store: Path, tmp: Path) -> dict:
+    plan = tmp / f"{store.name}.plan.json"
+    assert run("plan", store, "--ratio", "0.5", "--out", plan).exit_code == 0
+    return Plan.load(plan).pruned_map()
+
+
+def rank0_summary(stdout: str) -> dict:
+    """The one JSON line of a launch: rank 0 reports for the group, the other ranks print nothing."""
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, stdout
+    return json.loads(lines[0])
+
+
+# ------------------------------------------------------------------ pieces, in one process
+
+def test_shares_are_whole_chunks_balanced_by_tokens_and_the_same_everywhere():
+    sizes = [128, 64, 128, 192, 64, 64, 128, 32]
+    for ranks in (1, 2, 3, 5):
+        shares = share_chunks(sizes, ranks)
+        assert shares == share_chunks(sizes, ranks)
+        assert sorted(i for s in shares for i in s) == list(range(len(sizes)))
+        assert all(s == sorted(s) for s in shares)
+        loads = [sum(sizes[i] for i in s) for s in shares]
+        assert max(loads) - min(loads) <= max(sizes)
+    assert share_chunks([100, 100], 3)[2] == []   # more ranks than chunks: a rank with nothing
+
+
+def test_a_group_of_one_is_this_process_alone():
+    g = Group(World())
+    chunks = [Chunk(0, np.zeros((1, 4), np.int32), 0)]
+    arrays = {"x": np.arange(3.0)}
+    assert not g.distributed and g.share(chunks) is chunks and g.reduce(arrays) is arrays
+    assert g.exchange("step", 7) == [7] and g.together("step", lambda: 8) == [8]
+    g.agree({"anything": 1})
+    g.close()
+
+
+def test_sums_are_added_in_rank_order_and_maxima_taken():
+    rng = np.random.default_rng(0)
+    parts = rng.standard_normal((3, 1000)) * 10.0 ** rng.uniform(-8, 8, (3, 1000))  # order shows in the bits
+    is_max = np.zeros(1000, bool)
+    is_max[-10:] = True
+    parts[1, -10:-5] = -np.inf                     # a rank on which those experts were never routed
+    got = rank_order_reduce(parts, is_max)
+    want = (parts[0] + parts[1]) + parts[2]
+    assert np.array_equal(got[:-10], want[:-10])
+    assert np.array_equal(got[-10:], parts[:, -10:].max(axis=0))
+
+
+def test_the_group_is_read_from_what_mlx_launch_sets(tmp_path):
+    assert world({}) == World()
+    empty = tmp_path / "one.json"
+    empty.write_text("\n")                          # `mlx.launch -n 1` writes an empty hostfile
+    assert world({"MLX_RANK": "0", "MLX_HOSTFILE": str(empty)}) == World(launched=True)
+    ring = tmp_path / "ring.json"
+    ring.write_text(json.dumps([["127.0.0.1:5000"], ["127.0.0.1:5001"], ["127.0.0.1:5002"]]))
+    assert world({"MLX_RANK": "2", "MLX_HOSTFILE": str(ring)}) == World(2, 3, ("127.0.0.1", 5003), "ring", True)
+    moved = world({"MLX_RANK": "1", "MLX_HOSTFILE": str(ring), COORD_ENV: "127.0.0.1:6000"})
+    assert moved.coord == ("127.0.0.1", 6000)
+    devices = tmp_path / "ibv.json"
+    devices.write_text(json.dumps([[None, "rdma_en5"], ["rdma_en5", None]]))
+    jaccl = world({"MLX_RANK": "1", "MLX_JACCL_COORDINATOR": "127.0.0.1:7000", "MLX_IBV_DEVICES": str(devices)})
+    assert jaccl == World(1, 2, ("127.0.0.1", 7001), "jaccl", True)
+
+
+@pytest.mark.parametrize("env, where", [
+    ({"MLX_RANK": "5", "MLX_HOSTFILE": "RING"}, "MLX_RANK"),
+    ({"MLX_RANK": "x", "MLX_HOSTFILE": "RING"}, "MLX_RANK"),
+    ({"MLX_RANK": "0", "MLX_HOSTFILE": "BAD"}, "BAD"),
+    ({"MLX_RANK": "0", "MLX_HOSTFILE": "MISSING"}, "MISSING"),
+    ({"MLX_RANK": "0", "MLX_HOSTFILE": "RING", COORD_ENV: "127.0.0.1"}, COORD_ENV),
+])
+def test_a_broken_launch_environment_is_named(env, where, tmp_path):
+    files = {"RING": '[["127.0.0.1:5000"], ["127.0.0.1:5001"]]', "BAD": '{"not": "a ring"}'}
+    for key, text in files.items():
+        (tmp_path / key).write_text(text)
+    env = {k: str(tmp_path / v) if v in (*files, "MISSING") else v for k, v in env.items()}
+    where = str(tmp_path / where) if where in (*files, "MISSING") else where
+    with pytest.raises(BadInput) as e:
+        world(env)
+    assert e.value.where == where
+
+
+def test_the_timeout_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv(TIMEOUT_ENV, "12.5")
+    assert timeout_from_env() == 12.5
+    for bad in ("soon", "0", "-3"):
+        monkeypatch.setenv(TIMEOUT_ENV, bad)
+        with pytest.raises(BadInput) as e:
+            timeout_from_env()
+        assert e.value.where == TIMEOUT_ENV
+
+
+def test_distributed_without_a_launcher_is_refused(fixture_model, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLX_RANK", raising=False)
+    out, work = tmp_path / "t.zarr", tmp_path / "w"
+    result = run("collect", fixture_model("qwen3_moe"), *CALIB, "--out", out, "--work-dir", work, "--distributed")
+    error_line(result, "no mlx.launch group", where="--distributed")
+    assert not out.exists() and not work.exists()
+    result = run("compare", fixture_model("qwen3_moe"), fixture_model("qwen3_moe"), *CALIB, "--distributed")
+    error_line(result, "runs in one process", where="--distributed")
+
+
+# ------------------------------------------------------------------ ranks under mlx.launch
+
+@pytest.fixture(scope="module")
+def two_rank_runs(fixture_model, tmp_path_factory) -> tuple[Path, Path, Path, list[str]]:
+    """The same collect in one process, and twice as 2 ranks."""
+    tmp = tmp_path_factory.mktemp("two")
+    model = fixture_model("qwen3_moe")
+    single = tmp / "single.zarr"
+    assert run("collect", model, *CALIB, "--out", single).exit_code == 0
+    outs, stdouts = [], []
+    for name in ("a", "b"):
+        out = tmp / f"{name}.zarr"
+        done = launch(2, ["collect", model, *CALIB, "--out", out, "--work-dir", tmp / f"{name}.work", "--json"])
+        assert out.is_dir(), done.stdout + done.stderr
+        outs.append(out)
+        stdouts.append(done.stdout)
+    return single, outs[0], outs[1], stdouts
+
+
+def test_two_ranks_give_the_one_process_answer(two_rank_runs, tmp_path):
+    single, ranks, _, stdouts = two_rank_runs
+    assert_same_answer(single, ranks)
+    assert pruned(ranks, tmp_path) == pruned(single, tmp_path)
+    summary = rank0_summary(stdouts[0])
+    assert summary["distributed"]["ranks"] == 2
+    assert summary["distributed"]["tokens_per_rank"] == [256, 256]
+    assert TelemetryStore.open(ranks).attrs["distributed"]["ranks"] == 2
+    assert not (ranks.parent / "a.work").exists()   # every rank cleaned up its own work dir
+
+
+def test_two_runs_with_the_same_ranks_are_byte_identical(two_rank_runs):
+    _, a, b, _ = two_rank_runs
+    assert tree_bytes(a) == tree_bytes(b)
+
+
+def test_a_rerun_after_completion_changes_nothing(two_rank_runs, fixture_model, tmp_path):
+    _, a, _, _ = two_rank_runs
+    before = tree_bytes(a)
+    done = launch(2, ["collect", fixture_model("qwen3_moe"), *CALIB, "--out", a, "--work-dir", tmp_path / "w", "--json"])
+    assert rank0_summary(done.stdout)["already_complete"] is True
+    assert tree_bytes(a) == before and not (tmp_path / "w").exists()
+
+
+@pytest.fixture(scope="module")
+def three_rank_run(fixture_model, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """deepseek_v3 (a dense first layer, sigmoid routing) as 3 ring ranks on 2 chunks."""
+    tmp = tmp_path_factory.mktemp("three")
+    model = fixture_model("deepseek_v3")
+    single = tmp / "single.zarr"
+    assert run("collect", model, *CALIB_2_CHUNKS, "--out", single).exit_code == 0
+    out = tmp / "ranks.zarr"
+    done = launch(3, ["collect", model, *CALIB_2_CHUNKS, "--out", out, "--work-dir", tmp / "w", "--json"])
+    assert out.is_dir(), done.stdout + done.stderr
+    return single, out, rank0_summary(done.stdout)
+
+
+def test_three_ring_ranks_one_without_tokens_give_the_one_process_answer(three_rank_run, tmp_path):
+    single, ranks, summary = three_rank_run
+    assert summary["distributed"]["tokens_per_rank"] == [128, 128, 0]
+    assert_same_answer(single, ranks)
+    assert pruned(ranks, tmp_path) == pruned(single, tmp_path)
+
+
+def test_eval_on_three_ranks_is_the_one_process_perplexity_to_the_bit(fixture_model):
+    model = fixture_model("qwen3_moe")
+    alone = run("eval", model, *CALIB_2_CHUNKS, "--json")
+    assert alone.exit_code == 0, alone.output
+    done = launch(3, ["eval", model, *CALIB_2_CHUNKS, "--json"])
+    want, got = json.loads(alone.output), rank0_summary(done.stdout)
+    assert got["nll_sum"] == want["nll_sum"] and got["perplexity"] == want["perplexity"]
+    assert got["num_predictions"] == want["num_predictions"]
+
+
+def test_full_on_two_ranks_prunes_as_one_process(fixture_model, tmp_path):
+    model = fixture_model("qwen3_moe")
+    alone = run("full", model, *CALIB, "--ratio", "0.5", "--out", tmp_path / "one", "--json")
+    assert alone.exit_code == 0, alone.output
+    done = launch(2, ["full", model, *CALIB, "--ratio", "0.5", "--out", tmp_path / "two", "--json"])
+    assert (tmp_path / "two" / "reap_manifest.json").is_file(), done.stdout + done.stderr
+    plans = [Plan.load(tmp_path / f"{n}.reap-work" / "plan.json") for n in ("one", "two")]
+    assert plans[0].pruned_map() == plans[1].pruned_map()
+    weights = [{k: v for k, v in tree_bytes(tmp_path / n).items() if k.endswith(".safetensors")} for n in ("one", "two")]
+    assert weights[0] == weights[1] and weights[0]
+    assert sorted(os.listdir(tmp_path / "two.reap-work")) == sorted(os.listdir(tmp_path / "one.reap-work"))
