@@ -1,8 +1,12 @@
 """collect, eval and full as ranks of an mlx.launch group (ring backend, 127.0.0.1 only): each rank
 runs a share of whole calibration chunks, the sums are added in rank order, and the answer is the
 one-process answer: counts, co-occurrences and maxima equal, float64 sums within 1e-12 relative,
-the same plan; two runs with the same rank count are byte-identical. mlx.launch exits 0 whatever
-its ranks did, so these tests check what each rank left behind."""
+the same plan. Faults: SIGKILL a rank at a chosen point and relaunch the same command, and it
+resumes and ends byte-identical to an uninterrupted run of as many ranks; the survivors stop with
+exit code 2 and one line naming the rank that died or hung; ranks started differently refuse
+before any work. mlx.launch exits 0 whatever its ranks did, so these tests check what each rank
+left behind, and start the ranks one by one (as mlx.launch starts them on 127.0.0.1) where each
+rank's exit code and stderr matter. `tools/check_distributed_faults.py` runs every fault point."""
 from __future__ import annotations
 
 import json
@@ -19,7 +23,7 @@ from reap_stream.runner.chunks import Chunk
 from reap_stream.runner.distributed import (COORD_ENV, TIMEOUT_ENV, Group, World, rank_order_reduce,
                                             share_chunks, timeout_from_env, world)
 from reap_stream.telemetry.store import TelemetryStore
-from reap_stream.testing.ranks import launch
+from reap_stream.testing.ranks import KILL_POINTS, launch, spawn
 
 CALIB_FILE = Path(__file__).resolve().parents[1] / "fixtures" / "calibration" / "licence.jsonl"
 # 8 windows of 64 tokens in chunks of 2: 4 chunks, two per rank of 2
@@ -149,62 +153,54 @@ def test_distributed_without_a_launcher_is_refused(fixture_model, tmp_path, monk
 
 # ------------------------------------------------------------------ ranks under mlx.launch
 
+def collect_args(model: Path, calib: list, out: Path, work: Path) -> list:
+    return ["collect", model, *calib, "--out", out, "--work-dir", work, "--json"]
+
+
 @pytest.fixture(scope="module")
-def two_rank_runs(fixture_model, tmp_path_factory) -> tuple[Path, Path, Path, list[str]]:
-    """The same collect in one process, and twice as 2 ranks."""
+def two_ranks(fixture_model, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """qwen3_moe collected in one process and as 2 ranks: (one, ranks, rank 0's summary)."""
     tmp = tmp_path_factory.mktemp("two")
     model = fixture_model("qwen3_moe")
-    single = tmp / "single.zarr"
+    single, out = tmp / "single.zarr", tmp / "ranks.zarr"
     assert run("collect", model, *CALIB, "--out", single).exit_code == 0
-    outs, stdouts = [], []
-    for name in ("a", "b"):
-        out = tmp / f"{name}.zarr"
-        done = launch(2, ["collect", model, *CALIB, "--out", out, "--work-dir", tmp / f"{name}.work", "--json"])
-        assert out.is_dir(), done.stdout + done.stderr
-        outs.append(out)
-        stdouts.append(done.stdout)
-    return single, outs[0], outs[1], stdouts
+    done = launch(2, collect_args(model, CALIB, out, tmp / "w"))
+    assert out.is_dir(), done.stdout + done.stderr
+    assert not (tmp / "w").exists()   # every rank cleaned up its own work dir, the last one WORK
+    return single, out, rank0_summary(done.stdout)
 
 
-def test_two_ranks_give_the_one_process_answer(two_rank_runs, tmp_path):
-    single, ranks, _, stdouts = two_rank_runs
+def test_two_ranks_give_the_one_process_answer(two_ranks, tmp_path):
+    single, ranks, summary = two_ranks
     assert_same_answer(single, ranks)
     assert pruned(ranks, tmp_path) == pruned(single, tmp_path)
-    summary = rank0_summary(stdouts[0])
     assert summary["distributed"]["ranks"] == 2
     assert summary["distributed"]["tokens_per_rank"] == [256, 256]
     assert TelemetryStore.open(ranks).attrs["distributed"]["ranks"] == 2
-    assert not (ranks.parent / "a.work").exists()   # every rank cleaned up its own work dir
 
 
-def test_two_runs_with_the_same_ranks_are_byte_identical(two_rank_runs):
-    _, a, b, _ = two_rank_runs
-    assert tree_bytes(a) == tree_bytes(b)
-
-
-def test_a_rerun_after_completion_changes_nothing(two_rank_runs, fixture_model, tmp_path):
-    _, a, _, _ = two_rank_runs
+def test_a_rerun_after_completion_changes_nothing(two_ranks, fixture_model, tmp_path):
+    _, a, _ = two_ranks
     before = tree_bytes(a)
-    done = launch(2, ["collect", fixture_model("qwen3_moe"), *CALIB, "--out", a, "--work-dir", tmp_path / "w", "--json"])
+    done = launch(2, collect_args(fixture_model("qwen3_moe"), CALIB, a, tmp_path / "w"))
     assert rank0_summary(done.stdout)["already_complete"] is True
     assert tree_bytes(a) == before and not (tmp_path / "w").exists()
 
 
 @pytest.fixture(scope="module")
-def three_rank_run(fixture_model, tmp_path_factory) -> tuple[Path, Path, dict]:
-    """deepseek_v3 (a dense first layer, sigmoid routing) as 3 ring ranks on 2 chunks."""
+def three_ranks(fixture_model, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """deepseek_v3 (a dense first layer, sigmoid routing) in one process and as 3 ring ranks on 2 chunks."""
     tmp = tmp_path_factory.mktemp("three")
     model = fixture_model("deepseek_v3")
-    single = tmp / "single.zarr"
+    single, out = tmp / "single.zarr", tmp / "ranks.zarr"
     assert run("collect", model, *CALIB_2_CHUNKS, "--out", single).exit_code == 0
-    out = tmp / "ranks.zarr"
-    done = launch(3, ["collect", model, *CALIB_2_CHUNKS, "--out", out, "--work-dir", tmp / "w", "--json"])
+    done = launch(3, collect_args(model, CALIB_2_CHUNKS, out, tmp / "w"))
     assert out.is_dir(), done.stdout + done.stderr
     return single, out, rank0_summary(done.stdout)
 
 
-def test_three_ring_ranks_one_without_tokens_give_the_one_process_answer(three_rank_run, tmp_path):
-    single, ranks, summary = three_rank_run
+def test_three_ring_ranks_one_without_tokens_give_the_one_process_answer(three_ranks, tmp_path):
+    single, ranks, summary = three_ranks
     assert summary["distributed"]["tokens_per_rank"] == [128, 128, 0]
     assert_same_answer(single, ranks)
     assert pruned(ranks, tmp_path) == pruned(single, tmp_path)
@@ -231,3 +227,70 @@ def test_full_on_two_ranks_prunes_as_one_process(fixture_model, tmp_path):
     weights = [{k: v for k, v in tree_bytes(tmp_path / n).items() if k.endswith(".safetensors")} for n in ("one", "two")]
     assert weights[0] == weights[1] and weights[0]
     assert sorted(os.listdir(tmp_path / "two.reap-work")) == sorted(os.listdir(tmp_path / "one.reap-work"))
+
+
+# ------------------------------------------------------------------ faults
+
+# kill point -> the layer the relaunch resumes at (the tool runs the other points too)
+N2_POINTS = {"rank 1 after layer 1 was committed, before recording it": 2,   # the ranks stopped a layer apart
+             "rank 1 entering MLX's all_gather of layer 2 (rank 0 inside it)": 2}
+
+
+def stopped_with_one_line(ranks, victim: int, *needles: str) -> None:
+    """Every rank but a SIGKILLed victim exited 2 with exactly one stderr line naming the victim."""
+    for r, done in enumerate(ranks):
+        if r == victim and done.code == -9:
+            continue
+        assert done.code == 2, (r, done)
+        assert len(done.lines()) == 1, (r, done.stderr)
+        assert done.lines()[0].startswith(f"reap-stream: error: rank {victim}: "), (r, done.stderr)
+        for needle in needles:
+            assert needle in done.lines()[0], (r, done.stderr)
+
+
+@pytest.mark.parametrize("point", sorted(N2_POINTS))
+def test_two_ranks_resume_after_a_sigkill_byte_identical(point, two_ranks, fixture_model, tmp_path):
+    out, work = tmp_path / "t.zarr", tmp_path / "w"
+    args = collect_args(fixture_model("qwen3_moe"), CALIB, out, work)
+    victim, snippet = KILL_POINTS[point]
+    ranks = spawn(2, args, misbehave=(victim, snippet.format(then="kill")))
+    assert ranks[victim].code == -9
+    stopped_with_one_line(ranks, victim, "exited")
+    assert not out.exists() and (work / f"rank-{victim:02d}").is_dir()
+
+    resumed = rank0_summary(launch(2, args).stdout)
+    assert resumed["layers_run"] == 4 - N2_POINTS[point]
+    assert tree_bytes(out) == tree_bytes(two_ranks[1])
+    assert not work.exists()
+
+
+def test_three_ranks_resume_after_the_rank_without_tokens_is_killed(three_ranks, fixture_model, tmp_path):
+    out, work = tmp_path / "t.zarr", tmp_path / "w"
+    args = collect_args(fixture_model("deepseek_v3"), CALIB_2_CHUNKS, out, work)
+    victim, snippet = KILL_POINTS["rank 2 handing in its sums a second time"]   # layer 2: layer 0 is dense
+    ranks = spawn(3, args, misbehave=(victim, snippet.format(then="kill")))
+    stopped_with_one_line(ranks, victim, "exited")
+
+    assert rank0_summary(launch(3, args).stdout)["layers_run"] == 2
+    assert tree_bytes(out) == tree_bytes(three_ranks[1])
+
+
+def test_a_hung_rank_stops_every_rank_naming_it(fixture_model, tmp_path):
+    out, work = tmp_path / "t.zarr", tmp_path / "w"
+    victim, snippet = KILL_POINTS["rank 1 inside layer 2"]
+    ranks = spawn(2, collect_args(fixture_model("qwen3_moe"), CALIB, out, work),
+                  misbehave=(victim, snippet.format(then="hang")), env={"REAP_STREAM_DIST_TIMEOUT": "5"})
+    stopped_with_one_line(ranks, victim, "made no progress for 5s")   # the hung rank too, told by rank 0
+    assert not out.exists()
+
+
+def test_ranks_started_differently_refuse_before_any_work(fixture_model, tmp_path):
+    model, out, work = fixture_model("qwen3_moe"), tmp_path / "t.zarr", tmp_path / "w"
+    args = collect_args(model, CALIB, out, work)
+    other_text = collect_args(model, [*CALIB[:-3], "448", *CALIB[-2:]], out, work)
+
+    stopped_with_one_line(spawn(2, [args, other_text]), 1, "disagrees with rank 0 on calibration_fingerprint")
+    newer = (1, "import reap_stream; reap_stream.__version__ = '99.0'")
+    stopped_with_one_line(spawn(2, args, misbehave=newer), 1, "disagrees with rank 0 on tool_version", '"99.0"')
+    stopped_with_one_line(spawn(2, args, hostfile_ranks={1: 3}), 1, "started as one of 3 ranks, rank 0 as one of 2")
+    assert not out.exists() and not work.exists()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import heapq
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -133,6 +134,8 @@ class Group:
 
     def __init__(self, where: World, timeout: float = DEFAULT_TIMEOUT):
         self.rank, self.size = where.rank, where.size
+        # seconds waiting at barriers (for the slowest rank, mostly), inside MLX's all_gather, adding up
+        self.timings = {"barrier_s": 0.0, "gather_s": 0.0, "reduce_s": 0.0, "gathers": 0, "gather_bytes": 0}
         self._dog: Watchdog | None = None
         self._mx: Any = None
         if self.size == 1:
@@ -152,7 +155,13 @@ class Group:
 
     def exchange(self, tag: str, payload: Any = None) -> list:
         """Barrier: returns every rank's (JSON-able) payload in rank order once all have arrived."""
-        return [payload] if self._dog is None else self._dog.exchange(tag, payload)
+        if self._dog is None:
+            return [payload]
+        started = time.perf_counter()
+        try:
+            return self._dog.exchange(tag, payload)
+        finally:
+            self.timings["barrier_s"] += time.perf_counter() - started
 
     def progress(self) -> None:
         if self._dog is not None:
@@ -214,9 +223,15 @@ class Group:
                 mx.eval(out)
             return np.array(out, copy=True).view(np.float64).reshape(self.size, -1)
 
+        started = time.perf_counter()
         parts = self._dog.watch("all_gather", gather)
+        gathered = time.perf_counter()
         is_max = np.concatenate([np.full(f.size, n in maxes) for n, f in zip(names, flat)])
         total = rank_order_reduce(parts, is_max)
+        self.timings["gathers"] += 1
+        self.timings["gather_bytes"] = int(parts[0].nbytes)
+        self.timings["gather_s"] += gathered - started
+        self.timings["reduce_s"] += time.perf_counter() - gathered
         out, at = {}, 0
         for n, f in zip(names, flat):
             out[n] = total[at:at + f.size].reshape(np.shape(arrays[n]))

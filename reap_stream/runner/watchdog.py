@@ -70,7 +70,9 @@ class Watchdog:
         self._alive = [time.monotonic()] * size             # rank 0: last sign of progress per rank
         self._seq = 0
         self._progressed = False
-        self._in_mlx: tuple[str, float] | None = None
+        self._in_mlx: tuple[str, float] | None = None       # this rank: (MLX call, since)
+        self._inside: list[tuple[str, float] | None] = [None] * size   # rank 0: the same, per rank
+        self._calls = 0
         self._gone: set[int] = set()                        # ranks whose connection has ended
         self.failure: str | None = None
         self.closing = False
@@ -114,7 +116,8 @@ class Watchdog:
 
     def watch(self, name: str, fn: Callable[[], Any]) -> Any:
         """Run an MLX collective; a ring error becomes the stop line naming the rank that caused it."""
-        self._in_mlx = (name, time.monotonic())
+        self._calls += 1
+        self._in_mlx = (f"{name} (call {self._calls})", time.monotonic())
         try:
             return fn()
         except RuntimeError as e:
@@ -203,6 +206,10 @@ class Watchdog:
                     self.closing = self.closing or msg["tag"] == "close"
                 elif kind == "arrive":
                     self._arrived.setdefault(msg["seq"], {})[r] = (msg["tag"], msg["data"])
+                if kind == "hb":
+                    name = msg.get("mlx")
+                    same = self._inside[r] is not None and self._inside[r][0] == name
+                    self._inside[r] = self._inside[r] if same else (name, time.monotonic()) if name else None
                 if kind == "arrive" or msg.get("progress"):
                     self._alive[r] = time.monotonic()
                 self._cv.notify_all()
@@ -212,22 +219,34 @@ class Watchdog:
             time.sleep(self.heartbeat)
             progressed, self._progressed = self._progressed, False
             now = time.monotonic()
+            mine = self._in_mlx
             for r in list(self._links):
-                self._send(r, t="hb", progress=progressed)
-            inside = self._in_mlx
-            if inside and now - inside[1] > self.timeout:
-                self.fail(self.rank, f"spent over {self.timeout:.0f}s inside MLX {inside[0]} "
-                                     "(are the ring ports reachable between the hosts?)")
-            if self.rank != 0:
-                continue
-            with self._cv:
-                if progressed:
-                    self._alive[0] = now
-                pending = self._arrived[min(self._arrived)] if self._arrived else None
-                late = [r for r in range(self.size)
-                        if pending is not None and r not in pending and now - self._alive[r] > self.timeout]
-            if late:
-                self.fail(late[0], f"made no progress for {self.timeout:.0f}s while the others waited (hung?)")
+                self._send(r, t="hb", progress=progressed, mlx=mine[0] if mine else None)
+            if self.rank == 0:
+                self._judge(now, progressed, mine)
+
+    def _judge(self, now: float, progressed: bool, mine: tuple[str, float] | None) -> None:
+        """Rank 0: is a rank late at a barrier, or missing from an MLX call the others are stuck in?"""
+        limit = f"{self.timeout:.0f}s"
+        with self._cv:
+            if progressed:
+                self._alive[0] = now
+            self._inside[0] = mine
+            pending = self._arrived[min(self._arrived)] if self._arrived else None
+            late = [r for r in range(self.size)
+                    if pending is not None and r not in pending and now - self._alive[r] > self.timeout]
+            inside = {r: v for r, v in enumerate(self._inside) if v is not None}
+        if late:
+            return self.fail(late[0], f"made no progress for {limit} while the others waited (hung?)")
+        if inside:
+            name, since = min(inside.values(), key=lambda v: v[1])
+            outside = [r for r in range(self.size) if r not in inside]
+            if now - since <= self.timeout:
+                return
+            if outside:
+                return self.fail(outside[0], f"did not join MLX {name} for {limit} while the others waited in it (hung?)")
+            self.fail(min(inside), f"every rank has been inside MLX {name} for over {limit} "
+                                   "(are the ring ports reachable between the hosts?)")
 
     # ------------------------------------------------------------------ handshake
 

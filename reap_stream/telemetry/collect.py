@@ -179,11 +179,12 @@ def collect(model: Model, calib: CalibrationSet, out: str | Path, run: RunOption
 
     if group.rank == 0:
         _publish(store_path, out)
-    group.exchange("published")
+    timings = group.exchange("published", group.timings)
     _clean_work_dir(work_dir, rank_dir=group.distributed)
     group.close()
     if group.distributed:
-        shares = {"ranks": group.size, "rank": group.rank, "tokens_per_rank": group.tokens_per_rank(all_chunks)}
+        shares = {"ranks": group.size, "rank": group.rank, "tokens_per_rank": group.tokens_per_rank(all_chunks),
+                  "timings": timings}
         if group.rank > 0:
             return {"out": str(out), "layers_run": layers_run, "seconds": round(seconds, 3), "distributed": shares}
     done = TelemetryStore.open(out)

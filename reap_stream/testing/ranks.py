@@ -38,10 +38,17 @@ def patch(module, owner, name, when, then):
         return real(*args, **kwargs)
     setattr(target, name, patched)
 
+def stamp():
+    if os.environ.get("REAP_FAULT_STAMP"):
+        with open(os.environ["REAP_FAULT_STAMP"], "w") as f:
+            f.write(repr(time.time()))
+
 def kill():
+    stamp()
     os.kill(os.getpid(), signal.SIGKILL)
 
 def hang():
+    stamp()
     time.sleep(3600)
 
 rank, snippet = sys.argv[1:3]
@@ -65,7 +72,7 @@ KILL_POINTS = {
         (1, "patch('mlx.core', 'distributed', 'all_gather', lambda a, n: n == 3, {then})"),
     "rank 1 inside layer 2":
         (1, "patch('reap_stream.runner.spill', 'HiddenSpill', 'write', lambda a, n: a[1] == 3, {then})"),
-    "rank 2 handing in its layer-1 sums":
+    "rank 2 handing in its sums a second time":
         (2, "patch('reap_stream.runner.distributed', 'Group', 'reduce', lambda a, n: n == 2, {then})"),
 }
 
