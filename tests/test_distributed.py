@@ -23,7 +23,7 @@ from reap_stream.runner.chunks import Chunk
 from reap_stream.runner.distributed import (COORD_ENV, TIMEOUT_ENV, Group, World, rank_order_reduce,
                                             share_chunks, timeout_from_env, world)
 from reap_stream.telemetry.store import TelemetryStore
-from reap_stream.testing.ranks import KILL_POINTS, launch, spawn
+from reap_stream.testing.ranks import fault, launch, spawn, stop_problems
 
 CALIB_FILE = Path(__file__).resolve().parents[1] / "fixtures" / "calibration" / "licence.jsonl"
 # 8 windows of 64 tokens in chunks of 2: 4 chunks, two per rank of 2
@@ -157,17 +157,25 @@ def collect_args(model: Path, calib: list, out: Path, work: Path) -> list:
     return ["collect", model, *calib, "--out", out, "--work-dir", work, "--json"]
 
 
-@pytest.fixture(scope="module")
-def two_ranks(fixture_model, tmp_path_factory) -> tuple[Path, Path, dict]:
-    """qwen3_moe collected in one process and as 2 ranks: (one, ranks, rank 0's summary)."""
-    tmp = tmp_path_factory.mktemp("two")
-    model = fixture_model("qwen3_moe")
+def one_and_ranks(tmp: Path, ranks: int, model: Path, calib: list) -> tuple[Path, Path, dict]:
+    """The same collect in one process and as `ranks` ranks: (one, ranks, rank 0's summary)."""
     single, out = tmp / "single.zarr", tmp / "ranks.zarr"
-    assert run("collect", model, *CALIB, "--out", single).exit_code == 0
-    done = launch(2, collect_args(model, CALIB, out, tmp / "w"))
+    assert run("collect", model, *calib, "--out", single).exit_code == 0
+    done = launch(ranks, collect_args(model, calib, out, tmp / "w"))
     assert out.is_dir(), done.stdout + done.stderr
     assert not (tmp / "w").exists()   # every rank cleaned up its own work dir, the last one WORK
     return single, out, rank0_summary(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(fixture_model, tmp_path_factory) -> tuple[Path, Path, dict]:
+    return one_and_ranks(tmp_path_factory.mktemp("two"), 2, fixture_model("qwen3_moe"), CALIB)
+
+
+@pytest.fixture(scope="module")
+def three_ranks(fixture_model, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """deepseek_v3 (a dense first layer, sigmoid routing) as 3 ring ranks on 2 chunks."""
+    return one_and_ranks(tmp_path_factory.mktemp("three"), 3, fixture_model("deepseek_v3"), CALIB_2_CHUNKS)
 
 
 def test_two_ranks_give_the_one_process_answer(two_ranks, tmp_path):
@@ -185,18 +193,6 @@ def test_a_rerun_after_completion_changes_nothing(two_ranks, fixture_model, tmp_
     done = launch(2, collect_args(fixture_model("qwen3_moe"), CALIB, a, tmp_path / "w"))
     assert rank0_summary(done.stdout)["already_complete"] is True
     assert tree_bytes(a) == before and not (tmp_path / "w").exists()
-
-
-@pytest.fixture(scope="module")
-def three_ranks(fixture_model, tmp_path_factory) -> tuple[Path, Path, dict]:
-    """deepseek_v3 (a dense first layer, sigmoid routing) in one process and as 3 ring ranks on 2 chunks."""
-    tmp = tmp_path_factory.mktemp("three")
-    model = fixture_model("deepseek_v3")
-    single, out = tmp / "single.zarr", tmp / "ranks.zarr"
-    assert run("collect", model, *CALIB_2_CHUNKS, "--out", single).exit_code == 0
-    done = launch(3, collect_args(model, CALIB_2_CHUNKS, out, tmp / "w"))
-    assert out.is_dir(), done.stdout + done.stderr
-    return single, out, rank0_summary(done.stdout)
 
 
 def test_three_ring_ranks_one_without_tokens_give_the_one_process_answer(three_ranks, tmp_path):
@@ -236,26 +232,14 @@ N2_POINTS = {"rank 1 after layer 1 was committed, before recording it": 2,   # t
              "rank 1 entering MLX's all_gather of layer 2 (rank 0 inside it)": 2}
 
 
-def stopped_with_one_line(ranks, victim: int, *needles: str) -> None:
-    """Every rank but a SIGKILLed victim exited 2 with exactly one stderr line naming the victim."""
-    for r, done in enumerate(ranks):
-        if r == victim and done.code == -9:
-            continue
-        assert done.code == 2, (r, done)
-        assert len(done.lines()) == 1, (r, done.stderr)
-        assert done.lines()[0].startswith(f"reap-stream: error: rank {victim}: "), (r, done.stderr)
-        for needle in needles:
-            assert needle in done.lines()[0], (r, done.stderr)
-
-
 @pytest.mark.parametrize("point", sorted(N2_POINTS))
 def test_two_ranks_resume_after_a_sigkill_byte_identical(point, two_ranks, fixture_model, tmp_path):
     out, work = tmp_path / "t.zarr", tmp_path / "w"
     args = collect_args(fixture_model("qwen3_moe"), CALIB, out, work)
-    victim, snippet = KILL_POINTS[point]
-    ranks = spawn(2, args, misbehave=(victim, snippet.format(then="kill")))
+    victim = fault(point, "kill")[0]
+    ranks = spawn(2, args, misbehave=fault(point, "kill"))
     assert ranks[victim].code == -9
-    stopped_with_one_line(ranks, victim, "exited")
+    assert stop_problems(ranks, victim, "exited") == []
     assert not out.exists() and (work / f"rank-{victim:02d}").is_dir()
 
     resumed = rank0_summary(launch(2, args).stdout)
@@ -267,9 +251,9 @@ def test_two_ranks_resume_after_a_sigkill_byte_identical(point, two_ranks, fixtu
 def test_three_ranks_resume_after_the_rank_without_tokens_is_killed(three_ranks, fixture_model, tmp_path):
     out, work = tmp_path / "t.zarr", tmp_path / "w"
     args = collect_args(fixture_model("deepseek_v3"), CALIB_2_CHUNKS, out, work)
-    victim, snippet = KILL_POINTS["rank 2 handing in its sums a second time"]   # layer 2: layer 0 is dense
-    ranks = spawn(3, args, misbehave=(victim, snippet.format(then="kill")))
-    stopped_with_one_line(ranks, victim, "exited")
+    victim, snippet = fault("rank 2 handing in its sums a second time", "kill")   # layer 2: layer 0 is dense
+    ranks = spawn(3, args, misbehave=(victim, snippet))
+    assert stop_problems(ranks, victim, "exited") == []
 
     assert rank0_summary(launch(3, args).stdout)["layers_run"] == 2
     assert tree_bytes(out) == tree_bytes(three_ranks[1])
@@ -277,10 +261,10 @@ def test_three_ranks_resume_after_the_rank_without_tokens_is_killed(three_ranks,
 
 def test_a_hung_rank_stops_every_rank_naming_it(fixture_model, tmp_path):
     out, work = tmp_path / "t.zarr", tmp_path / "w"
-    victim, snippet = KILL_POINTS["rank 1 inside layer 2"]
+    victim, snippet = fault("rank 1 inside layer 2", "hang")
     ranks = spawn(2, collect_args(fixture_model("qwen3_moe"), CALIB, out, work),
-                  misbehave=(victim, snippet.format(then="hang")), env={"REAP_STREAM_DIST_TIMEOUT": "5"})
-    stopped_with_one_line(ranks, victim, "made no progress for 5s")   # the hung rank too, told by rank 0
+                  misbehave=(victim, snippet), env={"REAP_STREAM_DIST_TIMEOUT": "5"})
+    assert stop_problems(ranks, victim, "made no progress for 5s") == []   # the hung rank too, told by rank 0
     assert not out.exists()
 
 
@@ -289,8 +273,9 @@ def test_ranks_started_differently_refuse_before_any_work(fixture_model, tmp_pat
     args = collect_args(model, CALIB, out, work)
     other_text = collect_args(model, [*CALIB[:-3], "448", *CALIB[-2:]], out, work)
 
-    stopped_with_one_line(spawn(2, [args, other_text]), 1, "disagrees with rank 0 on calibration_fingerprint")
     newer = (1, "import reap_stream; reap_stream.__version__ = '99.0'")
-    stopped_with_one_line(spawn(2, args, misbehave=newer), 1, "disagrees with rank 0 on tool_version", '"99.0"')
-    stopped_with_one_line(spawn(2, args, hostfile_ranks={1: 3}), 1, "started as one of 3 ranks, rank 0 as one of 2")
+    for ranks, needles in ((spawn(2, [args, other_text]), ["disagrees with rank 0 on calibration_fingerprint"]),
+                           (spawn(2, args, misbehave=newer), ["disagrees with rank 0 on tool_version", '"99.0"']),
+                           (spawn(2, args, hostfile_ranks={1: 3}), ["started as one of 3 ranks, rank 0 as one of 2"])):
+        assert stop_problems(ranks, 1, *needles) == []
     assert not out.exists() and not work.exists()

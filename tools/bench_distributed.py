@@ -158,15 +158,35 @@ def summarise(runs: dict[int, list[dict]], tokens: int) -> list[dict]:
     return rows
 
 
-def predict(rows: list[dict], tokens: int) -> list[str]:
-    """The model: T tokens, L MoE layers; one machine collects r1 tokens/s; each layer adds g(N)."""
+def predict(rows: list[dict], tokens: int, barrier_ms: dict[int, float]) -> list[str]:
+    """The model: T tokens, L MoE layers, one machine collects r1 tokens/s, and every layer adds
+    g(N) = 2 side-channel barriers + all_gather + rank-order adds. N ranks sharing one machine keep
+    its compute rate r1; N machines multiply it."""
     one = rows[0]
     r1, layers = one["tokens_per_s"], one["layers"]
-    lines = ["| ranks | measured tokens/s | predicted: T / (T/r1 + L * g(N)) | g(N) measured (ms/layer) |",
-             "|---|---|---|---|"]
+    lines = ["| ranks | measured tokens/s | predicted T / (T/r1 + L * g(N)) | g(N) ms/layer |", "|---|---|---|---|"]
     for row in rows[1:]:
-        g = (row["gather_ms"] + row["reduce_ms"] + 0.5) / 1e3   # + ~0.5 ms of side-channel barrier
-        lines.append(f"| {row['ranks']} | {row['tokens_per_s']} | {tokens / (tokens / r1 + layers * g):.1f} | {g * 1e3:.1f} |")
+        g = (2 * barrier_ms[row["ranks"]] + row["gather_ms"] + row["reduce_ms"]) / 1e3
+        lines.append(f"| {row['ranks']} | {row['tokens_per_s']} | {tokens / (tokens / r1 + layers * g):.1f} | "
+                     f"{g * 1e3:.1f} |")
+    return lines
+
+
+def machines(rows: list[dict], barrier_ms: float) -> list[str]:
+    """Predicted speedup of N machines over one, for DeepSeek-V3's payload over 10 GbE: each layer
+    takes C/N of compute plus g(N) = 2 barriers + (N-1) P / B + (N-1) P / A (A: rank-order adds,
+    bytes/s measured here)."""
+    adds = [r["payload"] * (r["ranks"] - 1) / (r["reduce_ms"] / 1e3) for r in rows[1:] if r["reduce_ms"] > 0]
+    rate = statistics.median(adds) if adds else 1e9
+    p, link = payload_bytes(256, 7168), dict(LINKS)["10 GbE"]
+    lines = [f"rank-order adds measured at {rate / 1e9:.2f} GB/s; P = {p / 1e6:.1f} MB; 10 GbE = {link / 1e9:.2f} GB/s\n",
+             "| one machine's compute per MoE layer C | N = 2 | N = 4 | N = 8 |", "|---|---|---|---|"]
+    for c in (10.0, 60.0, 600.0):
+        cells = []
+        for n in (2, 4, 8):
+            g = 2 * barrier_ms / 1e3 + (n - 1) * p / link + (n - 1) * p / rate
+            cells.append(f"{c / (c / n + g):.2f}x")
+        lines.append(f"| {c:.0f} s | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -205,8 +225,9 @@ def main() -> None:
         print(f"| {r['ranks']} | {r['threads']} | {r['tokens_per_s']} | {r['vs_1']} | {r['seconds']} | "
               f"{r.get('shares', '-')} | {r.get('barrier_ms', '-')} | {r.get('gather_ms', '-')} | "
               f"{r.get('reduce_ms', '-')} | {r.get('payload', '-')} | {r['same_counts']} |")
+    barrier = {n: statistics.median(p["barrier"][1] for p in res) for n, res in probes.items()}
     print("\nScaling model on this machine (ranks share its cores, so the compute rate stays r1):\n")
-    print("\n".join(predict(rows, args.tokens)))
+    print("\n".join(predict(rows, args.tokens, barrier)))
     print("\nCombination alone, per layer, on 127.0.0.1 (ms, min / median over ranks' medians):\n")
     print("| model | bytes/rank/layer | " + " | ".join(f"{n} ranks" for n in probes) + " |")
     print("|---|---|" + "---|" * len(probes))
@@ -217,6 +238,8 @@ def main() -> None:
     print("| side-channel barrier | - | " + " | ".join(
         f"{min(p['barrier'][0] for p in res)} / {statistics.median(p['barrier'][1] for p in res)}"
         for res in probes.values()) + " |")
+    print("\nPredicted speedup of N machines (DeepSeek-V3 payload, 10 GbE):\n")
+    print("\n".join(machines(rows, max(barrier.values()))))
     print("\nPredicted all_gather time per layer over a link of bandwidth B: (N-1) * P / B\n")
     print("| model | P | " + " | ".join(f"{name}, N=2 / 4 / 8" for name, _ in LINKS) + " |")
     print("|---|---|" + "---|" * len(LINKS))

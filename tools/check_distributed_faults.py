@@ -33,19 +33,6 @@ def tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def check(ranks: list, victim: int, fault: str) -> str:
-    problems = []
-    for r, done in enumerate(ranks):
-        if r == victim and fault == "kill":
-            if done.code != -9:
-                problems.append(f"victim exit {done.code}")
-            continue
-        lines = done.lines()
-        if done.code != 2 or len(lines) != 1 or not lines[0].startswith(f"reap-stream: error: rank {victim}: "):
-            problems.append(f"rank {r}: exit {done.code}, stderr {lines!r}")
-    return "; ".join(problems) or "ok"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ranks", default="2,3")
@@ -55,7 +42,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from reap_stream.testing import synth
-    from reap_stream.testing.ranks import KILL_POINTS, launch, spawn
+    from reap_stream.testing.ranks import KILL_POINTS, blamed, fault, launch, spawn, stop_problems
 
     model = synth.cached_fixture(args.model, "fp32", Path(os.environ.get("REAP_STREAM_FIXTURES",
                                                                          REPO / "fixtures" / "generated")))
@@ -68,23 +55,24 @@ def main() -> None:
             whole = tmp / f"whole-{n}.zarr"
             launch(n, command(whole, tmp / f"whole-{n}.work"))
             reference = tree(whole)
-            for point, (victim, snippet) in KILL_POINTS.items():
+            for point, (victim, _) in KILL_POINTS.items():
                 if victim >= n:
                     continue
-                for fault in args.faults.split(","):
+                for then in args.faults.split(","):
                     out, work, stamp = tmp / "t.zarr", tmp / "w", tmp / "stamp"
                     env = {"REAP_FAULT_STAMP": str(stamp), "REAP_STREAM_DIST_TIMEOUT": str(args.timeout)}
-                    ranks = spawn(n, command(out, work), misbehave=(victim, snippet.format(then=fault)), env=env)
+                    ranks = spawn(n, command(out, work), misbehave=fault(point, then), env=env)
                     ended = time.time()
                     stopped = f"{ended - float(stamp.read_text()):.1f}" if stamp.exists() else "no fault"
-                    verdict = check(ranks, victim, fault)
+                    named, needles = blamed(point, then)
+                    verdict = "; ".join(stop_problems(ranks, named, *needles)) or "ok"
                     relaunch = launch(n, command(out, work))
                     summary = [json.loads(x) for x in relaunch.stdout.splitlines() if x.startswith("{")]
                     resumed = summary[0].get("layers_run") if summary else None
                     same = out.is_dir() and tree(out) == reference and not work.exists()
                     failed += verdict != "ok" or not same
-                    rows.append((n, point, fault, stopped, verdict, resumed, same))
-                    print(f"  {n} ranks, {point}, {fault}: {verdict}; stopped within {stopped}s; "
+                    rows.append((n, point, then, stopped, verdict, resumed, same))
+                    print(f"  {n} ranks, {point}, {then}: {verdict}; stopped within {stopped}s; "
                           f"layers rerun {resumed}; identical {same}", file=sys.stderr, flush=True)
                     for p in (out, work):
                         if p.exists():
@@ -94,8 +82,8 @@ def main() -> None:
     print("| ranks | fault point | fault | all ranks exited within (s) | every other rank: exit 2 + one line naming "
           "the victim | layers rerun on relaunch | relaunch byte-identical to an uninterrupted run |")
     print("|---|---|---|---|---|---|---|")
-    for n, point, fault, stopped, verdict, resumed, same in rows:
-        print(f"| {n} | {point} | {fault} | {stopped} | {verdict} | {resumed} | {'yes' if same else 'NO'} |")
+    for n, point, then, stopped, verdict, resumed, same in rows:
+        print(f"| {n} | {point} | {then} | {stopped} | {verdict} | {resumed} | {'yes' if same else 'NO'} |")
     sys.exit(1 if failed else 0)
 
 

@@ -9,7 +9,9 @@ named. Then every rank writes one line `reap-stream: error: rank R: <why> (...)`
 and exits with code 2: the main thread by SystemExit when it is waiting here, else a timer.
 
 Messages are JSON lines: hello/ready/refuse (handshake), arrive/go (barrier; `go` carries every
-rank's payload), hb (heartbeat, with a progress flag), abort (rank 0 relays a failure).
+rank's payload), hb (heartbeat: progress since the last one, the MLX call the rank is in), abort
+(rank 0 relays a failure). Rank 0 judges lateness; it can tell a rank that never joined an MLX
+collective from the ones waiting inside it.
 """
 from __future__ import annotations
 
@@ -262,11 +264,14 @@ class Watchdog:
                 while len(self._links) < self.size - 1:
                     server.settimeout(max(0.01, deadline - time.monotonic()))
                     try:
-                        link = _Link(server.accept()[0], self.timeout)
-                        hello = link.recv() or {}
-                    except (OSError, ValueError):
+                        link = _Link(server.accept()[0], 10.0)
+                    except OSError:
                         late = min(set(range(1, self.size)) - set(self._links))
                         self._refuse(f"rank {late}: did not join rank 0 at {where} within {self.timeout:.0f}s")
+                    try:
+                        hello = link.recv() or {}
+                    except (OSError, ValueError):
+                        hello = {}
                     r = hello.get("rank")
                     if hello.get("t") != "hello":
                         link.close()   # not one of ours: ignore it

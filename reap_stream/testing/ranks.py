@@ -77,6 +77,24 @@ KILL_POINTS = {
 }
 
 
+# a hang there is a hang inside MLX's collective, where nobody can tell the hung rank from the ones
+# waiting for it: rank 0 stops the run naming the call ("every rank has been inside MLX ...")
+INSIDE_MLX = {"rank 1 entering MLX's all_gather of layer 2 (rank 0 inside it)"}
+
+
+def fault(point: str, then: str) -> tuple[int, str]:
+    """(rank, snippet) making that rank `then` ("kill" or "hang") at `point`: spawn's `misbehave`."""
+    rank, snippet = KILL_POINTS[point]
+    return rank, snippet.format(then=then)
+
+
+def blamed(point: str, then: str) -> tuple[int, tuple[str, ...]]:
+    """The rank the stop line must name after that fault, and what the line must hold."""
+    if then == "hang" and point in INSIDE_MLX:
+        return 0, ("every rank has been inside MLX",)
+    return KILL_POINTS[point][0], ("exited",) if then == "kill" else ()
+
+
 @dataclass
 class Rank:
     code: int
@@ -85,6 +103,20 @@ class Rank:
 
     def lines(self) -> list[str]:
         return self.stderr.strip().splitlines()
+
+
+def stop_problems(ranks: list[Rank], victim: int, *needles: str) -> list[str]:
+    """What is wrong with how a run stopped: every rank but a SIGKILLed victim must exit 2 with
+    exactly one stderr line naming the victim (and holding every needle)."""
+    problems = []
+    for r, done in enumerate(ranks):
+        if r == victim and done.code == -signal.SIGKILL:
+            continue
+        line = done.lines()[0] if len(done.lines()) == 1 else None
+        if done.code != 2 or line is None or not line.startswith(f"reap-stream: error: rank {victim}: ") \
+                or not all(n in line for n in needles):
+            problems.append(f"rank {r}: exit {done.code}, stderr {done.stderr!r}")
+    return problems
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
