@@ -1,12 +1,13 @@
-"""collect, eval and full as ranks of an mlx.launch group (ring backend, 127.0.0.1 only): each rank
-runs a share of whole calibration chunks, the sums are added in rank order, and the answer is the
-one-process answer: counts, co-occurrences and maxima equal, float64 sums within 1e-12 relative,
-the same plan. Faults: SIGKILL a rank at a chosen point and relaunch the same command, and it
-resumes and ends byte-identical to an uninterrupted run of as many ranks; the survivors stop with
-exit code 2 and one line naming the rank that died or hung; ranks started differently refuse
-before any work. mlx.launch exits 0 whatever its ranks did, so these tests check what each rank
-left behind, and start the ranks one by one (as mlx.launch starts them on 127.0.0.1) where each
-rank's exit code and stderr matter. `tools/check_distributed_faults.py` runs every fault point."""
+"""collect, eval and full as ranks of a group on 127.0.0.1 only: under `mlx.launch -n 2` and
+`mlx.launch -n 3 --backend ring`, and started rank by rank exactly as mlx.launch starts them
+(MLX_RANK + MLX_HOSTFILE) where each rank's exit code and output matter, or to spare the launcher's
+busy-polling core. Each rank runs a share of whole calibration chunks, the sums are added in rank
+order, and the answer is the one-process answer: counts, co-occurrences and maxima equal, float64
+sums within 1e-12 relative, the same plan. Faults: SIGKILL a rank at a chosen point and relaunch
+the same command, and it resumes and ends byte-identical to an uninterrupted run of as many ranks;
+the survivors stop with exit code 2 and one line naming the rank that died or hung; ranks started
+differently refuse before any work. mlx.launch exits 0 whatever its ranks did, so the tests check
+what each rank did and left behind. `tools/check_distributed_faults.py` runs every fault point."""
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ from reap_stream.runner.chunks import Chunk
 from reap_stream.runner.distributed import (COORD_ENV, TIMEOUT_ENV, Group, World, rank_order_reduce,
                                             share_chunks, timeout_from_env, world)
 from reap_stream.telemetry.store import TelemetryStore
-from reap_stream.testing.ranks import fault, launch, spawn, stop_problems
+from reap_stream.testing.ranks import fault, finished, launch, spawn, stop_problems
 
 CALIB_FILE = Path(__file__).resolve().parents[1] / "fixtures" / "calibration" / "licence.jsonl"
 # 8 windows of 64 tokens in chunks of 2: 4 chunks, two per rank of 2
@@ -190,8 +191,7 @@ def test_two_ranks_give_the_one_process_answer(two_ranks, tmp_path):
 def test_a_rerun_after_completion_changes_nothing(two_ranks, fixture_model, tmp_path):
     _, a, _ = two_ranks
     before = tree_bytes(a)
-    done = launch(2, collect_args(fixture_model("qwen3_moe"), CALIB, a, tmp_path / "w"))
-    assert rank0_summary(done.stdout)["already_complete"] is True
+    assert finished(spawn(2, collect_args(fixture_model("qwen3_moe"), CALIB, a, tmp_path / "w")))["already_complete"]
     assert tree_bytes(a) == before and not (tmp_path / "w").exists()
 
 
@@ -216,8 +216,7 @@ def test_full_on_two_ranks_prunes_as_one_process(fixture_model, tmp_path):
     model = fixture_model("qwen3_moe")
     alone = run("full", model, *CALIB, "--ratio", "0.5", "--out", tmp_path / "one", "--json")
     assert alone.exit_code == 0, alone.output
-    done = launch(2, ["full", model, *CALIB, "--ratio", "0.5", "--out", tmp_path / "two", "--json"])
-    assert (tmp_path / "two" / "reap_manifest.json").is_file(), done.stdout + done.stderr
+    finished(spawn(2, ["full", model, *CALIB, "--ratio", "0.5", "--out", tmp_path / "two", "--json"]))
     plans = [Plan.load(tmp_path / f"{n}.reap-work" / "plan.json") for n in ("one", "two")]
     assert plans[0].pruned_map() == plans[1].pruned_map()
     weights = [{k: v for k, v in tree_bytes(tmp_path / n).items() if k.endswith(".safetensors")} for n in ("one", "two")]
@@ -242,8 +241,7 @@ def test_two_ranks_resume_after_a_sigkill_byte_identical(point, two_ranks, fixtu
     assert stop_problems(ranks, victim, "exited") == []
     assert not out.exists() and (work / f"rank-{victim:02d}").is_dir()
 
-    resumed = rank0_summary(launch(2, args).stdout)
-    assert resumed["layers_run"] == 4 - N2_POINTS[point]
+    assert finished(spawn(2, args))["layers_run"] == 4 - N2_POINTS[point]
     assert tree_bytes(out) == tree_bytes(two_ranks[1])
     assert not work.exists()
 
@@ -255,7 +253,7 @@ def test_three_ranks_resume_after_the_rank_without_tokens_is_killed(three_ranks,
     ranks = spawn(3, args, misbehave=(victim, snippet))
     assert stop_problems(ranks, victim, "exited") == []
 
-    assert rank0_summary(launch(3, args).stdout)["layers_run"] == 2
+    assert finished(spawn(3, args))["layers_run"] == 2
     assert tree_bytes(out) == tree_bytes(three_ranks[1])
 
 

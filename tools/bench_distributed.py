@@ -2,9 +2,10 @@
 layer of combining the ranks' sums, and the scaling model that predicts N machines.
 
 Every rank count runs the same collect (a synthetic Qwen3-MoE, seeded random token ids) in fresh
-processes: 1 rank as a plain process, N ranks under `mlx.launch -n N --backend ring` on 127.0.0.1,
-with the BLAS threads split so that the ranks share the cores fairly (OPENBLAS_NUM_THREADS =
-max(1, cores // N)). Rank counts alternate over the repeats; the table gives medians. A second
+processes: 1 rank as a plain process, N ranks on 127.0.0.1 started as `mlx.launch -n N --backend
+ring` starts them (MLX_RANK + MLX_HOSTFILE; the launcher process itself is left out: it polls its
+ranks' pipes without sleeping and would take ~0.8 of a core from them), with the BLAS threads split
+so that the ranks share the cores fairly (OPENBLAS_NUM_THREADS = max(1, cores // N)). Rank counts alternate over the repeats; the table gives medians. A second
 part times the combination alone (side-channel barrier, MLX all_gather of the float64 bytes,
 rank-order adds) for the per-layer payloads of real models.
 
@@ -31,7 +32,9 @@ SHAPE = {"hidden_size": 512, "num_experts": 64, "num_experts_per_tok": 8, "moe_i
 # per-layer payloads of real models: (name, experts E, hidden H)
 REAL = [("Qwen3-30B-A3B", 128, 2048), ("Qwen3-235B-A22B", 128, 4096), ("Qwen3-Next-80B", 512, 2048),
         ("DeepSeek-V3 / Kimi-K2", 256, 7168)]
-LINKS = [("1 GbE", 0.118e9), ("10 GbE", 1.18e9), ("Thunderbolt 5 (TCP ring, ~6 GB/s)", 6e9)]
+# link payload bandwidths (bytes/s): Ethernet at line rate less framing; the Thunderbolt figure is an
+# assumption, not a measurement
+LINKS = [("1 GbE", 0.118e9), ("10 GbE", 1.18e9), ("Thunderbolt (assumed 3 GB/s)", 3e9)]
 
 
 def payload_bytes(experts: int, hidden: int) -> int:
@@ -98,24 +101,22 @@ def child_probe(repeats: int) -> None:
 # ------------------------------------------------------------------ the driver
 
 def run_ranks(ranks: int, args: list[str], timeout: float = 1800) -> dict:
-    """This script's child as `ranks` ranks; rank 0's JSON line."""
-    from reap_stream.testing.ranks import child_env, free_ports, mlx_launch
+    """This script's child as `ranks` ranks on 127.0.0.1 (started as mlx.launch starts them, without
+    its launcher process, which keeps a core busy polling); rank 0's JSON line."""
+    from reap_stream.testing.ranks import child_env, spawn
 
     threads = str(max(1, (os.cpu_count() or 1) // ranks))
-    env = child_env({"OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
-    command = [sys.executable, __file__, *args]
-    if ranks > 1:
-        command = [mlx_launch(), "-n", str(ranks), "--backend", "ring", "--starting-port",
-                   str(free_ports(ranks + 1)), "--", *command]
-    read_end, write_end = os.pipe()   # an empty stdin that stays open: mlx.launch polls it
-    try:
-        done = subprocess.run(command, env=env, stdin=read_end, capture_output=True, text=True, timeout=timeout)
-    finally:
-        os.close(read_end)
-        os.close(write_end)
-    lines = [line for line in done.stdout.splitlines() if line.startswith(("{", "["))]
-    if len(lines) != 1:
-        raise SystemExit(f"{ranks} ranks: no result\n{done.stdout}\n{done.stderr}")
+    env = {"OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    if ranks == 1:
+        done = subprocess.run([sys.executable, __file__, *args], env=child_env(env), capture_output=True,
+                              text=True, timeout=timeout)
+        outputs, codes = [done.stdout], [done.returncode]
+    else:
+        done = spawn(ranks, args, env=env, program=[sys.executable, __file__], timeout=timeout)
+        outputs, codes = [r.stdout for r in done], [r.code for r in done]
+    lines = [line for line in outputs[0].splitlines() if line.startswith(("{", "["))]
+    if len(lines) != 1 or any(codes):
+        raise SystemExit(f"{ranks} ranks: exit codes {codes}\n{outputs}")
     return json.loads(lines[0])
 
 
@@ -151,42 +152,59 @@ def summarise(runs: dict[int, list[dict]], tokens: int) -> list[dict]:
         if n > 1:
             t0 = [r["distributed"]["timings"][0] for r in rs]
             per_layer = lambda key: statistics.median(t[key] for t in t0) / layers * 1e3  # noqa: E731
-            row.update(barrier_ms=round(per_layer("barrier_s"), 1), gather_ms=round(per_layer("gather_s"), 1),
+            row.update(join_s=round(statistics.median(t["join_s"] for t in t0), 2),
+                       barrier_ms=round(per_layer("barrier_s"), 1), gather_ms=round(per_layer("gather_s"), 1),
                        reduce_ms=round(per_layer("reduce_s"), 2), payload=t0[0]["gather_bytes"],
                        shares=rs[0]["distributed"]["tokens_per_rank"])
         rows.append(row)
     return rows
 
 
-def predict(rows: list[dict], tokens: int, barrier_ms: dict[int, float]) -> list[str]:
-    """The model: T tokens, L MoE layers, one machine collects r1 tokens/s, and every layer adds
-    g(N) = 2 side-channel barriers + all_gather + rank-order adds. N ranks sharing one machine keep
-    its compute rate r1; N machines multiply it."""
-    one = rows[0]
-    r1, layers = one["tokens_per_s"], one["layers"]
-    lines = ["| ranks | measured tokens/s | predicted T / (T/r1 + L * g(N)) | g(N) ms/layer |", "|---|---|---|---|"]
-    for row in rows[1:]:
-        g = (2 * barrier_ms[row["ranks"]] + row["gather_ms"] + row["reduce_ms"]) / 1e3
-        lines.append(f"| {row['ranks']} | {row['tokens_per_s']} | {tokens / (tokens / r1 + layers * g):.1f} | "
-                     f"{g * 1e3:.1f} |")
+def fit(rows: list[dict], barrier_ms: dict[int, float]) -> dict:
+    """The scaling model, fitted on the 1- and 2-rank runs of this machine. A run of T tokens over L
+    MoE layers takes  t(N) = j(N) + a / M + N_m * L * w + L * g(N):  j = joining the group
+    (measured), a = the token work (split over M machines), w = what every rank pays per layer
+    whatever its share (reading the layer's weights, setting it up; N_m ranks per machine pay it side
+    by side), g(N) = 2 side-channel barriers + the all_gather + the rank-order adds (measured).
+    Here M = 1 and N_m = N."""
+    by = {r["ranks"]: r for r in rows}
+    layers = by[1]["layers"]
+    g = {n: (2 * barrier_ms[n] + r["gather_ms"] + r["reduce_ms"]) / 1e3 for n, r in by.items() if n > 1}
+    w = (by[2]["seconds"] - by[2]["join_s"] - by[1]["seconds"] - layers * g[2]) / layers
+    return {"a": by[1]["seconds"] - layers * w, "w": w, "g": g, "layers": layers}
+
+
+def predict(rows: list[dict], model: dict, tokens: int) -> list[str]:
+    a, w, layers = model["a"], model["w"], model["layers"]
+    lines = [f"fitted: a = {a:.2f} s of token work, w = {w * 1e3:.0f} ms per rank per layer, L = {layers}\n",
+             "| ranks on this machine | measured s | predicted s | measured tokens/s | predicted tokens/s |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        n = r["ranks"]
+        t = r.get("join_s", 0.0) + a + n * layers * w + layers * model["g"].get(n, 0.0)
+        lines.append(f"| {n} | {r['seconds']:.2f} | {t:.2f} | {r['tokens_per_s']} | {tokens / t:.0f} |")
     return lines
 
 
-def machines(rows: list[dict], barrier_ms: float) -> list[str]:
-    """Predicted speedup of N machines over one, for DeepSeek-V3's payload over 10 GbE: each layer
-    takes C/N of compute plus g(N) = 2 barriers + (N-1) P / B + (N-1) P / A (A: rank-order adds,
-    bytes/s measured here)."""
-    adds = [r["payload"] * (r["ranks"] - 1) / (r["reduce_ms"] / 1e3) for r in rows[1:] if r["reduce_ms"] > 0]
-    rate = statistics.median(adds) if adds else 1e9
-    p, link = payload_bytes(256, 7168), dict(LINKS)["10 GbE"]
-    lines = [f"rank-order adds measured at {rate / 1e9:.2f} GB/s; P = {p / 1e6:.1f} MB; 10 GbE = {link / 1e9:.2f} GB/s\n",
-             "| one machine's compute per MoE layer C | N = 2 | N = 4 | N = 8 |", "|---|---|---|---|"]
+def machines(rows: list[dict], model: dict, barrier_ms: float) -> list[str]:
+    """Predicted speedup of N machines over one (one rank each): t(N) = a/N + L*w + L*g(N), with
+    g(N) = 2 barriers + (N-1) P / B + (N-1) P / A over a link of B bytes/s (A: the rank-order adds,
+    measured here). For this benchmark's model (a, w fitted above), and for a DeepSeek-V3-sized
+    payload in terms of C, one machine's token work per MoE layer (w left out: it is small next to C)."""
+    adds = statistics.median(r["payload"] * (r["ranks"] - 1) / (r["reduce_ms"] / 1e3) for r in rows[1:])
+    g = lambda n, p, link: 2 * barrier_ms / 1e3 + (n - 1) * p / link + (n - 1) * p / adds  # noqa: E731
+    a, w, layers, p_bench = model["a"], model["w"], model["layers"], rows[1]["payload"]
+    lines = [f"rank-order adds measured at {adds / 1e9:.2f} GB/s\n",
+             "| work | link | N = 2 | N = 4 | N = 8 |", "|---|---|---|---|---|"]
+    one = a + layers * w
+    for name, link in LINKS:
+        cells = [f"{one / (a / n + layers * w + layers * g(n, p_bench, link)):.2f}x" for n in (2, 4, 8)]
+        lines.append(f"| this benchmark ({p_bench / 1e3:.0f} kB per layer) | {name} | " + " | ".join(cells) + " |")
+    p = payload_bytes(256, 7168)
     for c in (10.0, 60.0, 600.0):
-        cells = []
-        for n in (2, 4, 8):
-            g = 2 * barrier_ms / 1e3 + (n - 1) * p / link + (n - 1) * p / rate
-            cells.append(f"{c / (c / n + g):.2f}x")
-        lines.append(f"| {c:.0f} s | " + " | ".join(cells) + " |")
+        for name, link in LINKS[1:2]:
+            cells = [f"{c / (c / n + g(n, p, link)):.2f}x" for n in (2, 4, 8)]
+            lines.append(f"| DeepSeek-V3 payload, C = {c:.0f} s per layer | {name} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -218,28 +236,30 @@ def main() -> None:
     print(f"cores {os.cpu_count()}, load average {load_before[0]:.1f} before / {load_after[0]:.1f} after; "
           f"{args.tokens} tokens, sequences of {args.seq}, --chunk-tokens {args.chunk_tokens}, "
           f"median of {args.repeats}\n")
-    print("| ranks | BLAS threads/rank | tokens/s | vs 1 rank | collect s | tokens per rank | barrier wait ms/layer "
-          "(rank 0) | all_gather ms/layer | adds ms/layer | bytes/rank/layer | same telemetry every run |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| ranks | BLAS threads/rank | tokens/s | vs 1 rank | collect s | of which joining s | tokens per rank | "
+          "barrier wait ms/layer (rank 0) | all_gather ms/layer | adds ms/layer | bytes/rank/layer | "
+          "same telemetry every run |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['ranks']} | {r['threads']} | {r['tokens_per_s']} | {r['vs_1']} | {r['seconds']} | "
-              f"{r.get('shares', '-')} | {r.get('barrier_ms', '-')} | {r.get('gather_ms', '-')} | "
-              f"{r.get('reduce_ms', '-')} | {r.get('payload', '-')} | {r['same_counts']} |")
+              f"{r.get('join_s', '-')} | {r.get('shares', '-')} | {r.get('barrier_ms', '-')} | "
+              f"{r.get('gather_ms', '-')} | {r.get('reduce_ms', '-')} | {r.get('payload', '-')} | {r['same_counts']} |")
     barrier = {n: statistics.median(p["barrier"][1] for p in res) for n, res in probes.items()}
-    print("\nScaling model on this machine (ranks share its cores, so the compute rate stays r1):\n")
-    print("\n".join(predict(rows, args.tokens, barrier)))
+    model = fit(rows, barrier)
+    print("\nScaling model, fitted on 1 and 2 ranks, checked on the others (ranks share this machine):\n")
+    print("\n".join(predict(rows, model, args.tokens)))
     print("\nCombination alone, per layer, on 127.0.0.1 (ms, min / median over ranks' medians):\n")
     print("| model | bytes/rank/layer | " + " | ".join(f"{n} ranks" for n in probes) + " |")
     print("|---|---|" + "---|" * len(probes))
     for name, e, h in REAL:
-        cells = [f"{min(p[name][0] for p in res)} / {statistics.median(p[name][1] for p in res)}"
+        cells = [f"{min(p[name][0] for p in res)} / {statistics.median(p[name][1] for p in res):.1f}"
                  for res in probes.values()]
         print(f"| {name} (E={e}, H={h}) | {payload_bytes(e, h):,} | " + " | ".join(cells) + " |")
     print("| side-channel barrier | - | " + " | ".join(
-        f"{min(p['barrier'][0] for p in res)} / {statistics.median(p['barrier'][1] for p in res)}"
+        f"{min(p['barrier'][0] for p in res)} / {statistics.median(p['barrier'][1] for p in res):.2f}"
         for res in probes.values()) + " |")
-    print("\nPredicted speedup of N machines (DeepSeek-V3 payload, 10 GbE):\n")
-    print("\n".join(machines(rows, max(barrier.values()))))
+    print("\nPredicted speedup of N machines, one rank each:\n")
+    print("\n".join(machines(rows, model, max(barrier.values()))))
     print("\nPredicted all_gather time per layer over a link of bandwidth B: (N-1) * P / B\n")
     print("| model | P | " + " | ".join(f"{name}, N=2 / 4 / 8" for name, _ in LINKS) + " |")
     print("|---|---|" + "---|" * len(LINKS))

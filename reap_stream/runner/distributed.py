@@ -134,12 +134,15 @@ class Group:
 
     def __init__(self, where: World, timeout: float = DEFAULT_TIMEOUT):
         self.rank, self.size = where.rank, where.size
-        # seconds waiting at barriers (for the slowest rank, mostly), inside MLX's all_gather, adding up
-        self.timings = {"barrier_s": 0.0, "gather_s": 0.0, "reduce_s": 0.0, "gathers": 0, "gather_bytes": 0}
+        # seconds joining, waiting at barriers (for the slowest rank, mostly), inside MLX's all_gather,
+        # adding up
+        self.timings = {"join_s": 0.0, "barrier_s": 0.0, "gather_s": 0.0, "reduce_s": 0.0, "gathers": 0,
+                        "gather_bytes": 0}
         self._dog: Watchdog | None = None
         self._mx: Any = None
         if self.size == 1:
             return
+        started = time.perf_counter()
         quiet_ring_logs()
         self._dog = Watchdog(self.rank, self.size, where.coord, timeout)
         mx = mlx_core()
@@ -148,6 +151,7 @@ class Group:
             self._dog.fail(self.rank, f"MLX made it rank {self._mx.rank()} of {self._mx.size()}")
             raise SystemExit(2)
         report_chunks_to(self.progress)
+        self.timings["join_s"] = time.perf_counter() - started
 
     @property
     def distributed(self) -> bool:

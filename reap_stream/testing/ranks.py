@@ -105,6 +105,16 @@ class Rank:
         return self.stderr.strip().splitlines()
 
 
+def finished(ranks: list[Rank]) -> dict:
+    """Rank 0's JSON summary of a run that every rank finished (exit 0), the others silent."""
+    problems = [f"rank {r}: exit {done.code}, stderr {done.stderr!r}" for r, done in enumerate(ranks)
+                if done.code != 0 or (r > 0 and done.stdout.strip())]
+    lines = [line for line in ranks[0].stdout.splitlines() if line.startswith("{")]
+    if problems or len(lines) != 1:
+        raise AssertionError("; ".join(problems) or f"rank 0 printed {ranks[0].stdout!r}")
+    return json.loads(lines[0])
+
+
 def stop_problems(ranks: list[Rank], victim: int, *needles: str) -> list[str]:
     """What is wrong with how a run stopped: every rank but a SIGKILLed victim must exit 2 with
     exactly one stderr line naming the victim (and holding every needle)."""
@@ -164,10 +174,12 @@ def launch(ranks: int, args: list[str], *, env: dict[str, str] | None = None, ti
 
 def spawn(ranks: int, args: list[str] | list[list[str]], *, misbehave: tuple[int, str] | None = None,
           env: dict[str, str] | None = None, hostfile_ranks: dict[int, int] | None = None,
-          timeout: float = 300) -> list[Rank]:
-    """Every rank as its own process, the way mlx.launch starts them on 127.0.0.1. `args`: one
-    command for all or one per rank; `misbehave`: (rank, snippet) run there first (KILL_POINTS);
-    `hostfile_ranks`: {rank: group size its hostfile claims} (a rank started for another group)."""
+          program: list[str] | None = None, timeout: float = 300) -> list[Rank]:
+    """Every rank as its own process, the way mlx.launch starts them on 127.0.0.1 (without its
+    launcher, which keeps a core busy polling). `args`: the CLI arguments, one list for all or one
+    per rank; `misbehave`: (rank, snippet) run there first (KILL_POINTS); `hostfile_ranks`: {rank:
+    group size its hostfile claims} (a rank started for another group); `program`: run this
+    instead of the CLI."""
     per_rank = args if args and isinstance(args[0], list) else [args] * ranks
     base = free_ports(ranks + 1)
     rank, snippet = misbehave or (-1, "")
@@ -181,7 +193,8 @@ def spawn(ranks: int, args: list[str] | list[list[str]], *, misbehave: tuple[int
             if size != ranks:
                 extra["REAP_STREAM_DIST_COORD"] = f"{HOST}:{base + ranks}"
             envs.append(child_env(extra))
-        commands = [[sys.executable, "-c", _CHILD, str(rank), snippet, *map(str, per_rank[r])] for r in range(ranks)]
+        program = program or [sys.executable, "-c", _CHILD, str(rank), snippet]
+        commands = [[*program, *map(str, per_rank[r])] for r in range(ranks)]
         return _run(commands, envs, timeout)
 
 
