@@ -120,6 +120,7 @@ def test_the_group_is_read_from_what_mlx_launch_sets(tmp_path):
     ({"MLX_RANK": "0", "MLX_HOSTFILE": "BAD"}, "BAD"),
     ({"MLX_RANK": "0", "MLX_HOSTFILE": "MISSING"}, "MISSING"),
     ({"MLX_RANK": "0", "MLX_HOSTFILE": "RING", COORD_ENV: "127.0.0.1"}, COORD_ENV),
+    ({"MLX_RANK": "1", "MLX_WORLD_SIZE": "2"}, "MLX_RANK"),   # another backend (nccl): not ours to join
 ])
 def test_a_broken_launch_environment_is_named(env, where, tmp_path):
     files = {"RING": '[["127.0.0.1:5000"], ["127.0.0.1:5001"]]', "BAD": '{"not": "a ring"}'}

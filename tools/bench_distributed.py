@@ -10,7 +10,7 @@ part times the combination alone (side-channel barrier, MLX all_gather of the fl
 rank-order adds) for the per-layer payloads of real models.
 
     python tools/bench_distributed.py                     # full run, markdown on stdout
-    python tools/bench_distributed.py --quick             # a smoke test
+    python tools/bench_distributed.py --quick             # a smoke test (about a minute)
 """
 from __future__ import annotations
 
@@ -130,24 +130,29 @@ def model_dir(root: Path) -> Path:
 
 
 def collect_table(model: Path, counts: list[int], repeats: int, tokens: int, seq: int, chunk: int) -> dict:
-    runs: dict[int, list[dict]] = {n: [] for n in counts}
+    """{(ranks, tokens): [rank 0's summary per repeat]}: every rank count on all the tokens, and one
+    rank on 1/2 and 1/3 of them (to fit the model); the runs alternate over the repeats."""
+    cases = [(n, tokens) for n in counts] + [(1, tokens // 2), (1, tokens // 3)]
+    runs: dict[tuple[int, int], list[dict]] = {case: [] for case in cases}
     with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:
         for rep in range(repeats):
-            for n in counts:
-                out, work = Path(tmp) / f"{n}-{rep}.zarr", Path(tmp) / f"{n}-{rep}.work"
-                runs[n].append(run_ranks(n, ["--child-collect", str(model), str(out), str(work),
-                                             str(tokens), str(seq), str(chunk)]))
+            for n, t in cases:
+                out, work = Path(tmp) / f"{n}-{t}-{rep}.zarr", Path(tmp) / f"{n}-{t}-{rep}.work"
+                runs[(n, t)].append(run_ranks(n, ["--child-collect", str(model), str(out), str(work),
+                                                  str(t), str(seq), str(chunk)]))
     return runs
 
 
-def summarise(runs: dict[int, list[dict]], tokens: int) -> list[dict]:
+def summarise(runs: dict[tuple[int, int], list[dict]], tokens: int) -> list[dict]:
+    """One row per (ranks, tokens): medians."""
     rows = []
-    base = statistics.median(r["tokens_per_s"] for r in runs[min(runs)])
-    for n, rs in runs.items():
+    base = statistics.median(r["tokens_per_s"] for r in runs[(1, tokens)])
+    for (n, t), rs in runs.items():
         layers = len(rs[0]["layers"])
         tps = statistics.median(r["tokens_per_s"] for r in rs)
-        row = {"ranks": n, "threads": max(1, (os.cpu_count() or 1) // n), "tokens_per_s": round(tps, 1),
-               "vs_1": round(tps / base, 3), "seconds": statistics.median(r["seconds"] for r in rs), "layers": layers,
+        row = {"ranks": n, "tokens": t, "threads": max(1, (os.cpu_count() or 1) // n), "tokens_per_s": round(tps, 1),
+               "vs_1": round(tps / base, 3) if t == tokens else "-", "layers": layers,
+               "seconds": statistics.median(r["seconds"] for r in rs),
                "same_counts": len({r["telemetry_fingerprint"] for r in rs}) == 1}
         if n > 1:
             t0 = [r["distributed"]["timings"][0] for r in rs]
@@ -160,51 +165,57 @@ def summarise(runs: dict[int, list[dict]], tokens: int) -> list[dict]:
     return rows
 
 
-def fit(rows: list[dict], barrier_ms: dict[int, float]) -> dict:
-    """The scaling model, fitted on the 1- and 2-rank runs of this machine. A run of T tokens over L
-    MoE layers takes  t(N) = j(N) + a / M + N_m * L * w + L * g(N):  j = joining the group
-    (measured), a = the token work (split over M machines), w = what every rank pays per layer
-    whatever its share (reading the layer's weights, setting it up; N_m ranks per machine pay it side
-    by side), g(N) = 2 side-channel barriers + the all_gather + the rank-order adds (measured).
-    Here M = 1 and N_m = N."""
-    by = {r["ranks"]: r for r in rows}
-    layers = by[1]["layers"]
-    g = {n: (2 * barrier_ms[n] + r["gather_ms"] + r["reduce_ms"]) / 1e3 for n, r in by.items() if n > 1}
-    w = (by[2]["seconds"] - by[2]["join_s"] - by[1]["seconds"] - layers * g[2]) / layers
-    return {"a": by[1]["seconds"] - layers * w, "w": w, "g": g, "layers": layers}
+def fit(rows: list[dict], tokens: int) -> dict:
+    """One machine, one rank: t(T) = L * w + T / r  (w: what every rank pays per layer whatever its
+    share: reading the layer's weights, setting it up; r: tokens/s of the token work), fitted on
+    all the tokens and a third of them."""
+    one = {r["tokens"]: r for r in rows if r["ranks"] == 1}
+    full, third = one[tokens], one[tokens // 3]
+    per_token = (full["seconds"] - third["seconds"]) / (tokens - tokens // 3)
+    return {"w": (full["seconds"] - tokens * per_token) / full["layers"], "r": 1 / per_token, "layers": full["layers"]}
 
 
 def predict(rows: list[dict], model: dict, tokens: int) -> list[str]:
-    a, w, layers = model["a"], model["w"], model["layers"]
-    lines = [f"fitted: a = {a:.2f} s of token work, w = {w * 1e3:.0f} ms per rank per layer, L = {layers}\n",
-             "| ranks on this machine | measured s | predicted s | measured tokens/s | predicted tokens/s |",
-             "|---|---|---|---|---|"]
-    for r in rows:
-        n = r["ranks"]
-        t = r.get("join_s", 0.0) + a + n * layers * w + layers * model["g"].get(n, 0.0)
-        lines.append(f"| {n} | {r['seconds']:.2f} | {t:.2f} | {r['tokens_per_s']} | {tokens / t:.0f} |")
-    return lines
+    w, r, layers = model["w"], model["r"], model["layers"]
+    half = next(x for x in rows if x["ranks"] == 1 and x["tokens"] == tokens // 2)
+    return [f"fitted on one rank with {tokens} and {tokens // 3} tokens: w = {w * 1e3:.0f} ms per layer, "
+            f"r = {r:.0f} tokens/s of token work, L = {layers}; checked on {tokens // 2} tokens: "
+            f"predicted {layers * w + half['tokens'] / r:.2f} s, measured {half['seconds']:.2f} s"]
 
 
-def machines(rows: list[dict], model: dict, barrier_ms: float) -> list[str]:
-    """Predicted speedup of N machines over one (one rank each): t(N) = a/N + L*w + L*g(N), with
-    g(N) = 2 barriers + (N-1) P / B + (N-1) P / A over a link of B bytes/s (A: the rank-order adds,
-    measured here). For this benchmark's model (a, w fitted above), and for a DeepSeek-V3-sized
-    payload in terms of C, one machine's token work per MoE layer (w left out: it is small next to C)."""
-    adds = statistics.median(r["payload"] * (r["ranks"] - 1) / (r["reduce_ms"] / 1e3) for r in rows[1:])
-    g = lambda n, p, link: 2 * barrier_ms / 1e3 + (n - 1) * p / link + (n - 1) * p / adds  # noqa: E731
-    a, w, layers, p_bench = model["a"], model["w"], model["layers"], rows[1]["payload"]
-    lines = [f"rank-order adds measured at {adds / 1e9:.2f} GB/s\n",
-             "| work | link | N = 2 | N = 4 | N = 8 |", "|---|---|---|---|---|"]
-    one = a + layers * w
-    for name, link in LINKS:
-        cells = [f"{one / (a / n + layers * w + layers * g(n, p_bench, link)):.2f}x" for n in (2, 4, 8)]
-        lines.append(f"| this benchmark ({p_bench / 1e3:.0f} kB per layer) | {name} | " + " | ".join(cells) + " |")
-    p = payload_bytes(256, 7168)
-    for c in (10.0, 60.0, 600.0):
-        for name, link in LINKS[1:2]:
-            cells = [f"{c / (c / n + g(n, p, link)):.2f}x" for n in (2, 4, 8)]
-            lines.append(f"| DeepSeek-V3 payload, C = {c:.0f} s per layer | {name} | " + " | ".join(cells) + " |")
+def machines(rows: list[dict], model: dict, tokens: int, barrier_ms: dict[int, float]) -> list[str]:
+    """N machines like this one, a rank each: t(N) = j + L * w + T / (N r) + L * g(N), g(N) = 2
+    barriers + the all_gather + the rank-order adds: measured here for N = 2, 3 (127.0.0.1), and
+    2 barriers + (N-1) P / B + (N-1) P / A over a link of B bytes/s otherwise (A: the adds, measured)."""
+    w, r, layers = model["w"], model["r"], model["layers"]
+    ranks = {x["ranks"]: x for x in rows if x["ranks"] > 1 and x["tokens"] == tokens}
+    adds = statistics.median(x["payload"] * (n - 1) / (x["reduce_ms"] / 1e3) for n, x in ranks.items())
+    join = max(x["join_s"] for x in ranks.values())
+    one = layers * w + tokens / r
+    lines = [f"one machine: {one:.2f} s; joining the group {join:.2f} s; rank-order adds at {adds / 1e9:.2f} GB/s\n",
+             "| payload per layer | link | N = 2 | N = 3 | N = 4 | N = 8 |", "|---|---|---|---|---|---|"]
+
+    def g(n: int, p: int, link: float | None) -> float:
+        if link is None:
+            x = ranks[n]
+            return (2 * barrier_ms[n] + x["gather_ms"] + x["reduce_ms"]) / 1e3
+        return 2 * max(barrier_ms.values()) / 1e3 + (n - 1) * p / link + (n - 1) * p / adds
+
+    p = rows[0].get("payload") or next(iter(ranks.values()))["payload"]
+    for name, link in [("127.0.0.1 (measured)", None), *LINKS]:
+        cells = []
+        for n in (2, 3, 4, 8):
+            if link is None and n not in ranks:
+                cells.append("-")
+                continue
+            t = join + layers * w + tokens / (n * r) + layers * g(n, p, link)
+            cells.append(f"{one / t:.2f}x")
+        lines.append(f"| this benchmark's ({p / 1e3:.0f} kB) | {name} | " + " | ".join(cells) + " |")
+    big = payload_bytes(256, 7168)
+    for c in (10.0, 60.0, 600.0):   # a real model: C = one machine's work per MoE layer, w included
+        name, link = LINKS[1]
+        cells = [f"{c / (c / n + g(n, big, link)):.2f}x" for n in (2, 3, 4, 8)]
+        lines.append(f"| DeepSeek-V3's ({big / 1e6:.1f} MB), C = {c:.0f} s per layer | {name} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -221,11 +232,13 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--chunk-tokens", type=int, default=1024)
     ap.add_argument("--probe-repeats", type=int, default=5)
-    ap.add_argument("--quick", action="store_true", help="2048 tokens, 1 repeat, 2 probe repeats")
+    ap.add_argument("--quick", action="store_true", help="3072 tokens, 1 repeat, 2 probe repeats")
     ap.add_argument("--cache", type=Path, default=REPO / "fixtures" / "generated" / "bench")
     args = ap.parse_args()
     if args.quick:
-        args.tokens, args.repeats, args.probe_repeats = 2048, 1, 2
+        args.tokens, args.repeats, args.probe_repeats = 3072, 1, 2
+    if args.tokens % (6 * args.seq):
+        ap.error("--tokens must be a multiple of 6 sequences (the model is fitted on 1/3 and checked on 1/2)")
     counts = [int(n) for n in args.ranks.split(",")]
     load_before = os.getloadavg()
     model = model_dir(args.cache)
@@ -234,20 +247,21 @@ def main() -> None:
     load_after = os.getloadavg()
 
     print(f"cores {os.cpu_count()}, load average {load_before[0]:.1f} before / {load_after[0]:.1f} after; "
-          f"{args.tokens} tokens, sequences of {args.seq}, --chunk-tokens {args.chunk_tokens}, "
-          f"median of {args.repeats}\n")
-    print("| ranks | BLAS threads/rank | tokens/s | vs 1 rank | collect s | of which joining s | tokens per rank | "
-          "barrier wait ms/layer (rank 0) | all_gather ms/layer | adds ms/layer | bytes/rank/layer | "
-          "same telemetry every run |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"sequences of {args.seq}, --chunk-tokens {args.chunk_tokens}, median of {args.repeats}\n")
+    print("| ranks | tokens | BLAS threads/rank | tokens/s | vs 1 rank | collect s | of which joining s | "
+          "tokens per rank | barrier wait ms/layer (rank 0) | all_gather ms/layer | adds ms/layer | "
+          "bytes/rank/layer | same telemetry every run |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['ranks']} | {r['threads']} | {r['tokens_per_s']} | {r['vs_1']} | {r['seconds']} | "
+        print(f"| {r['ranks']} | {r['tokens']} | {r['threads']} | {r['tokens_per_s']} | {r['vs_1']} | {r['seconds']} | "
               f"{r.get('join_s', '-')} | {r.get('shares', '-')} | {r.get('barrier_ms', '-')} | "
               f"{r.get('gather_ms', '-')} | {r.get('reduce_ms', '-')} | {r.get('payload', '-')} | {r['same_counts']} |")
     barrier = {n: statistics.median(p["barrier"][1] for p in res) for n, res in probes.items()}
-    model = fit(rows, barrier)
-    print("\nScaling model, fitted on 1 and 2 ranks, checked on the others (ranks share this machine):\n")
-    print("\n".join(predict(rows, model, args.tokens)))
+    fitted = fit(rows, args.tokens)
+    print("\nScaling model:\n")
+    print("\n".join(predict(rows, fitted, args.tokens)))
+    print("\nPredicted speedup of N machines like this one over one, a rank each:\n")
+    print("\n".join(machines(rows, fitted, args.tokens, barrier)))
     print("\nCombination alone, per layer, on 127.0.0.1 (ms, min / median over ranks' medians):\n")
     print("| model | bytes/rank/layer | " + " | ".join(f"{n} ranks" for n in probes) + " |")
     print("|---|---|" + "---|" * len(probes))
@@ -258,8 +272,6 @@ def main() -> None:
     print("| side-channel barrier | - | " + " | ".join(
         f"{min(p['barrier'][0] for p in res)} / {statistics.median(p['barrier'][1] for p in res):.2f}"
         for res in probes.values()) + " |")
-    print("\nPredicted speedup of N machines, one rank each:\n")
-    print("\n".join(machines(rows, model, max(barrier.values()))))
     print("\nPredicted all_gather time per layer over a link of bandwidth B: (N-1) * P / B\n")
     print("| model | P | " + " | ".join(f"{name}, N=2 / 4 / 8" for name, _ in LINKS) + " |")
     print("|---|---|" + "---|" * len(LINKS))

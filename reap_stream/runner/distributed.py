@@ -67,6 +67,9 @@ def world(env: dict[str, str] | None = None) -> World:
         host, _, p = env["MLX_JACCL_COORDINATOR"].rpartition(":")
         devices = _json_file(env.get("MLX_IBV_DEVICES", ""), "MLX_IBV_DEVICES")
         port, size, backend = _port(p, "MLX_JACCL_COORDINATOR") + 1, len(devices or []), "jaccl"
+    else:   # e.g. mlx.launch --backend nccl or mpi: every rank would do all the work alone
+        raise BadInput("MLX_RANK", "is set but neither MLX_HOSTFILE (ring) nor MLX_JACCL_COORDINATOR (jaccl) "
+                                   "is: start the ranks with mlx.launch --backend ring or jaccl")
     if env.get(COORD_ENV):
         host, _, p = env[COORD_ENV].rpartition(":")
         port = _port(p, COORD_ENV)
