@@ -241,6 +241,11 @@ def test_two_ranks_resume_after_a_sigkill_byte_identical(point, two_ranks, fixtu
     assert ranks[victim].code == -9
     assert stop_problems(ranks, victim, "exited") == []
     assert not out.exists() and (work / f"rank-{victim:02d}").is_dir()
+    progress = work / "rank-01" / "progress.json"
+    kept = progress.read_text()
+    progress.write_text('{"next_layer": 0}')   # as if rank 1's work dir were another run's
+    assert stop_problems(spawn(2, args), 1, "resumes at layer 0 but rank 0's at 2", "not from one run") == []
+    progress.write_text(kept)
 
     assert finished(spawn(2, args))["layers_run"] == 4 - N2_POINTS[point]
     assert tree_bytes(out) == tree_bytes(two_ranks[1])
@@ -253,6 +258,7 @@ def test_three_ranks_resume_after_the_rank_without_tokens_is_killed(three_ranks,
     victim, snippet = fault("rank 2 handing in its sums a second time", "kill")   # layer 2: layer 0 is dense
     ranks = spawn(3, args, misbehave=(victim, snippet))
     assert stop_problems(ranks, victim, "exited") == []
+    assert stop_problems(spawn(2, args), 0, "work dir belongs to a run with other ranks") == []   # relaunched wrong
 
     assert finished(spawn(3, args))["layers_run"] == 2
     assert tree_bytes(out) == tree_bytes(three_ranks[1])
@@ -278,3 +284,15 @@ def test_ranks_started_differently_refuse_before_any_work(fixture_model, tmp_pat
                            (spawn(2, args, hostfile_ranks={1: 3}), ["started as one of 3 ranks, rank 0 as one of 2"])):
         assert stop_problems(ranks, 1, *needles) == []
     assert not out.exists() and not work.exists()
+
+
+def test_a_work_dir_of_one_process_and_one_of_ranks_are_not_mixed(fixture_model, tmp_path):
+    model, out, work = fixture_model("qwen3_moe"), tmp_path / "t.zarr", tmp_path / "w"
+    (work / "rank-00").mkdir(parents=True)
+    result = run("collect", model, *CALIB, "--out", out, "--work-dir", work)
+    error_line(result, "holds a distributed run's state", where=work)
+    (work / "rank-00").rmdir()
+    (work / "run.json").write_text("{}")
+    ranks = spawn(2, collect_args(model, CALIB, out, work))
+    assert stop_problems(ranks, 0, "work dir belongs to a run in one process") == []
+    assert sorted(p.name for p in work.iterdir()) == ["run.json"] and not out.exists()
