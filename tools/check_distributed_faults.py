@@ -8,7 +8,7 @@ rank 0); then the same command is relaunched with mlx.launch and must end byte-i
 uninterrupted run, its work dir gone. The table gives what happened and how long after the fault
 the last rank had exited (the hang timeout is --timeout seconds).
 
-    python tools/check_distributed_faults.py              # about 40 runs
+    python tools/check_distributed_faults.py              # 54 runs, about 45 minutes on a busy 2-core VM
     python tools/check_distributed_faults.py --ranks 2 --faults kill
 """
 from __future__ import annotations
@@ -80,7 +80,8 @@ def main() -> None:
                     stamp.unlink(missing_ok=True)
     print(f"load average {os.getloadavg()[0]:.1f} at the end; hang timeout {args.timeout:.0f}s\n")
     print("| ranks | fault point | fault | all ranks exited within (s) | every other rank: exit 2 + one line naming "
-          "the victim | layers rerun on relaunch | relaunch byte-identical to an uninterrupted run |")
+          "the victim (a hang inside MLX: rank 0, 'every rank has been inside') | layers rerun on relaunch | "
+          "relaunch byte-identical to an uninterrupted run |")
     print("|---|---|---|---|---|---|---|")
     for n, point, then, stopped, verdict, resumed, same in rows:
         print(f"| {n} | {point} | {then} | {stopped} | {verdict} | {resumed} | {'yes' if same else 'NO'} |")

@@ -208,7 +208,7 @@ def _run(commands: list[list[str]], envs: list[dict], timeout: float) -> list[Ra
                 out, err = open(Path(tmp) / f"{i}.out", "w+"), open(Path(tmp) / f"{i}.err", "w+")
                 files.append((out, err))
                 procs.append(subprocess.Popen(command, stdin=stdin_read, stdout=out, stderr=err, env=env,
-                                              cwd=REPO, start_new_session=True))
+                                              start_new_session=True))
             deadline = time.monotonic() + timeout
             for p in procs:
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
