@@ -3,6 +3,7 @@ safetensors model directory or a GGUF."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from .errors import BadInput
@@ -33,9 +34,10 @@ def run_full(model: Model, calibration: CalibrationOptions, out: Path, plan_opti
 
     calib = tokenise(model, calibration)
     telemetry = work / "telemetry.zarr"
-    collect_run = RunOptions(run.mode, run.chunk_tokens, run.sample_batch_size, work / "collect")
-    collected = collect(model, calib, telemetry, collect_run, CollectOptions(renorm_topk=renorm_topk),
-                        progress=progress)
+    collected = collect(model, calib, telemetry, replace(run, work_dir=work / "collect"),
+                        CollectOptions(renorm_topk=renorm_topk), progress=progress)
+    if collected.get("distributed", {}).get("rank", 0) > 0:
+        return {"out": str(out), "work_dir": str(work), "collect": collected}   # rank 0 plans and applies
     plan = make_plan(TelemetryStore.open(telemetry), plan_options, frozen=model.structure.frozen_layers)
     plan_path = work / "plan.json"
     plan.save(plan_path)

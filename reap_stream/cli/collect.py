@@ -35,6 +35,8 @@ def collect_cmd(model_dir: Path, calibration: CalibrationOptions, run: RunOption
     model.require_runnable("collect")
     calib = tokenise(model, calibration)
     summary = collect(model, calib, out, run, options, progress=not as_json)
+    if summary.get("distributed", {}).get("rank", 0) > 0:
+        return   # rank 0 reports for the group
     summary["blas"] = blas_info()
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True))

@@ -45,6 +45,10 @@ def demo_cmd(out: Path, family: str, ratio: float, as_json: bool) -> None:
     from ..telemetry.calibration import CalibrationOptions
     from ..testing import synth
 
+    from ..runner.distributed import world
+
+    if world().size > 1:
+        raise BadInput("demo", "runs in one process; start it without mlx.launch")
     if family not in synth.FAMILIES:
         raise BadInput("--family", f"unknown family {family!r}; choose from {', '.join(synth.FAMILIES)}")
     out.mkdir(parents=True, exist_ok=True)

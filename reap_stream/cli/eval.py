@@ -45,10 +45,13 @@ def eval_cmd(model_dir: Path, calibration: CalibrationOptions, run: RunOptions, 
              ignore_fingerprint: bool, as_json: bool) -> None:
     """Perplexity of MODEL_DIR (a model directory or a GGUF file) on --prompt / --dataset-file text, layer by layer."""
     from ..eval import mask_from_plan, perplexity
+    from ..runner.distributed import world
 
     model, calib = _open(model_dir, calibration)
     mask = mask_from_plan(mask_plan, model, ignore_fingerprint=ignore_fingerprint) if mask_plan else None
     result = perplexity(model, calib.sequences, run, mask=mask, progress=not as_json, where=calibration.where)
+    if world().rank > 0:
+        return   # every rank has the result; rank 0 reports it
     if as_json:
         summary = {"model": str(model_dir), "mask_plan": None if mask_plan is None else str(mask_plan),
                    "masked_experts": {str(k): v for k, v in sorted((mask or {}).items())},

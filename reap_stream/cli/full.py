@@ -35,6 +35,8 @@ def full_cmd(model_path: Path, calibration: CalibrationOptions, plan_options: Pl
 
     summary = run_full(open_model(model_path), calibration, out, plan_options, run, renorm_topk=renorm_topk,
                        max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=not as_json)
+    if summary["collect"].get("distributed", {}).get("rank", 0) > 0:
+        return   # rank 0 plans, applies and reports
     summary["blas"] = blas_info()
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))

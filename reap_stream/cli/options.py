@@ -75,6 +75,9 @@ _RUN = (
     click.option("--work-dir", "run_work_dir", type=click.Path(path_type=Path), default=None,
                  help="Spilled hidden states and resume state (default: beside --out; eval and compare: a "
                       "temporary directory, removed afterwards)."),
+    click.option("--distributed", "run_distributed", is_flag=True,
+                 help="Run as one rank of an mlx.launch group and refuse to run alone (under mlx.launch a "
+                      "group of 2 or more is joined anyway); see docs/distributed.md."),
 )
 
 

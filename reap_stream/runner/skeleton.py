@@ -189,6 +189,12 @@ class Forward:
         from ..families.masking import router_experts
         return router_experts(self.blocks[layer], self.family)
 
+    def expert_width(self, layer: int) -> int:
+        """Width of layer's expert outputs: the hidden size, or the experts' latent size."""
+        from ..families.table import attr
+        from ..families.stacks import out_dims
+        return out_dims(attr(self.blocks[layer], self.family.stacked))
+
     def hook(self, i: int, on_capture: Callable | None, check: bool, pair: Callable | None = None) -> MoEHook:
         kind = LayerMoEHook if not self.family.block else MoEHook
         return kind(self.blocks[i], self.family, i, self.top_k, self.num_experts(i), on_capture, check,

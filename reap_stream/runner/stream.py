@@ -53,6 +53,15 @@ class StreamRunner(Runs):
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             return 0
 
+    def resume_at(self, layer: int) -> None:
+        """Start at `layer` instead, whose input is already spilled (a distributed rank that was
+        killed one step behind the others: runner/distributed.common_start)."""
+        if not self.spill.complete(layer):
+            raise BadInput(self.work_dir, f"hidden states for layer {layer} are missing; delete the work dir and rerun")
+        self._set_next_layer(layer)
+        for i in range(layer):
+            self.spill.drop(i)
+
     def _set_next_layer(self, n: int) -> None:
         write_text_atomic(self.work_dir / "progress.json", json.dumps({"next_layer": n}))
 

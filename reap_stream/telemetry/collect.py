@@ -6,6 +6,10 @@ layer, or whole in memory mode: reap_stream.runner) and writes a telemetry store
 layer is committed there atomically once its output hidden states are spilled; `out` appears
 (by rename) only when every selected layer is in. WORK_DIR/run.json records the options that
 change results; a rerun with the same ones resumes, a rerun with others is refused.
+
+Under mlx.launch (runner/distributed.py) every rank runs its share of the calibration chunks in
+its own WORK_DIR/rank-NN; after each layer the ranks' sums are added in rank order and rank 0
+commits the layer and writes `out`.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .. import __version__
 from ..blas import mlx_core
 from ..errors import BadInput
@@ -23,9 +29,10 @@ from ..families.model import Model
 from ..io.files import write_text_atomic
 from ..procstats import peak_rss_bytes
 from ..runner import RunOptions, open_runner
+from ..runner.distributed import SHARE_RULE, Group, common_start, join_group
 from .accumulate import Accumulator
 from .calibration import CalibrationSet
-from .store import TelemetryStore
+from .store import LayerStats, TelemetryStore
 from .tokens import save_tokens
 
 RUN_FILE = "run.json"
@@ -113,41 +120,56 @@ def collect(model: Model, calib: CalibrationSet, out: str | Path, run: RunOption
                     "sample_batch_size": run.sample_batch_size},
         "tool_version": __version__,
     }
-    if out.exists():
-        return _already_done(out, attrs)
-
+    record = {"model_fingerprint": model.fingerprint, "calibration_fingerprint": calib.fingerprint, **attrs["options"]}
+    group = join_group(run.distributed)
+    if group.distributed:
+        attrs["distributed"] = {"ranks": group.size, "share": SHARE_RULE}
+        group.agree({"command": "collect", **record, "mode": run.mode, "tool_version": __version__,
+                     "mlx_version": mlx_core().__version__})
+        record.update(rank=group.rank, ranks=group.size)
+        work_dir = work_dir / f"rank-{group.rank:02d}"
+    done = group.together("output", lambda: _already_done(out, attrs) if group.rank == 0 and out.exists() else None)[0]
+    if done is not None:
+        if group.distributed:
+            done["distributed"] = {"ranks": group.size, "rank": group.rank}
+            if work_dir.is_dir():
+                _clean_work_dir(work_dir, rank_dir=True)   # a rank killed after the output was complete
+        group.close()
+        return done
+    progress = progress and group.rank == 0
     # the runner reads nothing yet, but refuses weights it cannot read before anything is written
     runner = open_runner(model, run, work_dir, progress=progress)
-    record = {"model_fingerprint": model.fingerprint, "calibration_fingerprint": calib.fingerprint, **attrs["options"]}
-    work_dir.mkdir(parents=True, exist_ok=True)
-    _check_run_record(work_dir, record)
-    write_text_atomic(work_dir / RUN_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
-    tokens_path = work_dir / "tokens.zarr"
-    if not tokens_path.exists():
-        save_tokens(calib, tokens_path)
+    group.together("work dir", lambda: _prepare_work_dir(work_dir, record, calib, group))
 
     store_path = work_dir / "telemetry.zarr"
-    store = TelemetryStore.open(store_path) if (store_path / "zarr.json").exists() \
-        else TelemetryStore.create(store_path, attrs)
+    store = None   # written by rank 0 alone
+    if group.rank == 0:
+        store = TelemetryStore.open(store_path) if (store_path / "zarr.json").exists() \
+            else TelemetryStore.create(store_path, attrs)
     accs: dict[int, Accumulator] = {}
 
     def on_moe(layer: int, chunk, cap) -> None:
         if layer in selected:
             if layer not in accs:  # expert outputs are hidden-sized, or latent-sized (Nemotron-H)
-                width = int(cap.batch.outputs.shape[1])
-                accs[layer] = Accumulator(layer, structure.layer_experts[layer], width, options.renorm_topk)
+                accs[layer] = Accumulator(layer, structure.layer_experts[layer], runner.fwd.expert_width(layer),
+                                          options.renorm_topk)
             accs[layer].add(cap)
 
     def commit(layer: int) -> None:
-        if layer in accs:
-            store.commit(accs.pop(layer).stats)
+        if layer in selected:
+            acc = accs.pop(layer, None)
+            stats = acc.stats if acc is not None else \
+                LayerStats.zeros(layer, structure.layer_experts[layer], runner.fwd.expert_width(layer))
+            stats = _combined(group, stats)
+            if store is not None:
+                store.commit(stats)
+        group.exchange(f"layer {layer} committed")   # nobody records the next layer before this commit
 
     stop = max(selected) + 1
-    chunks = runner.chunks(calib.sequences, run.sample_batch_size)
-    start = runner.start_layer
-    missing = [i for i in selected if i < start and i not in store.layers()]
-    if missing:
-        raise BadInput(store_path, f"layer {missing[0]} is not committed but the run is past it; delete the work dir")
+    all_chunks = runner.chunks(calib.sequences, run.sample_batch_size)
+    chunks = group.share(all_chunks)
+    start = common_start(group, runner)
+    group.together("committed layers", lambda: _check_committed(store, selected, start))
     layers_run = 0
     with tqdm(total=stop, initial=min(start, stop), desc="layers", unit="layer",
               disable=None if progress else True) as bar:
@@ -157,8 +179,16 @@ def collect(model: Model, calib: CalibrationSet, out: str | Path, run: RunOption
     runner.close()
     seconds = time.perf_counter() - started
 
-    _publish(store_path, out)
-    _clean_work_dir(work_dir)
+    if group.rank == 0:
+        _publish(store_path, out)
+    timings = group.exchange("published", group.timings)
+    _clean_work_dir(work_dir, rank_dir=group.distributed)
+    group.close()
+    if group.distributed:
+        shares = {"ranks": group.size, "rank": group.rank, "tokens_per_rank": group.tokens_per_rank(all_chunks),
+                  "timings": timings}
+        if group.rank > 0:
+            return {"out": str(out), "layers_run": layers_run, "seconds": round(seconds, 3), "distributed": shares}
     done = TelemetryStore.open(out)
     return {
         "out": str(out), "mode": run.mode, "layers": done.layers(), "num_tokens": calib.num_tokens,
@@ -167,7 +197,39 @@ def collect(model: Model, calib: CalibrationSet, out: str | Path, run: RunOption
         "peak_rss_mib": round(peak_rss_bytes() / 2**20, 1),
         "telemetry_fingerprint": done.fingerprint(), "model_fingerprint": model.fingerprint,
         "calibration_fingerprint": calib.fingerprint, "routing": attrs["routing"],
+        **({"distributed": shares} if group.distributed else {}),
     }
+
+
+def _prepare_work_dir(work_dir: Path, record: dict, calib: CalibrationSet, group: Group) -> None:
+    """The work dir of this run (or rank): refused when it holds another run's state."""
+    if group.distributed and (work_dir.parent / RUN_FILE).exists():
+        raise BadInput(work_dir.parent / RUN_FILE, "work dir belongs to a run in one process; rerun it without "
+                                                   "mlx.launch or use another --work-dir")
+    if not group.distributed and (work_dir / "rank-00").is_dir():
+        raise BadInput(work_dir, "holds a distributed run's state (rank-NN); rerun it under mlx.launch with "
+                                 "the same ranks or use another --work-dir")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    _check_run_record(work_dir, record)
+    write_text_atomic(work_dir / RUN_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    tokens_path = work_dir / "tokens.zarr"
+    if not tokens_path.exists():
+        save_tokens(calib, tokens_path)
+
+
+def _check_committed(store: TelemetryStore | None, selected: list[int], start: int) -> None:
+    missing = [] if store is None else [i for i in selected if i < start and i not in store.layers()]
+    if missing:
+        raise BadInput(store.path, f"layer {missing[0]} is not committed but the run is past it; delete the work dir")
+
+
+def _combined(group: Group, stats: LayerStats) -> LayerStats:
+    """One layer's sums over every rank, added in rank order (max for max_activations)."""
+    if not group.distributed:
+        return stats
+    arrays = {name: getattr(stats, name) for name in LayerStats.ARRAYS}
+    total = group.reduce({**arrays, "tokens": np.array([float(stats.tokens)])}, maxes={"max_activations"})
+    return LayerStats(stats.layer, int(total.pop("tokens")[0]), **total)
 
 
 def _already_done(out: Path, attrs: dict) -> dict:
@@ -181,17 +243,19 @@ def _already_done(out: Path, attrs: dict) -> dict:
             "telemetry_fingerprint": store.fingerprint()}
 
 
-def _clean_work_dir(work_dir: Path) -> None:
-    """Remove what collect put in the work dir (and the dir itself when that leaves it empty)."""
+def _clean_work_dir(work_dir: Path, rank_dir: bool = False) -> None:
+    """Remove what collect put in the work dir (and the dir itself when that leaves it empty; for a
+    rank's dir, WORK too once the last rank is out)."""
     for p in sorted(work_dir.iterdir()):
         ours = p.name in (RUN_FILE, "progress.json", "tokens.zarr", "telemetry.zarr") or \
             p.name.startswith(("hidden_", ".hidden_", ".progress", ".run.json", ".tokens.zarr"))
         if ours:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
-    try:
-        work_dir.rmdir()
-    except OSError:
-        pass
+    for d in (work_dir, work_dir.parent) if rank_dir else (work_dir,):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
 
 
 def _publish(src: Path, out: Path) -> None:
