@@ -7,7 +7,7 @@ import sys
 import click
 
 from .. import __version__
-from ..errors import BadInput
+from ..errors import BadInput, one_line, os_error
 
 # command name -> ("module:attribute" of its click command, the first line of its help). The
 # summaries are here so that `reap-stream --help` imports no command module (tests/test_cli.py
@@ -59,8 +59,14 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except BadInput as e:
-            click.echo(f"reap-stream: error: {e}", err=True)
-            sys.exit(2)
+            _fail(e)
+        except OSError as e:  # the file system refused something no command foresaw: still one line
+            _fail(os_error(e))
+
+
+def _fail(e: BadInput) -> None:
+    click.echo(f"reap-stream: error: {one_line(str(e))}", err=True)
+    sys.exit(2)
 
 
 @click.group(cls=LazyGroup)

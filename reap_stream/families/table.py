@@ -33,6 +33,10 @@ class Routing(str, Enum):
         return "selection_bias" if self is Routing.SIGMOID_GROUP else "logits"
 
 
+# more layers than any model has: layer counts and indexes beyond it are corrupt input (and would
+# otherwise build ranges that take hours)
+MAX_LAYERS = 100_000
+
 # config key -> the layers it names, for the dense / frozen rules a row lists (value: the key's value)
 LAYER_RULES = MappingProxyType({
     "first_k_dense_replace": lambda cfg, v: range(int(v)),
@@ -129,7 +133,7 @@ BY_GGUF_ARCH: MappingProxyType = MappingProxyType({f.gguf_arch: f for f in FAMIL
 # router tensors whose axis 0 is the expert axis
 ROUTER_PARAMS = ("weight", "bias", "scales", "biases", "e_score_correction_bias")
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d{1,9})\.", re.ASCII)
 
 
 def family_of(config: dict, where: str = "config.json") -> Family:
@@ -140,19 +144,24 @@ def family_of(config: dict, where: str = "config.json") -> Family:
     return fam
 
 
-def _config_int(config: dict, key: str, where: str) -> int:
+def config_int(config: dict, key: str, where: str = "config.json", *, default: int | None = None,
+               limit: int = 1 << 20) -> int:
+    """config[key] as a positive integer of at most `limit` (`default` when absent or null)."""
     value = config.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BadInput(where, f"{key} must be a positive integer (got {value!r})")
+    if value is None and default is not None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise BadInput(where, f"{key} must be a positive integer up to {limit:,} (got {value!r:.80})")
     return value
 
 
+
 def num_experts(config: dict, fam: Family, where: str = "config.json") -> int:
-    return _config_int(config, fam.experts_key, where)
+    return config_int(config, fam.experts_key, where)
 
 
 def top_k(config: dict, where: str = "config.json") -> int:
-    return _config_int(config, "num_experts_per_tok", where)
+    return config_int(config, "num_experts_per_tok", where)
 
 
 def _rule_layers(config: dict, keys: tuple[str, ...], where: str) -> set[int]:
@@ -162,10 +171,19 @@ def _rule_layers(config: dict, keys: tuple[str, ...], where: str) -> set[int]:
         if not value:
             continue
         try:
-            out.update(int(i) for i in LAYER_RULES[key](config, value))
-        except (TypeError, ValueError, KeyError):
+            layers = [int(i) for i in _bounded(LAYER_RULES[key](config, value))]
+        except (TypeError, ValueError, KeyError, OverflowError):
             raise BadInput(where, f"{key} {value!r:.80} does not name layers") from None
+        if any(not 0 <= i < 2 * MAX_LAYERS for i in layers):
+            raise BadInput(where, f"{key} {value!r:.80} names a layer outside 0..{2 * MAX_LAYERS - 1}")
+        out.update(layers)
     return out
+
+
+def _bounded(layers):
+    if len(layers) > MAX_LAYERS:
+        raise ValueError("too many layers")
+    return layers
 
 
 def dense_layers(config: dict, fam: Family, where: str = "config.json") -> list[int]:
@@ -204,7 +222,7 @@ def classify(name: str, fam: Family) -> ExpertTensor | None:
         if rest.startswith(module + "."):
             tail = rest[len(module) + 1:]
             first, _, after = tail.partition(".")
-            if first.isdigit():
+            if first.isascii() and first.isdigit() and len(first) <= 9:
                 return ExpertTensor(layer, "per_expert", int(first),
                                     name[: len(name) - len(tail)], after)
             return ExpertTensor(layer, "stacked")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -38,15 +37,12 @@ def fsync_tree(path: Path) -> None:
 def read_store_attrs(path: Path, label: str, fmt: str, version: int) -> dict:
     """The attributes of a reap-stream Zarr v3 store (`label`: what it is, for the messages),
     checked for its format name and schema version."""
+    from .reading import read_json
+
     meta = Path(path) / "zarr.json"
-    try:
-        doc = json.loads(meta.read_text())
-    except (FileNotFoundError, NotADirectoryError):
-        raise BadInput(path, f"not a {label} store (no zarr.json)") from None
-    except OSError as e:
-        raise BadInput(meta, f"cannot read: {e.strerror}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadInput(meta, f"invalid JSON: {e}") from None
+    if not os.path.lexists(meta):
+        raise BadInput(path, f"not a {label} store (no zarr.json)")
+    doc = read_json(meta, "JSON")
     attrs = doc.get("attributes") if isinstance(doc, dict) else None
     if not isinstance(attrs, dict):
         raise BadInput(meta, "not a Zarr group description (expected a JSON object with an 'attributes' object)")

@@ -9,6 +9,7 @@ chunks of >= 2 sequences run as two half-batches on two lanes where that gives t
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -18,6 +19,7 @@ from ..families.masking import mask_experts
 from ..families.model import Model
 from ..families.table import Family
 from ..io.files import write_text_atomic
+from ..io.reading import read_json_object
 from .chunks import Chunk, chunk_bar, make_chunks
 from .lanes import SplitCheck, lanes_pair, shared_lanes, split_layer_forward
 from .skeleton import Forward, Weights, build_skeleton, trace_layers
@@ -60,10 +62,13 @@ class StreamRunner:
     @property
     def start_layer(self) -> int:
         """The first layer run() computes: where a killed run stopped."""
-        try:
-            return int(json.loads((self.work_dir / "progress.json").read_text())["next_layer"])
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
+        path = self.work_dir / "progress.json"
+        if not os.path.lexists(path):
             return 0
+        n = read_json_object(path, "progress record").get("next_layer")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self.num_layers:
+            raise BadInput(path, f"next_layer {n!r:.40} is not a layer of this model; delete the work dir")
+        return n
 
     def _set_next_layer(self, n: int) -> None:
         write_text_atomic(self.work_dir / "progress.json", json.dumps({"next_layer": n}))

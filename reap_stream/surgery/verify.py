@@ -8,7 +8,6 @@ are none. Reading is read-only and streams each file once (sha256 in 8 MiB block
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from tqdm import tqdm
 from .safetensors import MANIFEST_FORMAT, MANIFEST_NAME, PLAN_COPY_NAME
 from ..io.files import sha256_file
 from ..io.gguf import is_gguf
+from ..io.reading import is_index, read_json_object
 from ..io.safetensors import Checkpoint
 from ..errors import BadInput
 from ..families.table import classify, family_of
@@ -32,17 +32,10 @@ class Finding:
 
 def _load_json(path: Path, check: str, findings: list[Finding]) -> dict | None:
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        findings.append(Finding(check, path.name, "missing"))
+        return read_json_object(path, "JSON", missing="missing")
+    except BadInput as e:
+        findings.append(Finding(check, path.name, e.what))
         return None
-    except (ValueError, UnicodeDecodeError) as e:
-        findings.append(Finding(check, path.name, f"invalid JSON: {e}"))
-        return None
-    if not isinstance(data, dict):
-        findings.append(Finding(check, path.name, "not a JSON object"))
-        return None
-    return data
 
 
 def check_manifest(out: Path, findings: list[Finding], progress: bool = False) -> int:
@@ -91,7 +84,7 @@ def expected_counts(config: dict, experts_key: str, moe_layers: list[int]) -> di
     rec = config.get("reap_stream")
     rec = rec if isinstance(rec, dict) else {}
     raw = rec.get("layer_experts") or {}
-    if not isinstance(raw, dict) or not all(str(k).isdigit() and _is_count(v) for k, v in raw.items()):
+    if not isinstance(raw, dict) or not all(is_index(k) and _is_count(v) for k, v in raw.items()):
         raise BadInput("config.json", f"reap_stream.layer_experts is not a map of layer -> expert count ({raw!r:.80})")
     counts = {int(k): v for k, v in raw.items()}
     key, default = ("reap_stream.original_experts", rec["original_experts"]) if counts and "original_experts" in rec \
@@ -158,7 +151,7 @@ def check_plan_copy(out: Path, config: dict, findings: list[Finding]) -> None:
         return
     kept, counts = rec.get("kept") or {}, rec.get("layer_experts") or {}
     if not (isinstance(kept, dict) and isinstance(counts, dict)
-            and all(str(k).isdigit() for k in (*kept, *counts))):
+            and all(is_index(k) for k in (*kept, *counts))):
         findings.append(Finding("config", "config.json", "reap_stream.kept / layer_experts are not maps keyed by layer"))
         return
     kept, counts = {str(int(k)): v for k, v in kept.items()}, {str(int(k)): v for k, v in counts.items()}

@@ -21,6 +21,7 @@ from ..blas import mlx_core
 from ..errors import BadInput
 from ..families.model import Model
 from ..io.files import write_text_atomic
+from ..io.reading import read_json_object
 from ..procstats import peak_rss_bytes
 from ..runner import RunOptions, open_runner
 from .accumulate import Accumulator
@@ -65,12 +66,12 @@ def parse_layers(spec: str | None) -> tuple[int, ...] | None:
 
 def _check_run_record(work_dir: Path, record: dict) -> None:
     path = work_dir / RUN_FILE
-    if not path.exists():
+    if not os.path.lexists(path):
         return
     try:
-        old = json.loads(path.read_text())
-    except ValueError:
-        raise BadInput(path, "unreadable run record; delete the work dir") from None
+        old = read_json_object(path, "run record")
+    except BadInput as e:
+        raise BadInput(path, f"unreadable run record ({e.what}); delete the work dir") from None
     diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
     if diff:
         raise BadInput(path, f"work dir belongs to a run with other {', '.join(diff)}; "
