@@ -56,9 +56,10 @@ _REASONS = {
 
 def os_error(e: OSError, where: str | Path | None = None, *, needed: int | None = None,
              doing: str = "") -> BadInput:
-    """An OSError as one line naming the path: what failed (`doing`: "cannot write", ...) and why.
-    A full disk says how many bytes were `needed` and how many are free."""
-    path = e.filename if e.filename is not None else where
+    """An OSError as one line naming `where` (default: the file the error names): what failed
+    (`doing`: "cannot write", ...) and why. A full disk says how many bytes were `needed` and how
+    many are free."""
+    path = where if where is not None else e.filename
     if isinstance(path, bytes):
         path = path.decode("utf-8", "backslashreplace")
     reason = _REASONS.get(e.errno, e.strerror or type(e).__name__)
@@ -68,6 +69,6 @@ def os_error(e: OSError, where: str | Path | None = None, *, needed: int | None 
                  f"{free:,} free" if free is not None else None]
         detail = ", ".join(p for p in parts if p)
         reason += f" ({detail})" if detail else ""
-    if e.filename2 is not None:
+    if e.filename2 is not None and where is None:
         reason += f" (renaming to {e.filename2})"
     return BadInput(path if path is not None else "file system", f"{doing}: {reason}" if doing else reason)

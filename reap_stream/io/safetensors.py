@@ -151,7 +151,7 @@ class Checkpoint:
         if not root.is_dir():
             raise BadInput(root, "not a model directory")
         config_path = root / "config.json"
-        config = read_json_object(config_path, "config", missing="missing")
+        config = read_json_object(config_path, "JSON", missing="missing")
         if not isinstance(config.get("model_type"), str):
             raise BadInput(config_path, "no model_type string")
 

@@ -128,7 +128,7 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         path = Path(path)
-        return cls.from_json(read_json(path, "plan JSON", missing="plan file not found"), str(path))
+        return cls.from_json(read_json(path, "JSON", missing="plan file not found"), str(path))
 
 
 def _is_int(x: object) -> bool:
