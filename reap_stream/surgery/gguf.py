@@ -269,7 +269,8 @@ def apply_gguf(gm: Model, plan: Plan, out: Path, *, overwrite: bool, dry_run: bo
         try:
             summary["files"] = _write_parts(parts, buffer_bytes, model.name, progress)
         except OSError as e:
-            raise os_error(e, e.filename or out, needed=needed, doing="cannot write the output") from None
+            ours = e.filename is None or Path(e.filename).name.endswith(".partial")  # a temporary: name the output
+            raise os_error(e, out if ours else e.filename, needed=needed, doing="cannot write the output") from None
     return summary
 
 

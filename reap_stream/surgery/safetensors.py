@@ -293,7 +293,8 @@ def write_layout(layout: Layout, out: Path, *, overwrite: bool = False, buffer_b
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written output behind
             if isinstance(e, OSError):
-                raise os_error(e, e.filename or out, needed=needed, doing="cannot write the output") from None
+                ours = e.filename is None or str(e.filename).startswith(str(tmp))  # a temporary: name the output
+                raise os_error(e, out if ours else e.filename, needed=needed, doing="cannot write the output") from None
             raise
     return files
 
