@@ -5,6 +5,8 @@ from pathlib import Path
 
 from .errors import BadInput
 from .families.model import Model
+from .io.lock import exclusive
+from .io.reading import read_bytes
 from .planning.planner import PlanOptions, make_plan
 from .runner.chunks import RunOptions
 from .surgery.safetensors import DEFAULT_MAX_SHARD, PLAN_COPY_NAME, check_output_path, plan_layout, write_layout
@@ -24,6 +26,13 @@ def run_full(model: Model, calibration: CalibrationOptions, out: Path, plan_opti
     out = Path(out)
     work = Path(run.work_dir) if run.work_dir else out.with_name(out.name + ".reap-work")
     model.require_checkpoint("full")
+    with exclusive(out), exclusive(work, "work dir"):  # one run per output and per work dir
+        return _run_full(model, calibration, out, work, plan_options, run, renorm_topk, max_shard_bytes,
+                         overwrite, progress)
+
+
+def _run_full(model: Model, calibration: CalibrationOptions, out: Path, work: Path, plan_options: PlanOptions,
+              run: RunOptions, renorm_topk: bool, max_shard_bytes: int, overwrite: bool, progress: bool) -> dict:
     previous = out / PLAN_COPY_NAME
     if out.exists() and not previous.is_file() and not overwrite:
         raise BadInput(out, "output exists and is not a reap-stream output; pass --overwrite to replace it")
@@ -41,7 +50,7 @@ def run_full(model: Model, calibration: CalibrationOptions, out: Path, plan_opti
     summary = {"out": str(out), "work_dir": str(work), "telemetry": str(telemetry), "plan": str(plan_path),
                "collect": collected, "kept_per_layer": {str(k): len(v.kept) for k, v in sorted(plan.layers.items())}}
     if previous.is_file():
-        if previous.read_text() == plan.dumps():
+        if read_bytes(previous, "plan copy") == plan.dumps().encode():
             summary["apply"] = "already complete"
             return summary
         if not overwrite:

@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from ..errors import BadInput
+from ..io.lock import exclusive
 from ..telemetry.store import TelemetryStore
 from ..telemetry.synthetic import write_synthetic_telemetry
 
@@ -26,19 +27,21 @@ from ..telemetry.synthetic import write_synthetic_telemetry
 def init_cmd(out: Path, layers: int, experts: int, top_k: int, tokens: int, hidden: int, n_group: int,
              topk_group: int, seed: int, like: Path | None, overwrite: bool) -> None:
     """Write synthetic telemetry (varied experts, never-routed ones, a super expert) for demos and tests."""
-    if out.exists() and not overwrite:
-        raise BadInput(out, "exists; pass --overwrite to replace it")
-    if out.exists():
-        TelemetryStore.open(out)  # only ever replace a telemetry store
     model = None
     if like is not None:
         from ..families.model import open_model
+        from ..families.table import config_int
 
         resolved = open_model(like)
-        model, hidden = resolved.model_block(), int(resolved.config.get("hidden_size", 32))
-    store = write_synthetic_telemetry(out, layers=layers, experts=experts, seed=seed, top_k=top_k, tokens=tokens,
-                                      hidden=hidden, n_group=n_group, topk_group=topk_group, model=model,
-                                      progress=True)
+        model, hidden = resolved.model_block(), config_int(resolved.config, "hidden_size", resolved.where, default=32)
+    with exclusive(out, "telemetry store"):
+        if out.exists() and not overwrite:
+            raise BadInput(out, "exists; pass --overwrite to replace it")
+        if out.exists():
+            TelemetryStore.open(out)  # only ever replace a telemetry store
+        store = write_synthetic_telemetry(out, layers=layers, experts=experts, seed=seed, top_k=top_k, tokens=tokens,
+                                          hidden=hidden, n_group=n_group, topk_group=topk_group, model=model,
+                                          progress=True)
     m = store.attrs["model"]
     click.echo(f"wrote {out}: {len(m['moe_layers'])} MoE layers x {m['num_experts']} experts, top_k={m['top_k']}, "
                f"{tokens} tokens, telemetry {store.fingerprint()[:19]}…")

@@ -24,6 +24,7 @@ def parity_cmd(left: Path, right: Path, plan_options: PlanOptions, require_ident
     """Compare telemetry stores LEFT and RIGHT; exit 1 when they disagree on what to prune."""
     from ..errors import BadInput
     from ..io.files import write_text_atomic
+    from ..io.lock import exclusive
     from ..planning.parity import compare, to_markdown
     from ..telemetry.store import TelemetryStore
 
@@ -31,9 +32,10 @@ def parity_cmd(left: Path, right: Path, plan_options: PlanOptions, require_ident
                      require_identical_telemetry=require_identical_telemetry)
     if out.exists() and not out.is_dir():
         raise BadInput(out, "output exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "parity.json", json.dumps(report, indent=1, sort_keys=True) + "\n")
-    write_text_atomic(out / "parity.md", to_markdown(report))
+    with exclusive(out, "parity report"):
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "parity.json", json.dumps(report, indent=1, sort_keys=True) + "\n")
+        write_text_atomic(out / "parity.md", to_markdown(report))
     if as_json:
         click.echo(json.dumps(report, indent=1, sort_keys=True))
     else:

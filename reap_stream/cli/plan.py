@@ -21,6 +21,7 @@ def plan_cmd(telemetry: Path, out: Path, plan_options: PlanOptions, model_path: 
     """Choose the experts to prune from TELEMETRY and write a plan."""
     from ..errors import BadInput
     from ..families.model import open_model
+    from ..io.lock import exclusive
     from ..planning.planner import check_store_model, make_plan
     from ..telemetry.store import TelemetryStore
 
@@ -33,7 +34,8 @@ def plan_cmd(telemetry: Path, out: Path, plan_options: PlanOptions, model_path: 
         check_store_model(store, model)
         frozen = model.structure.frozen_layers
     plan = make_plan(store, plan_options, frozen=frozen, progress=not as_json)
-    plan.save(out)
+    with exclusive(out, "plan"):
+        plan.save(out)
     summary = {
         "out": str(out), "telemetry": str(telemetry), "method": plan.method, "ratio": plan.ratio, "uniform": plan.uniform,
         "kept_per_layer": {str(k): len(lp.kept) for k, lp in sorted(plan.layers.items())},

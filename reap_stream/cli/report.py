@@ -7,6 +7,7 @@ import click
 
 from ..planning.criteria import METHODS
 from ..errors import BadInput
+from ..io.lock import exclusive
 from ..planning.plan import Plan
 from ..telemetry.store import TelemetryStore
 
@@ -24,5 +25,6 @@ def report_cmd(telemetry: Path, plan_path: Path | None, method: str | None, out:
         raise BadInput(out, "output exists and is not a directory")
     from ..planning.report import write_report  # matplotlib loads only when a report is made
 
-    written = write_report(store, out, plan=plan, plan_where=str(plan_path) if plan_path else None, method=method)
+    with exclusive(out, "report"):
+        written = write_report(store, out, plan=plan, plan_where=str(plan_path) if plan_path else None, method=method)
     click.echo(f"wrote {out}: " + ", ".join(p.name for p in written))
