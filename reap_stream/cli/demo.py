@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from .options import PATH
+
 
 def demo_calibration_text() -> str:
     """Real text present on every machine: a few standard-library modules' source."""
@@ -18,7 +20,7 @@ def demo_calibration_text() -> str:
 
 
 @click.command("demo")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("reap-stream-demo"), show_default=True)
+@click.option("--out", type=PATH, default=Path("reap-stream-demo"), show_default=True)
 @click.option("--family", default="qwen3_moe", show_default=True, help="Tiny model family to generate.")
 @click.option("--ratio", type=float, default=0.5, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")

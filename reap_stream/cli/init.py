@@ -9,10 +9,11 @@ from ..errors import BadInput
 from ..io.lock import exclusive
 from ..telemetry.store import TelemetryStore
 from ..telemetry.synthetic import write_synthetic_telemetry
+from .options import PATH
 
 
 @click.command("init")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Telemetry store to create.")
+@click.option("--out", required=True, type=PATH, help="Telemetry store to create.")
 @click.option("--layers", default=8, show_default=True, help="MoE layers.")
 @click.option("--experts", default=16, show_default=True, help="Routed experts per layer.")
 @click.option("--top-k", default=2, show_default=True, help="Experts per token.")
@@ -21,7 +22,7 @@ from ..telemetry.synthetic import write_synthetic_telemetry
 @click.option("--n-group", default=1, show_default=True, help="Expert groups (DeepSeek-style group routing).")
 @click.option("--topk-group", default=1, show_default=True, help="Groups each token may use.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--like", "like", type=click.Path(path_type=Path),
+@click.option("--like", "like", type=PATH,
               help="Shape the store like this model directory (its MoE layers, experts, top_k, fingerprint).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 def init_cmd(out: Path, layers: int, experts: int, top_k: int, tokens: int, hidden: int, n_group: int,

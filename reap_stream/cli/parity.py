@@ -8,16 +8,16 @@ from pathlib import Path
 import click
 
 from ..planning.planner import PlanOptions
-from .options import plan_options
+from .options import PATH, plan_options
 
 
 @click.command("parity")
-@click.argument("left", type=click.Path(path_type=Path))
-@click.argument("right", type=click.Path(path_type=Path))
+@click.argument("left", type=PATH)
+@click.argument("right", type=PATH)
 @plan_options
 @click.option("--require-identical-telemetry", is_flag=True,
               help="Fail unless the telemetry is bit-identical (not merely the same prune sets).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for parity.json and parity.md.")
+@click.option("--out", required=True, type=PATH, help="Directory for parity.json and parity.md.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report.")
 def parity_cmd(left: Path, right: Path, plan_options: PlanOptions, require_identical_telemetry: bool, out: Path,
                as_json: bool) -> None:

@@ -7,14 +7,14 @@ from pathlib import Path
 import click
 
 from ..planning.planner import PlanOptions
-from .options import plan_options
+from .options import PATH, plan_options
 
 
 @click.command("plan")
-@click.argument("telemetry", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Plan JSON to write.")
+@click.argument("telemetry", type=PATH)
+@click.option("--out", required=True, type=PATH, help="Plan JSON to write.")
 @plan_options
-@click.option("--model", "model_path", type=click.Path(path_type=Path),
+@click.option("--model", "model_path", type=PATH,
               help="Source model: checks the telemetry belongs to it and leaves its hash/MTP layers whole.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def plan_cmd(telemetry: Path, out: Path, plan_options: PlanOptions, model_path: Path | None, as_json: bool) -> None:

@@ -10,13 +10,14 @@ from ..errors import BadInput
 from ..io.lock import exclusive
 from ..planning.plan import Plan
 from ..telemetry.store import TelemetryStore
+from .options import PATH
 
 
 @click.command("report")
-@click.argument("telemetry", type=click.Path(path_type=Path))
-@click.option("--plan", "plan_path", type=click.Path(path_type=Path), help="Overlay this plan's kept/pruned experts.")
+@click.argument("telemetry", type=PATH)
+@click.option("--plan", "plan_path", type=PATH, help="Overlay this plan's kept/pruned experts.")
 @click.option("--method", type=click.Choice(METHODS), help="Saliency criterion to show (default: the plan's, else reap).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for report.md and PNGs.")
+@click.option("--out", required=True, type=PATH, help="Directory for report.md and PNGs.")
 def report_cmd(telemetry: Path, plan_path: Path | None, method: str | None, out: Path) -> None:
     """Summarise TELEMETRY (and a plan made from it) as markdown and PNG figures."""
     store = TelemetryStore.open(telemetry)

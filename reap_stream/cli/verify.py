@@ -8,10 +8,11 @@ from pathlib import Path
 import click
 
 from ..surgery.verify import verify_output
+from .options import PATH
 
 
 @click.command("verify")
-@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=PATH)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def verify_cmd(out_dir: Path, as_json: bool, quiet: bool) -> None:

@@ -6,11 +6,13 @@ and its fingerprint. No tensor byte is read beyond the first router's (for the f
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BadInput
 from ..io.gguf import GGUFFile, is_gguf, read_model
+from ..io.hub import resolve_model_path
 from ..io.safetensors import Checkpoint
 from .structure import MoEStructure, checkpoint_structure, fingerprint, gguf_family, gguf_structure
 from .table import Family, family_of
@@ -58,8 +60,11 @@ class Model:
 
 
 def open_model(path: str | Path) -> Model:
-    """Resolve `path` (a model directory or a GGUF file) into a Model, or raise BadInput."""
-    path = Path(path)
+    """Resolve `path` (a model directory, a GGUF file, or the hub id of a model in the local Hugging
+    Face cache) into a Model, or raise BadInput."""
+    path = resolve_model_path(path)
+    if not os.path.lexists(path):
+        raise BadInput(path, "not found (give a model directory, a .gguf file or a cached hub id org/name)")
     if path.is_file() and is_gguf(path):
         parts = read_model(path)
         arch, fam = gguf_family(parts[0])
