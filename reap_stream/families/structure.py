@@ -100,7 +100,9 @@ def checkpoint_structure(ckpt: Checkpoint, fam: Family | None = None) -> MoEStru
     if dense:
         keys = ", ".join(k for k in fam.dense if cfg.get(k))
         raise BadInput(where, f"{keys} makes layer {dense[0]} dense, but the checkpoint holds a router for it")
-    num_layers = config_int(cfg, "num_hidden_layers", where, default=max(experts) + 1, limit=MAX_LAYERS)
+    absent = "num_hidden_layers" not in cfg  # absent: as many as the routers say; null or "x": refused
+    num_layers = config_int(cfg, "num_hidden_layers", where, default=max(experts) + 1 if absent else None,
+                            limit=MAX_LAYERS)
     return checked_structure(MoEStructure(
         model_type=fam.model_type,
         num_layers=num_layers,

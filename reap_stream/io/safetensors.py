@@ -173,12 +173,18 @@ class Checkpoint:
                 raise os_error(e, root, doing="cannot list") from None
             if not files:
                 raise BadInput(root, "no *.safetensors files and no model.safetensors.index.json")
+        for fname in files:  # every name usable before any header is read
+            try:
+                os.stat(root / fname)
+            except FileNotFoundError:
+                raise BadInput(index_path if weight_map is not None else root / fname,
+                               f"shard {fname} listed in weight_map does not exist") from None
+            except OSError as e:
+                raise os_error(e, index_path, doing=f"shard {fname!r:.80}") from None
         shards = []
         tensors: dict[str, TensorRef] = {}
         for fname in files:
             path = root / fname
-            if weight_map is not None and not os.path.lexists(path):
-                raise BadInput(index_path, f"shard {fname} listed in weight_map does not exist")
             shard = read_shard_header(path)
             for name, ref in shard.tensors.items():
                 if name in tensors:

@@ -195,9 +195,12 @@ def merge_stores(paths: list[Path], out: Path) -> TelemetryStore:
         if s.layers() != stores[0].layers():
             raise BadInput(s.path, f"layers {s.layers()} differ from {stores[0].path}'s {stores[0].layers()}")
     calib = [s.attrs.get("calibration") for s in stores]
+    tokens = [c.get("num_tokens", 0) if isinstance(c, dict) else 0 if c is None else None for c in calib]
+    for s, n in zip(stores, tokens):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise BadInput(s.path, f"calibration.num_tokens is not a token count ({n!r:.40})")
     attrs = {k: v for k, v in first.items() if k not in ("format", "schema_version", "calibration")}
-    attrs["calibration"] = {"merged": calib,
-                            "num_tokens": sum(int((c or {}).get("num_tokens", 0)) for c in calib)}
+    attrs["calibration"] = {"merged": calib, "num_tokens": sum(tokens)}
     merged = TelemetryStore.create(out, attrs)
     for layer in stores[0].layers():
         total = stores[0].read(layer)
