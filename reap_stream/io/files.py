@@ -31,11 +31,9 @@ def write_text_atomic(path: Path, text: str) -> None:
             f.write(text)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException as e:
+    except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise os_error(e, path, needed=len(text.encode()), doing="cannot write") from None
         raise
 
 

@@ -109,6 +109,12 @@ def exclusive(target: str | Path, what: str = "output") -> Iterator[None]:
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a name that is not a directory, or a link that leads nowhere
+        try:
+            os.stat(path.parent)
+        except OSError as e:
+            raise os_error(e, target, doing=f"cannot use {path.parent}") from None
+        raise BadInput(target, f"{path.parent} is not a directory") from None
     except OSError as e:
         raise os_error(e, target, doing="cannot create its directory") from None
     fd = _acquire(path, target, what)

@@ -36,6 +36,16 @@ def kind_of(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
+def resolved(path: str | Path) -> Path:
+    """`path` made absolute with every link followed (Path.resolve), a link loop as one line."""
+    try:
+        return Path(path).resolve()
+    except RuntimeError:  # Python's word for a symlink loop met while resolving
+        raise BadInput(path, "too many levels of symbolic links (a link loop?)") from None
+    except OSError as e:
+        raise os_error(e, path, doing="cannot resolve") from None
+
+
 def regular_file(path: str | Path, what: str = "file") -> os.stat_result:
     """stat of `path` (links followed), which must be a regular file; else one line naming it."""
     try:

@@ -29,6 +29,7 @@ from ..families.structure import gguf_expert_tensors
 from ..families.table import FAMILIES
 from ..io.files import check_space, copy_range, write_all, write_text_atomic
 from ..io.lock import exclusive, test_pause
+from ..io.reading import resolved
 from ..io.gguf import BLOCK_TENSOR, KV, SPLIT_PATTERN, GGUFFile, VType, align, split_name
 from ..io.gguf_write import OutTensor, encode_header, encode_kv, plan_offsets
 from ..planning.plan import Plan, check_plan, kept_runs
@@ -219,9 +220,9 @@ def apply_gguf(gm: Model, plan: Plan, out: Path, *, overwrite: bool, dry_run: bo
     check_plan(plan, gm.structure, where)
     parts, info = plan_layout(gm, plan, out, where)
 
-    sources = {p.path.resolve() for p in gm.gguf_parts}
+    sources = {resolved(p.path) for p in gm.gguf_parts}
     for p in parts:
-        if p.path.resolve() in sources:
+        if resolved(p.path) in sources:
             raise BadInput(p.path, "output would overwrite the source model")
         if not p.path.parent.is_dir():
             raise BadInput(p.path, "output directory does not exist")

@@ -25,7 +25,7 @@ from ..families.model import Model
 from ..families.table import Family, classify
 from ..io.files import check_space, copy_range, recover_dir, replace_dir, sha256_file, write_all
 from ..io.lock import exclusive, test_pause
-from ..io.reading import regular_file
+from ..io.reading import regular_file, resolved
 from ..io.safetensors import INDEX_NAME, Checkpoint
 from ..planning.plan import Plan, check_plan, kept_runs
 
@@ -200,7 +200,7 @@ def plan_layout(model: Model, plan: Plan, *, max_shard_bytes: int = DEFAULT_MAX_
 
 
 def check_output_path(source: Path, out: Path, overwrite: bool) -> None:
-    src, dst = source.resolve(), out.resolve()
+    src, dst = resolved(source), resolved(out)
     if dst == src or dst.is_relative_to(src):
         raise BadInput(out, f"output directory is the source or inside it ({source})")
     if src.is_relative_to(dst):

@@ -29,7 +29,7 @@ import numpy as np
 from ..io import zarr as zarr_io
 from ..errors import BadInput
 from ..io.files import fsync_tree, read_store_attrs
-from ..io.reading import is_index, read_json_object
+from ..io.reading import is_index, read_json_object, resolved
 
 TELEMETRY_FORMAT = "reap-stream-telemetry"
 TELEMETRY_SCHEMA_VERSION = 1
@@ -183,7 +183,7 @@ class TelemetryStore:
 
 def merge_stores(paths: list[Path], out: Path) -> TelemetryStore:
     """Add stores of the same model and routing settings, collected on disjoint calibration shards."""
-    if any(Path(p).resolve() == Path(out).resolve() for p in paths):
+    if any(resolved(p) == resolved(out) for p in paths):
         raise BadInput(out, "the merged store would overwrite one of its inputs")
     stores = [TelemetryStore.open(p) for p in paths]
     first = stores[0].attrs
