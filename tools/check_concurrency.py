@@ -4,8 +4,9 @@
     python tools/check_concurrency.py --trials 20 --seed 0
     python tools/check_concurrency.py --trials 5 --only apply --only "apply gguf split"
 
-For each writer kind (apply to a safetensors directory, apply to a GGUF file and to split GGUF
-parts, collect, full, plan, merge, init) every trial starts two or three real `reap-stream`
+For each writer kind (apply to a safetensors directory and to a GGUF file, both of --size-mb
+synthetic models so that writes take long enough to overlap, apply to split GGUF parts, collect,
+full, plan, merge, init) every trial starts two or three real `reap-stream`
 processes on the same output at random moments (0-400 ms apart), with randomly different inputs
 (two plans, two calibration texts, two seeds), with or without --overwrite, sometimes on an output
 that already exists, and sometimes SIGKILLs one of them at a random moment. Afterwards:
@@ -76,9 +77,9 @@ class Kind:
 def kinds(fx: dict) -> dict[str, Kind]:
     prompts = ["the quick brown fox jumps over the lazy dog " * 30, "lorem ipsum dolor sit amet consectetur " * 30]
     return {k.name: k for k in (
-        Kind("apply", lambda i, out: ["apply", fx["src"], fx["plans"][i], "--out", out, "--quiet"],
+        Kind("apply", lambda i, out: ["apply", fx["big"], fx["big_plans"][i], "--out", out, "--quiet"],
              overwrite=True, verify=True),
-        Kind("apply gguf", lambda i, out: ["apply", fx["gguf"], fx["plans"][i], "--out", out, "--quiet"],
+        Kind("apply gguf", lambda i, out: ["apply", fx["big_gguf"], fx["big_gguf_plans"][i], "--out", out, "--quiet"],
              overwrite=True, verify=True, gguf=True),
         Kind("apply gguf split", lambda i, out: ["apply", fx["split"], fx["plans"][i], "--out", out, "--quiet"],
              overwrite=True, verify=True, gguf=True),
@@ -91,7 +92,27 @@ def kinds(fx: dict) -> dict[str, Kind]:
     )}
 
 
-def fixtures(root: Path) -> dict:
+def random_plans(model: Path, root: Path, tag: str) -> list[Path]:
+    """Two different plans for a model: random halves and quarters of each layer's experts."""
+    import numpy as np
+
+    from reap_stream.families.model import open_model
+    from reap_stream.planning.plan import LayerPlan, Plan
+
+    st = open_model(model).structure
+    paths = []
+    for i, keep in enumerate((0.5, 0.75)):
+        rng = np.random.default_rng(i)
+        layers = {}
+        for layer, n in st.layer_experts.items():
+            kept = sorted(rng.choice(n, int(n * keep), replace=False).tolist())
+            layers[layer] = LayerPlan(kept, sorted(set(range(n)) - set(kept)))
+        paths.append(root / f"{tag}-plan{i}.json")
+        Plan(layers, method="random", ratio=1 - keep).save(paths[-1])
+    return paths
+
+
+def fixtures(root: Path, size_mb: int) -> dict:
     from reap_stream.blas import ensure_blas
 
     ensure_blas()
@@ -111,7 +132,17 @@ def fixtures(root: Path) -> dict:
     for i, ratio in enumerate((0.25, 0.5)):
         make_plan(TelemetryStore.open(stores[0]), PlanOptions("reap", ratio=ratio)).save(root / f"plan{i}.json")
         plans.append(root / f"plan{i}.json")
-    return {"src": src, "gguf": cached_gguf("qwen3_moe", "q8_0", cache / "gguf", src)[0],
+    sys.path.insert(0, str(REPO / "tools"))
+    from bench_apply import make_checkpoint
+    from bench_gguf import _write_model
+
+    # writers that take a while (large enough for the trials' start times to overlap them)
+    big = make_checkpoint(root / "big", size_mb / 1000)
+    big_gguf = root / "big.gguf"
+    _write_model(big_gguf, size_mb)
+    return {"big": big, "big_plans": random_plans(big, root, "big"), "big_gguf": big_gguf,
+            "big_gguf_plans": random_plans(big_gguf, root, "big-gguf"),
+            "src": src, "gguf": cached_gguf("qwen3_moe", "q8_0", cache / "gguf", src)[0],
             "split": cached_gguf("qwen3_moe", "q8_0", cache / "gguf", src, split=20)[0], "t": stores, "plans": plans}
 
 
@@ -201,11 +232,12 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", action="append", help="Writer kinds to try (repeatable).")
+    ap.add_argument("--size-mb", type=int, default=200, help="Size of the models the apply trials prune.")
     ap.add_argument("--json", type=Path, help="Write the results here.")
     a = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="reap-concurrency-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="reap-concurrency-", dir=os.environ.get("TMPDIR", "/var/tmp")) as tmp:
         root = Path(tmp)
-        fx = fixtures(root)
+        fx = fixtures(root, a.size_mb)
         table = kinds(fx)
         names = a.only or list(table)
         results = {}
