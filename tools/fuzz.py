@@ -346,16 +346,32 @@ def build_base(root: Path) -> Path:
 
 
 def _case_dir(base: Path, case: Path, mutated: str) -> Path:
-    """case/ holding the base entry `mutated` belongs to, by hard links (cheap), with the mutated
-    file itself absent (written fresh, so the base is never touched). Returns its path."""
+    """case/ holding a copy of the base entry `mutated` belongs to. Returns the mutated file's path."""
     top = mutated.split("/")[0]
-    case.mkdir()
-    if (base / top).is_dir():
-        shutil.copytree(base / top, case / top, copy_function=os.link)
-    path = case / mutated
-    if path.exists():
-        path.unlink()
-    return path
+    case.mkdir(exist_ok=True)
+    if (base / top).is_dir() and not (case / top).exists():
+        shutil.copytree(base / top, case / top)
+    return case / mutated
+
+
+class Case:
+    """A worker's directory for one parser, set up once: each input replaces the mutated file, and
+    afterwards the file is restored and whatever the parser wrote beside it is removed."""
+
+    def __init__(self, base: Path, scratch: Path, target: Target):
+        self.dir = scratch / target.name
+        self.path = _case_dir(base, self.dir, target.file)
+        self.original = (base / target.file).read_bytes()
+        self.entries = set(os.listdir(self.dir))
+
+    def write(self, data: bytes) -> None:
+        self.path.write_bytes(data)
+
+    def reset(self) -> None:
+        self.path.write_bytes(self.original)
+        for name in set(os.listdir(self.dir)) - self.entries:
+            p = self.dir / name
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 # ---------------------------------------------------------------- the worker
@@ -369,20 +385,19 @@ def worker(base: Path, scratch: Path, max_as: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (max_as, max_as))
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # keep stdout for replies
-    n = 0
+    cases: dict[str, Case] = {}
     while header := inp.read(4):
         name, case_id, data = pickle.loads(inp.read(struct.unpack("<I", header)[0]))
-        target = TARGETS[name]
-        case = scratch / f"c{n}"
-        n += 1
-        path = _case_dir(base, case, target.file)
-        path.write_bytes(data)
+        if name not in cases:
+            cases[name] = Case(base, scratch, TARGETS[name])
+        case = cases[name]
+        case.write(data)
         before = _status("VmRSS")
         _reset_peak()
         started = time.perf_counter()
         outcome, detail = "accepted", ""
         try:
-            parsers.run(name, case, path)
+            parsers.run(name, case.dir, case.path)
         except BadInput as e:
             outcome, detail = "refused", str(e)[:300]
         except MemoryError:
@@ -391,7 +406,7 @@ def worker(base: Path, scratch: Path, max_as: int) -> None:
             outcome, detail = "crash", "".join(traceback.format_exception(e))[-4000:]
         seconds = time.perf_counter() - started
         grown = _status("VmHWM") - before
-        shutil.rmtree(case, ignore_errors=True)
+        case.reset()
         reply = pickle.dumps((case_id, outcome, detail, seconds, grown))
         out.write(struct.pack("<I", len(reply)) + reply)
         out.flush()
@@ -534,7 +549,8 @@ def main() -> None:
     unknown = sorted(set(names) - set(TARGETS))
     if unknown:
         ap.error(f"unknown parser(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
-    with tempfile.TemporaryDirectory(prefix="reap-fuzz-") as tmp:
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    with tempfile.TemporaryDirectory(prefix="reap-fuzz-", dir=shm) as tmp:  # in memory: fsync is free
         base = build_base(Path(tmp))
         seeds = {n: [(base / TARGETS[n].file).read_bytes()] for n in names}
         if a.case is not None:
