@@ -197,6 +197,32 @@ TARGETS = {t.name: t for t in (
     Target("calibration_parquet", "rows.parquet", binary=True),
     Target("chat_rows", "chat.jsonl"),
 )}
+# inputs that must come out as each outcome: `--selftest` checks the classification itself
+SELFTESTS = {name: Target(name, "selftest.bin", binary=True) for name in
+             ("selftest_refused", "selftest_accepted", "selftest_crash", "selftest_segfault", "selftest_hang",
+              "selftest_memory_error", "selftest_memory_growth")}
+
+
+def selftest(name: str) -> None:
+    import ctypes
+
+    from reap_stream.errors import BadInput
+
+    if name == "selftest_refused":
+        raise BadInput("selftest", "refused")
+    if name == "selftest_crash":
+        raise ZeroDivisionError("selftest")
+    if name == "selftest_segfault":
+        ctypes.string_at(0)
+    if name == "selftest_hang":
+        time.sleep(3600)
+    if name == "selftest_memory_error":
+        bytearray(1 << 40)
+    if name == "selftest_memory_growth":
+        held = [b"\x01" * (768 << 20)]
+        held.clear()
+
+
 # each parquet input costs a child process (the isolated reader): fewer of them per round
 COST = {"calibration_parquet": 10}
 
@@ -379,8 +405,9 @@ class Case:
 def worker(base: Path, scratch: Path, max_as: int) -> None:
     sys.modules["torch"] = None  # tokenizers need no torch; as on a default install
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    parsers = Parsers(base)
     from reap_stream.errors import BadInput
+
+    parsers = None
 
     resource.setrlimit(resource.RLIMIT_AS, (max_as, max_as))
     inp, out = sys.stdin.buffer, sys.stdout.buffer
@@ -389,7 +416,9 @@ def worker(base: Path, scratch: Path, max_as: int) -> None:
     while header := inp.read(4):
         name, case_id, data = pickle.loads(inp.read(struct.unpack("<I", header)[0]))
         if name not in cases:
-            cases[name] = Case(base, scratch, TARGETS[name])
+            cases[name] = Case(base, scratch, {**TARGETS, **SELFTESTS}[name])
+        if parsers is None and name in TARGETS:
+            parsers = Parsers(base)
         case = cases[name]
         case.write(data)
         before = _status("VmRSS")
@@ -397,7 +426,7 @@ def worker(base: Path, scratch: Path, max_as: int) -> None:
         started = time.perf_counter()
         outcome, detail = "accepted", ""
         try:
-            parsers.run(name, case.dir, case.path)
+            selftest(name) if name in SELFTESTS else parsers.run(name, case.dir, case.path)
         except BadInput as e:
             outcome, detail = "refused", str(e)[:300]
         except MemoryError:
@@ -481,8 +510,8 @@ class Pool:
             for slot, (item, started) in list(busy.items()):
                 p = self.procs[slot]
                 reply = _read_reply(p, deadline=started + timeout)
-                if reply is None:  # overstayed or died
-                    code = p.poll()
+                if reply is None or reply == "eof":  # overstayed, or died
+                    code = p.wait() if reply == "eof" else p.poll()
                     self.kill(slot)
                     if code is None:
                         report(item[1], "hang", f"no answer within {timeout} s", timeout, 0)
@@ -511,7 +540,7 @@ def _read_reply(p: subprocess.Popen, deadline: float):
             return None
         chunk = os.read(fd, need - len(buf))
         if not chunk:
-            return None
+            return "eof"
         buf += chunk
         if size is None and len(buf) == 4:
             size = struct.unpack("<I", buf)[0]
@@ -521,7 +550,7 @@ def _read_reply(p: subprocess.Popen, deadline: float):
 
 def case_bytes(name: str, index: int, seed: int, seeds: dict[str, list[bytes]]) -> bytes:
     rng = random.Random(f"{seed}/{name}/{index}")
-    target = TARGETS[name]
+    target = {**TARGETS, **SELFTESTS}[name]
     return mutate(rng, seeds[name], target.binary, lambda d: _region(target, d))
 
 
@@ -537,6 +566,9 @@ def main() -> None:
     ap.add_argument("--max-as-gib", type=float, default=8.0, help="Address-space limit of a worker.")
     ap.add_argument("--findings-dir", type=Path, default=Path("fuzz-findings"))
     ap.add_argument("--json", type=Path, help="Write the summary here.")
+    ap.add_argument("--selftest", action="store_true",
+                    help="Fuzz stand-ins that refuse, accept, crash, segfault, hang and blow up memory, to check "
+                         "that each is classified as such (exit 1, since there are findings).")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--base", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
@@ -545,14 +577,19 @@ def main() -> None:
     if a.worker:
         worker(a.base, a.scratch, a.max_as)
         return
-    names = a.only or list(TARGETS)
-    unknown = sorted(set(names) - set(TARGETS))
+    names = list(SELFTESTS) if a.selftest else a.only or list(TARGETS)
+    unknown = sorted(set(names) - set(TARGETS) - set(SELFTESTS))
     if unknown:
         ap.error(f"unknown parser(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
     shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     with tempfile.TemporaryDirectory(prefix="reap-fuzz-", dir=shm) as tmp:  # in memory: fsync is free
-        base = build_base(Path(tmp))
-        seeds = {n: [(base / TARGETS[n].file).read_bytes()] for n in names}
+        if a.selftest:
+            base = Path(tmp) / "base"
+            base.mkdir()
+            (base / "selftest.bin").write_bytes(b"selftest input")
+        else:
+            base = build_base(Path(tmp))
+        seeds = {n: [(base / {**TARGETS, **SELFTESTS}[n].file).read_bytes()] for n in names}
         if a.case is not None:
             _one(names[0], a.case, a.seed, seeds, base, Path(tmp))
             return

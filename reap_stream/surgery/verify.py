@@ -9,6 +9,8 @@ are none. Reading is read-only and streams each file once (sha256 in 8 MiB block
 """
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,7 +64,7 @@ def check_manifest(out: Path, findings: list[Finding], progress: bool = False, *
         # a tampered manifest is a finding, never a traceback
         if not (isinstance(entry, dict) and _is_count(entry.get("size")) and isinstance(entry.get("sha256"), str)):
             findings.append(Finding("manifest", manifest_path.name, f"entry for {name!r} lacks a sha256 string and an integer size"))
-        elif "/" in name or name.startswith(".") or "\x00" in name or not (out / name).is_file():
+        elif "/" in name or name.startswith(".") or not _is_file(out / name):
             findings.append(Finding("checksum", name, "listed in the manifest but missing"))
         else:
             entries[name] = entry
@@ -79,6 +81,14 @@ def check_manifest(out: Path, findings: list[Finding], progress: bool = False, *
             checked += 1
             bar.update(entry["size"])
     return checked
+
+
+def _is_file(path: Path) -> bool:
+    """A regular file there (False for a name the file system cannot even look up)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
 
 
 def _is_count(x: object) -> bool:
