@@ -31,12 +31,22 @@ def demo_cmd(out: Path, family: str, ratio: float, as_json: bool) -> None:
     plan), then checks that mlx_lm loads the pruned model and that its logits equal the original's
     with the pruned experts masked out of routing.
     """
-    import numpy as np
-
     from ..blas import ensure_blas
 
     ensure_blas()  # before synth imports mlx
     from ..errors import BadInput
+    from ..io.lock import exclusive
+    from ..testing import synth
+
+    if family not in synth.FAMILIES:
+        raise BadInput("--family", f"unknown family {family!r}; choose from {', '.join(synth.FAMILIES)}")
+    with exclusive(out, "demo directory"):
+        _demo(out, family, ratio, as_json)
+
+
+def _demo(out: Path, family: str, ratio: float, as_json: bool) -> None:
+    import numpy as np
+
     from ..families.masking import masked_logits
     from ..families.model import open_model
     from ..pipeline import run_full
@@ -47,8 +57,6 @@ def demo_cmd(out: Path, family: str, ratio: float, as_json: bool) -> None:
     from ..telemetry.calibration import CalibrationOptions
     from ..testing import synth
 
-    if family not in synth.FAMILIES:
-        raise BadInput("--family", f"unknown family {family!r}; choose from {', '.join(synth.FAMILIES)}")
     out.mkdir(parents=True, exist_ok=True)
     model = out / "model"
     if not (model / "config.json").exists():

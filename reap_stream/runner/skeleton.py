@@ -56,7 +56,12 @@ def build_skeleton(ckpt: Checkpoint):
         model_class, args_class = _get_classes(config)
     except ValueError as e:
         raise BadInput(ckpt.root / "config.json", str(e)) from None
-    model = model_class(args_class.from_dict(config))
+    try:
+        model = model_class(args_class.from_dict(config))
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:  # a config mlx_lm cannot use
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise BadInput(ckpt.root / "config.json", f"mlx_lm cannot build a {config.get('model_type')} model "
+                                                  f"from it ({type(e).__name__}: {first})") from None
     quant = config.get("quantization")
     if quant is not None:
         proxies = {n: _ShapeProxy(r.shape, getattr(mx, _MX_DTYPES.get(r.dtype, "uint8")))
