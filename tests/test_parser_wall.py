@@ -375,3 +375,11 @@ def test_the_model_of_a_generated_fixture_still_opens(model):
     """The wall refuses what is broken, not what is merely unusual: the fixture with a null
     rope_scaling and an empty mlp_only_layers opens."""
     assert open_model(model).structure.num_layers == synth.tiny_config("qwen3_moe")["num_hidden_layers"]
+
+
+def test_a_config_mlx_lm_cannot_build_a_model_from_is_one_line(model):
+    from reap_stream.io.safetensors import Checkpoint
+    from reap_stream.runner.skeleton import build_skeleton
+
+    edit_json(model / "config.json", lambda c: c.pop("hidden_size"))
+    refused(lambda: build_skeleton(Checkpoint.open(model)), "config.json", "mlx_lm cannot build a qwen3_moe model")
