@@ -341,7 +341,7 @@ def test_a_dataset_streamed_through_a_pipe_is_read_once(tok):
 def test_process_substitution_works_from_a_shell(fixture_model, tmp_path):
     """The same through bash and the real CLI; the format is told from the first bytes."""
     cmd = (f"{sys.executable} -m reap_stream.cli eval {fixture_model('qwen3_moe')} --json --mode memory "
-           f"--dataset-file <(cat {CALIB / 'licence.jsonl'}) --max-samples 2")
+           f"--dataset-file <(cat {CALIB / 'licence.jsonl'}) --max-samples 2 --window-tokens 32")
     r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert r.returncode == 0, r.stderr
