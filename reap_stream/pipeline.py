@@ -1,14 +1,18 @@
-"""The whole pipeline in one resumable call: collect -> plan -> apply (`reap-stream full`, `demo`)."""
+"""The whole pipeline in one resumable call: collect -> plan -> apply (`reap-stream full`, `demo`), for a
+safetensors model directory or a GGUF."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .errors import BadInput
 from .families.model import Model
+from .io.files import write_text_atomic
 from .io.lock import exclusive
 from .io.reading import read_bytes
 from .planning.planner import PlanOptions, make_plan
 from .runner.chunks import RunOptions
+from .surgery.gguf import apply_gguf, out_paths
 from .surgery.safetensors import DEFAULT_MAX_SHARD, PLAN_COPY_NAME, check_output_path, plan_layout, write_layout
 from .telemetry.calibration import CalibrationOptions
 from .telemetry.collect import CollectOptions, collect
@@ -22,10 +26,11 @@ def run_full(model: Model, calibration: CalibrationOptions, out: Path, plan_opti
     """Collect, plan and apply. Each step's result lands in the work dir (run.work_dir, default
     OUT.reap-work beside OUT) before the next starts, so a rerun of the same command picks up where
     it stopped: collect resumes at its last committed layer, a finished telemetry store is reused,
-    and an output already written from the same plan is left as it is."""
+    and an output already written from the same plan is left as it is. A GGUF model is pruned into
+    a GGUF (`out`, or its split parts)."""
     out = Path(out)
     work = Path(run.work_dir) if run.work_dir else out.with_name(out.name + ".reap-work")
-    model.require_checkpoint("full")
+    model.require_runnable("full")
     with exclusive(out), exclusive(work, "work dir"):  # one run per output and per work dir
         return _run_full(model, calibration, out, work, plan_options, run, renorm_topk, max_shard_bytes,
                          overwrite, progress)
@@ -33,10 +38,7 @@ def run_full(model: Model, calibration: CalibrationOptions, out: Path, plan_opti
 
 def _run_full(model: Model, calibration: CalibrationOptions, out: Path, work: Path, plan_options: PlanOptions,
               run: RunOptions, renorm_topk: bool, max_shard_bytes: int, overwrite: bool, progress: bool) -> dict:
-    previous = out / PLAN_COPY_NAME
-    if out.exists() and not previous.is_file() and not overwrite:
-        raise BadInput(out, "output exists and is not a reap-stream output; pass --overwrite to replace it")
-    check_output_path(model.path, out, overwrite=True)
+    previous = _previous_output(model, out, work, overwrite)
 
     calib = tokenise(model, calibration)
     telemetry = work / "telemetry.zarr"
@@ -49,14 +51,46 @@ def _run_full(model: Model, calibration: CalibrationOptions, out: Path, work: Pa
 
     summary = {"out": str(out), "work_dir": str(work), "telemetry": str(telemetry), "plan": str(plan_path),
                "collect": collected, "kept_per_layer": {str(k): len(v.kept) for k, v in sorted(plan.layers.items())}}
-    if previous.is_file():
-        if read_bytes(previous, "plan copy") == plan.dumps().encode():
+    if previous is not None:
+        if previous == plan.dumps():
             summary["apply"] = "already complete"
             return summary
         if not overwrite:
             raise BadInput(out, f"holds a prune made from another plan; pass --overwrite to replace it "
                                 f"(this run's plan: {plan_path})")
+    if model.is_gguf:
+        summary["apply"] = apply_gguf(model, plan, out, overwrite=True, dry_run=False, plan_where=plan_path,
+                                      progress=progress)
+        write_text_atomic(work / GGUF_RECORD, json.dumps(
+            {"plan": plan.dumps(), "files": {p: Path(p).stat().st_size for p in summary["apply"]["out"]}}))
+        return summary
     layout = plan_layout(model, plan, max_shard_bytes=max_shard_bytes, plan_where=str(plan_path))
     write_layout(layout, out, overwrite=True, progress=progress)
     summary["apply"] = layout.summary()
     return summary
+
+
+# what full records beside a GGUF output (which carries no plan copy): the plan and the files
+GGUF_RECORD = "applied_gguf.json"
+
+
+def _previous_output(model: Model, out: Path, work: Path, overwrite: bool) -> str | None:
+    """The plan (as text) of this run's earlier output at `out`, None when there is none; refuses an
+    output that is not one before anything runs."""
+    if model.is_gguf:
+        outs = out_paths(out, len(model.gguf_parts))
+        try:
+            record = json.loads((work / GGUF_RECORD).read_text())
+            ours = all(Path(p).is_file() and Path(p).stat().st_size == n for p, n in record["files"].items()) \
+                and sorted(record["files"]) == sorted(map(str, outs))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            record, ours = None, False
+        existing = [p for p in outs if p.exists()]
+        if existing and not ours and not overwrite:
+            raise BadInput(existing[0], "output exists and is not this run's output; pass --overwrite to replace it")
+        return record["plan"] if ours else None
+    previous = out / PLAN_COPY_NAME
+    if out.exists() and not previous.is_file() and not overwrite:
+        raise BadInput(out, "output exists and is not a reap-stream output; pass --overwrite to replace it")
+    check_output_path(model.path, out, overwrite=True)
+    return read_bytes(previous, "plan copy").decode("utf-8", "replace") if previous.is_file() else None

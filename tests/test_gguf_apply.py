@@ -21,12 +21,11 @@ from reap_stream.io.gguf import is_gguf
 from reap_stream.io.safetensors import Checkpoint, to_float32
 from reap_stream.errors import BadInput
 from reap_stream.surgery.gguf import POLICY_HASH_PRESERVED, POLICY_NONE, POLICY_ROUTER_MASK_PRUNED, apply_gguf
-from reap_stream.testing.gguf_convert import HASH_LAYER, cached_gguf, gguf_name
+from reap_stream.testing.gguf_convert import HASH_LAYER, gguf_name
 from reap_stream.io.gguf_write import verify
 from reap_stream.planning.plan import LayerPlan, Plan
 
-REPO = Path(__file__).resolve().parents[1]
-MLX_ROOT = REPO / "fixtures" / "generated"
+from conftest import FIXTURE_ROOT
 
 # what the spec says must be sliced along the expert axis, per GGUF architecture
 _SWIGLU = {"ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight"}
@@ -44,21 +43,8 @@ GGUF_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss")
 QTYPES = ("f32", "f16", "q8_0", "q4_0")
 
 
-@pytest.fixture(scope="session")
-def gguf_model(tmp_path_factory):
-    """gguf_model(family, qtype="f32", split=0) -> first GGUF file converted from the MLX fixture;
-    family "deepseek4" is the deepseek4-like construction (from the deepseek_v3 fixture)."""
-    root = tmp_path_factory.mktemp("gguf")
-
-    def get(family: str, qtype: str = "f32", split: int = 0) -> Path:
-        mlx = synth.cached_fixture("deepseek_v3" if family == "deepseek4" else family, "fp32", MLX_ROOT)
-        return cached_gguf(family, qtype, root, mlx, split=split)[0]
-
-    return get
-
-
 def mlx_dir(family: str) -> Path:
-    return synth.cached_fixture(family, "fp32", MLX_ROOT)
+    return synth.cached_fixture(family, "fp32", FIXTURE_ROOT)
 
 
 def pruned_ids(layer: int, n: int, n_group: int) -> list[int]:
@@ -164,7 +150,7 @@ def test_kept_experts_equal_the_mlx_checkpoint_experts(family, gguf_model, tmp_p
     pruned_tensors = tensors_of(out)
     compared = 0
     for name, ref in ckpt.tensors.items():
-        g = gguf_name(name)
+        g = gguf_name(name, open_model(out).gguf_arch)
         layer = int(g.split(".")[1]) if g.startswith("blk.") else None
         if layer in plan.layers and g.split(".", 2)[2] in EXPERT_AXIS[open_model(out).gguf_arch]:
             np.testing.assert_array_equal(dequant(pruned_tensors[g]), to_float32(ref)[plan.layers[layer].kept])

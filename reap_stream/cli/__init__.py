@@ -34,15 +34,18 @@ COMMANDS = {
                "(or, for a recompacted .gguf file, its manifest checksums, layout and expert counts)."),
     "doctor": ("reap_stream.cli.doctor:doctor_cmd",
                "Report the BLAS, MLX device, memory and package versions reap-stream will use."),
-    "full": ("reap_stream.cli.full:full_cmd", "Collect telemetry, plan and apply in one resumable run."),
+    "full": ("reap_stream.cli.full:full_cmd",
+             "Collect telemetry, plan and apply in one resumable run (a GGUF MODEL gives a GGUF --out)."),
     "demo": ("reap_stream.cli.demo:demo_cmd",
              "Generate a tiny MoE, prune it with REAP end to end, and check the result."),
     "collect": ("reap_stream.cli.collect:collect_cmd",
-                "Collect REAP telemetry of MODEL_DIR on calibration text into --out."),
+                "Collect REAP telemetry of MODEL_DIR (a model directory or a GGUF file) on calibration text "
+                "into --out."),
     "merge": ("reap_stream.cli.collect:merge_cmd",
               "Add telemetry stores of one model collected on disjoint calibration shards."),
     "eval": ("reap_stream.cli.eval:eval_cmd",
-             "Perplexity of MODEL_DIR on --prompt / --dataset-file text, computed layer by layer."),
+             "Perplexity of MODEL_DIR (a model directory or a GGUF file) on --prompt / --dataset-file text, "
+             "layer by layer."),
     "compare": ("reap_stream.cli.eval:compare_cmd",
                 "Max and mean |logit difference| of MODEL_A and MODEL_B on the same tokens (A's tokenizer)."),
 }

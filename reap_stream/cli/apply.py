@@ -36,7 +36,8 @@ def apply_cmd(model: Path, plan_path: Path, out: Path, dry_run: bool, max_shard_
     if resolved.is_gguf:
         from ..surgery.gguf import apply_gguf
         summary = apply_gguf(resolved, plan, out, overwrite=overwrite, dry_run=dry_run, buffer_bytes=buffer_bytes,
-                             plan_where=str(plan_path), progress=not quiet and not as_json)
+                             plan_where=str(plan_path), progress=not quiet and not as_json,
+                             ignore_fingerprint=ignore_fingerprint)
     else:
         summary = _apply_safetensors(resolved, plan, plan_path, out, dry_run=dry_run, overwrite=overwrite,
                                      max_shard=max_shard_bytes, ignore_fingerprint=ignore_fingerprint,

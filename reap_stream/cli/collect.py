@@ -22,7 +22,7 @@ from .options import PATH, calibration_options, run_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def collect_cmd(model_dir: Path, calibration: CalibrationOptions, run: RunOptions, out: Path,
                 layers_spec: str | None, renorm_topk: bool, as_json: bool) -> None:
-    """Collect REAP telemetry of MODEL_DIR on calibration text into --out."""
+    """Collect REAP telemetry of MODEL_DIR (a model directory or a GGUF file) on calibration text into --out."""
     from ..blas import blas_info, ensure_blas
 
     ensure_blas()  # before the first `import mlx`
@@ -32,7 +32,7 @@ def collect_cmd(model_dir: Path, calibration: CalibrationOptions, run: RunOption
 
     options = CollectOptions(layers=parse_layers(layers_spec), renorm_topk=renorm_topk)
     model = open_model(model_dir)  # an unknown model_type or no MoE is refused before tokenising
-    model.require_checkpoint("collect")
+    model.require_runnable("collect")
     calib = tokenise(model, calibration)
     summary = collect(model, calib, out, run, options, progress=not as_json)
     summary["blas"] = blas_info()

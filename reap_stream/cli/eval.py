@@ -21,7 +21,7 @@ _json = click.option("--json", "as_json", is_flag=True, help="Print a JSON summa
 
 
 def _open(path: Path, calibration: CalibrationOptions | None = None):
-    """The resolved model (a model that can run: safetensors), and the calibration tokenised with
+    """The resolved model (one mlx_lm can run: safetensors or GGUF), and the calibration tokenised with
     its tokenizer when `calibration` is given."""
     from ..blas import ensure_blas
 
@@ -30,7 +30,7 @@ def _open(path: Path, calibration: CalibrationOptions | None = None):
     from ..telemetry.tokenizer import tokenise
 
     model = open_model(path)
-    model.require_checkpoint("eval and compare")
+    model.require_runnable("eval and compare")
     return model, (tokenise(model, calibration) if calibration is not None else None)
 
 
@@ -43,7 +43,7 @@ def _open(path: Path, calibration: CalibrationOptions | None = None):
 @_json
 def eval_cmd(model_dir: Path, calibration: CalibrationOptions, run: RunOptions, mask_plan: Path | None,
              ignore_fingerprint: bool, as_json: bool) -> None:
-    """Perplexity of MODEL_DIR on --prompt / --dataset-file text, computed layer by layer."""
+    """Perplexity of MODEL_DIR (a model directory or a GGUF file) on --prompt / --dataset-file text, layer by layer."""
     from ..eval import mask_from_plan, perplexity
 
     model, calib = _open(model_dir, calibration)

@@ -17,7 +17,8 @@ from .options import PATH, calibration_options, max_shard_option, plan_options, 
 @calibration_options
 @plan_options
 @run_options
-@click.option("--out", required=True, type=PATH, help="Pruned model directory.")
+@click.option("--out", required=True, type=PATH,
+              help="Pruned model directory (a .gguf file when MODEL is a GGUF).")
 @click.option("--renorm-topk/--no-renorm-topk", default=True, show_default=True,
               help="Router weight g = probability divided by the token's top-k sum (the reference's default).")
 @max_shard_option
@@ -25,7 +26,7 @@ from .options import PATH, calibration_options, max_shard_option, plan_options, 
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def full_cmd(model_path: Path, calibration: CalibrationOptions, plan_options: PlanOptions, run: RunOptions, out: Path,
              renorm_topk: bool, max_shard_bytes: int, overwrite: bool, as_json: bool) -> None:
-    """Collect telemetry, plan and apply in one resumable run."""
+    """Collect telemetry, plan and apply in one resumable run (a GGUF MODEL gives a GGUF --out)."""
     from ..blas import blas_info, ensure_blas
 
     ensure_blas()  # before the first `import mlx`

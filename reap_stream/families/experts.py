@@ -82,7 +82,7 @@ def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int,
 
     def share(ids: np.ndarray) -> Callable[[], None]:
         def run() -> None:
-            for e in ids:
+            for e in map(int, ids):
                 lo, hi = int(bounds[e]), int(bounds[e + 1])
                 xe = x[mx.array(tokens[lo:hi])]
                 up = _expert_linear(switch.up_proj, e, xe)

@@ -16,14 +16,15 @@ from ..io.gguf import GGUFFile, is_gguf, read_model
 from ..io.hub import resolve_model_path
 from ..io.reading import kind_of
 from ..io.safetensors import Checkpoint
-from .structure import MoEStructure, checkpoint_structure, fingerprint, gguf_family, gguf_structure
+from .structure import (MoEStructure, checkpoint_structure, fingerprint, gguf_family, gguf_fingerprint,
+                        gguf_structure)
 from .table import Family, family_of
 
 
 @dataclass
 class Model:
     """One model as every stage sees it: its source (safetensors checkpoint or GGUF parts), family
-    row, MoE structure and fingerprint (None for a GGUF: matched to plans by structure)."""
+    row, MoE structure and fingerprint (a GGUF's is its own kind: structure.gguf_fingerprint)."""
 
     path: Path
     family: Family
@@ -33,6 +34,7 @@ class Model:
     gguf_parts: list[GGUFFile] = field(default_factory=list)
     gguf_arch: str | None = None
     hash_layers: list[int] = field(default_factory=list)   # GGUF layers routed by a fixed table
+    _gguf_config: dict | None = field(default=None, repr=False)
 
     @property
     def is_gguf(self) -> bool:
@@ -40,9 +42,22 @@ class Model:
 
     @property
     def config(self) -> dict:
-        if self.checkpoint is None:
-            raise BadInput(self.path, "a GGUF model has no config.json")
-        return self.checkpoint.config
+        """config.json, or for a GGUF the mlx_lm config rebuilt from its metadata."""
+        if self.checkpoint is not None:
+            return self.checkpoint.config
+        if self._gguf_config is None:
+            from .gguf_config import mlx_config
+
+            self.require_runnable("running the model")
+            self._gguf_config = mlx_config(self.gguf_parts, self.gguf_arch, self.family, self.structure)
+        return self._gguf_config
+
+    def require_runnable(self, what: str) -> None:
+        """mlx_lm must have a model class for the family (GGUF-only families are apply-only)."""
+        if not self.family.mlx:
+            name = self.gguf_arch or self.family.model_type
+            raise BadInput(self.where, f"{what} needs an mlx_lm model class; {name!r} has none (apply works on it; "
+                                       f"collect on another form of the model)")
 
     @property
     def where(self) -> str:
@@ -80,7 +95,8 @@ def open_model(path: str | Path) -> Model:
             raise BadInput(path, f"already recompacted (reap.layout={parts[0].get('reap.layout')!r}); "
                                  f"apply plans to the original file")
         st, hash_layers = gguf_structure(parts, arch, fam)
-        return Model(path, fam, st, None, gguf_parts=parts, gguf_arch=arch, hash_layers=hash_layers)
+        return Model(path, fam, st, gguf_fingerprint(parts, arch, st, fam), gguf_parts=parts, gguf_arch=arch,
+                     hash_layers=hash_layers)
     ckpt = Checkpoint.open(path)
     fam = family_of(ckpt.config, str(ckpt.root / "config.json"))
     st = checkpoint_structure(ckpt, fam)

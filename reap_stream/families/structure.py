@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import BadInput
 from ..io.gguf import BLOCK_TENSOR, GGUFFile, VType
 from ..io.reading import is_index
 from ..io.safetensors import Checkpoint
+from .gguf_arch import GROUP_KEYS, Role, Roles, arch_expert_tensors, known_arch
 from .table import (BY_GGUF_ARCH, MAX_LAYERS, Family, classify, config_int, dense_layers, family_of, frozen_layers,
                     num_experts, top_k)
 
@@ -35,6 +37,12 @@ class MoEStructure:
     @property
     def prunable_layers(self) -> list[int]:
         return [i for i in self.moe_layers if i not in self.frozen_layers]
+
+    def decoder_only(self) -> "MoEStructure":
+        """The structure without NextN/MTP blocks past num_layers (as forms that drop them see it)."""
+        keep = {L: n for L, n in self.layer_experts.items() if L < self.num_layers}
+        return MoEStructure(self.model_type, self.num_layers, keep, self.top_k, self.n_group, self.topk_group,
+                            [L for L in self.frozen_layers if L in keep])
 
     def to_json(self) -> dict:
         counts = sorted(set(self.layer_experts.values()))
@@ -141,6 +149,15 @@ def router_weight_name(ckpt: Checkpoint, fam: Family, layer: int) -> str:
     raise KeyError(layer)
 
 
+GGUF_FINGERPRINT = "gguf-sha256:"
+
+
+def same_kind(a: str, b: str) -> bool:
+    """Fingerprints compare only within one form: a safetensors checkpoint's bytes differ from its
+    GGUF's, so across forms a plan matches by structure."""
+    return a.startswith(GGUF_FINGERPRINT) == b.startswith(GGUF_FINGERPRINT)
+
+
 def fingerprint(ckpt: Checkpoint, st: MoEStructure, fam: Family) -> str:
     """sha256 of the tensor table (names, dtypes, shapes) and the first router's bytes.
 
@@ -158,15 +175,13 @@ def fingerprint(ckpt: Checkpoint, st: MoEStructure, fam: Family) -> str:
 
 # ------------------------------------------------------------------ GGUF
 
-_EXPERT_TENSORS = ("ffn_gate_inp.weight", "ffn_gate_inp.bias", "exp_probs_b.bias", "ffn_gate_exps.weight",
-                   "ffn_up_exps.weight", "ffn_down_exps.weight", "ffn_gate_exps.bias", "ffn_up_exps.bias",
-                   "ffn_down_exps.bias")
+
+def gguf_roles(fam: Family, arch: str, where: str | Path) -> Roles:
+    """The expert-axis roles of an architecture's tensors (gguf-py's tables + the row's extras)."""
+    return Roles(arch, fam.gguf_extra_expert_tensors, str(where))
 
 
-def gguf_expert_tensors(fam: Family) -> frozenset[str]:
-    """blk.N.<suffix> tensors of the family's GGUF whose outermost dimension is the expert.
-    Shared experts (`*_shexp`) are absent on purpose: never pruned, copied unchanged."""
-    return frozenset(_EXPERT_TENSORS + fam.gguf_extra_expert_tensors)
+_UINTS = (VType.UINT8, VType.UINT16, VType.UINT32, VType.UINT64, VType.INT32, VType.INT64)
 
 
 def _uint_kv(g: GGUFFile, key: str, *, required: bool = True, limit: int = 1 << 20) -> int | None:
@@ -175,10 +190,23 @@ def _uint_kv(g: GGUFFile, key: str, *, required: bool = True, limit: int = 1 << 
         if required:
             raise BadInput(g.path, f"metadata key {key!r} is missing")
         return None
-    if kv.vtype not in (VType.UINT8, VType.UINT16, VType.UINT32, VType.UINT64, VType.INT32, VType.INT64) \
-            or not 0 <= kv.value <= limit:
+    if kv.vtype not in _UINTS or not 0 <= kv.value <= limit:
         raise BadInput(g.path, f"metadata {key!r} must be an integer in 0..{limit:,}, got {kv.value!r:.80}")
     return int(kv.value)
+
+
+def gguf_top_k(g: GGUFFile, arch: str, moe_layers: list[int]) -> int:
+    """`{arch}.expert_used_count`: one value, or one per layer (llama.cpp reads either); the
+    largest over the MoE layers bounds what a prune may keep."""
+    key = f"{arch}.expert_used_count"
+    kv = g.kvs.get(key)
+    if kv is not None and kv.vtype == VType.ARRAY:
+        values = kv.value
+        if not isinstance(values, list) or not all(isinstance(v, int) and v >= 0 for v in values) \
+                or len(values) <= max(moe_layers):
+            raise BadInput(g.path, f"metadata {key!r} must be a non-negative integer or one per layer")
+        return max(values[L] for L in moe_layers)
+    return _uint_kv(g, key)
 
 
 def gguf_family(g: GGUFFile) -> tuple[str, Family]:
@@ -189,50 +217,68 @@ def gguf_family(g: GGUFFile) -> tuple[str, Family]:
     arch = arch_kv.value
     fam = BY_GGUF_ARCH.get(arch)
     if fam is None:
-        raise BadInput(g.path, f"architecture {arch!r} is not a supported MoE architecture "
+        known = " (gguf-py knows it, but no family row names it)" if known_arch(arch) else ""
+        raise BadInput(g.path, f"architecture {arch!r} is not a supported MoE architecture{known} "
                                f"(supported: {', '.join(sorted(BY_GGUF_ARCH))})")
     return arch, fam
 
 
 def gguf_structure(parts: list[GGUFFile], arch: str, fam: Family) -> tuple[MoEStructure, list[int]]:
-    """(structure, hash-routed layers) of a GGUF model from its metadata and tensors."""
+    """(structure, hash-routed layers) of a GGUF model from its metadata and tensors.
+
+    `num_layers` counts the decoder blocks (`block_count` less `nextn_predict_layers`), as a
+    config's num_hidden_layers does; NextN/MTP blocks after them are MoE layers a plan leaves whole."""
     g = parts[0]
-    num_layers = _uint_kv(g, f"{arch}.block_count", limit=MAX_LAYERS)
-    expert_tensors = gguf_expert_tensors(fam)
+    block_count = _uint_kv(g, f"{arch}.block_count", limit=MAX_LAYERS)
+    roles = gguf_roles(fam, arch, g.path)
+    group_key = GROUP_KEYS.get(arch)
+    group = _uint_kv(g, f"{arch}.{group_key}", required=False) if group_key else None
     experts: dict[int, int] = {}
+    chunks: dict[int, tuple[str, int]] = {}
     hash_layers = set()
     for part in parts:
+        roles.where = str(part.path)
         for t in part.tensors:
             m = BLOCK_TENSOR.match(t.name)
             if not m:
                 continue
             layer, suffix = int(m.group(1)), m.group(2)
-            if layer >= num_layers:
-                raise BadInput(part.path, f"tensor {t.name!r} is past {arch}.block_count={num_layers}")
+            if layer >= block_count:
+                raise BadInput(part.path, f"tensor {t.name!r} is past {arch}.block_count={block_count}")
             if suffix == fam.gguf_hash_tensor:
                 hash_layers.add(layer)
-            if suffix in expert_tensors:
+            role = roles.of(suffix)
+            if role is Role.CHUNK_EXPERTS:
+                chunks.setdefault(layer, (t.name, t.ne[-1]))
+            elif role is not None:
                 n = t.ne[-1]
                 if experts.setdefault(layer, n) != n:
-                    raise BadInput(part.path, f"layer {layer}: {t.name!r} holds {n} experts, other expert tensors {experts[layer]}")
-            elif "_exps." in suffix:
-                raise BadInput(part.path, f"tensor {t.name!r} looks like an expert tensor but {arch!r} is not known "
-                                          f"to have it; refusing to guess its expert axis")
+                    raise BadInput(part.path, f"layer {layer}: {t.name!r} holds {n} experts, other expert tensors "
+                                              f"{experts[layer]}")
     if not experts:
-        raise BadInput(g.path, f"no MoE expert tensors found for architecture {arch!r}")
+        expected = ", ".join(f"blk.N.{b}" for b, r in arch_expert_tensors(arch).items() if r is Role.EXPERTS)
+        raise BadInput(g.path, f"no MoE expert tensors found for architecture {arch!r}"
+                               + (f" (gguf-py lists {expected})" if expected else ""))
     expert_count = _uint_kv(g, f"{arch}.expert_count")
     wrong = {L: n for L, n in experts.items() if n != expert_count}
     if wrong:
         L = min(wrong)
         raise BadInput(g.path, f"{arch}.expert_count is {expert_count} but layer {L} holds {wrong[L]} experts")
-    nextn = _uint_kv(g, f"{arch}.nextn_predict_layers", required=False, limit=num_layers) or 0
+    for L, (name, n) in sorted(chunks.items()):
+        if not group or n * group != experts.get(L):
+            raise BadInput(g.path, f"{name!r} holds {n} chunk experts: {arch}.{group_key}={group} does not divide "
+                                   f"layer {L}'s {experts.get(L)} experts into that many groups")
+    nextn = _uint_kv(g, f"{arch}.nextn_predict_layers", required=False, limit=block_count) or 0
+    if nextn >= block_count:
+        raise BadInput(g.path, f"{arch}.nextn_predict_layers={nextn} leaves no decoder block of {block_count}")
+    moe = sorted(experts)
     # only MoE layers can be frozen: a dense NextN block has no experts to protect
-    frozen = sorted((hash_layers | set(range(num_layers - nextn, num_layers))) & set(experts))
+    frozen = sorted((hash_layers | set(range(block_count - nextn, block_count))) & set(experts))
     st = checked_structure(MoEStructure(
         model_type=fam.model_type,
-        num_layers=num_layers,
-        layer_experts=dict(sorted(experts.items())),
-        top_k=_uint_kv(g, f"{arch}.expert_used_count"),
+        num_layers=block_count - nextn,
+        layer_experts={L: experts[L] for L in moe},
+        top_k=gguf_top_k(g, arch, moe),
         n_group=_uint_kv(g, f"{arch}.expert_group_count", required=False) or 1,
         topk_group=_uint_kv(g, f"{arch}.expert_group_used_count", required=False) or 1,
         frozen_layers=frozen,
@@ -240,3 +286,22 @@ def gguf_structure(parts: list[GGUFFile], arch: str, fam: Family) -> tuple[MoESt
                                                    ("groups", "expert_group_count"),
                                                    ("group_k", "expert_group_used_count"))})
     return st, sorted(hash_layers)
+
+
+def gguf_fingerprint(parts: list[GGUFFile], arch: str, st: MoEStructure, fam: Family) -> str:
+    """sha256 of the architecture, the tensor names and shapes and the first router's float32 values.
+
+    Types are left out on purpose: llama.cpp's converter writes routers in F32 and llama-quantize
+    never quantises them, so every quantisation of one model (Q8_0, Q4_K_M, ...) has the same
+    fingerprint, and a plan made on one applies to the others; two different models do not."""
+    from ..io.gguf_read import read_tensor
+
+    roles = gguf_roles(fam, arch, parts[0].path)
+    tensors = [t for p in parts for t in p.tensors]
+    h = hashlib.sha256()
+    h.update(json.dumps([arch, sorted((t.name, list(t.ne)) for t in tensors)], separators=(",", ":")).encode())
+    routers = [t for t in tensors if (m := BLOCK_TENSOR.match(t.name)) and int(m.group(1)) == min(st.layer_experts)
+               and m.group(2).endswith(".weight") and roles.of(m.group(2)) is Role.ROUTER]
+    if routers:
+        h.update(read_tensor(routers[0]).astype("<f4").tobytes())
+    return GGUF_FINGERPRINT + h.hexdigest()

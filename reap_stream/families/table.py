@@ -74,14 +74,15 @@ class Family:
     gguf_arch: str | None = None      # llama.cpp architecture of the same model
     gguf_hash_tensor: str | None = None     # GGUF: present in layers routed by a fixed table
     gguf_compact_layout: str | None = None  # GGUF: per-layer expert counts its loader understands
-    gguf_extra_expert_tensors: tuple[str, ...] = ()  # GGUF expert-axis tensors beyond the usual ones
+    gguf_extra_expert_tensors: tuple[str, ...] = ()  # GGUF expert-axis tensors gguf-py's tables do not list
+    gguf_config: dict = field(default_factory=dict)  # config.json entries a GGUF does not carry
     mlx: bool = True                  # mlx_lm has a model class for it (else: GGUF surgery only)
     tiny: dict = field(default_factory=dict)  # the tiny fixture's config.json beyond the common keys
 
 
 FAMILY_ROWS: tuple[Family, ...] = (
     Family("qwen3_moe", "num_experts", Routing.SOFTMAX_TOPK, top_k="high", hf_names=_SWIGLU,
-           dense=("mlp_only_layers",), gguf_arch="qwen3moe",
+           dense=("mlp_only_layers",), gguf_arch="qwen3moe", gguf_config={"decoder_sparse_step": 1},
            tiny={"architectures": ["Qwen3MoeForCausalLM"], "moe_intermediate_size": 32, "intermediate_size": 128,
                  "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True, "attention_bias": False,
                  "attention_dropout": 0.0, "use_sliding_window": False, "sliding_window": None,
@@ -121,8 +122,20 @@ FAMILY_ROWS: tuple[Family, ...] = (
     Family("deepseek_v4", "n_routed_experts", Routing.SIGMOID_GROUP, shared="shared_experts",
            dense=("first_k_dense_replace",), frozen=("mlp_layer_types", "num_hash_layers", "num_nextn_predict_layers"),
            gguf_arch="deepseek4", gguf_hash_tensor="ffn_gate_tid2eid.weight", gguf_compact_layout="ds4-compact-v1",
-           gguf_extra_expert_tensors=("ffn_gate_up_exps.weight", "ffn_gate_up_exps.scale", "ffn_down_exps.scale"),
-           mlx=False),
+           gguf_extra_expert_tensors=("exp_probs_b_vl.bias",), mlx=False),
+    # GGUF-only rows: llama.cpp architectures with routed experts and no mlx_lm MoE class. apply
+    # recompacts them (roles from gguf-py's tables); collect needs an mlx_lm model and refuses
+    # them. Routing is what their Hugging Face code does, recorded for the docs only.
+    Family("grok", "num_local_experts", Routing.SOFTMAX_TOPK, gguf_arch="grok", mlx=False),
+    Family("arctic", "num_local_experts", Routing.SOFTMAX_TOPK, gguf_arch="arctic", mlx=False),
+    Family("deepseek_ocr", "n_routed_experts", Routing.SOFTMAX_TOPK, shared="shared_experts",
+           dense=("first_k_dense_replace",), gguf_arch="deepseek2-ocr", mlx=False),
+    Family("smallthinker", "moe_num_primary_experts", Routing.SOFTMAX_TOPK, gguf_arch="smallthinker", mlx=False),
+    Family("llada_moe", "num_experts", Routing.SOFTMAX_TOPK, gguf_arch="llada-moe", mlx=False),
+    Family("grove_moe", "num_experts", Routing.SOFTMAX_TOPK, gguf_arch="grovemoe", mlx=False),
+    Family("rnd1", "num_experts", Routing.SOFTMAX_TOPK, gguf_arch="rnd1", mlx=False),
+    Family("nomic_bert_moe", "num_experts", Routing.SOFTMAX_TOPK, gguf_arch="nomic-bert-moe", mlx=False),
+    Family("minicpm_moe", "num_experts", Routing.SOFTMAX_TOPK, gguf_arch="minicpm", mlx=False),
 )
 
 # ------------------------------------------------------------------ derived views

@@ -348,3 +348,22 @@ def read_model(path: str | Path) -> list[GGUFFile]:
     if len(set(names)) != len(names):
         raise BadInput(path, "a tensor name appears in two split parts")
     return parts
+
+
+# ---------------------------------------------------------------- long arrays
+
+def kv_array(kv: KV, path: Path) -> list:
+    """Every element of an array entry, long ones included (the header parse keeps arrays of more
+    than a few thousand elements, such as tokenizer vocabularies, only as raw bytes)."""
+    if kv.vtype != VType.ARRAY:
+        raise BadInput(path, f"metadata {kv.key!r} must be an array")
+    if kv.value is not None:
+        return kv.value
+    cur = _Cursor(memoryview(kv.raw), path)
+    cur.string(f"metadata key of {kv.key!r}", limit=1 << 16)
+    cur.unpack("I", f"type of {kv.key!r}")
+    et = _vtype(cur, cur.unpack("I", f"metadata {kv.key!r} element type"), f"metadata {kv.key!r}")
+    count = cur.unpack("Q", f"metadata {kv.key!r} element count")
+    if et == VType.STRING:
+        return [cur.string(f"metadata {kv.key!r}[{i}]") for i in range(count)]
+    return list(struct.unpack_from(f"<{count}{_SCALAR[et]}", cur.buf, cur.pos))

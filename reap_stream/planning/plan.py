@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BadInput
-from ..families.structure import MoEStructure
+from ..families.structure import MoEStructure, same_kind
 from ..io.files import write_text_atomic
 from ..io.reading import is_index, read_json
 
@@ -164,12 +164,13 @@ def check_plan(plan: Plan, st: MoEStructure, where: str, *, model_fingerprint: s
     pm = plan.model or {}
     if pm.get("model_type") not in (None, st.model_type):
         raise BadInput(where, f"plan is for model_type {pm['model_type']!r}, the model is {st.model_type!r}")
-    have = st.to_json()
+    have, decoder = st.to_json(), st.decoder_only().to_json()   # a form may drop NextN/MTP blocks
     for key, label in (("num_layers", "layers"), ("moe_layers", "MoE layers"), ("num_experts", "experts"),
                        ("top_k", "top_k")):
-        if key in pm and pm[key] != have[key]:
+        if key in pm and pm[key] not in (have[key], decoder[key]):
             raise BadInput(where, f"plan is for a model with {label} {pm[key]}, the model has {have[key]}")
-    if model_fingerprint and pm.get("fingerprint") and pm["fingerprint"] != model_fingerprint:
+    planned = pm.get("fingerprint")
+    if model_fingerprint and planned and same_kind(planned, model_fingerprint) and planned != model_fingerprint:
         raise BadInput(where, f"plan was made for another model (fingerprint {pm['fingerprint'][:19]}…, "
                               f"this model {model_fingerprint[:19]}…); pass --ignore-fingerprint to apply by structure")
     if not plan.layers:

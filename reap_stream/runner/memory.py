@@ -11,41 +11,29 @@ from ..blas import mlx_core
 from ..families.loader import load_pruned_model
 from ..families.masking import mask_experts
 from ..families.model import Model
-from ..families.table import Family
-from .chunks import Chunk, chunk_bar, make_chunks
+from .chunks import Chunk, chunk_bar
 from .lanes import lanes_pair
-from .skeleton import Forward, trace_layers
+from .skeleton import Forward, Runs, open_skeleton, trace_layers
 from .stream import MoECallback
 
 
-class MemoryRunner:
+class MemoryRunner(Runs):
     """Same interface as StreamRunner; layers are all complete when the last chunk has run."""
 
     start_layer = 0
 
     def __init__(self, model: Model, chunk_tokens: int = 4096, progress: bool = True):
-        ckpt = model.require_checkpoint("running the model")
         mlx_core()
-        self.model, _ = load_pruned_model(ckpt.root)
+        if model.is_gguf:
+            self.model, weights = open_skeleton(model)
+            for layer in [None, *range(len(self.model.layers))]:
+                weights.load(layer)
+        else:
+            self.model, _ = load_pruned_model(model.require_checkpoint("running the model").root)
         self.fwd = Forward(self.model, model.family, model.structure.top_k, model.where)
         self.chunk_tokens = int(chunk_tokens)
         self.progress = progress
         self._final: dict[int, object] = {}   # chunk index -> final hidden state
-
-    @property
-    def family(self) -> Family:
-        return self.fwd.family
-
-    @property
-    def num_layers(self) -> int:
-        return self.fwd.num_layers
-
-    @property
-    def moe_layers(self) -> list[int]:
-        return self.fwd.moe_layers
-
-    def chunks(self, sequences, max_batch: int | None = None) -> list[Chunk]:
-        return make_chunks(sequences, self.chunk_tokens, max_batch)
 
     def run(self, chunks: list[Chunk], on_moe: MoECallback | None = None,
             mask: dict[int, list[int]] | None = None, stop: int | None = None,

@@ -11,7 +11,8 @@ layer is swapped for a hook that routes exactly and evaluates experts grouped by
 """
 from __future__ import annotations
 
-from typing import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -19,13 +20,10 @@ from ..blas import mlx_core
 from ..errors import BadInput
 from ..families.table import Family, classify
 from ..io.safetensors import Checkpoint, TensorRef, read_array
+from .chunks import Chunk, make_chunks
 
-
-class _ShapeProxy:
-    """What mlx_lm's quantisation inference reads of a weight: shape and dtype."""
-
-    def __init__(self, shape, dtype):
-        self.shape, self.dtype = shape, dtype
+if TYPE_CHECKING:
+    from ..families.model import Model
 
 
 _MX_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "U8": "uint8",
@@ -45,34 +43,56 @@ def to_mx(ref: TensorRef):
     return mx.array(arr)
 
 
-def build_skeleton(ckpt: Checkpoint):
-    """The mlx_lm Model of ckpt's config, quantised like the checkpoint, with nothing evaluated."""
-    mx = mlx_core()
-    import mlx.nn as nn
-    from mlx_lm.utils import _get_classes, infer_quant_config
+# modes whose scales are stored as uint8 allow one (bits, group size) each; affine keeps float scales
+_UINT8_SCALE_MODES = {(4, 16): "nvfp4", (4, 32): "mxfp4", (8, 32): "mxfp8"}
 
-    config = dict(ckpt.config)
+
+def packing(path: str, in_dims: int, tensors: dict[str, TensorRef]) -> dict:
+    """group_size, bits and mode a saved quantised weight was packed with, read from its shapes
+    (for modules the config's per-path quantization map does not name)."""
+    scales, weight = tensors[f"{path}.scales"], tensors[f"{path}.weight"]
+    group_size = in_dims // scales.shape[-1]
+    bits = weight.shape[-1] * 32 // in_dims
+    if scales.dtype != "U8":
+        return {"group_size": group_size, "bits": bits, "mode": "affine"}
+    mode = _UINT8_SCALE_MODES.get((bits, group_size))
+    if mode is None:
+        raise BadInput(weight.file, f"cannot tell how {path} was quantised ({bits} bits, group size {group_size})")
+    return {"group_size": group_size, "bits": bits, "mode": mode}
+
+
+def model_from_config(config: dict, where: str | Path):
+    """The mlx_lm Model of a config, with nothing evaluated (its random init stays lazy)."""
+    from mlx_lm.utils import _get_classes
+
+    mlx_core()
     try:
-        model_class, args_class = _get_classes(config)
+        model_class, args_class = _get_classes(dict(config))
     except ValueError as e:
-        raise BadInput(ckpt.root / "config.json", str(e)) from None
+        raise BadInput(where, str(e)) from None
     try:
-        model = model_class(args_class.from_dict(config))
+        return model_class(args_class.from_dict(dict(config)))
     except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:  # a config mlx_lm cannot use
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise BadInput(ckpt.root / "config.json", f"mlx_lm cannot build a {config.get('model_type')} model "
-                                                  f"from it ({type(e).__name__}: {first})") from None
+        raise BadInput(where, f"mlx_lm cannot build a {config.get('model_type')} model from it "
+                              f"({type(e).__name__}: {first})") from None
+
+
+def build_skeleton(ckpt: Checkpoint):
+    """The mlx_lm Model of ckpt's config, quantised like the checkpoint, with nothing evaluated."""
+    mlx_core()
+    import mlx.nn as nn
+
+    config = dict(ckpt.config)
+    model = model_from_config(config, ckpt.root / "config.json")
     quant = config.get("quantization")
     if quant is not None:
-        proxies = {n: _ShapeProxy(r.shape, getattr(mx, _MX_DTYPES.get(r.dtype, "uint8")))
-                   for n, r in ckpt.tensors.items()}
-
         def predicate(path, module):
             if path in quant:
                 return quant[path]
-            if not hasattr(module, "to_quantized") or f"{path}.scales" not in proxies:
+            if not hasattr(module, "to_quantized") or f"{path}.scales" not in ckpt.tensors:
                 return False
-            return infer_quant_config(path, module, proxies)
+            return packing(path, module.weight.shape[-1], ckpt.tensors)
 
         nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"],
                     mode=quant.get("mode", "affine"), class_predicate=predicate)
@@ -187,6 +207,51 @@ class Forward:
             layer[self.family.block] = block
 
 
+class Runs:
+    """What both runners tell about the model they run (their `fwd` is a Forward) and how they
+    batch calibration sequences (their `chunk_tokens`)."""
+
+    fwd: Forward
+    chunk_tokens: int
+
+    @property
+    def family(self) -> Family:
+        return self.fwd.family
+
+    @property
+    def num_layers(self) -> int:
+        return self.fwd.num_layers
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return self.fwd.moe_layers
+
+    def chunks(self, sequences, max_batch: int | None = None) -> list[Chunk]:
+        return make_chunks(sequences, self.chunk_tokens, max_batch)
+
+
+def open_skeleton(model: "Model"):
+    """(skeleton, weights) of a model: a safetensors checkpoint's skeleton is quantised like it and
+    filled from its shards, a GGUF's is float32 and filled from the GGUF (runner/gguf_weights)."""
+    if model.is_gguf:
+        from .gguf_weights import GGUFWeights, gguf_skeleton
+
+        skeleton = gguf_skeleton(model)
+        return skeleton, GGUFWeights(model, skeleton, model.where)
+    ckpt = model.require_checkpoint("running the model")
+    skeleton = build_skeleton(ckpt)
+    return skeleton, Weights(ckpt, skeleton, model.family, model.where)
+
+
+def layer_prefix(model, where: str) -> str:
+    """"model.layers." (or the model's own spelling): the name prefix of decoder layer parameters."""
+    first = model.layers[0]
+    for path, module in model.named_modules():
+        if module is first:
+            return path[: -len(".0")] + "."
+    raise BadInput(where, "cannot locate decoder layers in the mlx_lm model")
+
+
 class Weights:
     """Reads one decoder layer's tensors (or the ones outside the layers) from a checkpoint's byte
     ranges into a skeleton, and drops them again. Hugging Face-layout tensors go through the
@@ -205,11 +270,7 @@ class Weights:
         self.layer_experts = {int(k): int(v) for k, v in (record.get("layer_experts") or {}).items()}
 
     def _layer_prefix(self) -> str:
-        first = self.model.layers[0]
-        for path, module in self.model.named_modules():
-            if module is first:
-                return path[: -len(".0")] + "."
-        raise BadInput(self.where, "cannot locate decoder layers in the mlx_lm model")
+        return layer_prefix(self.model, self.where)
 
     def names_of(self, layer: int | None) -> list[str]:
         """Checkpoint tensors of one decoder layer, or (None) everything outside the layers."""

@@ -14,10 +14,11 @@ from ..io import zarr as zarr_io
 
 def spill_itemsize(model) -> int:
     """Bytes per spilled hidden-state element: the model's 16-bit compute dtype where its floating
-    tensors (quantisation scales included) are 16-bit, else float32."""
-    ckpt = model.require_checkpoint("running the model")
+    tensors (quantisation scales included) are 16-bit, else float32 (a GGUF runs dequantised to it)."""
+    if model.checkpoint is None:
+        return 4
     counts: dict[int, int] = {}
-    for ref in ckpt.tensors.values():
+    for ref in model.checkpoint.tensors.values():
         if ref.dtype in ("F32", "F16", "BF16"):
             size = 4 if ref.dtype == "F32" else 2
             counts[size] = counts.get(size, 0) + ref.nbytes

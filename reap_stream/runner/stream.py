@@ -17,23 +17,21 @@ from ..blas import mlx_core
 from ..errors import BadInput
 from ..families.masking import mask_experts
 from ..families.model import Model
-from ..families.table import Family
 from ..io.files import write_text_atomic
 from ..io.reading import read_json_object
-from .chunks import Chunk, chunk_bar, make_chunks
+from .chunks import Chunk, chunk_bar
 from .lanes import SplitCheck, lanes_pair, shared_lanes, split_layer_forward
-from .skeleton import Forward, Weights, build_skeleton, trace_layers
+from .skeleton import Forward, Runs, open_skeleton, trace_layers
 from .spill import HiddenSpill
 
 MoECallback = Callable[[int, Chunk, object], None]
 
 
-class StreamRunner:
+class StreamRunner(Runs):
     """Layer-major forward: one layer's weights in memory, hidden states spilled to work_dir."""
 
     def __init__(self, model: Model, work_dir: str | Path, chunk_tokens: int = 4096,
                  progress: bool = True, parallel: bool = True):
-        self.ckpt = model.require_checkpoint("running the model")
         self.where = model.where
         # run chunks of >= 2 sequences as two half-batches on two CPU streams (same bytes)
         self.parallel = parallel
@@ -41,23 +39,11 @@ class StreamRunner:
         self.work_dir = Path(work_dir)
         self.chunk_tokens = int(chunk_tokens)
         self.progress = progress
-        self.fwd = Forward(build_skeleton(self.ckpt), model.family, model.structure.top_k, self.where)
+        skeleton, self.weights = open_skeleton(model)
+        self.fwd = Forward(skeleton, model.family, model.structure.top_k, self.where)
         self.model = self.fwd.model
-        self.weights = Weights(self.ckpt, self.model, model.family, self.where)
         self.spill = HiddenSpill(self.work_dir)
         self._head: list[str] | None = None
-
-    @property
-    def family(self) -> Family:
-        return self.fwd.family
-
-    @property
-    def num_layers(self) -> int:
-        return self.fwd.num_layers
-
-    @property
-    def moe_layers(self) -> list[int]:
-        return self.fwd.moe_layers
 
     @property
     def start_layer(self) -> int:
@@ -72,9 +58,6 @@ class StreamRunner:
 
     def _set_next_layer(self, n: int) -> None:
         write_text_atomic(self.work_dir / "progress.json", json.dumps({"next_layer": n}))
-
-    def chunks(self, sequences, max_batch: int | None = None) -> list[Chunk]:
-        return make_chunks(sequences, self.chunk_tokens, max_batch)
 
     def embed(self, chunks: list[Chunk]) -> None:
         """h_0 for every chunk, from the model's own embedding code (non-layer weights only)."""

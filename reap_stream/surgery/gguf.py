@@ -25,7 +25,8 @@ from tqdm import tqdm
 from .. import __version__
 from ..errors import BadInput, os_error
 from ..families.model import Model
-from ..families.structure import gguf_expert_tensors
+from ..families.gguf_arch import GROUP_KEYS, Role, Roles, check_prunable
+from ..families.structure import gguf_roles, same_kind
 from ..families.table import FAMILIES
 from ..io.files import check_space, copy_range, write_all, write_text_atomic
 from ..io.lock import exclusive, test_pause
@@ -51,7 +52,10 @@ def _check_same_model(plan: Plan, gm: Model, where: str) -> None:
         other = f" (GGUF architecture {fam.gguf_arch!r})" if fam and fam.gguf_arch else ""
         raise BadInput(where, f"plan is for model_type {mt!r}{other}; {gm.path.name} is architecture {arch!r} ({st.model_type})")
     if "num_layers" in pm and pm["num_layers"] != st.num_layers:
-        raise BadInput(where, f"plan is for {pm['num_layers']} layers; {gm.path.name} has {arch}.block_count={st.num_layers}")
+        blocks = _block_count(gm)
+        extra = f" of which {blocks - st.num_layers} NextN" if blocks > st.num_layers else ""
+        raise BadInput(where, f"plan is for {pm['num_layers']} layers; {gm.path.name} has {arch}.block_count={blocks}"
+                              f"{extra}")
     ne = pm.get("num_experts")
     if ne is not None:
         want = ({int(k): v for k, v in ne.items()} if isinstance(ne, dict)
@@ -63,7 +67,8 @@ def _check_same_model(plan: Plan, gm: Model, where: str) -> None:
     if "top_k" in pm and pm["top_k"] != st.top_k:
         raise BadInput(where, f"plan is for top_k={pm['top_k']}; {gm.path.name} has {arch}.expert_used_count={st.top_k}")
     moe = pm.get("moe_layers")
-    if moe is not None and sorted(moe) not in (st.moe_layers, sorted(set(st.moe_layers) - set(st.frozen_layers))):
+    forms = (st.moe_layers, st.decoder_only().moe_layers, st.prunable_layers)
+    if moe is not None and sorted(moe) not in forms:
         raise BadInput(where, f"plan is for MoE layers {sorted(moe)}; {gm.path.name} has MoE layers {st.moe_layers}")
 
 
@@ -82,12 +87,16 @@ class OutPart:
         return len(self.header) + (align(last.offset + last.nbytes, self.source.alignment) if last else 0)
 
 
-def _out_tensors(part: GGUFFile, expert_tensors: frozenset[str], kept: dict[int, list[int]]) -> list[OutTensor]:
+def _out_tensors(part: GGUFFile, roles: Roles, kept: dict[int, list[int]], group: int | None) -> list[OutTensor]:
     planned = []
+    roles.where = str(part.path)
     for t in part.tensors:
         m = BLOCK_TENSOR.match(t.name)
-        ids = kept.get(int(m.group(1))) if m and m.group(2) in expert_tensors else None
-        if ids is None or len(ids) == t.ne[-1]:
+        ids = kept.get(int(m.group(1))) if m else None
+        role = roles.of(m.group(2)) if ids is not None else None
+        if role is Role.CHUNK_EXPERTS:   # one slice per group of `group` experts (whole groups kept)
+            ids = sorted({e // group for e in ids})
+        if role is None or len(ids) == t.ne[-1]:
             planned.append((t.name, t.ne, t.ggml_type, t.nbytes, ((t.start, t.nbytes),), False))
             continue
         stride = t.outer_stride
@@ -103,7 +112,8 @@ def _metadata(part: GGUFFile, edits: dict[str, bytes], additions: list[bytes]) -
     return [edits.get(kv.key, kv.raw) for kv in part.kvs.values()] + additions
 
 
-def _out_paths(out: Path, n_parts: int) -> list[Path]:
+def out_paths(out: Path, n_parts: int) -> list[Path]:
+    """The file(s) apply writes for `out`: one, or the parts of a split named like llama.cpp's."""
     if n_parts == 1:
         return [out]
     m = SPLIT_PATTERN.match(out.name)
@@ -111,10 +121,15 @@ def _out_paths(out: Path, n_parts: int) -> list[Path]:
     return [out.with_name(split_name(prefix, i + 1, n_parts)) for i in range(n_parts)]
 
 
+def _block_count(gm: Model) -> int:
+    """`{arch}.block_count`: decoder blocks and NextN blocks."""
+    return int(gm.gguf_parts[0].get(f"{gm.gguf_arch}.block_count"))
+
+
 def _layer_policy(gm: Model, after: dict[int, int]) -> tuple[list[int], list[int], list[int]]:
     st = gm.structure
     policy, count, keep = [], [], []
-    for L in range(st.num_layers):
+    for L in range(_block_count(gm)):
         n = st.layer_experts.get(L, 0)
         k = after.get(L, 0)
         if L in gm.hash_layers:
@@ -128,16 +143,32 @@ def _layer_policy(gm: Model, after: dict[int, int]) -> tuple[list[int], list[int
     return policy, count, keep
 
 
+def _mtp_kept(gm: Model, kept: dict[int, list[int]]) -> dict[int, list[int]]:
+    """NextN/MTP blocks under one `expert_count`: llama.cpp needs them cut to the same count, and
+    calibration never runs them (the decoder's output does not depend on them). They keep the
+    experts the last pruned decoder layer keeps (docs/gguf.md)."""
+    st = gm.structure
+    mtp = [L for L in st.frozen_layers if L >= st.num_layers and L not in gm.hash_layers]
+    pruned = [L for L, ids in kept.items() if len(ids) < st.layer_experts[L]]
+    if not mtp or not pruned:
+        return {}
+    return {L: kept[max(pruned)] for L in mtp}
+
+
 def plan_layout(gm: Model, plan: Plan, out: Path, where: str) -> tuple[list[OutPart], dict]:
     """Every output header and tensor's source ranges, before any byte is written."""
     st, arch = gm.structure, gm.gguf_arch
     kept = plan.kept_map()
-    after = {L: len(kept.get(L, range(n))) for L, n in st.layer_experts.items()}
-    counts = sorted(set(after.values()))
+    first = gm.gguf_parts[0]
+    group_key = GROUP_KEYS.get(arch)
+    group = first.get(f"{arch}.{group_key}") if group_key else None
+    check_prunable(arch, max(st.layer_experts.values()), kept, group, where)
     edits: dict[str, bytes] = {}
     additions: dict[str, bytes] = {}
+    mtp: dict[int, list[int]] = {}
     if gm.family.gguf_compact_layout:
         layout = gm.family.gguf_compact_layout
+        after = {L: len(kept.get(L, range(n))) for L, n in st.layer_experts.items()}
         policy, count, keep = _layer_policy(gm, after)
         additions = {
             "reap.enabled": encode_kv("reap.enabled", VType.BOOL, True),
@@ -146,24 +177,31 @@ def plan_layout(gm: Model, plan: Plan, out: Path, where: str) -> tuple[list[OutP
             "reap.layer.expert_count": encode_kv("reap.layer.expert_count", VType.ARRAY, count, VType.UINT32),
             "reap.layer.keep_count": encode_kv("reap.layer.keep_count", VType.ARRAY, keep, VType.UINT32),
         }
-    elif len(counts) == 1:
+    else:
+        mtp = _mtp_kept(gm, kept)
+        kept = {**kept, **mtp}
+        after = {L: len(kept.get(L, range(n))) for L, n in st.layer_experts.items()}
+        if len(set(after.values())) != 1:
+            counts = sorted(set(after.values()))
+            frozen = f" (layers {st.frozen_layers} are never pruned)" if st.frozen_layers else ""
+            raise BadInput(where, f"plan keeps {counts[0]}..{counts[-1]} experts in different layers{frozen}; "
+                                  f"llama.cpp's {arch!r} loader reads one {arch}.expert_count for all layers, so "
+                                  f"only uniform plans apply to this GGUF (ds4-compact-v1 exists for deepseek4 only)")
         layout = "uniform"
         key = f"{arch}.expert_count"
-        kv: KV = gm.gguf_parts[0].kvs[key]
-        edits[key] = encode_kv(key, kv.vtype, counts[0])
-    else:
-        frozen = f" (layers {st.frozen_layers} are never pruned)" if st.frozen_layers else ""
-        raise BadInput(where, f"plan keeps {counts[0]}..{counts[-1]} experts in different layers{frozen}; llama.cpp's "
-                              f"{arch!r} loader reads one {arch}.expert_count for all layers, so only uniform "
-                              f"plans apply to this GGUF (ds4-compact-v1 exists for deepseek4 only)")
+        kv: KV = first.kvs[key]
+        edits[key] = encode_kv(key, kv.vtype, next(iter(after.values())))
+    counts = sorted(set(after.values()))
     parts = []
-    for i, (src, path) in enumerate(zip(gm.gguf_parts, _out_paths(out, len(gm.gguf_parts)))):
-        tensors = _out_tensors(src, gguf_expert_tensors(gm.family), kept)
+    roles = gguf_roles(gm.family, arch, first.path)
+    for i, (src, path) in enumerate(zip(gm.gguf_parts, out_paths(out, len(gm.gguf_parts)))):
+        tensors = _out_tensors(src, roles, kept, group)
         kv_raw = _metadata(src, edits, list(additions.values()) if i == 0 else [])
         parts.append(OutPart(path, src, encode_header(src.version, kv_raw, tensors, src.alignment), tensors))
     info = {"layout": layout,
             "experts_after": counts[0] if len(counts) == 1 else {str(L): n for L, n in sorted(after.items())},
-            "metadata_changed": sorted(edits) + list(additions)}
+            "metadata_changed": sorted(edits) + list(additions),
+            "mtp_layers": {str(L): "kept the experts of the last pruned layer" for L in sorted(mtp)}}
     return parts, info
 
 
@@ -208,16 +246,19 @@ def _write_part(part: OutPart, tmp: Path, buf: memoryview, bar: tqdm) -> None:
 
 
 def apply_gguf(gm: Model, plan: Plan, out: Path, *, overwrite: bool, dry_run: bool,
-               buffer_bytes: int = 8 << 20, plan_where: str | Path = "plan", progress: bool = True) -> dict:
+               buffer_bytes: int = 8 << 20, plan_where: str | Path = "plan", progress: bool = True,
+               ignore_fingerprint: bool = False) -> dict:
     """Write `out` (or its split parts): the GGUF model `gm` with the plan's pruned experts removed.
 
-    Returns a JSON-able summary; a GGUF is always matched to the plan by structure, never by
-    file hash. `progress=False` hides the byte bar (apply --quiet / --json).
+    Returns a JSON-able summary. A plan made on a GGUF must carry this model's GGUF fingerprint
+    (any quantisation of the same weights has it); a plan made on another form of the model is
+    matched by structure. `progress=False` hides the byte bar (apply --quiet / --json).
     """
     out, where = Path(out), str(plan_where)
     model = gm.path
     _check_same_model(plan, gm, where)
-    check_plan(plan, gm.structure, where)
+    check_plan(plan, gm.structure, where, model_fingerprint=None if ignore_fingerprint else gm.fingerprint)
+    planned = (plan.model or {}).get("fingerprint")
     parts, info = plan_layout(gm, plan, out, where)
 
     sources = {resolved(p.path) for p in gm.gguf_parts}
@@ -248,12 +289,14 @@ def apply_gguf(gm: Model, plan: Plan, out: Path, *, overwrite: bool, dry_run: bo
         "experts_after": info["experts_after"],
         "kept_per_layer": {str(L): len(lp.kept) for L, lp in sorted(plan.layers.items())},
         "metadata_changed": info["metadata_changed"],
+        "mtp_layers": info["mtp_layers"],
         "tensors": sum(len(p.tensors) for p in parts),
         "tensors_sliced": sum(t.sliced for p in parts for t in p.tensors),
         "bytes_in": sum(g.size for g in gm.gguf_parts),
         "bytes_out": sum(p.size for p in parts),
-        "fingerprint": "not compared: a GGUF is matched to the plan by structure "
-                       "(architecture, layer count, experts per layer)",
+        "fingerprint": ("compared" if isinstance(planned, str) and same_kind(planned, gm.fingerprint)
+                        and not ignore_fingerprint else
+                        "not compared: matched by structure (architecture, layer count, experts per layer)"),
     }
     if dry_run:
         return summary

@@ -191,7 +191,7 @@ def check_plan_copy(out: Path, config: dict, findings: list[Finding]) -> None:
 def check_gguf(path: Path, findings: list[Finding]) -> list[Path]:
     """A recompacted GGUF (one file or the first of a split): llama.cpp's layout rules, and every
     expert-axis tensor as long as the metadata says its layer is. Returns the parts checked."""
-    from ..families.structure import gguf_expert_tensors
+    from ..families.gguf_arch import Role, Roles, known_arch
     from ..families.table import BY_GGUF_ARCH
     from ..io.gguf import BLOCK_TENSOR, read_model
     from ..io.gguf_write import layout_problems
@@ -206,16 +206,21 @@ def check_gguf(path: Path, findings: list[Finding]) -> list[Path]:
     first = parts[0]
     arch = first.get("general.architecture")
     fam = BY_GGUF_ARCH.get(arch) if isinstance(arch, str) else None
-    if fam is None:
+    if fam is None and not (isinstance(arch, str) and known_arch(arch)):
         findings.append(Finding("config", path.name, f"architecture {arch!r} has no expert-tensor table"))
         return [p.path for p in parts]
-    expert_tensors = gguf_expert_tensors(fam)
+    roles = Roles(arch, fam.gguf_extra_expert_tensors if fam else (), path.name)
     keep = first.get("reap.layer.keep_count")
     uniform = first.get(f"{arch}.expert_count")
     for part in parts:
         for t in part.tensors:
             m = BLOCK_TENSOR.match(t.name)
-            if not m or m.group(2) not in expert_tensors:
+            try:
+                role = roles.of(m.group(2)) if m else None
+            except BadInput as e:
+                findings.append(Finding("shape", part.path.name, e.what))
+                continue
+            if role is None or role is Role.CHUNK_EXPERTS:
                 continue
             layer = int(m.group(1))
             want = keep[layer] if isinstance(keep, list) and layer < len(keep) else uniform

@@ -144,6 +144,8 @@ def _collect(model: Model, calib: CalibrationSet, out: Path, work_dir: Path, run
     if out.exists():
         return _already_done(out, attrs)
 
+    # the runner reads nothing yet, but refuses weights it cannot read before anything is written
+    runner = open_runner(model, run, work_dir, progress=progress)
     record = {"model_fingerprint": model.fingerprint, "calibration_fingerprint": calib.fingerprint, **attrs["options"]}
     present = sum(p.stat().st_size for p in work_dir.rglob("*") if p.is_file()) if work_dir.is_dir() else 0
     check_space(work_dir, max(0, work_dir_bytes(model, calib, run, options) - present), "work dir")
@@ -172,7 +174,6 @@ def _collect(model: Model, calib: CalibrationSet, out: Path, work_dir: Path, run
             store.commit(accs.pop(layer).stats)
 
     stop = max(selected) + 1
-    runner = open_runner(model, run, work_dir, progress=progress)
     chunks = runner.chunks(calib.sequences, run.sample_batch_size)
     start = runner.start_layer
     missing = [i for i in selected if i < start and i not in store.layers()]

@@ -1,4 +1,4 @@
-"""The model's own tokenizer, loaded offline from its directory."""
+"""The model's own tokenizer, loaded offline from its directory (or rebuilt from a GGUF's metadata)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,4 +49,8 @@ def tokenise(model: "Model", options: "CalibrationOptions") -> "CalibrationSet":
     """The calibration text of `options` (CalibrationOptions) as token ids of `model`'s own tokenizer."""
     from .calibration import build_calibration
 
+    if model.is_gguf:
+        from .gguf_tokenizer import gguf_tokenizer
+
+        return build_calibration(options, gguf_tokenizer(model.gguf_parts[0]))
     return build_calibration(options, load_tokenizer(model.path))
