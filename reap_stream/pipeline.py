@@ -9,7 +9,7 @@ from .errors import BadInput
 from .families.model import Model
 from .io.files import write_text_atomic
 from .io.lock import exclusive
-from .io.reading import read_bytes
+from .io.reading import read_bytes, read_json_object
 from .planning.planner import PlanOptions, make_plan
 from .runner.chunks import RunOptions
 from .surgery.gguf import apply_gguf, out_paths
@@ -80,10 +80,10 @@ def _previous_output(model: Model, out: Path, work: Path, overwrite: bool) -> st
     if model.is_gguf:
         outs = out_paths(out, len(model.gguf_parts))
         try:
-            record = json.loads((work / GGUF_RECORD).read_text())
+            record = read_json_object(work / GGUF_RECORD, "run record")
             ours = all(Path(p).is_file() and Path(p).stat().st_size == n for p, n in record["files"].items()) \
                 and sorted(record["files"]) == sorted(map(str, outs))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (BadInput, OSError, ValueError, KeyError, TypeError, AttributeError):
             record, ours = None, False
         existing = [p for p in outs if p.exists()]
         if existing and not ours and not overwrite:

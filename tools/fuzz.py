@@ -182,6 +182,7 @@ TARGETS = {t.name: t for t in (
     Target("config", "model/config.json"),
     Target("plan", "plan.json"),
     Target("gguf", "model.gguf", binary=True),
+    Target("gguf_runnable", "model.gguf", binary=True),
     Target("telemetry_store", "telemetry.zarr/zarr.json"),
     Target("telemetry_layer", "telemetry.zarr/layer_001/zarr.json"),
     Target("telemetry_array", "telemetry.zarr/layer_001/expert_output_sum/zarr.json"),
@@ -255,6 +256,16 @@ class Parsers:
         open_model(case / "model")
 
     config = safetensors_index
+
+    def gguf_runnable(self, case, path, _):
+        """What collect and eval read of a GGUF beyond its layout: the mlx_lm config rebuilt from
+        the metadata, and the tokenizer rebuilt from tokenizer.ggml.*."""
+        from reap_stream.families.model import open_model
+        from reap_stream.telemetry.gguf_tokenizer import gguf_tokenizer
+
+        model = open_model(path)
+        model.config
+        gguf_tokenizer(model.gguf_parts[0]).encode("Licensed under the Apache License")
 
     def gguf_split(self, case, path, _):
         from reap_stream.families.model import open_model
