@@ -383,3 +383,13 @@ def test_a_config_mlx_lm_cannot_build_a_model_from_is_one_line(model):
 
     edit_json(model / "config.json", lambda c: c.pop("hidden_size"))
     refused(lambda: build_skeleton(Checkpoint.open(model)), "config.json", "mlx_lm cannot build a qwen3_moe model")
+
+
+def test_gguf_tokenizer_merges_naming_unknown_tokens_are_refused(gguf_file, tmp_path):
+    from reap_stream.telemetry.gguf_tokenizer import gguf_tokenizer
+
+    merges = list(read_gguf(gguf_file).get("tokenizer.ggml.merges"))
+    bad = rewrite_gguf(gguf_file, tmp_path / "m.gguf", tokenizer__ggml__merges=encode_kv(
+        "tokenizer.ggml.merges", VType.ARRAY, merges + ["\u00b2\u00b2 \u00b3\u00b3"], VType.STRING))
+    refused(lambda: gguf_tokenizer(open_model(bad).gguf_parts[0]), "m.gguf", "'tokenizer.ggml.merges' entry",
+            "names a token not in tokenizer.ggml.tokens")
