@@ -153,24 +153,19 @@ def read_stream(path: str | Path, what: str = "file", limit: int = MAX_STREAM_BY
         f = open(path, "rb")
     except (OSError, ValueError) as e:
         raise _stat_error(e, path) from None
+    if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        return f
+    copy = tempfile.TemporaryFile()
     try:
-        mode = os.fstat(f.fileno()).st_mode
-        if stat.S_ISREG(mode):
-            return f
-        if stat.S_ISDIR(mode) or stat.S_ISSOCK(mode):
-            raise BadInput(path, f"{what} is {kind_of(mode)}")
-        copy = tempfile.TemporaryFile()
-        copied = 0
-        while chunk := f.read(1 << 20):
-            copied += len(chunk)
-            if copied > limit:
-                copy.close()
-                raise BadInput(path, f"{what} streams more than the {limit:,}-byte limit")
-            copy.write(chunk)
-        copy.seek(0)
-        return copy
-    except OSError as e:
-        raise os_error(e, path, doing="cannot read") from None
-    finally:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            f.close()
+        with f:
+            while chunk := f.read(1 << 20):
+                if copy.tell() + len(chunk) > limit:
+                    raise BadInput(path, f"{what} streams more than the {limit:,}-byte limit")
+                copy.write(chunk)
+    except BaseException as e:
+        copy.close()
+        if isinstance(e, OSError):
+            raise os_error(e, path, doing="cannot read") from None
+        raise
+    copy.seek(0)
+    return copy

@@ -145,7 +145,8 @@ _MODEL_FIELDS = {
     "topk_group": (lambda v: v is None or _is_int(v), "an integer"),
     "moe_layers": (lambda v: isinstance(v, list) and all(_is_int(i) for i in v), "a list of layer numbers"),
     "frozen_layers": (lambda v: isinstance(v, list) and all(_is_int(i) for i in v), "a list of layer numbers"),
-    "num_experts": (lambda v: _is_int(v) or (isinstance(v, dict) and all(is_index(k) and _is_int(n) for k, n in v.items())),
+    "num_experts": (lambda v: _is_int(v) or (isinstance(v, dict)
+                                              and all(is_index(k) and _is_int(n) for k, n in v.items())),
                     "an integer or a map of layer -> integer"),
 }
 

@@ -63,7 +63,8 @@ def check_manifest(out: Path, findings: list[Finding], progress: bool = False, *
     for name, entry in sorted(files.items()):
         # a tampered manifest is a finding, never a traceback
         if not (isinstance(entry, dict) and _is_count(entry.get("size")) and isinstance(entry.get("sha256"), str)):
-            findings.append(Finding("manifest", manifest_path.name, f"entry for {name!r} lacks a sha256 string and an integer size"))
+            findings.append(Finding("manifest", manifest_path.name,
+                                    f"entry for {name!r} lacks a sha256 string and an integer size"))
         elif "/" in name or name.startswith(".") or not _is_file(out / name):
             findings.append(Finding("checksum", name, "listed in the manifest but missing"))
         else:

@@ -192,8 +192,9 @@ def _parquet(f, where: Path) -> FileRows:
     with tempfile.NamedTemporaryFile(suffix=".jsonl") as rows_file:
         source = f"/dev/fd/{f.fileno()}"  # the file we hold open (a pipe's copy has no name)
         try:
-            done = subprocess.run([sys.executable, "-c", _PARQUET_CHILD, source, rows_file.name], pass_fds=(f.fileno(),),
-                                  stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace")
+            done = subprocess.run([sys.executable, "-c", _PARQUET_CHILD, source, rows_file.name],
+                                  pass_fds=(f.fileno(),), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  errors="replace")
         except OSError as e:
             raise BadInput(where, f"cannot start the parquet reader: {e.strerror}") from None
         if done.returncode != 0:

@@ -55,6 +55,7 @@ def load_tokens(path: str | Path) -> CalibrationSet:
         raise BadInput(path, "malformed attributes (shaping, source, window_tokens)")
     fp = token_fingerprint(sequences, shaping)
     if fp != attrs.get("fingerprint"):
-        raise BadInput(path, f"token ids do not match the stored fingerprint ({fp} != {attrs.get('fingerprint')!r:.80})")
+        raise BadInput(path, f"token ids do not match the stored fingerprint "
+                             f"({fp} != {attrs.get('fingerprint')!r:.80})")
     return CalibrationSet(sequences=sequences, fingerprint=fp, source=source,
                           packed=bool(attrs.get("packed")), window_tokens=window, shaping=shaping)
