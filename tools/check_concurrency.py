@@ -132,14 +132,20 @@ def fixtures(root: Path, size_mb: int) -> dict:
     for i, ratio in enumerate((0.25, 0.5)):
         make_plan(TelemetryStore.open(stores[0]), PlanOptions("reap", ratio=ratio)).save(root / f"plan{i}.json")
         plans.append(root / f"plan{i}.json")
+    from gguf.constants import GGMLQuantizationType as T
+
+    from reap_stream.io.gguf import tensor_nbytes
+    from reap_stream.testing.gguf_synth import write_moe_gguf
+
     sys.path.insert(0, str(REPO / "tools"))
     from bench_apply import make_checkpoint
-    from bench_gguf import _write_model
 
     # writers that take a while (large enough for the trials' start times to overlap them)
     big = make_checkpoint(root / "big", size_mb / 1000)
     big_gguf = root / "big.gguf"
-    _write_model(big_gguf, size_mb)
+    layer_bytes = 3 * tensor_nbytes((1024, 512, 64), T.Q8_0)
+    write_moe_gguf(big_gguf, "qwen3moe", layers=max(1, (size_mb << 20) // layer_bytes), experts=64, top_k=8,
+                   hidden=1024, ff=512)
     return {"big": big, "big_plans": random_plans(big, root, "big"), "big_gguf": big_gguf,
             "big_gguf_plans": random_plans(big_gguf, root, "big-gguf"),
             "src": src, "gguf": cached_gguf("qwen3_moe", "q8_0", cache / "gguf", src)[0],
