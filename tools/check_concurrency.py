@@ -180,8 +180,9 @@ def _normal(kind: Kind, out: Path, snap):
             for k, v in snap.items()}
 
 
-def trial(kind: Kind, refs: list, rng: random.Random, root: Path) -> list[str]:
-    """One trial; returns the violations found."""
+def trial(kind: Kind, refs: list, rng: random.Random, root: Path, seen: dict) -> list[str]:
+    """One trial; returns the violations found and counts what happened in `seen` (processes that
+    wrote, were refused by another's lock, refused otherwise, were killed)."""
     d = root / "trial"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir()
@@ -205,8 +206,11 @@ def trial(kind: Kind, refs: list, rng: random.Random, root: Path) -> list[str]:
     for k, p in enumerate(procs):
         _, err = p.communicate(timeout=600)
         if k == victim and p.returncode == -signal.SIGKILL:
+            seen["killed"] += 1
             continue
         lines = err.strip().splitlines()
+        outcome = "wrote" if p.returncode == 0 else "locked out" if "another reap-stream run" in err else "refused"
+        seen[outcome] += 1
         if p.returncode == 0:
             ok += 1
         elif p.returncode != 2 or len(lines) != 1 or not lines[0].startswith("reap-stream: error: "):
@@ -253,12 +257,14 @@ def main() -> None:
             refs = references(kind, root)
             rng = random.Random(f"{a.seed}/{name}")
             failures = []
+            seen = dict.fromkeys(("wrote", "locked out", "refused", "killed"), 0)
             for t in range(a.trials):
-                for problem in trial(kind, refs, rng, root):
+                for problem in trial(kind, refs, rng, root, seen):
                     failures.append(f"trial {t}: {problem}")
-            results[name] = {"trials": a.trials, "violations": failures,
+            results[name] = {"trials": a.trials, "violations": failures, "processes": seen,
                              "seconds": round(time.perf_counter() - started, 1)}
-            print(f"{name:18} {a.trials} trials, {len(failures)} violations ({results[name]['seconds']} s)", flush=True)
+            print(f"{name:18} {a.trials} trials, {len(failures)} violations; processes: "
+                  + ", ".join(f"{v} {k}" for k, v in seen.items()) + f" ({results[name]['seconds']} s)", flush=True)
             for f in failures[:5]:
                 print(f"    {f}")
     if a.json:
