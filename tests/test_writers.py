@@ -209,3 +209,28 @@ def test_gguf_overwrite_drops_the_old_manifest_before_the_parts_change(work, tmp
     r = run("verify", first, "--json")
     assert r.exit_code == 1
     assert any(f["check"] == "manifest" and f["what"] == "missing" for f in json.loads(r.output)["findings"])
+
+
+def test_without_flock_the_recorded_pid_decides(tmp_path, monkeypatch):
+    """Some network file systems have no flock (ENOLCK): a lock file naming a live process on this
+    host is then held, one naming a dead process is taken over."""
+    import errno
+    import socket
+
+    from reap_stream.errors import BadInput
+    from reap_stream.io import lock
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lock.fcntl, "flock", no_flock)
+    out = tmp_path / "out"
+    lock_path(out).write_text(f"pid {os.getppid()} on {socket.gethostname()}: reap-stream apply\n")
+    with pytest.raises(BadInput, match=f"another reap-stream run \\(pid {os.getppid()} on"):
+        with exclusive(out):
+            pass
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock_path(out).write_text(f"pid {dead.stdout.strip()} on {socket.gethostname()}: reap-stream apply\n")
+    with exclusive(out):
+        assert lock_path(out).read_text().startswith(f"pid {os.getpid()} ")
+    assert not lock_path(out).exists()
