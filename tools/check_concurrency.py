@@ -7,7 +7,7 @@
 For each writer kind (apply to a safetensors directory and to a GGUF file, both of --size-mb
 synthetic models so that writes take long enough to overlap, apply to split GGUF parts, collect,
 full, plan, merge, init) every trial starts two or three real `reap-stream`
-processes on the same output at random moments (0-400 ms apart), with randomly different inputs
+processes on the same output at random moments (0-150 ms apart), with randomly different inputs
 (two plans, two calibration texts, two seeds), with or without --overwrite, sometimes on an output
 that already exists, and sometimes SIGKILLs one of them at a random moment. Afterwards:
 
@@ -196,7 +196,7 @@ def trial(kind: Kind, refs: list, rng: random.Random, root: Path, seen: dict) ->
     overwrite = [kind.overwrite and rng.random() < 0.6 for _ in range(n)]
     procs = []
     for i, ow in zip(inputs, overwrite):
-        time.sleep(rng.uniform(0, 0.4))
+        time.sleep(rng.uniform(0, 0.15))
         procs.append(cli(kind.make(i, out) + (["--overwrite"] if ow else [])))
     victim = rng.randrange(n) if rng.random() < 0.3 else None
     if victim is not None:
@@ -242,7 +242,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", action="append", help="Writer kinds to try (repeatable).")
-    ap.add_argument("--size-mb", type=int, default=200, help="Size of the models the apply trials prune.")
+    ap.add_argument("--size-mb", type=int, default=500, help="Size of the models the apply trials prune.")
     ap.add_argument("--json", type=Path, help="Write the results here.")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="reap-concurrency-", dir=os.environ.get("TMPDIR", "/var/tmp")) as tmp:
