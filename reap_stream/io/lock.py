@@ -46,7 +46,8 @@ def _describe(raw: bytes) -> str:
 
 def _pid_alive_here(raw: bytes) -> bool:
     parts = raw.decode("utf-8", "replace").split()
-    if len(parts) < 4 or parts[0] != "pid" or not parts[1].isdigit() or parts[3].rstrip(":") != socket.gethostname():
+    if len(parts) < 4 or parts[0] != "pid" or not (parts[1].isascii() and parts[1].isdigit()) \
+            or parts[3].rstrip(":") != socket.gethostname():
         return False
     try:
         os.kill(int(parts[1]), 0)
