@@ -9,8 +9,10 @@ from pathlib import Path
 from .errors import BadInput
 from .families.model import Model
 from .io.files import write_text_atomic
+from .io.reading import read_bytes, read_json_object
 from .planning.planner import PlanOptions, make_plan
 from .runner.chunks import RunOptions
+from .runner.distributed import lead_exclusive
 from .surgery.gguf import apply_gguf, out_paths
 from .surgery.safetensors import DEFAULT_MAX_SHARD, PLAN_COPY_NAME, check_output_path, plan_layout, write_layout
 from .telemetry.calibration import CalibrationOptions
@@ -30,6 +32,13 @@ def run_full(model: Model, calibration: CalibrationOptions, out: Path, plan_opti
     out = Path(out)
     work = Path(run.work_dir) if run.work_dir else out.with_name(out.name + ".reap-work")
     model.require_runnable("full")
+    with lead_exclusive((out, "output"), (work, "work dir")):  # one run per output and per work dir
+        return _run_full(model, calibration, out, work, plan_options, run, renorm_topk, max_shard_bytes,
+                         overwrite, progress)
+
+
+def _run_full(model: Model, calibration: CalibrationOptions, out: Path, work: Path, plan_options: PlanOptions,
+              run: RunOptions, renorm_topk: bool, max_shard_bytes: int, overwrite: bool, progress: bool) -> dict:
     previous = _previous_output(model, out, work, overwrite)
 
     calib = tokenise(model, calibration)
@@ -73,10 +82,10 @@ def _previous_output(model: Model, out: Path, work: Path, overwrite: bool) -> st
     if model.is_gguf:
         outs = out_paths(out, len(model.gguf_parts))
         try:
-            record = json.loads((work / GGUF_RECORD).read_text())
+            record = read_json_object(work / GGUF_RECORD, "run record")
             ours = all(Path(p).is_file() and Path(p).stat().st_size == n for p, n in record["files"].items()) \
                 and sorted(record["files"]) == sorted(map(str, outs))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (BadInput, OSError, ValueError, KeyError, TypeError, AttributeError):
             record, ours = None, False
         existing = [p for p in outs if p.exists()]
         if existing and not ours and not overwrite:
@@ -86,4 +95,4 @@ def _previous_output(model: Model, out: Path, work: Path, overwrite: bool) -> st
     if out.exists() and not previous.is_file() and not overwrite:
         raise BadInput(out, "output exists and is not a reap-stream output; pass --overwrite to replace it")
     check_output_path(model.path, out, overwrite=True)
-    return previous.read_text() if previous.is_file() else None
+    return read_bytes(previous, "plan copy").decode("utf-8", "replace") if previous.is_file() else None

@@ -6,6 +6,7 @@ the independent oracle for every check on the output.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import gguf
@@ -172,7 +173,10 @@ def test_dry_run_plans_everything_and_writes_nothing(gguf_model, tmp_path):
     assert list(tmp_path.iterdir()) == []
     real = apply(src, mlx_plan("mixtral"), out, overwrite=False, dry_run=False)
     assert dry["bytes_out"] == real["bytes_out"] == out.stat().st_size
-    assert {k: v for k, v in dry.items() if k != "dry_run"} == {k: v for k, v in real.items() if k != "dry_run"}
+    written = {k: real.pop(k) for k in ("dry_run", "files")}
+    assert written["files"] == {"pruned.gguf": {"sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
+                                                "size": out.stat().st_size}}
+    assert {k: v for k, v in dry.items() if k != "dry_run"} == real
 
 
 def test_a_layer_the_plan_does_not_list_keeps_all_experts(gguf_model, tmp_path):
@@ -193,7 +197,7 @@ def test_split_gguf_is_recompacted_part_by_part(gguf_model, tmp_path):
     summary = apply(src, plan, tmp_path / "pruned.gguf", overwrite=False, dry_run=False)
     outs = [tmp_path / f"pruned-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
     assert summary["out"] == [str(p) for p in outs]
-    assert sorted(tmp_path.iterdir()) == outs
+    assert sorted(tmp_path.iterdir()) == sorted(outs + [tmp_path / "pruned-00001-of-00003.gguf.reap.json"])
     sliced = 0
     for i, out in enumerate(outs):
         part = src.with_name(f"model-0000{i + 1}-of-00003.gguf")
@@ -285,7 +289,7 @@ def test_a_failed_write_leaves_no_output_and_no_partial_file(gguf_model, tmp_pat
             raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ga.os, "fsync", failing_fsync)
-    with pytest.raises(OSError):
+    with pytest.raises(BadInput, match="cannot write the output: no space left on device"):
         apply(src, mlx_plan("qwen3_moe"), tmp_path / "o.gguf", overwrite=False, dry_run=False)
     assert list(tmp_path.iterdir()) == []
 

@@ -19,6 +19,7 @@ from reap_stream.families.gguf_arch import Role, Roles, arch_expert_tensors, moe
 from reap_stream.families.model import open_model
 from reap_stream.families.table import BY_GGUF_ARCH, Family, Routing
 from reap_stream.io.gguf_write import verify
+from reap_stream.surgery.verify import verify_output
 from reap_stream.planning.plan import LayerPlan, Plan
 from reap_stream.surgery.gguf import apply_gguf
 from reap_stream.testing.gguf_synth import write_moe_gguf
@@ -109,6 +110,8 @@ def test_a_uniform_plan_recompacts_every_moe_architecture(arch, rows, tmp_path):
     assert fields[f"{arch}.expert_count"].contents() == 6
     assert summary["metadata_changed"] == [f"{arch}.expert_count"]
     assert verify(out).ok, verify(out).problems
+    checked = verify_output(out)   # with the sidecar manifest's checksums
+    assert checked["ok"] and checked["checksums"], checked["findings"]
 
 
 def test_every_moe_architecture_has_a_row_or_is_not_moe_in_llama_cpp():

@@ -7,16 +7,16 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .options import max_shard_option, parse_size
+from .options import PATH, max_shard_option, parse_size
 
 if TYPE_CHECKING:
     from ..families.model import Model
     from ..planning.plan import Plan
 
 @click.command("apply")
-@click.argument("model", type=click.Path(exists=True, path_type=Path))
-@click.argument("plan_path", metavar="PLAN", type=click.Path(path_type=Path))
-@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Output directory (or .gguf file).")
+@click.argument("model", type=PATH)
+@click.argument("plan_path", metavar="PLAN", type=PATH)
+@click.option("--out", "out", required=True, type=PATH, help="Output directory (or .gguf file).")
 @click.option("--dry-run", is_flag=True, help="Validate and print the output layout; write nothing.")
 @max_shard_option
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")

@@ -8,14 +8,14 @@ import click
 
 from ..runner.chunks import RunOptions
 from ..telemetry.calibration import CalibrationOptions
-from .options import calibration_options, run_options
+from .options import PATH, calibration_options, run_options
 
 
 @click.command("collect")
-@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("model_dir", type=PATH)
 @calibration_options
 @run_options
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Telemetry store to write (Zarr).")
+@click.option("--out", type=PATH, required=True, help="Telemetry store to write (Zarr).")
 @click.option("--layers", "layers_spec", default=None, help="MoE layers to record, e.g. 0-3,8 (default: all).")
 @click.option("--renorm-topk/--no-renorm-topk", default=True, show_default=True,
               help="Router weight g = probability divided by the token's top-k sum (the reference's default).")
@@ -46,8 +46,8 @@ def collect_cmd(model_dir: Path, calibration: CalibrationOptions, run: RunOption
 
 
 @click.command("merge")
-@click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Merged telemetry store.")
+@click.argument("stores", nargs=-1, required=True, type=PATH)
+@click.option("--out", type=PATH, required=True, help="Merged telemetry store.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def merge_cmd(stores: tuple[Path, ...], out: Path, as_json: bool) -> None:
     """Add telemetry stores of one model collected on disjoint calibration shards."""

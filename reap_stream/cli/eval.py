@@ -9,10 +9,10 @@ import click
 
 from ..runner.chunks import RunOptions
 from ..telemetry.calibration import CalibrationOptions
-from .options import calibration_options, run_options
+from .options import PATH, calibration_options, run_options
 
 _mask_plan = click.option(
-    "--mask-plan", type=click.Path(path_type=Path), default=None,
+    "--mask-plan", type=PATH, default=None,
     help="Evaluate as if this plan's pruned experts were gone (masked from routing; in compare, from "
          "MODEL_A's routing: e.g. the original vs its pruned output).")
 _ignore_fingerprint = click.option("--ignore-fingerprint", is_flag=True,
@@ -35,7 +35,7 @@ def _open(path: Path, calibration: CalibrationOptions | None = None):
 
 
 @click.command("eval")
-@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("model_dir", type=PATH)
 @calibration_options
 @run_options
 @_mask_plan
@@ -65,8 +65,8 @@ def eval_cmd(model_dir: Path, calibration: CalibrationOptions, run: RunOptions, 
 
 
 @click.command("compare")
-@click.argument("model_a", type=click.Path(path_type=Path))
-@click.argument("model_b", type=click.Path(path_type=Path))
+@click.argument("model_a", type=PATH)
+@click.argument("model_b", type=PATH)
 @calibration_options
 @run_options
 @_mask_plan

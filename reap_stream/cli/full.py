@@ -9,15 +9,15 @@ import click
 from ..planning.planner import PlanOptions
 from ..runner.chunks import RunOptions
 from ..telemetry.calibration import CalibrationOptions
-from .options import calibration_options, max_shard_option, plan_options, run_options
+from .options import PATH, calibration_options, max_shard_option, plan_options, run_options
 
 
 @click.command("full")
-@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.argument("model_path", metavar="MODEL", type=PATH)
 @calibration_options
 @plan_options
 @run_options
-@click.option("--out", required=True, type=click.Path(path_type=Path),
+@click.option("--out", required=True, type=PATH,
               help="Pruned model directory (a .gguf file when MODEL is a GGUF).")
 @click.option("--renorm-topk/--no-renorm-topk", default=True, show_default=True,
               help="Router weight g = probability divided by the token's top-k sum (the reference's default).")

@@ -8,10 +8,10 @@ every parameter is checked against the stored tensors by hand.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import BadInput
+from ..io.reading import read_json_object
 from .table import attr
 
 
@@ -50,7 +50,7 @@ def load_pruned_model(path: str | Path) -> tuple:
     from mlx_lm.utils import load_model
 
     path = Path(path)
-    config = json.loads((path / "config.json").read_text())
+    config = read_json_object(path / "config.json", "config")
     if (config.get("reap_stream") or {}).get("uniform", True):
         return load_model(path)
     model, config = load_model(path, lazy=True, strict=False)

@@ -6,15 +6,19 @@ and its fingerprint. No tensor byte is read beyond the first router's (for the f
 """
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import BadInput
+from ..errors import BadInput, os_error
 from ..io.gguf import GGUFFile, is_gguf, read_model
+from ..io.hub import resolve_model_path
+from ..io.reading import kind_of
 from ..io.safetensors import Checkpoint
 from .structure import (MoEStructure, checkpoint_structure, fingerprint, gguf_family, gguf_fingerprint,
                         gguf_structure)
-from .table import Family, family_of
+from .table import Family, config_int, family_of
 
 
 @dataclass
@@ -48,6 +52,11 @@ class Model:
             self._gguf_config = mlx_config(self.gguf_parts, self.gguf_arch, self.family, self.structure)
         return self._gguf_config
 
+    @property
+    def hidden_size(self) -> int:
+        """The width of the hidden states (a wrapper config's text_config holds it)."""
+        return config_int(self.config, "hidden_size", self.where, fam=self.family, what="hidden size")
+
     def require_runnable(self, what: str) -> None:
         """mlx_lm must have a model class for the family (GGUF-only families are apply-only)."""
         if not self.family.mlx:
@@ -73,9 +82,18 @@ class Model:
 
 
 def open_model(path: str | Path) -> Model:
-    """Resolve `path` (a model directory or a GGUF file) into a Model, or raise BadInput."""
-    path = Path(path)
-    if path.is_file() and is_gguf(path):
+    """Resolve `path` (a model directory, a GGUF file, or the hub id of a model in the local Hugging
+    Face cache) into a Model, or raise BadInput."""
+    path = resolve_model_path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise BadInput(path, "not found (give a model directory, a .gguf file or a cached hub id org/name)") from None
+    except (OSError, ValueError) as e:
+        raise os_error(e, path, doing="cannot open") if isinstance(e, OSError) else BadInput(path, str(e)) from None
+    if not stat.S_ISDIR(mode) and not stat.S_ISREG(mode):
+        raise BadInput(path, f"is {kind_of(mode)}, not a model directory or a GGUF file")
+    if stat.S_ISREG(mode) and (path.suffix == ".gguf" or is_gguf(path)):  # read_gguf says why it is not one
         parts = read_model(path)
         arch, fam = gguf_family(parts[0])
         if "reap.layout" in parts[0].kvs:
@@ -84,8 +102,6 @@ def open_model(path: str | Path) -> Model:
         st, hash_layers = gguf_structure(parts, arch, fam)
         return Model(path, fam, st, gguf_fingerprint(parts, arch, st, fam), gguf_parts=parts, gguf_arch=arch,
                      hash_layers=hash_layers)
-    if path.is_file() and path.suffix == ".gguf":
-        raise BadInput(path, "not a GGUF file (bad magic)")
     ckpt = Checkpoint.open(path)
     fam = family_of(ckpt.config, str(ckpt.root / "config.json"))
     st = checkpoint_structure(ckpt, fam)

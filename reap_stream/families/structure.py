@@ -13,10 +13,11 @@ from pathlib import Path
 
 from ..errors import BadInput
 from ..io.gguf import BLOCK_TENSOR, GGUFFile, VType
+from ..io.reading import is_index
 from ..io.safetensors import Checkpoint
 from .gguf_arch import GROUP_KEYS, Role, Roles, arch_expert_tensors, known_arch
-from .table import (BY_GGUF_ARCH, Family, classify, dense_layers, expert_rows, family_of, frozen_layers, group_keys,
-                    identity_rows, num_experts, text_config, top_k)
+from .table import (BY_GGUF_ARCH, MAX_LAYERS, Family, classify, config_int, dense_layers, expert_rows, family_of,
+                    frozen_layers, group_keys, identity_rows, num_experts, text_config, top_k)
 
 
 @dataclass
@@ -57,22 +58,38 @@ class MoEStructure:
         }
 
     @classmethod
-    def from_json(cls, model: dict, where: str) -> "MoEStructure":
+    def from_json(cls, model: object, where: str) -> "MoEStructure":
         """The structure recorded in a telemetry store's (or plan's) `model` block."""
-        try:
-            layers = [int(i) for i in model["moe_layers"]]
-            counts = model["num_experts"]
-            if isinstance(counts, dict):
-                layer_experts = {int(k): int(v) for k, v in counts.items()}
-            else:
-                layer_experts = {i: int(counts) for i in layers}
-            return cls(
-                model_type=str(model["model_type"]), num_layers=int(model["num_layers"]),
-                layer_experts=layer_experts, top_k=int(model["top_k"]),
-                n_group=int(model.get("n_group") or 1), topk_group=int(model.get("topk_group") or 1),
-                frozen_layers=sorted(int(i) for i in model.get("frozen_layers") or []))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise BadInput(where, f"telemetry 'model' attributes are incomplete or malformed ({e!r})") from None
+        def fault(what: str) -> BadInput:
+            return BadInput(where, f"telemetry 'model' attributes are incomplete or malformed ({what})")
+
+        def count(key: str, value: object, low: int = 1, limit: int = 1 << 20) -> int:
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= limit:
+                raise fault(f"{key} is {value!r:.40}, not an integer in {low}..{limit:,}")
+            return value
+
+        if not isinstance(model, dict):
+            raise fault("not an object")
+        layers, counts = model.get("moe_layers"), model.get("num_experts")
+        if not isinstance(layers, list) or not isinstance(model.get("model_type"), str):
+            raise fault("no moe_layers list or model_type string")
+        layers = [count("moe_layers", i, 0, 2 * MAX_LAYERS) for i in layers]
+        if isinstance(counts, dict):
+            if not all(is_index(k) for k in counts):
+                raise fault("num_experts keys are not layer numbers")
+            layer_experts = {int(k): count("num_experts", v) for k, v in counts.items()}
+        else:
+            layer_experts = {i: count("num_experts", counts) for i in layers}
+        frozen = model.get("frozen_layers") or []
+        if not isinstance(frozen, list):
+            raise fault("frozen_layers is not a list")
+        st = cls(model_type=model["model_type"], num_layers=count("num_layers", model.get("num_layers"), 1, MAX_LAYERS),
+                 layer_experts=layer_experts, top_k=count("top_k", model.get("top_k")),
+                 n_group=count("n_group", model.get("n_group") or 1),
+                 topk_group=count("topk_group", model.get("topk_group") or 1),
+                 frozen_layers=sorted({count("frozen_layers", i, 0, 2 * MAX_LAYERS) for i in frozen}))
+        return checked_structure(st, where, {"layers": "num_layers", "top_k": "top_k", "groups": "n_group",
+                                             "group_k": "topk_group"})
 
 
 def checkpoint_structure(ckpt: Checkpoint, fam: Family | None = None) -> MoEStructure:
@@ -98,25 +115,46 @@ def checkpoint_structure(ckpt: Checkpoint, fam: Family | None = None) -> MoEStru
     if dense:
         keys = ", ".join(k for k in fam.dense if cfg.get(k))
         raise BadInput(where, f"{keys} makes layer {dense[0]} dense, but the checkpoint holds a router for it")
-    groups = _groups(cfg, fam)
-    return MoEStructure(
+    groups = _groups(cfg, fam, where)
+    absent = "num_hidden_layers" not in cfg  # absent: as many as the routers say; null or "x": refused
+    num_layers = config_int(cfg, "num_hidden_layers", where, default=max(experts) + 1 if absent else None,
+                            limit=MAX_LAYERS)
+    return checked_structure(MoEStructure(
         model_type=fam.model_type,
-        num_layers=int(cfg.get("num_hidden_layers", max(experts) + 1)),
+        num_layers=num_layers,
         layer_experts=experts,
         top_k=top_k(ckpt.config, where, fam),
         n_group=groups[0],
         topk_group=groups[1],
         frozen_layers=sorted(set(frozen_layers(ckpt.config, fam, where)) & set(experts)),
-    )
+    ), where, {"layers": "num_hidden_layers", "top_k": fam.top_k_key, "groups": "n_group", "group_k": "topk_group"})
 
 
-def _groups(cfg: dict, fam: Family) -> tuple[int, int]:
+def checked_structure(st: MoEStructure, where: str, keys: dict[str, str]) -> MoEStructure:
+    """`st` if its numbers fit together (they come from a file), else one line naming the key
+    (`keys`: how this file spells layers, top_k, groups and group_k)."""
+    beyond = [L for L in st.layer_experts if L >= 2 * MAX_LAYERS]
+    if beyond:
+        raise BadInput(where, f"MoE layer {beyond[0]} is past any real model's {2 * MAX_LAYERS:,} layers")
+    for layer, n in sorted(st.layer_experts.items()):
+        if n < 1:
+            raise BadInput(where, f"layer {layer} has no experts")
+        if st.top_k > n:
+            raise BadInput(where, f"{keys['top_k']}={st.top_k} exceeds the {n} experts of layer {layer}")
+        if n % st.n_group:
+            raise BadInput(where, f"{keys['groups']}={st.n_group} does not divide the {n} experts of layer {layer}")
+    if st.topk_group > st.n_group:
+        raise BadInput(where, f"{keys['group_k']}={st.topk_group} exceeds {keys['groups']}={st.n_group}")
+    return st
+
+
+def _groups(cfg: dict, fam: Family, where: str) -> tuple[int, int]:
     """(n_group, topk_group) of a group-limited route, (1, 1) where routing has no groups."""
     keys = group_keys(fam)
     cond = fam.route.group_if
     if keys is None or (cond is not None and cfg.get(cond[0].rpartition(".")[2]) != cond[1]):
         return 1, 1
-    return int(cfg.get(keys[0]) or 1), int(cfg.get(keys[1]) or 1)
+    return tuple(config_int(cfg, key, where, default=1) for key in keys)
 
 
 def _check_expert_axes(ckpt: Checkpoint, fam: Family, experts: dict[int, int], identity: int) -> None:
@@ -211,14 +249,14 @@ def gguf_roles(fam: Family, arch: str, where: str | Path) -> Roles:
 _UINTS = (VType.UINT8, VType.UINT16, VType.UINT32, VType.UINT64, VType.INT32, VType.INT64)
 
 
-def _uint_kv(g: GGUFFile, key: str, *, required: bool = True) -> int | None:
+def _uint_kv(g: GGUFFile, key: str, *, required: bool = True, limit: int = 1 << 20) -> int | None:
     kv = g.kvs.get(key)
     if kv is None:
         if required:
             raise BadInput(g.path, f"metadata key {key!r} is missing")
         return None
-    if kv.vtype not in _UINTS or kv.value < 0:
-        raise BadInput(g.path, f"metadata {key!r} must be a non-negative integer, got {kv.value!r}")
+    if kv.vtype not in _UINTS or not 0 <= kv.value <= limit:
+        raise BadInput(g.path, f"metadata {key!r} must be an integer in 0..{limit:,}, got {kv.value!r:.80}")
     return int(kv.value)
 
 
@@ -256,7 +294,7 @@ def gguf_structure(parts: list[GGUFFile], arch: str, fam: Family) -> tuple[MoESt
     `num_layers` counts the decoder blocks (`block_count` less `nextn_predict_layers`), as a
     config's num_hidden_layers does; NextN/MTP blocks after them are MoE layers a plan leaves whole."""
     g = parts[0]
-    block_count = _uint_kv(g, f"{arch}.block_count")
+    block_count = _uint_kv(g, f"{arch}.block_count", limit=MAX_LAYERS)
     roles = gguf_roles(fam, arch, g.path)
     group_key = GROUP_KEYS.get(arch)
     group = _uint_kv(g, f"{arch}.{group_key}", required=False) if group_key else None
@@ -295,13 +333,13 @@ def gguf_structure(parts: list[GGUFFile], arch: str, fam: Family) -> tuple[MoESt
         if not group or n * group != experts.get(L):
             raise BadInput(g.path, f"{name!r} holds {n} chunk experts: {arch}.{group_key}={group} does not divide "
                                    f"layer {L}'s {experts.get(L)} experts into that many groups")
-    nextn = _uint_kv(g, f"{arch}.nextn_predict_layers", required=False) or 0
+    nextn = _uint_kv(g, f"{arch}.nextn_predict_layers", required=False, limit=block_count) or 0
     if nextn >= block_count:
         raise BadInput(g.path, f"{arch}.nextn_predict_layers={nextn} leaves no decoder block of {block_count}")
     moe = sorted(experts)
     # only MoE layers can be frozen: a dense NextN block has no experts to protect
     frozen = sorted((hash_layers | set(range(block_count - nextn, block_count))) & set(experts))
-    st = MoEStructure(
+    st = checked_structure(MoEStructure(
         model_type=fam.model_type,
         num_layers=block_count - nextn,
         layer_experts={L: experts[L] for L in moe},
@@ -309,7 +347,9 @@ def gguf_structure(parts: list[GGUFFile], arch: str, fam: Family) -> tuple[MoESt
         n_group=_uint_kv(g, f"{arch}.expert_group_count", required=False) or 1,
         topk_group=_uint_kv(g, f"{arch}.expert_group_used_count", required=False) or 1,
         frozen_layers=frozen,
-    )
+    ), str(g.path), {k: f"{arch}.{v}" for k, v in (("layers", "block_count"), ("top_k", "expert_used_count"),
+                                                   ("groups", "expert_group_count"),
+                                                   ("group_k", "expert_group_used_count"))})
     return st, sorted(hash_layers)
 
 

@@ -24,6 +24,10 @@ from .schema import (_DEEPSEEK_TINY, _SWIGLU, _W123, DEFAULT_ROUTES, ROUTER_PARA
                      Routing, at)
 
 
+# more layers than any model has: layer counts and indexes beyond it are corrupt input (and would
+# otherwise build ranges that take hours)
+MAX_LAYERS = 100_000
+
 # config key -> the layers it names, for the dense / frozen rules a row lists (value: the key's value)
 LAYER_RULES = MappingProxyType({
     "first_k_dense_replace": lambda cfg, v: range(int(v)),
@@ -116,7 +120,7 @@ BY_GGUF_ARCH: MappingProxyType = MappingProxyType({f.gguf_arch: f for f in FAMIL
 # "layers.N." of the decoder stack, after the prefixes the mlx_lm and HF layouts put before it
 # (a name elsewhere, e.g. a vision tower's or an MTP module's "layers.N.", has no decoder layer)
 _LAYER = re.compile(r"^(?:(?:model\.|language_model\.model\.|model\.language_model\.|language_model\.|backbone\.)?"
-                    r"layers|transformer\.h|transformer\.blocks)\.(\d+)\.")
+                    r"layers|transformer\.h|transformer\.blocks)\.(\d{1,9})\.", re.ASCII)
 
 
 _MISSING = object()
@@ -204,23 +208,29 @@ def set_config_value(config: dict, key: str, value) -> None:
     config[last] = value
 
 
-def _config_int(config: dict, key: str, where: str, fam: Family | None = None, what: str = "") -> int:
+def config_int(config: dict, key: str, where: str = "config.json", *, default: int | None = None,
+               limit: int = 1 << 20, fam: Family | None = None, what: str = "") -> int:
+    """config[key] as a positive integer of at most `limit` (a dotted key reads nested dicts; with
+    `fam`, the language model's section); `default` when absent or null, else absent is refused
+    naming `what` the family reads from it."""
     section = text_config(config, fam) if fam is not None else config
     value = config_value(section, key)
     name = f"text_config.{key}" if section is not config else key
+    if value is None and default is not None:
+        return default
     if value is None and fam is not None:
         raise BadInput(where, f"{name} is missing: {fam.model_type} reads its {what} from it")
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BadInput(where, f"{name} must be a positive integer (got {value!r})")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise BadInput(where, f"{name} must be a positive integer up to {limit:,} (got {value!r:.80})")
     return value
 
 
 def num_experts(config: dict, fam: Family, where: str = "config.json") -> int:
-    return _config_int(config, fam.experts_key, where, fam, "routed expert count")
+    return config_int(config, fam.experts_key, where, fam=fam, what="routed expert count")
 
 
 def top_k(config: dict, where: str = "config.json", fam: Family | None = None) -> int:
-    return _config_int(config, fam.top_k_key if fam else "num_experts_per_tok", where, fam, "top-k")
+    return config_int(config, fam.top_k_key if fam else "num_experts_per_tok", where, fam=fam, what="top-k")
 
 
 def _rule_layers(config: dict, keys: tuple[str, ...], where: str) -> set[int]:
@@ -230,10 +240,19 @@ def _rule_layers(config: dict, keys: tuple[str, ...], where: str) -> set[int]:
         if not value:
             continue
         try:
-            out.update(int(i) for i in LAYER_RULES[key](config, value))
-        except (TypeError, ValueError, KeyError):
+            layers = [int(i) for i in _bounded(LAYER_RULES[key](config, value))]
+        except (TypeError, ValueError, KeyError, OverflowError):
             raise BadInput(where, f"{key} {value!r:.80} does not name layers") from None
+        if any(not 0 <= i < 2 * MAX_LAYERS for i in layers):
+            raise BadInput(where, f"{key} {value!r:.80} names a layer outside 0..{2 * MAX_LAYERS - 1}")
+        out.update(layers)
     return out
+
+
+def _bounded(layers):
+    if len(layers) > MAX_LAYERS:
+        raise ValueError("too many layers")
+    return layers
 
 
 def dense_layers(config: dict, fam: Family, where: str = "config.json") -> list[int]:
@@ -276,8 +295,9 @@ def _classify_in_block(name: str, rest: str, layer: int, fam: Family, hf_block: 
         if rest.startswith(module + "."):
             tail = rest[len(module) + 1:]
             first, _, after = tail.partition(".")
-            if first.isdigit():
-                return ExpertTensor(layer, "per_expert", int(first), name[: len(name) - len(tail)], after)
+            if first.isascii() and first.isdigit() and len(first) <= 9:
+                return ExpertTensor(layer, "per_expert", int(first),
+                                    name[: len(name) - len(tail)], after)
             return ExpertTensor(layer, "stacked")
     if hf_block and any(rest == s or rest.startswith(s + ".") for s in fam.hf_stacked):
         return ExpertTensor(layer, "stacked")

@@ -16,18 +16,20 @@ mx.array(float64 ndarray) would make float32). See docs/distributed.md.
 """
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from ..blas import mlx_core
 from ..errors import BadInput
+from ..io.lock import exclusive
 from .chunks import Chunk, report_chunks_to
 from .watchdog import Watchdog, quiet_ring_logs
 
@@ -275,6 +277,18 @@ def join_group(required: bool = False) -> Group:
         raise BadInput("--distributed", "no mlx.launch group found (MLX_RANK is not set); start the command "
                                         "with mlx.launch, or leave --distributed out")
     return Group(where, timeout_from_env() if where.size > 1 else DEFAULT_TIMEOUT)
+
+
+@contextlib.contextmanager
+def lead_exclusive(*targets: tuple[Path, str]) -> Iterator[None]:
+    """The one-writer locks of `targets` (path, what), held by a lone process or by rank 0 of a
+    launch: the other ranks write only their own rank dirs, and only after joining rank 0, so a
+    second launch on the same output stops at its rank 0."""
+    with contextlib.ExitStack() as stack:
+        if world().rank == 0:
+            for target, what in targets:
+                stack.enter_context(exclusive(target, what))
+        yield
 
 
 def common_start(group: Group, runner: Any) -> int:

@@ -71,7 +71,12 @@ def model_from_config(config: dict, where: str | Path):
         model_class, args_class = _get_classes(dict(config))
     except ValueError as e:
         raise BadInput(where, str(e)) from None
-    return model_class(args_class.from_dict(dict(config)))
+    try:
+        return model_class(args_class.from_dict(dict(config)))
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:  # a config mlx_lm cannot use
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise BadInput(where, f"mlx_lm cannot build a {config.get('model_type')} model from it "
+                              f"({type(e).__name__}: {first})") from None
 
 
 def build_skeleton(ckpt: Checkpoint):

@@ -13,6 +13,19 @@ from ..errors import BadInput
 from ..io import zarr as zarr_io
 
 
+def spill_itemsize(model) -> int:
+    """Bytes per spilled hidden-state element: the model's 16-bit compute dtype where its floating
+    tensors (quantisation scales included) are 16-bit, else float32 (a GGUF runs dequantised to it)."""
+    if model.checkpoint is None:
+        return 4
+    counts: dict[int, int] = {}
+    for ref in model.checkpoint.tensors.values():
+        if ref.dtype in ("F32", "F16", "BF16"):
+            size = 4 if ref.dtype == "F32" else 2
+            counts[size] = counts.get(size, 0) + ref.nbytes
+    return max(counts, key=counts.get) if counts else 4
+
+
 class HiddenSpill:
     """WORK_DIR/hidden_NNN: the input of layer NNN, one uncompressed Zarr array per chunk.
 
@@ -100,6 +113,13 @@ class HiddenSpill:
                 return self.read(layer, f"{chunk:06d}_s{t['array']}")
             return t["v"]
         return value(tree)
+
+    def drop_temporaries(self) -> None:
+        """Remove half-written layers (after a failed write: they free space, and a resumed run
+        recomputes them)."""
+        if self.root.is_dir():
+            for p in self.root.glob(".hidden_*.tmp"):
+                shutil.rmtree(p, ignore_errors=True)
 
     def drop(self, layer: int) -> None:
         for p in (self.path(layer), self.path(layer, tmp=True)):

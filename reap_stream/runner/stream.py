@@ -9,6 +9,7 @@ chunks of >= 2 sequences run as two half-batches on two lanes where that gives t
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -18,6 +19,7 @@ from ..families.masking import mask_experts, unmask_router
 from ..families.model import Model
 from ..families.table import attr
 from ..io.files import write_text_atomic
+from ..io.reading import read_json_object
 from .chunks import Chunk, chunk_bar
 from .lanes import SplitCheck, lanes_pair, shared_lanes, split_layer_forward
 from .skeleton import Forward, Runs, open_skeleton
@@ -48,10 +50,13 @@ class StreamRunner(Runs):
     @property
     def start_layer(self) -> int:
         """The first layer run() computes: where a killed run stopped."""
-        try:
-            return int(json.loads((self.work_dir / "progress.json").read_text())["next_layer"])
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
+        path = self.work_dir / "progress.json"
+        if not os.path.lexists(path):
             return 0
+        n = read_json_object(path, "progress record").get("next_layer")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self.num_layers:
+            raise BadInput(path, f"next_layer {n!r:.40} is not a layer of this model; delete the work dir")
+        return n
 
     def resume_at(self, layer: int) -> None:
         """Start at `layer` instead, whose input is already spilled (a distributed rank that was

@@ -13,18 +13,24 @@ plan made from the MLX or HF form of the same model applies to its GGUF.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from ..errors import BadInput
+from .. import __version__
+from ..errors import BadInput, os_error
 from ..families.model import Model
 from ..families.gguf_arch import GROUP_KEYS, Role, Roles, check_prunable
 from ..families.structure import gguf_roles, same_kind
 from ..families.table import FAMILIES
-from ..io.files import copy_range, write_all
+from ..io.files import check_space, copy_range, write_all, write_text_atomic
+from ..io.lock import exclusive, test_pause
+from ..io.reading import resolved
 from ..io.gguf import BLOCK_TENSOR, KV, SPLIT_PATTERN, GGUFFile, VType, align, split_name
 from ..io.gguf_write import OutTensor, encode_header, encode_kv, plan_offsets
 from ..planning.plan import Plan, check_plan, kept_runs
@@ -32,6 +38,8 @@ from ..planning.plan import Plan, check_plan, kept_runs
 # reap.layer.policy values of ds4-compact-v1 (docs/gguf.md); POLICY_MOE_DISABLED is reserved by
 # the layout and never written by this tool
 POLICY_NONE, POLICY_HASH_PRESERVED, POLICY_ROUTER_MASK_PRUNED, POLICY_MOE_DISABLED = 0, 1, 2, 3
+GGUF_MANIFEST_SUFFIX = ".reap.json"
+GGUF_MANIFEST_FORMAT = "reap-stream-gguf-manifest"
 
 
 def _check_same_model(plan: Plan, gm: Model, where: str) -> None:
@@ -199,6 +207,31 @@ def plan_layout(gm: Model, plan: Plan, out: Path, where: str) -> tuple[list[OutP
 
 # ---------------------------------------------------------------- writing
 
+def manifest_path(first_part: Path) -> Path:
+    """The sidecar holding the sha256 and size of every part: beside the first part, named after it.
+    A sidecar, not a metadata entry: a file cannot hold its own checksum, and the GGUF bytes stay
+    exactly what llama.cpp loads (no key or tensor it does not know)."""
+    return first_part.with_name(first_part.name + GGUF_MANIFEST_SUFFIX)
+
+
+def _digest(part: OutPart, buffer_bytes: int) -> str:
+    """sha256 of what `_write_part` writes, from the source ranges (on a second thread, beside the copy)."""
+    sha = hashlib.sha256(part.header)
+    buf = memoryview(bytearray(buffer_bytes))
+    with open(part.source.path, "rb", buffering=0) as src:
+        for t in part.tensors:
+            for start, length in t.pieces:
+                pos, end = start, start + length
+                while pos < end:
+                    n = os.preadv(src.fileno(), [buf[:min(len(buf), end - pos)]], pos)
+                    if n <= 0:
+                        raise BadInput(part.source.path, f"unexpected end of file at byte {pos}")
+                    sha.update(buf[:n])
+                    pos += n
+            sha.update(bytes(-t.nbytes % part.source.alignment))
+    return sha.hexdigest()
+
+
 def _write_part(part: OutPart, tmp: Path, buf: memoryview, bar: tqdm) -> None:
     # the safetensors apply's range copy: copy_file_range where it can, short writes retried
     align = part.source.alignment
@@ -228,9 +261,9 @@ def apply_gguf(gm: Model, plan: Plan, out: Path, *, overwrite: bool, dry_run: bo
     planned = (plan.model or {}).get("fingerprint")
     parts, info = plan_layout(gm, plan, out, where)
 
-    sources = {p.path.resolve() for p in gm.gguf_parts}
+    sources = {resolved(p.path) for p in gm.gguf_parts}
     for p in parts:
-        if p.path.resolve() in sources:
+        if resolved(p.path) in sources:
             raise BadInput(p.path, "output would overwrite the source model")
         if not p.path.parent.is_dir():
             raise BadInput(p.path, "output directory does not exist")
@@ -268,18 +301,48 @@ def apply_gguf(gm: Model, plan: Plan, out: Path, *, overwrite: bool, dry_run: bo
     if dry_run:
         return summary
 
+    with exclusive(out):
+        for p in parts:  # again, now that no other run can be writing them
+            if os.path.lexists(p.path) and not overwrite:
+                raise BadInput(p.path, "output exists; pass --overwrite to replace it")
+            if os.path.lexists(p.path) and not os.path.isfile(p.path):
+                raise BadInput(p.path, "output exists and is not a regular file")
+        needed = summary["bytes_out"] + (1 << 16)
+        check_space(out.parent, needed, "output")
+        test_pause("writing")
+        try:
+            summary["files"] = _write_parts(parts, buffer_bytes, model.name, progress)
+        except OSError as e:
+            ours = e.filename is None or Path(e.filename).name.endswith(".partial")  # a temporary: name the output
+            raise os_error(e, out if ours else e.filename, needed=needed, doing="cannot write the output") from None
+    return summary
+
+
+def _write_parts(parts: list[OutPart], buffer_bytes: int, name: str, progress: bool) -> dict:
+    """Every part under a temporary name, then renamed into place; the sidecar manifest last. An
+    overwritten output loses its old manifest first, so a run dying among the renames leaves
+    parts that `verify` reports as unchecked, never a set that passes."""
     buf = memoryview(bytearray(buffer_bytes))
     tmps = [p.path.with_name(f".{p.path.name}.partial") for p in parts]
     total = sum(t.nbytes for p in parts for t in p.tensors)
+    files = {}
     try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"apply {model.name}",
-                  disable=None if progress else True) as bar:
+        with ThreadPoolExecutor(max_workers=1) as pool, \
+                tqdm(total=total, unit="B", unit_scale=True, desc=f"apply {name}",
+                     disable=None if progress else True) as bar:
             for p, tmp in zip(parts, tmps):
+                digest = pool.submit(_digest, p, len(buf))
                 _write_part(p, tmp, buf, bar)
+                files[p.path.name] = {"sha256": digest.result(), "size": os.stat(tmp).st_size}
+        sidecar = manifest_path(parts[0].path)
+        if os.path.lexists(sidecar):
+            os.unlink(sidecar)
         # the first part is what loaders open: it appears last, when every other part is in place
         for p, tmp in reversed(list(zip(parts, tmps))):
             os.replace(tmp, p.path)
+        write_text_atomic(sidecar, json.dumps({"format": GGUF_MANIFEST_FORMAT, "tool_version": __version__,
+                                               "files": files}, indent=2, sort_keys=True) + "\n")
     finally:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
-    return summary
+    return files

@@ -20,11 +20,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .. import __version__
-from ..errors import BadInput
+from ..errors import BadInput, os_error
 from ..families.model import Model
 from ..families.table import (EXPERT_COUNT_KEYS, Family, classify, config_value, expert_rows, identity_rows,
                               set_config_value, text_config)
-from ..io.files import copy_range, sha256_file, write_all
+from ..io.files import check_space, copy_range, recover_dir, replace_dir, sha256_file, write_all
+from ..io.lock import exclusive, test_pause
+from ..io.reading import regular_file, resolved
 from ..io.safetensors import INDEX_NAME, Checkpoint
 from ..planning.plan import Plan, check_plan, kept_runs
 
@@ -207,7 +209,7 @@ def plan_layout(model: Model, plan: Plan, *, max_shard_bytes: int = DEFAULT_MAX_
 
 
 def check_output_path(source: Path, out: Path, overwrite: bool) -> None:
-    src, dst = source.resolve(), out.resolve()
+    src, dst = resolved(source), resolved(out)
     if dst == src or dst.is_relative_to(src):
         raise BadInput(out, f"output directory is the source or inside it ({source})")
     if src.is_relative_to(dst):
@@ -269,29 +271,49 @@ def _write_json(path: Path, data: object) -> dict:
     return {"sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw)}
 
 
+def output_bytes(layout: Layout) -> int:
+    """What the output will take on disk, near enough for a free-space check: shard headers and
+    data, copied files, and 1 MiB for config, plan, index and manifest."""
+    copied = sum(os.stat(layout.source.root / name).st_size for name in layout.copied_files)
+    return sum(len(s.header()) + s.data_bytes for s in layout.shards) + copied + (1 << 20)
+
+
 def write_layout(layout: Layout, out: Path, *, overwrite: bool = False, buffer_bytes: int = 8 << 20,
                  progress: bool = True) -> dict:
-    """Stream the laid-out checkpoint into `out` (atomically: temp dir, then rename)."""
+    """Stream the laid-out checkpoint into `out`: one writer at a time (io/lock), into a temporary
+    directory, then swapped into place whole."""
     out = Path(out)
-    check_output_path(layout.source.root, out, overwrite)
-    tmp = out.parent / f".{out.name}.reap-tmp"
-    trash = out.parent / f".{out.name}.reap-old"
-    for leftover in (tmp, trash):  # of a killed run: ours by name
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    tmp.mkdir(parents=True)
-    try:
-        files = _write_into(layout, tmp, buffer_bytes, progress)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written output behind
-        raise
-    if out.exists():
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        shutil.rmtree(trash)
-    else:
-        os.replace(tmp, out)
+    with exclusive(out):
+        recover_dir(out)  # a run killed mid-swap left the old output aside: it counts as there
+        check_output_path(layout.source.root, out, overwrite)
+        for name in layout.copied_files:  # unreadable or odd files refused before the first byte
+            regular_file(layout.source.root / name, "file to copy")
+            _readable(layout.source.root / name)
+        needed = output_bytes(layout)
+        check_space(out.parent, needed, "output")
+        test_pause("writing")
+        tmp = out.parent / f".{out.name}.reap-tmp"
+        if os.path.lexists(tmp):  # of a killed run: ours by name, and we hold the lock
+            shutil.rmtree(tmp)
+        try:
+            tmp.mkdir()
+            files = _write_into(layout, tmp, buffer_bytes, progress)
+            replace_dir(tmp, out)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written output behind
+            if isinstance(e, OSError):
+                ours = e.filename is None or str(e.filename).startswith(str(tmp))  # a temporary: name the output
+                raise os_error(e, out if ours else e.filename, needed=needed, doing="cannot write the output") from None
+            raise
     return files
+
+
+def _readable(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise os_error(e, path, doing="cannot read") from None
 
 
 def _write_into(layout: Layout, tmp: Path, buffer_bytes: int, progress: bool) -> dict:

@@ -1,22 +1,26 @@
 """Check a pruned output: manifest checksums, shapes against config, plan consistency.
 
-Safetensors directories get all three; a recompacted GGUF file gets llama.cpp's layout rules and
-its expert-axis lengths against the metadata (GGUF outputs carry no manifest, so no checksums).
+Safetensors directories get all three; a recompacted GGUF file gets llama.cpp's layout rules, its
+expert-axis lengths against the metadata, and the checksums of its sidecar manifest
+(`OUT.gguf.reap.json`: every part's sha256 and size, so a damaged or mixed set of parts is found).
 
 Every problem found is a `Finding` naming the file and what is wrong; an output passes when there
 are none. Reading is read-only and streams each file once (sha256 in 8 MiB blocks).
 """
 from __future__ import annotations
 
-import json
+import os
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from .gguf import GGUF_MANIFEST_FORMAT, manifest_path
 from .safetensors import MANIFEST_FORMAT, MANIFEST_NAME, PLAN_COPY_NAME
 from ..io.files import sha256_file
 from ..io.gguf import is_gguf
+from ..io.reading import is_index, read_json_object
 from ..io.safetensors import Checkpoint
 from ..errors import BadInput
 from ..families.table import classify, config_value, expert_rows, family_of, identity_rows, text_config
@@ -32,37 +36,36 @@ class Finding:
 
 def _load_json(path: Path, check: str, findings: list[Finding]) -> dict | None:
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        findings.append(Finding(check, path.name, "missing"))
+        return read_json_object(path, "JSON", missing="missing")
+    except BadInput as e:
+        findings.append(Finding(check, path.name, e.what))
         return None
-    except (ValueError, UnicodeDecodeError) as e:
-        findings.append(Finding(check, path.name, f"invalid JSON: {e}"))
-        return None
-    if not isinstance(data, dict):
-        findings.append(Finding(check, path.name, "not a JSON object"))
-        return None
-    return data
 
 
-def check_manifest(out: Path, findings: list[Finding], progress: bool = False) -> int:
-    """Every listed file present with its size and sha256; nothing unlisted. Returns files checked."""
-    manifest = _load_json(out / MANIFEST_NAME, "manifest", findings)
+def check_manifest(out: Path, findings: list[Finding], progress: bool = False, *, manifest_path: Path | None = None,
+                   fmt: str = MANIFEST_FORMAT, expected: set[str] | None = None) -> int:
+    """Every listed file present with its size and sha256; nothing unlisted (`expected`: the files
+    that must be listed, default every file in `out`). Returns files checked."""
+    manifest_path = manifest_path or out / MANIFEST_NAME
+    manifest = _load_json(manifest_path, "manifest", findings)
     if manifest is None:
         return 0
     files = manifest.get("files")
-    if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
-        findings.append(Finding("manifest", MANIFEST_NAME, f"not a reap-stream manifest (format {manifest.get('format')!r})"))
+    if manifest.get("format") != fmt or not isinstance(files, dict):
+        findings.append(Finding("manifest", manifest_path.name,
+                                f"not a reap-stream manifest (format {manifest.get('format')!r:.60})"))
         return 0
-    present = {p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST_NAME}
-    for name in sorted(present - set(files)):
+    if expected is None:
+        expected = {p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST_NAME}
+    for name in sorted(expected - set(files)):
         findings.append(Finding("manifest", name, "present but not listed in the manifest"))
     entries = {}
     for name, entry in sorted(files.items()):
         # a tampered manifest is a finding, never a traceback
         if not (isinstance(entry, dict) and _is_count(entry.get("size")) and isinstance(entry.get("sha256"), str)):
-            findings.append(Finding("manifest", MANIFEST_NAME, f"entry for {name!r} lacks a sha256 string and an integer size"))
-        elif "/" in name or name.startswith(".") or not (out / name).is_file():
+            findings.append(Finding("manifest", manifest_path.name,
+                                    f"entry for {name!r} lacks a sha256 string and an integer size"))
+        elif "/" in name or name.startswith(".") or not _is_file(out / name):
             findings.append(Finding("checksum", name, "listed in the manifest but missing"))
         else:
             entries[name] = entry
@@ -81,6 +84,14 @@ def check_manifest(out: Path, findings: list[Finding], progress: bool = False) -
     return checked
 
 
+def _is_file(path: Path) -> bool:
+    """A regular file there (False for a name the file system cannot even look up)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def _is_count(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
@@ -91,7 +102,7 @@ def expected_counts(config: dict, experts_key: str, moe_layers: list[int]) -> di
     rec = config.get("reap_stream")
     rec = rec if isinstance(rec, dict) else {}
     raw = rec.get("layer_experts") or {}
-    if not isinstance(raw, dict) or not all(str(k).isdigit() and _is_count(v) for k, v in raw.items()):
+    if not isinstance(raw, dict) or not all(is_index(k) and _is_count(v) for k, v in raw.items()):
         raise BadInput("config.json", f"reap_stream.layer_experts is not a map of layer -> expert count ({raw!r:.80})")
     counts = {int(k): v for k, v in raw.items()}
     key, default = ("reap_stream.original_experts", rec["original_experts"]) if counts and "original_experts" in rec \
@@ -160,7 +171,7 @@ def check_plan_copy(out: Path, config: dict, findings: list[Finding]) -> None:
         return
     kept, counts = rec.get("kept") or {}, rec.get("layer_experts") or {}
     if not (isinstance(kept, dict) and isinstance(counts, dict)
-            and all(str(k).isdigit() for k in (*kept, *counts))):
+            and all(is_index(k) for k in (*kept, *counts))):
         findings.append(Finding("config", "config.json", "reap_stream.kept / layer_experts are not maps keyed by layer"))
         return
     kept, counts = {str(int(k)): v for k, v in kept.items()}, {str(int(k)): v for k, v in counts.items()}
@@ -180,7 +191,7 @@ def check_plan_copy(out: Path, config: dict, findings: list[Finding]) -> None:
                                 f"({str(source)[:19]}… vs {str(recorded)[:19]}…)"))
 
 
-def check_gguf(path: Path, findings: list[Finding]) -> int:
+def check_gguf(path: Path, findings: list[Finding]) -> list[Path]:
     """A recompacted GGUF (one file or the first of a split): llama.cpp's layout rules, and every
     expert-axis tensor as long as the metadata says its layer is. Returns the parts checked."""
     from ..families.gguf_arch import Role, Roles, known_arch
@@ -192,7 +203,7 @@ def check_gguf(path: Path, findings: list[Finding]) -> int:
         parts = read_model(path)
     except BadInput as e:
         findings.append(Finding("shape", Path(e.where).name, e.what))
-        return 0
+        return []
     for part in parts:
         findings.extend(Finding("shape", part.path.name, p) for p in layout_problems(part))
     first = parts[0]
@@ -200,7 +211,7 @@ def check_gguf(path: Path, findings: list[Finding]) -> int:
     fam = BY_GGUF_ARCH.get(arch) if isinstance(arch, str) else None
     if fam is None and not (isinstance(arch, str) and known_arch(arch)):
         findings.append(Finding("config", path.name, f"architecture {arch!r} has no expert-tensor table"))
-        return len(parts)
+        return [p.path for p in parts]
     roles = Roles(arch, fam.gguf_extra_expert_tensors if fam else (), path.name)
     keep = first.get("reap.layer.keep_count")
     uniform = first.get(f"{arch}.expert_count")
@@ -219,7 +230,7 @@ def check_gguf(path: Path, findings: list[Finding]) -> int:
             if t.ne[-1] != want:
                 findings.append(Finding("shape", part.path.name, f"{t.name}: {t.ne[-1]} experts, metadata says "
                                         f"layer {layer} has {want}"))
-    return len(parts)
+    return [p.path for p in parts]
 
 
 def verify_output(out: str | Path, *, progress: bool = False) -> dict:
@@ -228,8 +239,10 @@ def verify_output(out: str | Path, *, progress: bool = False) -> dict:
     out = Path(out)
     if out.is_file() and is_gguf(out):
         findings: list[Finding] = []
-        checked = check_gguf(out, findings)
-        return {"out": str(out), "format": "gguf", "files_checked": checked, "checksums": False,
+        parts = check_gguf(out, findings)
+        check_manifest(out.parent, findings, progress, manifest_path=manifest_path(out), fmt=GGUF_MANIFEST_FORMAT,
+                       expected={p.name for p in parts})
+        return {"out": str(out), "format": "gguf", "files_checked": len(parts), "checksums": True,
                 "ok": not findings, "findings": [asdict(f) for f in findings]}
     if not out.is_dir():
         raise BadInput(out, "not a directory or GGUF file (verify takes the output of apply)")

@@ -24,12 +24,15 @@ import numpy as np
 
 from .. import __version__
 from ..blas import mlx_core
-from ..errors import BadInput
+from ..errors import BadInput, os_error
 from ..families.model import Model
-from ..io.files import write_text_atomic
+from ..io.files import check_space, write_text_atomic
+from ..io.lock import exclusive, test_pause
+from ..io.reading import read_json_object
 from ..procstats import peak_rss_bytes
 from ..runner import RunOptions, open_runner
-from ..runner.distributed import SHARE_RULE, Group, common_start, join_group
+from ..runner.distributed import SHARE_RULE, Group, common_start, join_group, lead_exclusive
+from ..runner.spill import HiddenSpill, spill_itemsize
 from .accumulate import Accumulator
 from .calibration import CalibrationSet
 from .store import LayerStats, TelemetryStore
@@ -72,12 +75,12 @@ def parse_layers(spec: str | None) -> tuple[int, ...] | None:
 
 def _check_run_record(work_dir: Path, record: dict) -> None:
     path = work_dir / RUN_FILE
-    if not path.exists():
+    if not os.path.lexists(path):
         return
     try:
-        old = json.loads(path.read_text())
-    except ValueError:
-        raise BadInput(path, "unreadable run record; delete the work dir") from None
+        old = read_json_object(path, "run record")
+    except BadInput as e:
+        raise BadInput(path, f"unreadable run record ({e.what}); delete the work dir") from None
     diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
     if diff:
         raise BadInput(path, f"work dir belongs to a run with other {', '.join(diff)}; "
@@ -92,15 +95,41 @@ def default_work_dir(out: Path) -> Path:
 
 def collect(model: Model, calib: CalibrationSet, out: str | Path, run: RunOptions = RunOptions(),
             options: CollectOptions = CollectOptions(), progress: bool = True) -> dict:
-    """Collect telemetry of `calib` into `out` (work dir: run.work_dir, else OUT.work); returns a summary."""
+    """Collect telemetry of `calib` into `out` (work dir: run.work_dir, else OUT.work); returns a summary.
+
+    One run at a time per output and per work dir (io/lock). A file-system error (a full disk)
+    is one line; the work dir is kept, so the same command resumes once the cause is gone."""
+    out = Path(out)
+    work_dir = Path(run.work_dir) if run.work_dir is not None else default_work_dir(out)
+    # under mlx.launch rank 0 holds the locks; the other ranks write only once they have joined it
+    with lead_exclusive((out, "telemetry store"), (work_dir, "work dir")):
+        try:
+            return _collect(model, calib, out, work_dir, run, options, progress)
+        except OSError as e:
+            for spill in (work_dir, *work_dir.glob("rank-*")):
+                HiddenSpill(spill).drop_temporaries()  # a partial layer is recomputed on resume anyway
+            raise os_error(e, needed=work_dir_bytes(model, calib, run, options),
+                           doing="cannot write (the work dir is kept: free the cause and rerun to resume)") from None
+
+
+def work_dir_bytes(model: Model, calib: CalibrationSet, run: RunOptions, options: CollectOptions) -> int:
+    """What a collect run keeps in its work dir at its peak: two layers of spilled hidden states
+    (stream mode: a layer's input and output), the token ids, the telemetry store."""
+    layers = len(options.layers) if options.layers is not None else len(model.structure.prunable_layers)
+    e = max(model.structure.layer_experts.values())
+    hidden = model.hidden_size
+    spill = 2 * calib.num_tokens * hidden * spill_itemsize(model) if run.mode == "stream" else 0
+    return spill + 12 * calib.num_tokens + layers * e * (hidden + e + 6) * 8 + (1 << 20)
+
+
+def _collect(model: Model, calib: CalibrationSet, out: Path, work_dir: Path, run: RunOptions,
+             options: CollectOptions, progress: bool) -> dict:
     from tqdm import tqdm
 
     mlx_core()  # mlx through ensure_blas, before mlx_lm imports it
     import mlx_lm.utils  # noqa: F401  (import time is not collection time)
 
     started = time.perf_counter()
-    out = Path(out)
-    work_dir = Path(run.work_dir) if run.work_dir is not None else default_work_dir(out)
     run.validate()
     if not calib.sequences or calib.num_tokens == 0:
         raise BadInput("calibration", "no tokens to collect on")
@@ -139,7 +168,8 @@ def collect(model: Model, calib: CalibrationSet, out: str | Path, run: RunOption
     progress = progress and group.rank == 0
     # the runner reads nothing yet, but refuses weights it cannot read before anything is written
     runner = open_runner(model, run, work_dir, progress=progress)
-    group.together("work dir", lambda: _prepare_work_dir(work_dir, record, calib, group))
+    group.together("work dir", lambda: _prepare_work_dir(work_dir, record, calib, group,
+                                                         work_dir_bytes(model, calib, run, options)))
 
     store_path = work_dir / "telemetry.zarr"
     store = None   # written by rank 0 alone
@@ -201,14 +231,18 @@ def collect(model: Model, calib: CalibrationSet, out: str | Path, run: RunOption
     }
 
 
-def _prepare_work_dir(work_dir: Path, record: dict, calib: CalibrationSet, group: Group) -> None:
-    """The work dir of this run (or rank): refused when it holds another run's state."""
+def _prepare_work_dir(work_dir: Path, record: dict, calib: CalibrationSet, group: Group, peak_bytes: int) -> None:
+    """The work dir of this run (or rank): refused when it holds another run's state or when the
+    disk lacks room for its peak size."""
     if group.distributed and (work_dir.parent / RUN_FILE).exists():
         raise BadInput(work_dir.parent / RUN_FILE, "work dir belongs to a run in one process; rerun it without "
                                                    "mlx.launch or use another --work-dir")
     if not group.distributed and (work_dir / "rank-00").is_dir():
         raise BadInput(work_dir, "holds a distributed run's state (rank-NN); rerun it under mlx.launch with "
                                  "the same ranks or use another --work-dir")
+    present = sum(p.stat().st_size for p in work_dir.rglob("*") if p.is_file()) if work_dir.is_dir() else 0
+    check_space(work_dir, max(0, peak_bytes - present), "work dir")
+    test_pause("writing")
     work_dir.mkdir(parents=True, exist_ok=True)
     _check_run_record(work_dir, record)
     write_text_atomic(work_dir / RUN_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
@@ -272,11 +306,16 @@ def _publish(src: Path, out: Path) -> None:
 
 def merge(paths: list[str | Path], out: str | Path) -> dict:
     """Add telemetry stores of the same model collected on disjoint calibration shards."""
-    from .store import merge_stores
-
     out = Path(out)
     if len(paths) < 2:
         raise BadInput("merge", "give at least two telemetry stores")
+    with exclusive(out, "telemetry store"):
+        return _merge(paths, out)
+
+
+def _merge(paths: list[str | Path], out: Path) -> dict:
+    from .store import merge_stores
+
     if out.exists():
         raise BadInput(out, "already exists; choose another --out or delete it")
     seen: dict[str, Path] = {}
@@ -286,14 +325,21 @@ def merge(paths: list[str | Path], out: str | Path) -> dict:
         first = attrs if first is None else first
         if attrs.get("model") != first.get("model"):
             raise BadInput(p, f"model differs from {paths[0]} (telemetry of another model)")
-        cal = (attrs.get("calibration") or {}).get("fingerprint")
+        calibration = attrs.get("calibration") or {}
+        cal = calibration.get("fingerprint") if isinstance(calibration, dict) else None
+        if not isinstance(cal, (str, type(None))):
+            raise BadInput(p, "calibration.fingerprint is not a string")
         if cal is not None and cal in seen:
             raise BadInput(p, f"was collected on the same calibration tokens as {seen[cal]}; merging would count them twice")
         seen[cal] = Path(p)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    merge_stores([Path(p) for p in paths], tmp)
-    os.replace(tmp, out)
+    try:
+        merge_stores([Path(p) for p in paths], tmp)
+        os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise os_error(e, out, doing="cannot write") from None
     store = TelemetryStore.open(out)
     return {"out": str(out), "inputs": [str(p) for p in paths], "layers": store.layers(),
             "num_tokens": (store.attrs.get("calibration") or {}).get("num_tokens"),

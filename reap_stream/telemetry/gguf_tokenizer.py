@@ -90,8 +90,12 @@ def _bpe(m: _Meta, tokens: list[str]):
     merges = [tuple(s.split(" ", 1)) for s in (m.array("tokenizer.ggml.merges", required=False) or [])]
     if any(len(p) != 2 for p in merges):
         raise BadInput(m.g.path, "metadata 'tokenizer.ggml.merges' holds an entry without a space")
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                               ignore_merges=bool(spec.get("ignore_merges"))))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    stray = next((i for i, (a, b) in enumerate(merges) if a not in vocab or b not in vocab), None)
+    if stray is not None:  # the native BPE builder would raise a bare Exception
+        raise BadInput(m.g.path, f"metadata 'tokenizer.ggml.merges' entry {stray} ({' '.join(merges[stray])!r:.60}) "
+                                 f"names a token not in tokenizer.ggml.tokens")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=bool(spec.get("ignore_merges"))))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in spec["regex"]]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -142,7 +146,13 @@ def gguf_tokenizer(g: GGUFFile):
         raise BadInput(g.path, f"tokenizer.ggml.model {kind!r} is not supported (byte-level BPE 'gpt2' and "
                                f"SentencePiece 'llama' vocabularies are)")
     tokens, types = _tokens(m)
-    tok = _bpe(m, tokens) if kind == "gpt2" else _spm(m, tokens, types)
+    try:
+        tok = _bpe(m, tokens) if kind == "gpt2" else _spm(m, tokens, types)
+    except BadInput:
+        raise
+    except Exception as e:  # the tokenizers library (native) refusing metadata our checks let through
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise BadInput(g.path, f"cannot build the tokenizer from its metadata ({first})") from None
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t, ty in zip(tokens, types) if ty == CONTROL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED])
