@@ -34,7 +34,6 @@ import click
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from reap_stream.procstats import peak_rss_bytes  # noqa: E402
 
