@@ -347,3 +347,10 @@ def test_the_byte_bar_shows_only_when_progress_is_on(gguf_model, tmp_path, capsy
     apply(gguf_model("qwen3_moe"), mlx_plan("qwen3_moe"), tmp_path / "o.gguf", overwrite=False,
                dry_run=False, progress=progress)
     assert ("apply " in capsys.readouterr().err) is progress
+
+
+def test_parameters_without_a_suffix_get_llama_cpps_names():
+    """A suffixless mlx_lm parameter is stored as ".weight" (gpt-oss's sinks), except a selection
+    bias, which llama.cpp loads as "exp_probs_b.bias" (AFMoE's expert_bias)."""
+    assert gguf_name("model.layers.1.mlp.expert_bias", "afmoe") == "blk.1.exp_probs_b.bias"
+    assert gguf_name("model.layers.0.self_attn.sinks", "gpt-oss") == "blk.0.attn_sinks.weight"

@@ -40,16 +40,28 @@ def rows(llamacpp: dict | None) -> list[tuple[str, str, str, str]]:
             apply += "; refused at " + ", ".join(f"{n} experts" for n in COUNT_SWITCHES[arch])
         if arch in GROUP_KEYS:
             apply += f"; whole groups of {GROUP_KEYS[arch]}"
+        runs = checked.get(arch, [])
+        failed = next((r["pruned"]["error"] for r in runs if "original" not in r and "error" in r.get("pruned", {})), "")
         if arch in NOT_READABLE:
             collect = f"no: {NOT_READABLE[arch]}"
         elif fam is None:
-            collect = "with its mlx_lm family row"
+            collect = "no family row"
         elif not fam.mlx:
             collect = "no (no mlx_lm model class)"
+        elif failed:   # `full` on the converted tiny fixture stopped with one line
+            collect = "no: its mlx_lm config cannot be rebuilt from the GGUF metadata yet" if "cannot build" in failed \
+                else "no: " + failed.rsplit(": ", 1)[-1][:90]
+        elif arch in TESTED_COLLECT:
+            collect = "yes, tested against the MLX form"
+        elif any(r["ok"] is not None for r in runs):
+            collect = "yes (llama.cpp check)"
         else:
-            collect = "yes, tested against the MLX form" if arch in TESTED_COLLECT else "yes (untested)"
-        runs = checked.get(arch, [])
-        if runs:
+            collect = "untested"
+        if failed:
+            check = "not run: `full` from the GGUF stops (collect column)"
+        elif runs and all("skipped" in r for r in runs):
+            check = "not run: the test converter cannot write this tiny model as a GGUF"
+        elif runs:
             check = ", ".join(f"{r['qtype']} " + {True: "pass", False: "FAIL", None: "n/a"}[r["ok"]] for r in runs)
         elif fam is not None and not fam.mlx:
             check = "not run: no tiny mlx_lm model to build"

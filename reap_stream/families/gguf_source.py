@@ -71,8 +71,10 @@ class Namer:
         out = []
         for candidate in dict.fromkeys((name, spelled)):
             g = self._map.get_name(candidate, try_suffixes=(".weight", ".bias"))
-            if g is not None:   # a name without a suffix (gpt-oss's sinks) is stored as ".weight"
-                out += [g] if g.endswith((".weight", ".bias")) else [g + ".weight", g]
+            if g is not None:   # a name without a suffix (gpt-oss's sinks) is stored as ".weight",
+                # but llama.cpp loads a selection bias (AFMoE's expert_bias) as "exp_probs_b.bias"
+                out += [g] if g.endswith((".weight", ".bias")) else \
+                    [g + ".bias", g + ".weight"] if g.endswith(".exp_probs_b") else [g + ".weight", g]
         return list(dict.fromkeys(out))
 
 

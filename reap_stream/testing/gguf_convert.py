@@ -30,7 +30,7 @@ from gguf.constants import GGMLQuantizationType as T
 
 from ..io.safetensors import Checkpoint, to_float32
 from ..families.gguf_source import ROPE_PERMUTED, Namer, permute_rope_rows
-from ..families.table import BY_GGUF_ARCH, FAMILIES
+from ..families.table import BY_GGUF_ARCH, FAMILIES, config_value
 from ..io.gguf import BLOCK_TENSOR
 from ..io.files import build_once
 
@@ -132,11 +132,13 @@ _ARCH_KEYS = {"deepseek2": _mla_keys, "gpt-oss": _gpt_oss_keys, "glm4moe": _glm4
 def _metadata(writer, arch: str, config: dict, ckpt: Checkpoint) -> None:
     fam = FAMILIES[config["model_type"]]
     writer.add_string("general.name", f"reap-stream tiny {config['model_type']}")
-    keys = {"expert_count": ("u32", config[fam.experts_key])}
+    keys = {"expert_count": ("u32", config_value(config, fam.experts_key))}
     for ckey, (gkey, vt) in _CONFIG_KEYS.items():
         v = config.get(ckey)
         if v is not None and not isinstance(v, (list, dict)):
             keys[gkey] = (vt, v)
+    # top-k in the family's own spelling (ernie's moe_k, hunyuan's moe_topk)
+    keys["expert_used_count"] = ("u32", config_value(config, fam.top_k_key))
     keys.update(_ARCH_KEYS.get(arch, lambda c: {})(config))
     for gkey, (vt, v) in keys.items():
         add = {"u32": writer.add_uint32, "f32": writer.add_float32, "bool": writer.add_bool, "str": writer.add_string}[vt]
