@@ -9,7 +9,7 @@ Keys map one to one for most of a config (GENERIC). The rest is derived:
 - MLA (DeepSeek-V2/V3 style): the real head dims are `key_length_mla` / `value_length_mla` (the
   converter stores the latent as one wide KV head in `key_length`), the RoPE part is
   `rope.dimension_count`;
-- partial RoPE (`rope.dimension_count` below the head dim), YaRN scaling (`rope.scaling.*`),
+- partial RoPE (`rope.dimension_count` below the head dim, as a factor and as a dimension), YaRN scaling (`rope.scaling.*`),
   sigmoid gating (`expert_gating_func` 2) and the selection bias (`exp_probs_b`) of the router;
 - whether the top-k weights are renormalised: llama.cpp fixes it for some architectures whatever
   the file says (NORM_TOPK), and reads `expert_weights_norm` (default false) for the others;
@@ -107,6 +107,7 @@ def mlx_config(parts: list[GGUFFile], arch: str, fam: Family, st: MoEStructure) 
     elif rope_dim is not None:
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         cfg["partial_rotary_factor"] = rope_dim / head_dim
+        cfg["rotary_dim"] = rope_dim   # MiniMax's spelling of the same
     if _value(g, f"{arch}.rope.scaling.type") == "yarn":
         cfg["rope_scaling"] = {"rope_type": "yarn", **{hf: _value(g, f"{arch}.{k}") for k, hf in _ROPE_SCALING.items()
                                                         if _value(g, f"{arch}.{k}") is not None}}

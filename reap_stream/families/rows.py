@@ -62,9 +62,9 @@ MORE_ROWS: tuple[Family, ...] = (
     Family("minimax", "num_local_experts", Routing.SIGMOID_GROUP, block="block_sparse_moe", hf_names=_W123,
            route=Route(logits="router_f32_input", score="sigmoid", bias="e_score_correction_bias",
                        renorm="sum", renorm_eps=1e-20),
-           aliases=("minimax_m2",), gguf_arch="minimax-m2",
+           aliases=("minimax_m2",), gguf_arch="minimax-m2", gguf_config={"shared_intermediate_size": 0},
            tiny={"architectures": ["MiniMaxM2ForCausalLM"], "intermediate_size": 32, "shared_intermediate_size": 0,
-                 "rotary_dim": 8, "use_qk_norm": True}),
+                 "rotary_dim": 8, "use_qk_norm": True, "scoring_func": "sigmoid"}),
     # GLM-5: DeepSeek-V3's MoE under DSA (indexer top-k) attention
     Family("glm_moe_dsa", "n_routed_experts", Routing.SIGMOID_GROUP, hf_names=_SWIGLU, shared="shared_experts",
            dense=("first_k_dense_replace",), frozen=("num_nextn_predict_layers",), gguf_arch="glm-dsa",

@@ -125,8 +125,15 @@ def _glm4_keys(config: dict) -> dict:
             "expert_gating_func": ("u32", 2)}
 
 
+def _minimax_m2_keys(config: dict) -> dict:
+    """MiniMax-M2: the expert width is config.json's intermediate_size, partial RoPE as rotary_dim."""
+    return {"expert_feed_forward_length": ("u32", config["intermediate_size"]),
+            "rope.dimension_count": ("u32", config["rotary_dim"])}
+
+
 # arch -> keys llama.cpp needs beyond the config.json table (they win over it)
-_ARCH_KEYS = {"deepseek2": _mla_keys, "gpt-oss": _gpt_oss_keys, "glm4moe": _glm4_keys}
+_ARCH_KEYS = {"deepseek2": _mla_keys, "gpt-oss": _gpt_oss_keys, "glm4moe": _glm4_keys, "minimax-m2": _minimax_m2_keys}
+_GATING = {"softmax": 1, "sigmoid": 2}
 
 
 def _metadata(writer, arch: str, config: dict, ckpt: Checkpoint) -> None:
@@ -139,6 +146,10 @@ def _metadata(writer, arch: str, config: dict, ckpt: Checkpoint) -> None:
             keys[gkey] = (vt, v)
     # top-k in the family's own spelling (ernie's moe_k, hunyuan's moe_topk)
     keys["expert_used_count"] = ("u32", config_value(config, fam.top_k_key))
+    if config.get("head_dim"):
+        keys["attention.value_length"] = ("u32", config["head_dim"])
+    if config.get("scoring_func") in _GATING:
+        keys["expert_gating_func"] = ("u32", _GATING[config["scoring_func"]])
     keys.update(_ARCH_KEYS.get(arch, lambda c: {})(config))
     for gkey, (vt, v) in keys.items():
         add = {"u32": writer.add_uint32, "f32": writer.add_float32, "bool": writer.add_bool, "str": writer.add_string}[vt]
