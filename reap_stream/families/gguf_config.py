@@ -50,6 +50,9 @@ GENERIC = MappingProxyType({
     "expert_group_used_count": "topk_group",
     "leading_dense_block_count": "first_k_dense_replace",
     "expert_weights_scale": "routed_scaling_factor",
+    "attention.indexer.head_count": "index_n_heads",
+    "attention.indexer.key_length": "index_head_dim",
+    "attention.indexer.top_k": "index_topk",
 })
 # architectures whose llama.cpp graph fixes top-k renormalisation, whatever the file says
 NORM_TOPK = MappingProxyType({"qwen3moe": True, "qwen2moe": False, "olmoe": False, "llama": True})
@@ -75,6 +78,17 @@ def _value(g: GGUFFile, key: str):
     if isinstance(value, float):   # float32 in the file: its shortest decimal (1e-06, not 9.99999997e-07)
         value = float(str(np.float32(value)))
     return value
+
+
+def _rope_parameters(g: GGUFFile, arch: str, cfg: dict) -> dict:
+    """transformers' newer single RoPE dict, for the classes that read it (the row's gguf_config
+    asks for it): theta and scaling as above, Llama-4's attention temperature as llama.cpp reads
+    it (absent: no temperature scaling, beta 0)."""
+    temperature = _value(g, f"{arch}.attention.temperature_scale") or 0.0
+    length = _value(g, f"{arch}.attention.temperature_length") or cfg.get("max_position_embeddings")
+    return {**cfg["rope_parameters"], "rope_type": "default", **(cfg["rope_scaling"] or {}),
+            "rope_theta": cfg.get("rope_theta", 10000.0), "llama_4_scaling_beta": temperature,
+            "original_max_position_embeddings": length}
 
 
 def mlx_config(parts: list[GGUFFile], arch: str, fam: Family, st: MoEStructure) -> dict:
@@ -122,6 +136,8 @@ def mlx_config(parts: list[GGUFFile], arch: str, fam: Family, st: MoEStructure) 
     if arch in SWA_PATTERN:
         n = SWA_PATTERN[arch]
         cfg["layer_types"] = ["full_attention" if i % n == n - 1 else "sliding_attention" for i in range(st.num_layers)]
+    if "rope_parameters" in cfg:
+        cfg["rope_parameters"] = _rope_parameters(g, arch, cfg)
     if "mlp_only_layers" in fam.dense:
         cfg["mlp_only_layers"] = [L for L in range(st.num_layers) if L not in st.layer_experts]
     return cfg

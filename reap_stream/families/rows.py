@@ -68,6 +68,7 @@ MORE_ROWS: tuple[Family, ...] = (
     # GLM-5: DeepSeek-V3's MoE under DSA (indexer top-k) attention
     Family("glm_moe_dsa", "n_routed_experts", Routing.SIGMOID_GROUP, hf_names=_SWIGLU, shared="shared_experts",
            dense=("first_k_dense_replace",), frozen=("num_nextn_predict_layers",), gguf_arch="glm-dsa",
+           gguf_config={"rope_parameters": {}, "moe_layer_freq": 1},
            tiny={"architectures": ["GlmMoeDsaForCausalLM"], **_DSA, "attention_bias": False,
                  "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
     # Kimi-K2.5: DeepSeek-V3's text model inside a multimodal wrapper (kimi_k2 is deepseek_v3 itself)
@@ -236,7 +237,7 @@ MORE_ROWS: tuple[Family, ...] = (
            route=Route(f32=True, precise=False, groups="top2sum", n_group=at("args.n_group"),
                        topk_group=at("args.topk_group"), renorm="sum", renorm_eps=1e-20,
                        renorm_if=at("args.norm_topk_prob"), scale=at("args.routed_scaling_factor")),
-           hf_names=_SWIGLU, dense=("first_k_dense_replace",), gguf_arch="mistral4",
+           hf_names=_SWIGLU, dense=("first_k_dense_replace",), gguf_arch="mistral4", gguf_config={"rope_parameters": {}},
            tiny={"architectures": ["Mistral4ForCausalLM"], "intermediate_size": 128, "moe_intermediate_size": 32,
                  "n_shared_experts": 1, "routed_scaling_factor": 1.0, **_MLA, "num_key_value_heads": 4,
                  "norm_topk_prob": True, "topk_group": 1, "first_k_dense_replace": 1, "n_group": 1,

@@ -95,14 +95,25 @@ def _encode(arr: np.ndarray, t) -> np.ndarray:
 
 
 def _mla_keys(config: dict) -> dict:
-    """deepseek2's attention as llama.cpp reads it: MLA stored as one wide KV head (its converter's
-    convention), sigmoid gating (2)."""
+    """DeepSeek-V2-style attention as llama.cpp's converter writes it (deepseek2 and the archs built
+    on it): MLA stored as one wide KV head, the RoPE part as a dimension count (GLM-5 scales it by
+    its partial_rotary_factor), DSA's indexer sizes where the model has one."""
     kv, rope = int(config["kv_lora_rank"]), int(config["qk_rope_head_dim"])
-    return {"attention.q_lora_rank": ("u32", config["q_lora_rank"]), "attention.kv_lora_rank": ("u32", kv),
+    partial = (config.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)
+    keys = {"attention.q_lora_rank": ("u32", config["q_lora_rank"]), "attention.kv_lora_rank": ("u32", kv),
             "attention.key_length": ("u32", kv + rope), "attention.value_length": ("u32", kv),
             "attention.key_length_mla": ("u32", int(config["qk_nope_head_dim"]) + rope),
             "attention.value_length_mla": ("u32", config["v_head_dim"]), "attention.head_count_kv": ("u32", 1),
-            "rope.dimension_count": ("u32", rope), "expert_gating_func": ("u32", 2)}
+            "rope.dimension_count": ("u32", int(rope * partial)),
+            "expert_feed_forward_length": ("u32", config.get("moe_intermediate_size") or config["intermediate_size"]),
+            "expert_shared_count": ("u32", config.get("n_shared_experts") or 0)}
+    if not config.get("norm_topk_prob"):
+        keys["expert_weights_norm"] = None   # written only when true
+    if "index_n_heads" in config:
+        keys.update({"attention.indexer.head_count": ("u32", config["index_n_heads"]),
+                     "attention.indexer.key_length": ("u32", config["index_head_dim"]),
+                     "attention.indexer.top_k": ("u32", config["index_topk"])})
+    return keys
 
 
 def _gpt_oss_keys(config: dict) -> dict:
@@ -132,7 +143,7 @@ def _minimax_m2_keys(config: dict) -> dict:
 
 
 # arch -> keys llama.cpp needs beyond the config.json table (they win over it)
-_ARCH_KEYS = {"deepseek2": _mla_keys, "gpt-oss": _gpt_oss_keys, "glm4moe": _glm4_keys, "minimax-m2": _minimax_m2_keys}
+_ARCH_KEYS = {"deepseek2": _mla_keys, "glm-dsa": _mla_keys, "mistral4": _mla_keys, "gpt-oss": _gpt_oss_keys, "glm4moe": _glm4_keys, "minimax-m2": _minimax_m2_keys}
 _GATING = {"softmax": 1, "sigmoid": 2}
 
 
@@ -151,7 +162,7 @@ def _metadata(writer, arch: str, config: dict, ckpt: Checkpoint) -> None:
     if config.get("scoring_func") in _GATING:
         keys["expert_gating_func"] = ("u32", _GATING[config["scoring_func"]])
     keys.update(_ARCH_KEYS.get(arch, lambda c: {})(config))
-    for gkey, (vt, v) in keys.items():
+    for gkey, (vt, v) in ((k, kv) for k, kv in keys.items() if kv is not None):
         add = {"u32": writer.add_uint32, "f32": writer.add_float32, "bool": writer.add_bool, "str": writer.add_string}[vt]
         add(f"{arch}.{gkey}", {"u32": int, "f32": float, "bool": bool, "str": str}[vt](v))
     _tokenizer(writer, ckpt.root)
