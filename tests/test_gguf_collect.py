@@ -29,7 +29,8 @@ from reap_stream.telemetry.store import TelemetryStore
 from reap_stream.telemetry.tokenizer import load_tokenizer, tokenise
 from reap_stream.testing.gguf_convert import convert_mlx_to_gguf
 
-FAMILIES = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "gpt_oss", "deepseek_v3", "glm4_moe")
+FAMILIES = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "gpt_oss", "deepseek_v3", "glm4_moe", "minimax", "glm_moe_dsa",
+            "mistral4")
 TRAINED = REPO / "fixtures" / "trained"
 CALIB = REPO / "fixtures" / "calibration" / "licence.jsonl"
 CRITERIA_COMPARED = [c for c in CRITERIA if c != "random"]

@@ -21,6 +21,7 @@ from functools import lru_cache
 import json
 import os
 import re
+from importlib.metadata import version
 from pathlib import Path
 
 import gguf
@@ -33,6 +34,7 @@ from ..families.gguf_source import ROPE_PERMUTED, Namer, permute_rope_rows
 from ..families.table import BY_GGUF_ARCH, FAMILIES, config_value
 from ..io.gguf import BLOCK_TENSOR
 from ..io.files import build_once
+from ..families.gguf_arch import known_arch
 
 QTYPES = ("f32", "f16", "q8_0", "q4_0")
 
@@ -237,6 +239,9 @@ def convert_mlx_to_gguf(src: Path, out: Path, *, qtype: str = "f32", split_max_t
         raise ValueError(f"qtype must be one of {QTYPES}")
     ckpt = Checkpoint.open(src)
     arch = FAMILIES[ckpt.config["model_type"]].gguf_arch
+    if not known_arch(arch):
+        raise ValueError(f"the installed gguf-py ({version('gguf')}) does not know architecture {arch!r}: "
+                         f"no tensor names to convert to")
     return _write(Path(out), arch, ckpt.config, ckpt, _tensors(ckpt, qtype), split_max_tensors)
 
 
