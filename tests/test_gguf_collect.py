@@ -27,6 +27,7 @@ from reap_stream.telemetry.collect import collect
 from reap_stream.telemetry.gguf_tokenizer import gguf_tokenizer
 from reap_stream.telemetry.store import TelemetryStore
 from reap_stream.telemetry.tokenizer import load_tokenizer, tokenise
+from reap_stream.testing import synth
 from reap_stream.testing.gguf_convert import convert_mlx_to_gguf
 
 FAMILIES = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "gpt_oss", "deepseek_v3", "glm4_moe", "minimax", "glm_moe_dsa",
@@ -71,6 +72,25 @@ def test_f32_gguf_telemetry_equals_the_mlx_forms_on_every_criterion(family, fixt
     assert from_gguf.attrs["model"]["fingerprint"].startswith("gguf-sha256:")
     assert {k: v for k, v in from_gguf.attrs["model"].items() if k != "fingerprint"} == \
            {k: v for k, v in mlx.attrs["model"].items() if k != "fingerprint"}
+
+
+# Llama-4 as llama.cpp runs it (8192-token attention chunks: a GGUF cannot say otherwise), with a
+# Llama-3 RoPE scaling whose ramp spans the tiny head's wavelengths (the GGUF holds it as rope_freqs)
+LLAMA4_AS_LLAMA_CPP_RUNS_IT = {"attention_chunk_size": 8192, "rope_scaling": {
+    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64}}
+
+
+def test_llama4_gguf_telemetry_equals_the_mlx_forms_with_the_rope_scaling_read_back(tmp_path):
+    text = {**synth.tiny_config("llama4")["text_config"], **LLAMA4_AS_LLAMA_CPP_RUNS_IT}
+    model = synth.make_mlx_fixture("llama4", tmp_path / "mlx", config_overrides={"text_config": text})
+    gguf_path = convert_mlx_to_gguf(model, tmp_path / "model.gguf")[0]
+    # one sequence: the two-lane CPU runner cannot yet run mlx_lm's Llama-3 RoPE (its frequencies,
+    # built lazily on the main thread, are evaluated on a lane's stream: "no Stream(cpu, 0)")
+    calib = token_set(1, 192, seed=7)
+    worst, differ = compare(collect_to(model, calib, tmp_path / "mlx.zarr"),
+                            collect_to(gguf_path, calib, tmp_path / "gguf.zarr"))
+    assert differ == [] and max(worst.values()) <= 1e-4, worst
 
 
 @pytest.fixture(scope="module")

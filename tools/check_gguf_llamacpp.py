@@ -45,8 +45,13 @@ TOLERANCE = {"f32": 2e-3, "f16": 5e-3, "q8_0": 2e-2, "q4_0": 1e-1}
 # as many KV heads as query heads (as OLMoE itself has); the test fixture has fewer. The DSA
 # indexer's Hadamard rotation is at least 64 wide (real models: 128); its top-k covers the whole
 # sequence, because with a sparse selection mlx_lm and llama.cpp disagree on the unpruned file
-# already (median 0.4 of the largest logit at top-k 4), which pruning cannot be judged against
-LLAMA_CPP_CONFIG = {"olmoe": {"num_key_value_heads": 4}, "glm_moe_dsa": {"index_head_dim": 64, "index_topk": 64}}
+# already (median 0.4 of the largest logit at top-k 4), which pruning cannot be judged against.
+# llama.cpp fixes Llama-4's attention chunk at 8192 tokens; a Llama-3 RoPE scaling with a ramp over
+# the tiny head's wavelengths checks the scaling recovered from the converter's rope_freqs
+LLAMA_CPP_CONFIG = {"olmoe": {"num_key_value_heads": 4}, "glm_moe_dsa": {"index_head_dim": 64, "index_topk": 64},
+                    "llama4": {"attention_chunk_size": 8192, "rope_scaling": {
+                        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 64}}}
 
 
 def child(gguf: str, tokens: str, out: str) -> None:
@@ -124,7 +129,10 @@ def check(family: str, qtype: str, args, work: Path) -> dict:
     try:
         mlx_dir = args.root / "mlx" / family
         if not (mlx_dir / "config.json").exists():
-            synth.make_mlx_fixture(family, mlx_dir, config_overrides=LLAMA_CPP_CONFIG.get(family))
+            overrides = LLAMA_CPP_CONFIG.get(family)
+            if overrides and FAMILIES[family].text_config:   # a wrapper's text model holds the keys
+                overrides = {"text_config": {**synth.tiny_config(family)["text_config"], **overrides}}
+            synth.make_mlx_fixture(family, mlx_dir, config_overrides=overrides)
         gguf = convert_mlx_to_gguf(mlx_dir, run / "model.gguf", qtype=qtype)[0]
     except Exception as e:   # a family whose fixture or conversion is missing: report it
         return {**row, "ok": None, "skipped": f"no GGUF fixture: {type(e).__name__}: {e}"}

@@ -9,6 +9,7 @@ Keys map one to one for most of a config (GENERIC). The rest is derived:
 - MLA (DeepSeek-V2/V3 style): the real head dims are `key_length_mla` / `value_length_mla` (the
   converter stores the latent as one wide KV head in `key_length`), the RoPE part is
   `rope.dimension_count`;
+- Llama-3 RoPE scaling recovered from its per-frequency factors (`rope_freqs`);
 - partial RoPE (`rope.dimension_count` below the head dim, as a factor and as a dimension), YaRN scaling (`rope.scaling.*`),
   sigmoid gating (`expert_gating_func` 2) and the selection bias (`exp_probs_b`) of the router;
 - whether the top-k weights are renormalised: llama.cpp fixes it for some architectures whatever
@@ -25,6 +26,7 @@ import numpy as np
 
 from ..errors import BadInput
 from ..io.gguf import BLOCK_TENSOR, GGUFFile, VType
+from ..io.gguf_read import read_tensor
 from .structure import MoEStructure
 from .table import Family
 
@@ -54,6 +56,12 @@ GENERIC = MappingProxyType({
     "attention.indexer.key_length": "index_head_dim",
     "attention.indexer.top_k": "index_topk",
 })
+# per architecture, keys whose meaning differs from GENERIC's (Llama-4 names its expert width
+# intermediate_size and its dense width intermediate_size_mlp)
+ARCH_KEYS = MappingProxyType({
+    "llama4": {"feed_forward_length": "intermediate_size_mlp", "expert_feed_forward_length": "intermediate_size",
+               "interleave_moe_layer_step": "interleave_moe_layer_step"},
+})
 # architectures whose llama.cpp graph fixes top-k renormalisation, whatever the file says
 NORM_TOPK = MappingProxyType({"qwen3moe": True, "qwen2moe": False, "olmoe": False, "llama": True})
 # llama.cpp's sliding-window pattern per architecture: every n-th layer is full attention
@@ -80,6 +88,39 @@ def _value(g: GGUFFile, key: str):
     return value
 
 
+def llama3_rope_scaling(factors: np.ndarray, theta: float, dims: int, where) -> dict | None:
+    """Llama-3's RoPE scaling back from the per-frequency factors llama.cpp's converter stores
+    (`rope_freqs`): 1 for short wavelengths, `factor` for long ones, and between them
+    1 / ((1 - s) / factor + s) with s = a / wavelength - b. Any (low, high, original context)
+    with the same a and b gives the same factors: low_freq_factor 1 is chosen. With no factor
+    between (Llama-4: low == high), the cut-off wavelength is the original context."""
+    factors = np.asarray(factors, dtype=np.float64).reshape(-1)
+    wavelen = 2 * np.pi * theta ** (np.arange(0, dims, 2) / dims)
+    factor = float(factors.max())
+    if len(factors) != len(wavelen) or factor <= 1.0:
+        return None if factor == 1.0 else _bad_rope(where)
+    middle = np.flatnonzero(~np.isclose(factors, 1.0) & ~np.isclose(factors, factor))
+    if len(middle) == 0:
+        cut = np.flatnonzero(np.isclose(factors, factor))[0]
+        if cut == 0 or not np.isclose(factors[:cut], 1.0).all():
+            return _bad_rope(where)
+        old = float(np.sqrt(wavelen[cut - 1] * wavelen[cut]))
+        return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+                "original_max_position_embeddings": old}
+    if len(middle) < 2:
+        return _bad_rope(where)
+    smooth = (1 / factors[middle] - 1 / factor) / (1 - 1 / factor)
+    (a, b), *_ = np.linalg.lstsq(np.stack([1 / wavelen[middle], -np.ones(len(middle))], 1), smooth, rcond=None)
+    if b <= 0:
+        return _bad_rope(where)
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": float(1 + 1 / b),
+            "original_max_position_embeddings": float(a / b)}
+
+
+def _bad_rope(where):
+    raise BadInput(where, "tensor 'rope_freqs.weight' is not a Llama-3 RoPE scaling (1, a smooth ramp, factor)")
+
+
 def _rope_parameters(g: GGUFFile, arch: str, cfg: dict) -> dict:
     """transformers' newer single RoPE dict, for the classes that read it (the row's gguf_config
     asks for it): theta and scaling as above, Llama-4's attention temperature as llama.cpp reads
@@ -92,11 +133,20 @@ def _rope_parameters(g: GGUFFile, arch: str, cfg: dict) -> dict:
 
 
 def mlx_config(parts: list[GGUFFile], arch: str, fam: Family, st: MoEStructure) -> dict:
-    """The config.json mlx_lm would build this model from."""
+    """The config.json mlx_lm would build this model from (a wrapper's: the text model's config
+    under text_config, where the row's gguf_config["text_config"] adds to it)."""
+    cfg = _text_model_config(parts, arch, fam, st)
+    if not fam.text_config:
+        return cfg
+    text = cfg.pop("text_config", {})
+    return {"model_type": fam.model_type, "text_config": {**cfg, **text}}
+
+
+def _text_model_config(parts: list[GGUFFile], arch: str, fam: Family, st: MoEStructure) -> dict:
     g = parts[0]
     names = {t.name: t for p in parts for t in p.tensors}
     cfg: dict = {"model_type": fam.model_type, **dict(fam.gguf_config)}
-    for key, hf in GENERIC.items():
+    for key, hf in {**GENERIC, **ARCH_KEYS.get(arch, {})}.items():
         v = _value(g, f"{arch}.{key}")
         if v is not None:
             cfg[hf] = v
@@ -111,6 +161,8 @@ def mlx_config(parts: list[GGUFFile], arch: str, fam: Family, st: MoEStructure) 
                       if (m := BLOCK_TENSOR.match(n)) and m.group(2).startswith("attn_")), default=0)
     cfg["attention_bias"] = f"blk.{first_attn}.attn_q.bias" in names
     cfg["use_qk_norm"] = f"blk.{first_attn}.attn_q_norm.weight" in names
+    if arch == "llama4":   # a weightless L2 norm, which llama.cpp applies unless 128 experts (Maverick)
+        cfg["use_qk_norm"] = cfg[fam.experts_key] != 128
     rope_dim = _value(g, f"{arch}.rope.dimension_count")
     mla = _value(g, f"{arch}.attention.key_length_mla")
     if mla is not None:
@@ -122,7 +174,11 @@ def mlx_config(parts: list[GGUFFile], arch: str, fam: Family, st: MoEStructure) 
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         cfg["partial_rotary_factor"] = rope_dim / head_dim
         cfg["rotary_dim"] = rope_dim   # MiniMax's spelling of the same
-    if _value(g, f"{arch}.rope.scaling.type") == "yarn":
+    if "rope_freqs.weight" in names:
+        cfg["rope_scaling"] = llama3_rope_scaling(read_tensor(names["rope_freqs.weight"]), cfg.get("rope_theta", 1e4),
+                                                  rope_dim or cfg["hidden_size"] // cfg["num_attention_heads"],
+                                                  names["rope_freqs.weight"].file)
+    elif _value(g, f"{arch}.rope.scaling.type") == "yarn":
         cfg["rope_scaling"] = {"rope_type": "yarn", **{hf: _value(g, f"{arch}.{k}") for k, hf in _ROPE_SCALING.items()
                                                         if _value(g, f"{arch}.{k}") is not None}}
     else:

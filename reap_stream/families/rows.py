@@ -82,6 +82,8 @@ MORE_ROWS: tuple[Family, ...] = (
     # experts.gate_up_proj [E, D, 2I] and experts.down_proj [E, I, D] (expert axis 0 either way)
     Family("llama4", "num_local_experts", Routing.TOP1_SIGMOID_INPUT, block="feed_forward", stacked="experts",
            router="router", shared="shared_expert", text_config=True, hf_names=_SWIGLU, gguf_arch="llama4",
+           # what llama.cpp fixes for Llama-4: 8192-token attention chunks
+           gguf_config={"text_config": {"model_type": "llama4_text", "attention_chunk_size": 8192}},
            tiny_outer={"architectures": ["Llama4ForConditionalGeneration"]},
            tiny={"model_type": "llama4_text", "num_experts_per_tok": 1, "intermediate_size": 32,
                  "intermediate_size_mlp": 128, "interleave_moe_layer_step": 1, "attention_chunk_size": 4,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 from functools import lru_cache
 import json
+import math
 import os
 import re
 from importlib.metadata import version
@@ -138,6 +139,15 @@ def _glm4_keys(config: dict) -> dict:
             "expert_gating_func": ("u32", 2)}
 
 
+def _llama4_keys(config: dict) -> dict:
+    """Llama-4: the dense width is intermediate_size_mlp, the expert width intermediate_size; the
+    MoE layer step; RoPE over the whole head (LlamaModel's rope dimension count)."""
+    return {"feed_forward_length": ("u32", config["intermediate_size_mlp"]),
+            "expert_feed_forward_length": ("u32", config["intermediate_size"]),
+            "interleave_moe_layer_step": ("u32", config["interleave_moe_layer_step"]),
+            "rope.dimension_count": ("u32", config["head_dim"]), "vocab_size": ("u32", config["vocab_size"])}
+
+
 def _minimax_m2_keys(config: dict) -> dict:
     """MiniMax-M2: the expert width is config.json's intermediate_size, partial RoPE as rotary_dim."""
     return {"expert_feed_forward_length": ("u32", config["intermediate_size"]),
@@ -145,13 +155,18 @@ def _minimax_m2_keys(config: dict) -> dict:
 
 
 # arch -> keys llama.cpp needs beyond the config.json table (they win over it)
-_ARCH_KEYS = {"deepseek2": _mla_keys, "glm-dsa": _mla_keys, "mistral4": _mla_keys, "gpt-oss": _gpt_oss_keys, "glm4moe": _glm4_keys, "minimax-m2": _minimax_m2_keys}
+_ARCH_KEYS = {"deepseek2": _mla_keys, "glm-dsa": _mla_keys, "mistral4": _mla_keys, "gpt-oss": _gpt_oss_keys, "glm4moe": _glm4_keys, "minimax-m2": _minimax_m2_keys,
+              "llama4": _llama4_keys}
 _GATING = {"softmax": 1, "sigmoid": 2}
 
 
-def _metadata(writer, arch: str, config: dict, ckpt: Checkpoint) -> None:
-    fam = FAMILIES[config["model_type"]]
-    writer.add_string("general.name", f"reap-stream tiny {config['model_type']}")
+def _hparams(config: dict) -> dict:
+    """The keys llama.cpp's converter reads: a wrapper's text_config moved to the top level."""
+    return {**config, **config.get("text_config", {})}
+
+
+def _metadata(writer, arch: str, fam, config: dict, ckpt: Checkpoint) -> None:
+    writer.add_string("general.name", f"reap-stream tiny {fam.model_type}")
     keys = {"expert_count": ("u32", config_value(config, fam.experts_key))}
     for ckey, (gkey, vt) in _CONFIG_KEYS.items():
         v = config.get(ckey)
@@ -197,7 +212,7 @@ def _tokenizer(writer, root: Path) -> None:
 def _write(out: Path, arch: str, config: dict, ckpt: Checkpoint, tensors: list[tuple[str, np.ndarray, object]],
            split_max_tensors: int) -> list[Path]:
     writer = gguf.GGUFWriter(out, arch, split_max_tensors=split_max_tensors)
-    _metadata(writer, arch, config, ckpt)
+    _metadata(writer, arch, FAMILIES[config["model_type"]], _hparams(config), ckpt)
     for gname, arr, t in tensors:
         writer.add_tensor(gname, arr, raw_dtype=t)
     # gguf-py prints progress on stdout; closed with the block
@@ -212,8 +227,8 @@ def _write(out: Path, arch: str, config: dict, ckpt: Checkpoint, tensors: list[t
 
 
 def _tensors(ckpt: Checkpoint, qtype: str) -> list[tuple[str, np.ndarray, object]]:
-    config = ckpt.config
-    arch = FAMILIES[config["model_type"]].gguf_arch
+    arch = FAMILIES[ckpt.config["model_type"]].gguf_arch
+    config = _hparams(ckpt.config)
     heads = {"attn_q": config.get("num_attention_heads"), "attn_k": config.get("num_key_value_heads")}
     out = []
     for name in sorted(ckpt.tensors, key=_natural):
@@ -224,7 +239,29 @@ def _tensors(ckpt: Checkpoint, qtype: str) -> list[tuple[str, np.ndarray, object
             arr = permute_rope_rows(arr, int(heads[head]))
         t = _qtype(qtype, gname, arr)
         out.append((gname, _encode(arr, t), t))
+    rope = config.get("rope_scaling") or {}
+    if rope.get("rope_type") == "llama3":   # the converter stores the scaled frequencies, not the config
+        dims = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        out.append(("rope_freqs.weight", llama3_rope_factors(config.get("rope_theta", 1e4), dims, rope), T.F32))
     return out
+
+
+def llama3_rope_factors(theta: float, dims: int, rope: dict) -> np.ndarray:
+    """llama.cpp's converter's `rope_freqs` for a Llama-3 RoPE scaling: per frequency, 1 below the
+    high-frequency wavelength, `factor` above the low-frequency one, a smooth ramp between."""
+    factor, old = rope["factor"], rope.get("original_max_position_embeddings", 8192)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    out = []
+    for i in range(0, dims, 2):
+        wavelen = 2 * math.pi * theta ** (i / dims)
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
 
 
 def _natural(name: str):
