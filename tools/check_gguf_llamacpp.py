@@ -42,13 +42,15 @@ NUM_TOKENS = 40
 # largest |llama.cpp - mlx_lm| / max|mlx_lm logit| accepted, per GGUF type
 TOLERANCE = {"f32": 2e-3, "f16": 5e-3, "q8_0": 2e-2, "q4_0": 1e-1}
 # tiny-config changes a llama.cpp loader needs: olmoe's sizes its k_norm by n_embd, i.e. it assumes
-# as many KV heads as query heads (as OLMoE itself has); the test fixture has fewer. The DSA
-# indexer's Hadamard rotation is at least 64 wide (real models: 128); its top-k covers the whole
+# as many KV heads as query heads (as OLMoE itself has); the test fixture has fewer. ERNIE's
+# converter writes the shared experts' width as intermediate_size / KV heads (true of the real
+# models; the fixture needs 4 KV heads for it). The DSA indexer's Hadamard rotation is at least 64 wide (real models: 128); its top-k covers the whole
 # sequence, because with a sparse selection mlx_lm and llama.cpp disagree on the unpruned file
 # already (median 0.4 of the largest logit at top-k 4), which pruning cannot be judged against.
 # llama.cpp fixes Llama-4's attention chunk at 8192 tokens; a Llama-3 RoPE scaling with a ramp over
 # the tiny head's wavelengths checks the scaling recovered from the converter's rope_freqs
-LLAMA_CPP_CONFIG = {"olmoe": {"num_key_value_heads": 4}, "glm_moe_dsa": {"index_head_dim": 64, "index_topk": 64},
+LLAMA_CPP_CONFIG = {"olmoe": {"num_key_value_heads": 4}, "ernie4_5_moe": {"num_key_value_heads": 4},
+                    "glm_moe_dsa": {"index_head_dim": 64, "index_topk": 64},
                     "llama4": {"attention_chunk_size": 8192, "rope_scaling": {
                         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                         "original_max_position_embeddings": 64}}}

@@ -61,6 +61,8 @@ GENERIC = MappingProxyType({
 ARCH_KEYS = MappingProxyType({
     "llama4": {"feed_forward_length": "intermediate_size_mlp", "expert_feed_forward_length": "intermediate_size",
                "interleave_moe_layer_step": "interleave_moe_layer_step"},
+    "ernie4_5-moe": {"interleave_moe_layer_step": "moe_layer_interval", "leading_dense_block_count": "moe_layer_start_index",
+                     "expert_shared_count": "moe_num_shared_experts"},
 })
 # architectures whose llama.cpp graph fixes top-k renormalisation, whatever the file says
 NORM_TOPK = MappingProxyType({"qwen3moe": True, "qwen2moe": False, "olmoe": False, "llama": True})
@@ -152,6 +154,8 @@ def _text_model_config(parts: list[GGUFFile], arch: str, fam: Family, st: MoEStr
             cfg[hf] = v
     cfg["num_hidden_layers"] = st.num_layers
     cfg[fam.experts_key] = max(st.layer_experts.values())
+    if "num_experts_per_tok" in cfg:   # top-k under the family's own key too (ernie's moe_k)
+        cfg[fam.top_k_key] = cfg["num_experts_per_tok"]
     embed = names.get("token_embd.weight")
     if embed is None:
         raise BadInput(g.path, "tensor 'token_embd.weight' is missing")
@@ -159,7 +163,7 @@ def _text_model_config(parts: list[GGUFFile], arch: str, fam: Family, st: MoEStr
     cfg["tie_word_embeddings"] = "output.weight" not in names
     first_attn = min((int(m.group(1)) for n in names
                       if (m := BLOCK_TENSOR.match(n)) and m.group(2).startswith("attn_")), default=0)
-    cfg["attention_bias"] = f"blk.{first_attn}.attn_q.bias" in names
+    cfg["attention_bias"] = cfg["use_bias"] = f"blk.{first_attn}.attn_q.bias" in names   # ERNIE: use_bias
     cfg["use_qk_norm"] = f"blk.{first_attn}.attn_q_norm.weight" in names
     if arch == "llama4":   # a weightless L2 norm, which llama.cpp applies unless 128 experts (Maverick)
         cfg["use_qk_norm"] = cfg[fam.experts_key] != 128

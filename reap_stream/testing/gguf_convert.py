@@ -148,6 +148,19 @@ def _llama4_keys(config: dict) -> dict:
             "rope.dimension_count": ("u32", config["head_dim"]), "vocab_size": ("u32", config["vocab_size"])}
 
 
+def _ernie_keys(config: dict) -> dict:
+    """ERNIE-4.5-MoE: the MoE layer step and first MoE layer, the shared experts' count, and as
+    shared width config.json's intermediate_size over the KV head count (what its converter writes)."""
+    keys = {"interleave_moe_layer_step": ("u32", config["moe_layer_interval"]),
+            "leading_dense_block_count": ("u32", config["moe_layer_start_index"])}
+    if config.get("moe_num_shared_experts") is not None:
+        keys["expert_shared_count"] = ("u32", config["moe_num_shared_experts"])
+        if config["moe_num_shared_experts"] > 0:
+            keys["expert_shared_feed_forward_length"] = (
+                "u32", config["intermediate_size"] // config["num_key_value_heads"])
+    return keys
+
+
 def _minimax_m2_keys(config: dict) -> dict:
     """MiniMax-M2: the expert width is config.json's intermediate_size, partial RoPE as rotary_dim."""
     return {"expert_feed_forward_length": ("u32", config["intermediate_size"]),
@@ -156,7 +169,7 @@ def _minimax_m2_keys(config: dict) -> dict:
 
 # arch -> keys llama.cpp needs beyond the config.json table (they win over it)
 _ARCH_KEYS = {"deepseek2": _mla_keys, "glm-dsa": _mla_keys, "mistral4": _mla_keys, "gpt-oss": _gpt_oss_keys, "glm4moe": _glm4_keys, "minimax-m2": _minimax_m2_keys,
-              "llama4": _llama4_keys}
+              "llama4": _llama4_keys, "ernie4_5-moe": _ernie_keys}
 _GATING = {"softmax": 1, "sigmoid": 2}
 
 
