@@ -19,6 +19,7 @@ from cli_helpers import run, tree_bytes
 from collect_helpers import token_set
 from conftest import REPO
 from reap_stream.families.model import open_model
+from reap_stream.families.table import FAMILIES as FAMILY_ROWS
 from reap_stream.io.gguf_write import verify
 from reap_stream.planning.criteria import CRITERIA, scores
 from reap_stream.runner import RunOptions
@@ -74,16 +75,23 @@ def test_f32_gguf_telemetry_equals_the_mlx_forms_on_every_criterion(family, fixt
            {k: v for k, v in mlx.attrs["model"].items() if k != "fingerprint"}
 
 
-# Llama-4 as llama.cpp runs it (8192-token attention chunks: a GGUF cannot say otherwise), with a
-# Llama-3 RoPE scaling whose ramp spans the tiny head's wavelengths (the GGUF holds it as rope_freqs)
-LLAMA4_AS_LLAMA_CPP_RUNS_IT = {"attention_chunk_size": 8192, "rope_scaling": {
-    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 64}}
+# configs a GGUF cannot express otherwise, as llama.cpp runs them: Llama-4's 8192-token attention
+# chunks, with a Llama-3 RoPE scaling whose ramp spans the tiny head's wavelengths (the GGUF holds
+# it as rope_freqs); AFMoE's sliding window on 3 layers of 4
+AS_LLAMA_CPP_RUNS_IT = {
+    "llama4": {"attention_chunk_size": 8192, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}},
+    "afmoe": {"layer_types": ["sliding_attention"] * 3 + ["full_attention"]},
+}
 
 
-def test_llama4_gguf_telemetry_equals_the_mlx_forms_with_the_rope_scaling_read_back(tmp_path):
-    text = {**synth.tiny_config("llama4")["text_config"], **LLAMA4_AS_LLAMA_CPP_RUNS_IT}
-    model = synth.make_mlx_fixture("llama4", tmp_path / "mlx", config_overrides={"text_config": text})
+@pytest.mark.parametrize("family", AS_LLAMA_CPP_RUNS_IT)
+def test_f32_gguf_telemetry_equals_the_mlx_forms_as_llama_cpp_runs_them(family, tmp_path):
+    overrides = AS_LLAMA_CPP_RUNS_IT[family]
+    if FAMILY_ROWS[family].text_config:
+        overrides = {"text_config": {**synth.tiny_config(family)["text_config"], **overrides}}
+    model = synth.make_mlx_fixture(family, tmp_path / "mlx", config_overrides=overrides)
     gguf_path = convert_mlx_to_gguf(model, tmp_path / "model.gguf")[0]
     # one sequence: the two-lane CPU runner cannot yet run mlx_lm's Llama-3 RoPE (its frequencies,
     # built lazily on the main thread, are evaluated on a lane's stream: "no Stream(cpu, 0)")

@@ -14,7 +14,7 @@ Keys map one to one for most of a config (GENERIC). The rest is derived:
   sigmoid gating (`expert_gating_func` 2) and the selection bias (`exp_probs_b`) of the router;
 - whether the top-k weights are renormalised: llama.cpp fixes it for some architectures whatever
   the file says (NORM_TOPK), and reads `expert_weights_norm` (default false) for the others;
-- sliding-window layer types from llama.cpp's per-architecture pattern (SWA_PATTERN);
+- sliding-window layer types from the file's pattern or llama.cpp's per-architecture one (SWA_PATTERN);
 - dense layers listed by the family's `mlp_only_layers` rule from the blocks without experts;
 - the family row's `gguf_config`: config entries a GGUF does not carry.
 """
@@ -63,11 +63,13 @@ ARCH_KEYS = MappingProxyType({
                "interleave_moe_layer_step": "interleave_moe_layer_step"},
     "ernie4_5-moe": {"interleave_moe_layer_step": "moe_layer_interval", "leading_dense_block_count": "moe_layer_start_index",
                      "expert_shared_count": "moe_num_shared_experts"},
+    "afmoe": {"expert_shared_count": "num_shared_experts", "leading_dense_block_count": "num_dense_layers",
+              "expert_weights_norm": "route_norm", "expert_weights_scale": "route_scale"},
 })
 # architectures whose llama.cpp graph fixes top-k renormalisation, whatever the file says
 NORM_TOPK = MappingProxyType({"qwen3moe": True, "qwen2moe": False, "olmoe": False, "llama": True})
 # llama.cpp's sliding-window pattern per architecture: every n-th layer is full attention
-SWA_PATTERN = MappingProxyType({"gpt-oss": 2})
+SWA_PATTERN = MappingProxyType({"gpt-oss": 2, "afmoe": 4})
 _GATING = {1: "softmax", 2: "sigmoid"}
 _ROPE_SCALING = {"rope.scaling.factor": "factor",
                  "rope.scaling.original_context_length": "original_max_position_embeddings",
@@ -121,6 +123,17 @@ def llama3_rope_scaling(factors: np.ndarray, theta: float, dims: int, where) -> 
 
 def _bad_rope(where):
     raise BadInput(where, "tensor 'rope_freqs.weight' is not a Llama-3 RoPE scaling (1, a smooth ramp, factor)")
+
+
+def _layer_types(g: GGUFFile, arch: str, cfg: dict, layers: int) -> list[str]:
+    """Sliding or full attention per layer, as llama.cpp decides: no window, all full; else the
+    file's `sliding_window_pattern` (per-layer flags, or a period) or the architecture's period,
+    every n-th layer full."""
+    kv = g.kvs.get(f"{arch}.attention.sliding_window_pattern")
+    if kv is not None and kv.vtype == VType.ARRAY:
+        return ["sliding_attention" if swa else "full_attention" for swa in kv.value[:layers]]
+    n = (kv.value if kv is not None else SWA_PATTERN[arch]) if cfg.get("sliding_window") else 1
+    return ["full_attention" if i % n == n - 1 else "sliding_attention" for i in range(layers)]
 
 
 def _rope_parameters(g: GGUFFile, arch: str, cfg: dict) -> dict:
@@ -189,13 +202,12 @@ def _text_model_config(parts: list[GGUFFile], arch: str, fam: Family, st: MoEStr
         cfg.setdefault("rope_scaling", None)
     gating = _GATING.get(_value(g, f"{arch}.expert_gating_func"))
     if gating:
-        cfg["scoring_func"] = gating
+        cfg["scoring_func"] = cfg["score_func"] = gating   # AFMoE's spelling too
     if any(n.endswith(("exp_probs_b.bias", "exp_probs_b")) for n in names):
         cfg["topk_method"] = "noaux_tc"
     cfg["norm_topk_prob"] = NORM_TOPK.get(arch, bool(_value(g, f"{arch}.expert_weights_norm")))
     if arch in SWA_PATTERN:
-        n = SWA_PATTERN[arch]
-        cfg["layer_types"] = ["full_attention" if i % n == n - 1 else "sliding_attention" for i in range(st.num_layers)]
+        cfg["layer_types"] = _layer_types(g, arch, cfg, st.num_layers)
     if "rope_parameters" in cfg:
         cfg["rope_parameters"] = _rope_parameters(g, arch, cfg)
     if "mlp_only_layers" in fam.dense:

@@ -161,6 +161,16 @@ def _ernie_keys(config: dict) -> dict:
     return keys
 
 
+def _afmoe_keys(config: dict) -> dict:
+    """AFMoE: shared count, dense lead, route normalisation and scale, sliding window."""
+    keys = {"expert_shared_count": ("u32", config.get("num_shared_experts")),
+            "leading_dense_block_count": ("u32", config.get("num_dense_layers")),
+            "expert_weights_norm": ("bool", config.get("route_norm")),
+            "expert_weights_scale": ("f32", config.get("route_scale")),
+            "attention.sliding_window": ("u32", config.get("sliding_window"))}
+    return {k: (None if v[1] is None else v) for k, v in keys.items()}
+
+
 def _minimax_m2_keys(config: dict) -> dict:
     """MiniMax-M2: the expert width is config.json's intermediate_size, partial RoPE as rotary_dim."""
     return {"expert_feed_forward_length": ("u32", config["intermediate_size"]),
@@ -169,8 +179,11 @@ def _minimax_m2_keys(config: dict) -> dict:
 
 # arch -> keys llama.cpp needs beyond the config.json table (they win over it)
 _ARCH_KEYS = {"deepseek2": _mla_keys, "glm-dsa": _mla_keys, "mistral4": _mla_keys, "gpt-oss": _gpt_oss_keys, "glm4moe": _glm4_keys, "minimax-m2": _minimax_m2_keys,
-              "llama4": _llama4_keys, "ernie4_5-moe": _ernie_keys}
+              "llama4": _llama4_keys, "ernie4_5-moe": _ernie_keys, "afmoe": _afmoe_keys}
 _GATING = {"softmax": 1, "sigmoid": 2}
+# where the converter looks for the router's score function, in order
+_SCORE_KEYS = ("score_function", "scoring_func", "score_func", "moe_router_activation", "moe_router_activation_func",
+               "expert_selection_fn")
 
 
 def _hparams(config: dict) -> dict:
@@ -189,8 +202,9 @@ def _metadata(writer, arch: str, fam, config: dict, ckpt: Checkpoint) -> None:
     keys["expert_used_count"] = ("u32", config_value(config, fam.top_k_key))
     if config.get("head_dim"):
         keys["attention.value_length"] = ("u32", config["head_dim"])
-    if config.get("scoring_func") in _GATING:
-        keys["expert_gating_func"] = ("u32", _GATING[config["scoring_func"]])
+    score = next((config[k] for k in _SCORE_KEYS if k in config), None)
+    if score in _GATING:
+        keys["expert_gating_func"] = ("u32", _GATING[score])
     keys.update(_ARCH_KEYS.get(arch, lambda c: {})(config))
     for gkey, (vt, v) in ((k, kv) for k, kv in keys.items() if kv is not None):
         add = {"u32": writer.add_uint32, "f32": writer.add_float32, "bool": writer.add_bool, "str": writer.add_string}[vt]
