@@ -77,12 +77,13 @@ def test_f32_gguf_telemetry_equals_the_mlx_forms_on_every_criterion(family, fixt
 
 # configs a GGUF cannot express otherwise, as llama.cpp runs them: Llama-4's 8192-token attention
 # chunks, with a Llama-3 RoPE scaling whose ramp spans the tiny head's wavelengths (the GGUF holds
-# it as rope_freqs); AFMoE's sliding window on 3 layers of 4
+# it as rope_freqs); AFMoE's sliding window on 3 layers of 4; Hunyuan without cross-layer KV sharing
 AS_LLAMA_CPP_RUNS_IT = {
     "llama4": {"attention_chunk_size": 8192, "rope_scaling": {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64}},
     "afmoe": {"layer_types": ["sliding_attention"] * 3 + ["full_attention"]},
+    "hunyuan": {"use_cla": False},
 }
 
 

@@ -63,6 +63,7 @@ ARCH_KEYS = MappingProxyType({
                "interleave_moe_layer_step": "interleave_moe_layer_step"},
     "ernie4_5-moe": {"interleave_moe_layer_step": "moe_layer_interval", "leading_dense_block_count": "moe_layer_start_index",
                      "expert_shared_count": "moe_num_shared_experts"},
+    "hunyuan-moe": {"expert_shared_count": "num_shared_expert"},
     "afmoe": {"expert_shared_count": "num_shared_experts", "leading_dense_block_count": "num_dense_layers",
               "expert_weights_norm": "route_norm", "expert_weights_scale": "route_scale"},
 })

@@ -181,6 +181,9 @@ MORE_ROWS: tuple[Family, ...] = (
     # each decoder layer returns (h, K/V) and the next layer may reuse that K/V
     Family("hunyuan", "num_experts", Routing.SOFTMAX_TOPK, router="gate.wg", top_k_key="moe_topk",
            shared="shared_mlp", hf_names=_SWIGLU, layer_outputs=2, gguf_arch="hunyuan-moe",
+           # llama.cpp's hunyuan-moe: per-layer K/V (no CLA), a shared MLP, NTK alpha folded into the base
+           gguf_config={"use_cla": False, "cla_share_factor": 2, "use_mixed_mlp_moe": True,
+                        "rope_scaling": {"alpha": 1.0, "factor": 1.0, "type": "dynamic"}},
            tiny={"architectures": ["HunYuanForCausalLM"], "intermediate_size": 32, "attention_bias": False,
                  "num_shared_expert": 1, "use_mixed_mlp_moe": True, "use_qk_norm": True, "use_cla": True,
                  "cla_share_factor": 2, "moe_intermediate_size": 32,

@@ -171,6 +171,24 @@ def _afmoe_keys(config: dict) -> dict:
     return {k: (None if v[1] is None else v) for k, v in keys.items()}
 
 
+def _hunyuan_keys(config: dict) -> dict:
+    """Hunyuan-MoE: shared width = intermediate_size, one expert width / top-k / shared count for
+    all layers, NTK-alpha RoPE folded into the base (the converter also pins the context at 256k;
+    its assertion that only the real model's alpha 1000 and head dim 128 occur is not repeated)."""
+    one = lambda v: v[0] if isinstance(v, list) else v  # noqa: E731
+    keys = {"expert_shared_feed_forward_length": ("u32", config["intermediate_size"]),
+            "expert_feed_forward_length": ("u32", one(config["moe_intermediate_size"])),
+            "expert_shared_count": ("u32", one(config["num_shared_expert"]))}
+    rope = config.get("rope_scaling") or {}
+    if rope.get("type", rope.get("rope_type")) == "dynamic":
+        dim = config["hidden_size"] // config["num_attention_heads"]
+        base = config.get("rope_theta", 10000.0) * rope.get("alpha", 1000) ** (dim / (dim - 2))
+        keys.update({"rope.freq_base": ("f32", base), "rope.scaling.type": ("str", "none"),
+                     "rope.scaling.factor": ("f32", 1.0), "rope.scaling.original_context_length": ("u32", 256 * 1024),
+                     "context_length": ("u32", 256 * 1024)})
+    return keys
+
+
 def _minimax_m2_keys(config: dict) -> dict:
     """MiniMax-M2: the expert width is config.json's intermediate_size, partial RoPE as rotary_dim."""
     return {"expert_feed_forward_length": ("u32", config["intermediate_size"]),
@@ -179,7 +197,8 @@ def _minimax_m2_keys(config: dict) -> dict:
 
 # arch -> keys llama.cpp needs beyond the config.json table (they win over it)
 _ARCH_KEYS = {"deepseek2": _mla_keys, "glm-dsa": _mla_keys, "mistral4": _mla_keys, "gpt-oss": _gpt_oss_keys, "glm4moe": _glm4_keys, "minimax-m2": _minimax_m2_keys,
-              "llama4": _llama4_keys, "ernie4_5-moe": _ernie_keys, "afmoe": _afmoe_keys}
+              "llama4": _llama4_keys, "ernie4_5-moe": _ernie_keys, "afmoe": _afmoe_keys,
+              "hunyuan-moe": _hunyuan_keys}
 _GATING = {"softmax": 1, "sigmoid": 2}
 # where the converter looks for the router's score function, in order
 _SCORE_KEYS = ("score_function", "scoring_func", "score_func", "moe_router_activation", "moe_router_activation_func",
