@@ -47,13 +47,14 @@ TOLERANCE = {"f32": 2e-3, "f16": 5e-3, "q8_0": 2e-2, "q4_0": 1e-1}
 # models; the fixture needs 4 KV heads for it). The DSA indexer's Hadamard rotation is at least 64 wide (real models: 128); its top-k covers the whole
 # sequence, because with a sparse selection mlx_lm and llama.cpp disagree on the unpruned file
 # already (median 0.4 of the largest logit at top-k 4), which pruning cannot be judged against.
-# llama.cpp's hunyuan-moe has K/V in every layer (no cross-layer attention sharing).
+# llama.cpp's hunyuan-moe has K/V in every layer (no cross-layer attention sharing). EXAONE-MoE's
+# converter writes its dense lead from first_k_dense_replace (the fixture lists is_moe_layer only).
 # AFMoE's converter writes no sliding-window pattern: llama.cpp's is every 4th layer full.
 # llama.cpp fixes Llama-4's attention chunk at 8192 tokens; a Llama-3 RoPE scaling with a ramp over
 # the tiny head's wavelengths checks the scaling recovered from the converter's rope_freqs
 LLAMA_CPP_CONFIG = {"olmoe": {"num_key_value_heads": 4}, "ernie4_5_moe": {"num_key_value_heads": 4},
                     "glm_moe_dsa": {"index_head_dim": 64, "index_topk": 64},
-                    "hunyuan": {"use_cla": False},
+                    "hunyuan": {"use_cla": False}, "exaone_moe": {"first_k_dense_replace": 1},
                     "afmoe": {"layer_types": ["sliding_attention"] * 3 + ["full_attention"]},
                     "llama4": {"attention_chunk_size": 8192, "rope_scaling": {
                         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -15,7 +15,8 @@ Keys map one to one for most of a config (GENERIC). The rest is derived:
 - whether the top-k weights are renormalised: llama.cpp fixes it for some architectures whatever
   the file says (NORM_TOPK), and reads `expert_weights_norm` (default false) for the others;
 - sliding-window layer types from the file's pattern or llama.cpp's per-architecture one (SWA_PATTERN);
-- dense layers listed by the family's `mlp_only_layers` rule from the blocks without experts;
+- dense layers listed by the family's `mlp_only_layers` / `is_moe_layer` rule from the blocks
+  without experts;
 - the family row's `gguf_config`: config entries a GGUF does not carry.
 """
 from __future__ import annotations
@@ -64,13 +65,14 @@ ARCH_KEYS = MappingProxyType({
     "ernie4_5-moe": {"interleave_moe_layer_step": "moe_layer_interval", "leading_dense_block_count": "moe_layer_start_index",
                      "expert_shared_count": "moe_num_shared_experts"},
     "hunyuan-moe": {"expert_shared_count": "num_shared_expert"},
+    "exaone-moe": {"expert_shared_count": "num_shared_experts"},
     "afmoe": {"expert_shared_count": "num_shared_experts", "leading_dense_block_count": "num_dense_layers",
               "expert_weights_norm": "route_norm", "expert_weights_scale": "route_scale"},
 })
 # architectures whose llama.cpp graph fixes top-k renormalisation, whatever the file says
 NORM_TOPK = MappingProxyType({"qwen3moe": True, "qwen2moe": False, "olmoe": False, "llama": True})
 # llama.cpp's sliding-window pattern per architecture: every n-th layer is full attention
-SWA_PATTERN = MappingProxyType({"gpt-oss": 2, "afmoe": 4})
+SWA_PATTERN = MappingProxyType({"gpt-oss": 2, "afmoe": 4, "exaone-moe": 4})
 _GATING = {1: "softmax", 2: "sigmoid"}
 _ROPE_SCALING = {"rope.scaling.factor": "factor",
                  "rope.scaling.original_context_length": "original_max_position_embeddings",
@@ -213,4 +215,6 @@ def _text_model_config(parts: list[GGUFFile], arch: str, fam: Family, st: MoEStr
         cfg["rope_parameters"] = _rope_parameters(g, arch, cfg)
     if "mlp_only_layers" in fam.dense:
         cfg["mlp_only_layers"] = [L for L in range(st.num_layers) if L not in st.layer_experts]
+    if "is_moe_layer" in fam.dense:
+        cfg["is_moe_layer"] = [L in st.layer_experts for L in range(st.num_layers)]
     return cfg

@@ -224,7 +224,7 @@ MORE_ROWS: tuple[Family, ...] = (
                  "num_shared_experts": 1, "sliding_window": 4,
                  "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
                  "is_moe_layer": [False, True, True, True], "n_group": 2, "topk_group": 1,
-                 "routed_scaling_factor": 2.5}),
+                 "routed_scaling_factor": 2.5, "norm_topk_prob": True, "scoring_func": "sigmoid"}),
     # AFMoE: router.gate Linear, expert_bias on the block, sigmoid or softmax (score_func)
     Family("afmoe", "num_experts", Routing.SIGMOID_GROUP, router="router.gate", stacked="experts",
            shared="shared_experts",

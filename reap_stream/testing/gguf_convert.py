@@ -189,6 +189,24 @@ def _hunyuan_keys(config: dict) -> dict:
     return keys
 
 
+def _exaone_moe_keys(config: dict) -> dict:
+    """EXAONE-MoE: expert and shared widths, shared count, scale, renormalisation, dense lead,
+    sliding window with its per-layer pattern from layer_types."""
+    keys = {"expert_feed_forward_length": ("u32", config["moe_intermediate_size"]),
+            "expert_shared_count": ("u32", config["num_shared_experts"]),
+            "expert_shared_feed_forward_length": ("u32", config["moe_intermediate_size"] * config["num_shared_experts"]),
+            "expert_weights_scale": ("f32", config["routed_scaling_factor"]),
+            "expert_weights_norm": ("bool", config["norm_topk_prob"]),
+            "leading_dense_block_count": ("u32", config.get("first_k_dense_replace",
+                                                            config.get("first_last_k_dense_replace", 0))),
+            "rope.scaling.type": ("str", "none")}
+    if config.get("sliding_window") is not None:
+        keys["attention.sliding_window"] = ("u32", config["sliding_window"])
+        if "layer_types" in config:
+            keys["attention.sliding_window_pattern"] = ("bools", [t == "sliding_attention" for t in config["layer_types"]])
+    return keys
+
+
 def _minimax_m2_keys(config: dict) -> dict:
     """MiniMax-M2: the expert width is config.json's intermediate_size, partial RoPE as rotary_dim."""
     return {"expert_feed_forward_length": ("u32", config["intermediate_size"]),
@@ -198,7 +216,7 @@ def _minimax_m2_keys(config: dict) -> dict:
 # arch -> keys llama.cpp needs beyond the config.json table (they win over it)
 _ARCH_KEYS = {"deepseek2": _mla_keys, "glm-dsa": _mla_keys, "mistral4": _mla_keys, "gpt-oss": _gpt_oss_keys, "glm4moe": _glm4_keys, "minimax-m2": _minimax_m2_keys,
               "llama4": _llama4_keys, "ernie4_5-moe": _ernie_keys, "afmoe": _afmoe_keys,
-              "hunyuan-moe": _hunyuan_keys}
+              "hunyuan-moe": _hunyuan_keys, "exaone-moe": _exaone_moe_keys}
 _GATING = {"softmax": 1, "sigmoid": 2}
 # where the converter looks for the router's score function, in order
 _SCORE_KEYS = ("score_function", "scoring_func", "score_func", "moe_router_activation", "moe_router_activation_func",
@@ -226,8 +244,9 @@ def _metadata(writer, arch: str, fam, config: dict, ckpt: Checkpoint) -> None:
         keys["expert_gating_func"] = ("u32", _GATING[score])
     keys.update(_ARCH_KEYS.get(arch, lambda c: {})(config))
     for gkey, (vt, v) in ((k, kv) for k, kv in keys.items() if kv is not None):
-        add = {"u32": writer.add_uint32, "f32": writer.add_float32, "bool": writer.add_bool, "str": writer.add_string}[vt]
-        add(f"{arch}.{gkey}", {"u32": int, "f32": float, "bool": bool, "str": str}[vt](v))
+        add = {"u32": writer.add_uint32, "f32": writer.add_float32, "bool": writer.add_bool, "str": writer.add_string,
+               "bools": writer.add_array}[vt]
+        add(f"{arch}.{gkey}", {"u32": int, "f32": float, "bool": bool, "str": str, "bools": list}[vt](v))
     _tokenizer(writer, ckpt.root)
 
 
