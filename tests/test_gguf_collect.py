@@ -32,7 +32,7 @@ from reap_stream.testing import synth
 from reap_stream.testing.gguf_convert import convert_mlx_to_gguf
 
 FAMILIES = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "gpt_oss", "deepseek_v3", "glm4_moe", "minimax", "glm_moe_dsa",
-            "mistral4", "ernie4_5_moe", "exaone_moe")
+            "mistral4", "ernie4_5_moe", "exaone_moe", "jamba")
 TRAINED = REPO / "fixtures" / "trained"
 CALIB = REPO / "fixtures" / "calibration" / "licence.jsonl"
 CRITERIA_COMPARED = [c for c in CRITERIA if c != "random"]

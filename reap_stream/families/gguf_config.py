@@ -17,6 +17,8 @@ Keys map one to one for most of a config (GENERIC). The rest is derived:
 - sliding-window layer types from the file's pattern or llama.cpp's per-architecture one (SWA_PATTERN);
 - dense layers listed by the family's `mlp_only_layers` / `is_moe_layer` rule from the blocks
   without experts;
+- Jamba's attention / expert / Mamba layout from the per-layer KV head counts, the blocks and
+  the ssm keys;
 - the family row's `gguf_config`: config entries a GGUF does not carry.
 """
 from __future__ import annotations
@@ -86,6 +88,8 @@ def _value(g: GGUFFile, key: str):
     value = kv.value
     if kv.vtype == VType.ARRAY:
         values = kv.value or []
+        if key.endswith(".attention.head_count_kv"):   # 0: a layer without attention (Mamba)
+            values = [v for v in values if v] or [0]
         if len(set(values)) != 1:
             raise BadInput(g.path, f"metadata {key!r} differs between layers; per-layer values are not supported "
                                    f"when running the model")
@@ -126,6 +130,24 @@ def llama3_rope_scaling(factors: np.ndarray, theta: float, dims: int, where) -> 
 
 def _bad_rope(where):
     raise BadInput(where, "tensor 'rope_freqs.weight' is not a Llama-3 RoPE scaling (1, a smooth ramp, factor)")
+
+
+def _jamba(g: GGUFFile, cfg: dict, st: MoEStructure, names: dict) -> dict:
+    """Jamba's layout as periods: attention where the per-layer KV head count is non-zero, experts
+    where the blocks have them; Mamba's sizes from the ssm keys."""
+    kv = g.kvs.get("jamba.attention.head_count_kv")
+    per_layer = kv.value if kv is not None and kv.vtype == VType.ARRAY else [1] * st.num_layers
+    attn = [i for i, n in enumerate(per_layer) if n]
+    moe = sorted(st.layer_experts)
+    period = lambda ls: ls[1] - ls[0] if len(ls) > 1 else st.num_layers  # noqa: E731
+    mamba = next((int(m.group(1)) for n in names if (m := BLOCK_TENSOR.match(n)) and m.group(2).startswith("ssm_")), 0)
+    return {"attn_layer_offset": attn[0] if attn else st.num_layers, "attn_layer_period": period(attn),
+            "expert_layer_offset": moe[0], "expert_layer_period": period(moe),
+            "mamba_d_conv": _value(g, "jamba.ssm.conv_kernel"), "mamba_d_state": _value(g, "jamba.ssm.state_size"),
+            "mamba_expand": _value(g, "jamba.ssm.inner_size") // cfg["hidden_size"],
+            "mamba_dt_rank": _value(g, "jamba.ssm.time_step_rank"),
+            "mamba_proj_bias": f"blk.{mamba}.ssm_in.bias" in names,
+            "mamba_conv_bias": f"blk.{mamba}.ssm_conv1d.bias" in names}
 
 
 def _layer_types(g: GGUFFile, arch: str, cfg: dict, layers: int) -> list[str]:
@@ -215,6 +237,8 @@ def _text_model_config(parts: list[GGUFFile], arch: str, fam: Family, st: MoEStr
         cfg["rope_parameters"] = _rope_parameters(g, arch, cfg)
     if "mlp_only_layers" in fam.dense:
         cfg["mlp_only_layers"] = [L for L in range(st.num_layers) if L not in st.layer_experts]
+    if arch == "jamba":
+        cfg.update(_jamba(g, cfg, st, names))
     if "is_moe_layer" in fam.dense:
         cfg["is_moe_layer"] = [L in st.layer_experts for L in range(st.num_layers)]
     return cfg

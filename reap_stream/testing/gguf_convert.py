@@ -43,9 +43,15 @@ def gguf_name(name: str, arch: str, blocks: int = 64) -> str:
     """llama.cpp tensor name of an mlx_lm parameter, by gguf-py's TensorNameMap (KeyError when
     it has none)."""
     names = _namer(arch, blocks).candidates(name)
+    if not name.endswith((".weight", ".bias")) and arch not in _SUFFIXED:   # the converter keeps it bare
+        names = [n for n in names if not n.endswith(".weight")] or names
     if not names:
         raise KeyError(name)
     return names[0]
+
+
+# converters that name a parameter without a suffix "<name>.weight" (gpt-oss's sinks)
+_SUFFIXED = frozenset({"gpt-oss"})
 
 
 @lru_cache(maxsize=None)
@@ -207,6 +213,18 @@ def _exaone_moe_keys(config: dict) -> dict:
     return keys
 
 
+def _jamba_keys(config: dict) -> dict:
+    """Jamba: KV heads per layer (0 where Mamba), Mamba's sizes."""
+    offset, period = config["attn_layer_offset"], config["attn_layer_period"]
+    kv = [config["num_key_value_heads"] if i >= offset and (i - offset) % period == 0 else 0
+          for i in range(config["num_hidden_layers"])]
+    return {"attention.head_count_kv": ("u32s", kv), "ssm.conv_kernel": ("u32", config.get("mamba_d_conv") or 4),
+            "ssm.inner_size": ("u32", config["mamba_expand"] * config["hidden_size"]),
+            "ssm.state_size": ("u32", config.get("mamba_d_state") or 16),
+            "ssm.time_step_rank": ("u32", config.get("mamba_dt_rank") if isinstance(config.get("mamba_dt_rank"), int)
+                                   else -(config["hidden_size"] // -16))}
+
+
 def _minimax_m2_keys(config: dict) -> dict:
     """MiniMax-M2: the expert width is config.json's intermediate_size, partial RoPE as rotary_dim."""
     return {"expert_feed_forward_length": ("u32", config["intermediate_size"]),
@@ -216,7 +234,8 @@ def _minimax_m2_keys(config: dict) -> dict:
 # arch -> keys llama.cpp needs beyond the config.json table (they win over it)
 _ARCH_KEYS = {"deepseek2": _mla_keys, "glm-dsa": _mla_keys, "mistral4": _mla_keys, "gpt-oss": _gpt_oss_keys, "glm4moe": _glm4_keys, "minimax-m2": _minimax_m2_keys,
               "llama4": _llama4_keys, "ernie4_5-moe": _ernie_keys, "afmoe": _afmoe_keys,
-              "hunyuan-moe": _hunyuan_keys, "exaone-moe": _exaone_moe_keys}
+              "hunyuan-moe": _hunyuan_keys, "exaone-moe": _exaone_moe_keys,
+              "jamba": _jamba_keys}
 _GATING = {"softmax": 1, "sigmoid": 2}
 # where the converter looks for the router's score function, in order
 _SCORE_KEYS = ("score_function", "scoring_func", "score_func", "moe_router_activation", "moe_router_activation_func",
@@ -245,8 +264,8 @@ def _metadata(writer, arch: str, fam, config: dict, ckpt: Checkpoint) -> None:
     keys.update(_ARCH_KEYS.get(arch, lambda c: {})(config))
     for gkey, (vt, v) in ((k, kv) for k, kv in keys.items() if kv is not None):
         add = {"u32": writer.add_uint32, "f32": writer.add_float32, "bool": writer.add_bool, "str": writer.add_string,
-               "bools": writer.add_array}[vt]
-        add(f"{arch}.{gkey}", {"u32": int, "f32": float, "bool": bool, "str": str, "bools": list}[vt](v))
+               "bools": writer.add_array, "u32s": writer.add_array}[vt]
+        add(f"{arch}.{gkey}", {"u32": int, "f32": float, "bool": bool, "str": str, "bools": list, "u32s": list}[vt](v))
     _tokenizer(writer, ckpt.root)
 
 
@@ -302,6 +321,10 @@ def _tensors(ckpt: Checkpoint, qtype: str) -> list[tuple[str, np.ndarray, object
         head = gname.split(".")[2] if gname.startswith("blk.") else ""
         if arch in ROPE_PERMUTED and head in heads:   # llama.cpp's RoPE rotates interleaved pairs
             arr = permute_rope_rows(arr, int(heads[head]))
+        if head == "ssm_a" and name.endswith("A_log"):   # Mamba's converter stores A itself
+            arr = -np.exp(arr)
+        if head == "ssm_conv1d" and gname.endswith(".weight"):   # and the convolution squeezed
+            arr = arr.squeeze()
         t = _qtype(qtype, gname, arr)
         out.append((gname, _encode(arr, t), t))
     rope = config.get("rope_scaling") or {}
