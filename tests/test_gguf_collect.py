@@ -31,8 +31,8 @@ from reap_stream.telemetry.tokenizer import load_tokenizer, tokenise
 from reap_stream.testing import synth
 from reap_stream.testing.gguf_convert import convert_mlx_to_gguf
 
-FAMILIES = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "gpt_oss", "deepseek_v3", "glm4_moe", "minimax", "glm_moe_dsa",
-            "mistral4", "ernie4_5_moe", "exaone_moe", "jamba")
+FAMILIES = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "gpt_oss", "deepseek_v3", "glm4_moe", "minimax",
+            "glm_moe_dsa", "mistral4", "ernie4_5_moe", "exaone_moe", "jamba", "qwen3_vl_moe")
 TRAINED = REPO / "fixtures" / "trained"
 CALIB = REPO / "fixtures" / "calibration" / "licence.jsonl"
 CRITERIA_COMPARED = [c for c in CRITERIA if c != "random"]

@@ -9,7 +9,7 @@ from mlx_lm.models.rope_utils import Llama3RoPE
 
 from reap_stream.errors import BadInput
 from reap_stream.families.gguf_config import llama3_rope_scaling
-from reap_stream.testing.gguf_convert import llama3_rope_factors
+from reap_stream.testing.gguf_metadata import llama3_rope_factors
 
 
 @pytest.mark.parametrize("factor, low, high, old", [(8.0, 1.0, 4.0, 8192),    # Llama-3.1

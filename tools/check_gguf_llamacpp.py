@@ -41,24 +41,27 @@ CALIBRATION = REPO / "fixtures" / "calibration" / "licence.jsonl"
 NUM_TOKENS = 40
 # largest |llama.cpp - mlx_lm| / max|mlx_lm logit| accepted, per GGUF type
 TOLERANCE = {"f32": 2e-3, "f16": 5e-3, "q8_0": 2e-2, "q4_0": 1e-1}
-# tiny-config changes a llama.cpp loader needs: olmoe's sizes its k_norm by n_embd, i.e. it assumes
-# as many KV heads as query heads (as OLMoE itself has); the test fixture has fewer. ERNIE's
-# converter writes the shared experts' width as intermediate_size / KV heads (true of the real
-# models; the fixture needs 4 KV heads for it). The DSA indexer's Hadamard rotation is at least 64 wide (real models: 128); its top-k covers the whole
-# sequence, because with a sparse selection mlx_lm and llama.cpp disagree on the unpruned file
-# already (median 0.4 of the largest logit at top-k 4), which pruning cannot be judged against.
-# llama.cpp's hunyuan-moe has K/V in every layer (no cross-layer attention sharing). EXAONE-MoE's
-# converter writes its dense lead from first_k_dense_replace (the fixture lists is_moe_layer only).
-# AFMoE's converter writes no sliding-window pattern: llama.cpp's is every 4th layer full.
-# llama.cpp fixes Llama-4's attention chunk at 8192 tokens; a Llama-3 RoPE scaling with a ramp over
-# the tiny head's wavelengths checks the scaling recovered from the converter's rope_freqs
-LLAMA_CPP_CONFIG = {"olmoe": {"num_key_value_heads": 4}, "ernie4_5_moe": {"num_key_value_heads": 4},
-                    "glm_moe_dsa": {"index_head_dim": 64, "index_topk": 64},
-                    "hunyuan": {"use_cla": False}, "exaone_moe": {"first_k_dense_replace": 1},
-                    "afmoe": {"layer_types": ["sliding_attention"] * 3 + ["full_attention"]},
-                    "llama4": {"attention_chunk_size": 8192, "rope_scaling": {
-                        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                        "original_max_position_embeddings": 64}}}
+# tiny-config changes llama.cpp needs, per family (each true of the real models, or what llama.cpp
+# fixes whatever the file says):
+# - olmoe, dots1: K sized by n_embd, i.e. as many KV heads as query heads;
+# - ernie4_5_moe: the converter writes the shared width as intermediate_size / KV heads;
+# - glm_moe_dsa: the DSA indexer's Hadamard rotation is at least 64 wide (real models: 128), and
+#   its top-k covers the sequence: with a sparse selection mlx_lm and llama.cpp already disagree on
+#   the unpruned file (median 0.4 of the largest logit at top-k 4);
+# - hunyuan: llama.cpp has K/V in every layer (no cross-layer sharing);
+# - exaone_moe: the converter writes the dense lead from first_k_dense_replace only;
+# - afmoe: its converter writes no sliding-window pattern; llama.cpp's is every 4th layer full;
+# - llama4: llama.cpp fixes the attention chunk at 8192 tokens; a Llama-3 RoPE scaling with a ramp
+#   over the tiny head's wavelengths checks the scaling read back from the converter's rope_freqs.
+LLAMA_CPP_CONFIG = {
+    "olmoe": {"num_key_value_heads": 4}, "dots1": {"num_key_value_heads": 4},
+    "ernie4_5_moe": {"num_key_value_heads": 4}, "glm_moe_dsa": {"index_head_dim": 64, "index_topk": 64},
+    "hunyuan": {"use_cla": False}, "exaone_moe": {"first_k_dense_replace": 1},
+    "afmoe": {"layer_types": ["sliding_attention"] * 3 + ["full_attention"]},
+    "llama4": {"attention_chunk_size": 8192, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}},
+}
 
 
 def child(gguf: str, tokens: str, out: str) -> None:

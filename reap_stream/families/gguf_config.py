@@ -10,8 +10,8 @@ Keys map one to one for most of a config (GENERIC). The rest is derived:
   converter stores the latent as one wide KV head in `key_length`), the RoPE part is
   `rope.dimension_count`;
 - Llama-3 RoPE scaling recovered from its per-frequency factors (`rope_freqs`);
-- partial RoPE (`rope.dimension_count` below the head dim, as a factor and as a dimension), YaRN scaling (`rope.scaling.*`),
-  sigmoid gating (`expert_gating_func` 2) and the selection bias (`exp_probs_b`) of the router;
+- partial RoPE (`rope.dimension_count` below the head dim, as a factor and as a dimension), YaRN
+  scaling (`rope.scaling.*`), sigmoid gating (`expert_gating_func` 2) and the selection bias (`exp_probs_b`) of the router;
 - whether the top-k weights are renormalised: llama.cpp fixes it for some architectures whatever
   the file says (NORM_TOPK), and reads `expert_weights_norm` (default false) for the others;
 - sliding-window layer types from the file's pattern or llama.cpp's per-architecture one (SWA_PATTERN);
@@ -64,8 +64,8 @@ GENERIC = MappingProxyType({
 ARCH_KEYS = MappingProxyType({
     "llama4": {"feed_forward_length": "intermediate_size_mlp", "expert_feed_forward_length": "intermediate_size",
                "interleave_moe_layer_step": "interleave_moe_layer_step"},
-    "ernie4_5-moe": {"interleave_moe_layer_step": "moe_layer_interval", "leading_dense_block_count": "moe_layer_start_index",
-                     "expert_shared_count": "moe_num_shared_experts"},
+    "ernie4_5-moe": {"interleave_moe_layer_step": "moe_layer_interval",
+                     "leading_dense_block_count": "moe_layer_start_index", "expert_shared_count": "moe_num_shared_experts"},
     "hunyuan-moe": {"expert_shared_count": "num_shared_expert"},
     "exaone-moe": {"expert_shared_count": "num_shared_experts"},
     "afmoe": {"expert_shared_count": "num_shared_experts", "leading_dense_block_count": "num_dense_layers",
