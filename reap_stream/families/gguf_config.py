@@ -11,10 +11,12 @@ Keys map one to one for most of a config (GENERIC). The rest is derived:
   `rope.dimension_count`;
 - Llama-3 RoPE scaling recovered from its per-frequency factors (`rope_freqs`);
 - partial RoPE (`rope.dimension_count` below the head dim, as a factor and as a dimension), YaRN
-  scaling (`rope.scaling.*`), sigmoid gating (`expert_gating_func` 2) and the selection bias (`exp_probs_b`) of the router;
+  scaling (`rope.scaling.*`), sigmoid gating (`expert_gating_func` 2) and the selection bias
+  (`exp_probs_b`) of the router;
 - whether the top-k weights are renormalised: llama.cpp fixes it for some architectures whatever
   the file says (NORM_TOPK), and reads `expert_weights_norm` (default false) for the others;
-- sliding-window layer types from the file's pattern or llama.cpp's per-architecture one (SWA_PATTERN);
+- sliding-window layer types from the file's pattern or llama.cpp's per-architecture one
+  (SWA_PATTERN);
 - dense layers listed by the family's `mlp_only_layers` / `is_moe_layer` rule from the blocks
   without experts;
 - Jamba's attention / expert / Mamba layout from the per-layer KV head counts, the blocks and
