@@ -61,14 +61,17 @@ def _namer(arch: str, blocks: int) -> Namer:
     return Namer(arch, BY_GGUF_ARCH[arch], blocks)
 
 
+_FORCED_F32 = ("ffn_gate_inp", "ssm_conv1d", "shortconv", "indexer.proj")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 def _qtype(qtype: str, gname: str, arr: np.ndarray):
     """ggml type of one tensor as llama.cpp's converter and llama-quantize choose it: 1-D tensors,
-    biases and routers stay F32 (the converter forces ffn_gate_inp to F32, llama-quantize leaves
-    it alone), as do rows whose length is not a whole number of blocks."""
-    if qtype == "f32" or arr.ndim < 2 or not gname.endswith(".weight") or "ffn_gate_inp" in gname:
+    norms, biases and bare names, and what the converter forces to F32 (routers, Mamba's
+    convolution, the DSA indexer's head weights; llama-quantize leaves them alone) stay F32, as do
+    rows whose length is not a whole number of blocks."""
+    if qtype == "f32" or arr.ndim < 2 or not gname.endswith(".weight") or gname.endswith("_norm.weight") \
+            or any(forced in gname for forced in _FORCED_F32):
         return T.F32
     if qtype == "f16":
         return T.F16
