@@ -14,7 +14,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# the families whose GGUF form is compared with their MLX form in the test suite
 # archs whose F32 telemetry from the GGUF tests/test_gguf_collect.py compares with the MLX form's
 TESTED_COLLECT = {"qwen3moe", "qwen2moe", "olmoe", "llama", "gpt-oss", "deepseek2", "glm4moe", "minimax-m2", "glm-dsa",
                   "mistral4", "llama4", "ernie4_5-moe", "exaone-moe", "jamba", "qwen3vlmoe", "afmoe", "hunyuan-moe"}
