@@ -19,6 +19,7 @@ from cli_helpers import run, tree_bytes
 from collect_helpers import token_set
 from conftest import REPO
 from reap_stream.families.model import open_model
+from reap_stream.families.table import FAMILIES as FAMILY_ROWS
 from reap_stream.io.gguf_write import verify
 from reap_stream.planning.criteria import CRITERIA, scores
 from reap_stream.runner import RunOptions
@@ -27,9 +28,11 @@ from reap_stream.telemetry.collect import collect
 from reap_stream.telemetry.gguf_tokenizer import gguf_tokenizer
 from reap_stream.telemetry.store import TelemetryStore
 from reap_stream.telemetry.tokenizer import load_tokenizer, tokenise
+from reap_stream.testing import synth
 from reap_stream.testing.gguf_convert import convert_mlx_to_gguf
 
-FAMILIES = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "gpt_oss", "deepseek_v3", "glm4_moe")
+FAMILIES = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "gpt_oss", "deepseek_v3", "glm4_moe", "minimax",
+            "glm_moe_dsa", "mistral4", "ernie4_5_moe", "exaone_moe", "jamba", "qwen3_vl_moe")
 TRAINED = REPO / "fixtures" / "trained"
 CALIB = REPO / "fixtures" / "calibration" / "licence.jsonl"
 CRITERIA_COMPARED = [c for c in CRITERIA if c != "random"]
@@ -70,6 +73,33 @@ def test_f32_gguf_telemetry_equals_the_mlx_forms_on_every_criterion(family, fixt
     assert from_gguf.attrs["model"]["fingerprint"].startswith("gguf-sha256:")
     assert {k: v for k, v in from_gguf.attrs["model"].items() if k != "fingerprint"} == \
            {k: v for k, v in mlx.attrs["model"].items() if k != "fingerprint"}
+
+
+# configs a GGUF cannot express otherwise, as llama.cpp runs them: Llama-4's 8192-token attention
+# chunks, with a Llama-3 RoPE scaling whose ramp spans the tiny head's wavelengths (the GGUF holds
+# it as rope_freqs); AFMoE's sliding window on 3 layers of 4; Hunyuan without cross-layer KV sharing
+AS_LLAMA_CPP_RUNS_IT = {
+    "llama4": {"attention_chunk_size": 8192, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}},
+    "afmoe": {"layer_types": ["sliding_attention"] * 3 + ["full_attention"]},
+    "hunyuan": {"use_cla": False},
+}
+
+
+@pytest.mark.parametrize("family", AS_LLAMA_CPP_RUNS_IT)
+def test_f32_gguf_telemetry_equals_the_mlx_forms_as_llama_cpp_runs_them(family, tmp_path):
+    overrides = AS_LLAMA_CPP_RUNS_IT[family]
+    if FAMILY_ROWS[family].text_config:
+        overrides = {"text_config": {**synth.tiny_config(family)["text_config"], **overrides}}
+    model = synth.make_mlx_fixture(family, tmp_path / "mlx", config_overrides=overrides)
+    gguf_path = convert_mlx_to_gguf(model, tmp_path / "model.gguf")[0]
+    # one sequence: the two-lane CPU runner cannot yet run mlx_lm's Llama-3 RoPE (its frequencies,
+    # built lazily on the main thread, are evaluated on a lane's stream: "no Stream(cpu, 0)")
+    calib = token_set(1, 192, seed=7)
+    worst, differ = compare(collect_to(model, calib, tmp_path / "mlx.zarr"),
+                            collect_to(gguf_path, calib, tmp_path / "gguf.zarr"))
+    assert differ == [] and max(worst.values()) <= 1e-4, worst
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# the families whose GGUF form is compared with their MLX form in the test suite
-TESTED_COLLECT = {"qwen3moe", "qwen2moe", "olmoe", "llama", "gpt-oss", "deepseek2", "glm4moe"}
+# archs whose F32 telemetry from the GGUF tests/test_gguf_collect.py compares with the MLX form's
+TESTED_COLLECT = {"qwen3moe", "qwen2moe", "olmoe", "llama", "gpt-oss", "deepseek2", "glm4moe", "minimax-m2", "glm-dsa",
+                  "mistral4", "llama4", "ernie4_5-moe", "exaone-moe", "jamba", "qwen3vlmoe", "afmoe", "hunyuan-moe"}
 NOT_MOE_IN_LLAMA_CPP = {"deci", "llama-embed", "mistral3"}
 
 
 def rows(llamacpp: dict | None) -> list[tuple[str, str, str, str]]:
-    from reap_stream.families.gguf_arch import COUNT_SWITCHES, GROUP_KEYS, moe_archs
+    from reap_stream.families.gguf_arch import COUNT_SWITCHES, GROUP_KEYS, known_arch, moe_archs
     from reap_stream.families.gguf_source import NOT_READABLE
     from reap_stream.families.table import BY_GGUF_ARCH
 
@@ -48,6 +49,8 @@ def rows(llamacpp: dict | None) -> list[tuple[str, str, str, str]]:
             collect = "no family row"
         elif not fam.mlx:
             collect = "no (no mlx_lm model class)"
+        elif not known_arch(arch):
+            collect = "no: the installed gguf-py has no tensor name table for it"
         elif failed:   # `full` on the converted tiny fixture stopped with one line
             collect = "no: its mlx_lm config cannot be rebuilt from the GGUF metadata yet" if "cannot build" in failed \
                 else "no: " + failed.rsplit(": ", 1)[-1][:90]
@@ -60,7 +63,8 @@ def rows(llamacpp: dict | None) -> list[tuple[str, str, str, str]]:
         if failed:
             check = "not run: `full` from the GGUF stops (collect column)"
         elif runs and all("skipped" in r for r in runs):
-            check = "not run: the test converter cannot write this tiny model as a GGUF"
+            check = "not run: " + ("gguf-py has no tensor names for it" if not known_arch(arch)
+                                   else "the test converter cannot write this tiny model as a GGUF")
         elif runs:
             check = ", ".join(f"{r['qtype']} " + {True: "pass", False: "FAIL", None: "n/a"}[r["ok"]] for r in runs)
         elif fam is not None and not fam.mlx:

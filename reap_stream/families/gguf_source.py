@@ -6,7 +6,8 @@ Names go forward, from mlx_lm's parameter to the GGUF tensor, through gguf-py's 
 are first put back into Hugging Face's (`switch_mlp` -> `experts` and the family's per-expert
 projection names, `e_score_correction_bias` -> `e_score_correction.bias`, MLA's `embed_q` /
 `unembed_out` -> `k_b_proj` / `v_b_proj`, which are the converter's split of kv_b exactly as
-mlx_lm splits it). What the converter changed beyond names is undone:
+mlx_lm splits it; a wrapper's `language_model.` prefix dropped, as the converter drops it). What
+the converter changed beyond names is undone:
 - q/k rows permuted for llama.cpp's interleaved RoPE (`LlamaModel.permute`, ROPE_PERMUTED archs);
 - `ffn_gate_up_exps` fused gate and up: the first half of its rows is gate, the second up;
 - Mamba's `A_log` stored as `ssm_a` = -exp(A_log);
@@ -41,7 +42,8 @@ NOT_READABLE = MappingProxyType({
 # mlx_lm's spellings -> Hugging Face's (what TensorNameMap knows)
 _MLX_SPELLINGS = ((".switch_mlp.", ".experts."), (".switch_glu.", ".experts."),
                   (".e_score_correction_bias", ".e_score_correction.bias"),
-                  (".embed_q.", ".k_b_proj."), (".unembed_out.", ".v_b_proj."))
+                  (".embed_q.", ".k_b_proj."), (".unembed_out.", ".v_b_proj."),
+                  ("language_model.", ""))   # the converter drops a wrapper's prefix
 
 
 def name_map(arch: str, blocks: int) -> TensorNameMap:

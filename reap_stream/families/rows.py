@@ -62,12 +62,13 @@ MORE_ROWS: tuple[Family, ...] = (
     Family("minimax", "num_local_experts", Routing.SIGMOID_GROUP, block="block_sparse_moe", hf_names=_W123,
            route=Route(logits="router_f32_input", score="sigmoid", bias="e_score_correction_bias",
                        renorm="sum", renorm_eps=1e-20),
-           aliases=("minimax_m2",), gguf_arch="minimax-m2",
+           aliases=("minimax_m2",), gguf_arch="minimax-m2", gguf_config={"shared_intermediate_size": 0},
            tiny={"architectures": ["MiniMaxM2ForCausalLM"], "intermediate_size": 32, "shared_intermediate_size": 0,
-                 "rotary_dim": 8, "use_qk_norm": True}),
+                 "rotary_dim": 8, "use_qk_norm": True, "scoring_func": "sigmoid"}),
     # GLM-5: DeepSeek-V3's MoE under DSA (indexer top-k) attention
     Family("glm_moe_dsa", "n_routed_experts", Routing.SIGMOID_GROUP, hf_names=_SWIGLU, shared="shared_experts",
            dense=("first_k_dense_replace",), frozen=("num_nextn_predict_layers",), gguf_arch="glm-dsa",
+           gguf_config={"rope_parameters": {}, "moe_layer_freq": 1},
            tiny={"architectures": ["GlmMoeDsaForCausalLM"], **_DSA, "attention_bias": False,
                  "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
     # Kimi-K2.5: DeepSeek-V3's text model inside a multimodal wrapper (kimi_k2 is deepseek_v3 itself)
@@ -81,6 +82,8 @@ MORE_ROWS: tuple[Family, ...] = (
     # experts.gate_up_proj [E, D, 2I] and experts.down_proj [E, I, D] (expert axis 0 either way)
     Family("llama4", "num_local_experts", Routing.TOP1_SIGMOID_INPUT, block="feed_forward", stacked="experts",
            router="router", shared="shared_expert", text_config=True, hf_names=_SWIGLU, gguf_arch="llama4",
+           # what llama.cpp fixes for Llama-4: 8192-token attention chunks
+           gguf_config={"text_config": {"model_type": "llama4_text", "attention_chunk_size": 8192}},
            tiny_outer={"architectures": ["Llama4ForConditionalGeneration"]},
            tiny={"model_type": "llama4_text", "num_experts_per_tok": 1, "intermediate_size": 32,
                  "intermediate_size_mlp": 128, "interleave_moe_layer_step": 1, "attention_chunk_size": 4,
@@ -178,6 +181,9 @@ MORE_ROWS: tuple[Family, ...] = (
     # each decoder layer returns (h, K/V) and the next layer may reuse that K/V
     Family("hunyuan", "num_experts", Routing.SOFTMAX_TOPK, router="gate.wg", top_k_key="moe_topk",
            shared="shared_mlp", hf_names=_SWIGLU, layer_outputs=2, gguf_arch="hunyuan-moe",
+           # llama.cpp's hunyuan-moe: per-layer K/V (no CLA), a shared MLP, NTK alpha folded into the base
+           gguf_config={"use_cla": False, "cla_share_factor": 2, "use_mixed_mlp_moe": True,
+                        "rope_scaling": {"alpha": 1.0, "factor": 1.0, "type": "dynamic"}},
            tiny={"architectures": ["HunYuanForCausalLM"], "intermediate_size": 32, "attention_bias": False,
                  "num_shared_expert": 1, "use_mixed_mlp_moe": True, "use_qk_norm": True, "use_cla": True,
                  "cla_share_factor": 2, "moe_intermediate_size": 32,
@@ -218,7 +224,7 @@ MORE_ROWS: tuple[Family, ...] = (
                  "num_shared_experts": 1, "sliding_window": 4,
                  "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
                  "is_moe_layer": [False, True, True, True], "n_group": 2, "topk_group": 1,
-                 "routed_scaling_factor": 2.5}),
+                 "routed_scaling_factor": 2.5, "norm_topk_prob": True, "scoring_func": "sigmoid"}),
     # AFMoE: router.gate Linear, expert_bias on the block, sigmoid or softmax (score_func)
     Family("afmoe", "num_experts", Routing.SIGMOID_GROUP, router="router.gate", stacked="experts",
            shared="shared_experts",
@@ -237,6 +243,7 @@ MORE_ROWS: tuple[Family, ...] = (
                        topk_group=at("args.topk_group"), renorm="sum", renorm_eps=1e-20,
                        renorm_if=at("args.norm_topk_prob"), scale=at("args.routed_scaling_factor")),
            hf_names=_SWIGLU, dense=("first_k_dense_replace",), gguf_arch="mistral4",
+           gguf_config={"rope_parameters": {}},
            tiny={"architectures": ["Mistral4ForCausalLM"], "intermediate_size": 128, "moe_intermediate_size": 32,
                  "n_shared_experts": 1, "routed_scaling_factor": 1.0, **_MLA, "num_key_value_heads": 4,
                  "norm_topk_prob": True, "topk_group": 1, "first_k_dense_replace": 1, "n_group": 1,
@@ -292,9 +299,12 @@ MORE_ROWS: tuple[Family, ...] = (
     # Qwen3-VL-MoE: qwen3_moe's text model in a multimodal wrapper; HF fuses experts.gate_up_proj
     # [E, D, 2I] and experts.down_proj [E, I, D]
     Family("qwen3_vl_moe", "num_experts", Routing.SOFTMAX_TOPK, top_k="high", text_config=True, hf_names=_SWIGLU,
-           gguf_arch="qwen3vlmoe", tiny_outer={"architectures": ["Qwen3VLMoeForConditionalGeneration"]},
+           dense=("mlp_only_layers",), gguf_arch="qwen3vlmoe",
+           gguf_config={"text_config": {"model_type": "qwen3_vl_moe_text", "decoder_sparse_step": 1}},
+           tiny_outer={"architectures": ["Qwen3VLMoeForConditionalGeneration"]},
            tiny={"model_type": "qwen3_vl_moe_text", "intermediate_size": 128, "moe_intermediate_size": 32,
-                 "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True}),
+                 "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
+                 "rope_scaling": {"rope_type": "default", "mrope_section": [4, 2, 2]}}),
     Family("kimi_vl", "n_routed_experts", Routing.SIGMOID_GROUP, hf_names=_SWIGLU, shared="shared_experts",
            dense=("first_k_dense_replace",), text_config=True,
            tiny_outer={"architectures": ["KimiVLForConditionalGeneration"]}, tiny=dict(_DS3)),

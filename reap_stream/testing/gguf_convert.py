@@ -3,7 +3,9 @@
 `convert_mlx_to_gguf` renames an mlx_lm-layout checkpoint's tensors to llama.cpp's with gguf-py's
 own TensorNameMap (families/gguf_source.Namer: any family row with a gguf_arch and a fixture is
 converted), does what llama.cpp's converter does beyond names (q/k rows permuted for the archs
-whose RoPE rotates interleaved pairs; the metadata keys its converter writes, tokenizer included),
+whose RoPE rotates interleaved pairs; Mamba's A as -exp(A_log) and squeezed convolutions; a
+wrapper's text_config read at the top level and its language_model. prefix dropped; the metadata
+keys its converter writes (testing/gguf_metadata), rope_freqs and the tokenizer included),
 optionally quantises, and writes with gguf-py's GGUFWriter (an independent writer, so our reader
 is tested against it). numpy shapes are reversed into llama.cpp's ne order by the writer: a
 stacked expert tensor [E, out, in] becomes ne = [in, out, E], the expert axis outermost.
@@ -21,6 +23,7 @@ from functools import lru_cache
 import json
 import os
 import re
+from importlib.metadata import version
 from pathlib import Path
 
 import gguf
@@ -30,9 +33,11 @@ from gguf.constants import GGMLQuantizationType as T
 
 from ..io.safetensors import Checkpoint, to_float32
 from ..families.gguf_source import ROPE_PERMUTED, Namer, permute_rope_rows
-from ..families.table import BY_GGUF_ARCH, FAMILIES, config_value
+from ..families.table import BY_GGUF_ARCH, FAMILIES
 from ..io.gguf import BLOCK_TENSOR
 from ..io.files import build_once
+from ..families.gguf_arch import known_arch
+from .gguf_metadata import hparams as _hparams, llama3_rope_factors, metadata_keys
 
 QTYPES = ("f32", "f16", "q8_0", "q4_0")
 
@@ -40,9 +45,15 @@ def gguf_name(name: str, arch: str, blocks: int = 64) -> str:
     """llama.cpp tensor name of an mlx_lm parameter, by gguf-py's TensorNameMap (KeyError when
     it has none)."""
     names = _namer(arch, blocks).candidates(name)
+    if not name.endswith((".weight", ".bias")) and arch not in _SUFFIXED:   # the converter keeps it bare
+        names = [n for n in names if not n.endswith(".weight")] or names
     if not names:
         raise KeyError(name)
     return names[0]
+
+
+# converters that name a parameter without a suffix "<name>.weight" (gpt-oss's sinks)
+_SUFFIXED = frozenset({"gpt-oss"})
 
 
 @lru_cache(maxsize=None)
@@ -50,36 +61,17 @@ def _namer(arch: str, blocks: int) -> Namer:
     return Namer(arch, BY_GGUF_ARCH[arch], blocks)
 
 
-# config.json key -> (GGUF key under "{arch}.", value type)
-_CONFIG_KEYS = {
-    "num_hidden_layers": ("block_count", "u32"),
-    "max_position_embeddings": ("context_length", "u32"),
-    "hidden_size": ("embedding_length", "u32"),
-    "intermediate_size": ("feed_forward_length", "u32"),
-    "moe_intermediate_size": ("expert_feed_forward_length", "u32"),
-    "shared_expert_intermediate_size": ("expert_shared_feed_forward_length", "u32"),
-    "num_attention_heads": ("attention.head_count", "u32"),
-    "num_key_value_heads": ("attention.head_count_kv", "u32"),
-    "head_dim": ("attention.key_length", "u32"),
-    "rms_norm_eps": ("attention.layer_norm_rms_epsilon", "f32"),
-    "rope_theta": ("rope.freq_base", "f32"),
-    "num_experts_per_tok": ("expert_used_count", "u32"),
-    "n_shared_experts": ("expert_shared_count", "u32"),
-    "n_group": ("expert_group_count", "u32"),
-    "topk_group": ("expert_group_used_count", "u32"),
-    "first_k_dense_replace": ("leading_dense_block_count", "u32"),
-    "routed_scaling_factor": ("expert_weights_scale", "f32"),
-    "norm_topk_prob": ("expert_weights_norm", "bool"),
-}
-
+_FORCED_F32 = ("ffn_gate_inp", "ssm_conv1d", "shortconv", "indexer.proj")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 def _qtype(qtype: str, gname: str, arr: np.ndarray):
     """ggml type of one tensor as llama.cpp's converter and llama-quantize choose it: 1-D tensors,
-    biases and routers stay F32 (the converter forces ffn_gate_inp to F32, llama-quantize leaves
-    it alone), as do rows whose length is not a whole number of blocks."""
-    if qtype == "f32" or arr.ndim < 2 or not gname.endswith(".weight") or "ffn_gate_inp" in gname:
+    norms, biases and bare names, and what the converter forces to F32 (routers, Mamba's
+    convolution, the DSA indexer's head weights; llama-quantize leaves them alone) stay F32, as do
+    rows whose length is not a whole number of blocks."""
+    if qtype == "f32" or arr.ndim < 2 or not gname.endswith(".weight") or gname.endswith("_norm.weight") \
+            or any(forced in gname for forced in _FORCED_F32):
         return T.F32
     if qtype == "f16":
         return T.F16
@@ -94,55 +86,12 @@ def _encode(arr: np.ndarray, t) -> np.ndarray:
     return quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), t)
 
 
-def _mla_keys(config: dict) -> dict:
-    """deepseek2's attention as llama.cpp reads it: MLA stored as one wide KV head (its converter's
-    convention), sigmoid gating (2)."""
-    kv, rope = int(config["kv_lora_rank"]), int(config["qk_rope_head_dim"])
-    return {"attention.q_lora_rank": ("u32", config["q_lora_rank"]), "attention.kv_lora_rank": ("u32", kv),
-            "attention.key_length": ("u32", kv + rope), "attention.value_length": ("u32", kv),
-            "attention.key_length_mla": ("u32", int(config["qk_nope_head_dim"]) + rope),
-            "attention.value_length_mla": ("u32", config["v_head_dim"]), "attention.head_count_kv": ("u32", 1),
-            "rope.dimension_count": ("u32", rope), "expert_gating_func": ("u32", 2)}
-
-
-def _gpt_oss_keys(config: dict) -> dict:
-    """gpt-oss as llama.cpp reads it: expert width, sliding window, YaRN RoPE scaling."""
-    keys = {"expert_feed_forward_length": ("u32", config["intermediate_size"]),
-            "attention.sliding_window": ("u32", config["sliding_window"]),
-            "attention.key_length": ("u32", config["head_dim"]), "attention.value_length": ("u32", config["head_dim"])}
-    yarn = config.get("rope_scaling") or {}
-    if yarn.get("rope_type") == "yarn":
-        keys.update({"rope.scaling.type": ("str", "yarn"), "rope.scaling.factor": ("f32", yarn["factor"]),
-                     "rope.scaling.original_context_length": ("u32", yarn["original_max_position_embeddings"]),
-                     "rope.scaling.yarn_beta_fast": ("f32", yarn["beta_fast"]),
-                     "rope.scaling.yarn_beta_slow": ("f32", yarn["beta_slow"])})
-    return keys
-
-
-def _glm4_keys(config: dict) -> dict:
-    """GLM-4.5 as llama.cpp reads it: partial RoPE as a rotated dimension count, sigmoid gating."""
-    return {"rope.dimension_count": ("u32", int(config["head_dim"] * config.get("partial_rotary_factor", 0.5))),
-            "expert_gating_func": ("u32", 2)}
-
-
-# arch -> keys llama.cpp needs beyond the config.json table (they win over it)
-_ARCH_KEYS = {"deepseek2": _mla_keys, "gpt-oss": _gpt_oss_keys, "glm4moe": _glm4_keys}
-
-
-def _metadata(writer, arch: str, config: dict, ckpt: Checkpoint) -> None:
-    fam = FAMILIES[config["model_type"]]
-    writer.add_string("general.name", f"reap-stream tiny {config['model_type']}")
-    keys = {"expert_count": ("u32", config_value(config, fam.experts_key))}
-    for ckey, (gkey, vt) in _CONFIG_KEYS.items():
-        v = config.get(ckey)
-        if v is not None and not isinstance(v, (list, dict)):
-            keys[gkey] = (vt, v)
-    # top-k in the family's own spelling (ernie's moe_k, hunyuan's moe_topk)
-    keys["expert_used_count"] = ("u32", config_value(config, fam.top_k_key))
-    keys.update(_ARCH_KEYS.get(arch, lambda c: {})(config))
-    for gkey, (vt, v) in keys.items():
-        add = {"u32": writer.add_uint32, "f32": writer.add_float32, "bool": writer.add_bool, "str": writer.add_string}[vt]
-        add(f"{arch}.{gkey}", {"u32": int, "f32": float, "bool": bool, "str": str}[vt](v))
+def _metadata(writer, arch: str, fam, config: dict, ckpt: Checkpoint) -> None:
+    writer.add_string("general.name", f"reap-stream tiny {fam.model_type}")
+    for gkey, (vt, v) in metadata_keys(arch, fam, config).items():
+        add = {"u32": writer.add_uint32, "f32": writer.add_float32, "bool": writer.add_bool, "str": writer.add_string,
+               "bools": writer.add_array, "u32s": writer.add_array}[vt]
+        add(f"{arch}.{gkey}", {"u32": int, "f32": float, "bool": bool, "str": str, "bools": list, "u32s": list}[vt](v))
     _tokenizer(writer, ckpt.root)
 
 
@@ -173,7 +122,7 @@ def _tokenizer(writer, root: Path) -> None:
 def _write(out: Path, arch: str, config: dict, ckpt: Checkpoint, tensors: list[tuple[str, np.ndarray, object]],
            split_max_tensors: int) -> list[Path]:
     writer = gguf.GGUFWriter(out, arch, split_max_tensors=split_max_tensors)
-    _metadata(writer, arch, config, ckpt)
+    _metadata(writer, arch, FAMILIES[config["model_type"]], _hparams(config), ckpt)
     for gname, arr, t in tensors:
         writer.add_tensor(gname, arr, raw_dtype=t)
     # gguf-py prints progress on stdout; closed with the block
@@ -188,8 +137,8 @@ def _write(out: Path, arch: str, config: dict, ckpt: Checkpoint, tensors: list[t
 
 
 def _tensors(ckpt: Checkpoint, qtype: str) -> list[tuple[str, np.ndarray, object]]:
-    config = ckpt.config
-    arch = FAMILIES[config["model_type"]].gguf_arch
+    arch = FAMILIES[ckpt.config["model_type"]].gguf_arch
+    config = _hparams(ckpt.config)
     heads = {"attn_q": config.get("num_attention_heads"), "attn_k": config.get("num_key_value_heads")}
     out = []
     for name in sorted(ckpt.tensors, key=_natural):
@@ -198,8 +147,16 @@ def _tensors(ckpt: Checkpoint, qtype: str) -> list[tuple[str, np.ndarray, object
         head = gname.split(".")[2] if gname.startswith("blk.") else ""
         if arch in ROPE_PERMUTED and head in heads:   # llama.cpp's RoPE rotates interleaved pairs
             arr = permute_rope_rows(arr, int(heads[head]))
+        if head == "ssm_a" and name.endswith("A_log"):   # Mamba's converter stores A itself
+            arr = -np.exp(arr)
+        if head == "ssm_conv1d" and gname.endswith(".weight"):   # and the convolution squeezed
+            arr = arr.squeeze()
         t = _qtype(qtype, gname, arr)
         out.append((gname, _encode(arr, t), t))
+    rope = config.get("rope_scaling") or {}
+    if rope.get("rope_type") == "llama3":   # the converter stores the scaled frequencies, not the config
+        dims = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        out.append(("rope_freqs.weight", llama3_rope_factors(config.get("rope_theta", 1e4), dims, rope), T.F32))
     return out
 
 
@@ -215,6 +172,9 @@ def convert_mlx_to_gguf(src: Path, out: Path, *, qtype: str = "f32", split_max_t
         raise ValueError(f"qtype must be one of {QTYPES}")
     ckpt = Checkpoint.open(src)
     arch = FAMILIES[ckpt.config["model_type"]].gguf_arch
+    if not known_arch(arch):
+        raise ValueError(f"the installed gguf-py ({version('gguf')}) does not know architecture {arch!r}: "
+                         f"no tensor names to convert to")
     return _write(Path(out), arch, ckpt.config, ckpt, _tensors(ckpt, qtype), split_max_tensors)
 
 
