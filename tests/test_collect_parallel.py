@@ -170,3 +170,16 @@ def test_the_shared_worker_has_ended_before_the_interpreter_finalizes():
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "alive at exit: False"
+
+
+def test_a_rope_with_lazy_frequencies_runs_on_both_lanes(tmp_path, monkeypatch, split_calls):
+    """Llama-3 RoPE scaling: mlx_lm keeps the scaled frequencies as a lazy array outside the
+    parameters; the worker lane must get them evaluated (MLX streams belong to their thread)."""
+    scaled = {**WIDE, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}
+    model = synth.make_mlx_fixture("olmoe", tmp_path / "m", config_overrides=scaled)
+    if not SplitCheck().ok(stream_runner(model, tmp_path / "probe").fwd, 0, 4, 64):
+        pytest.skip("this BLAS computes a half-batch projection in another order: the split is never used")
+    one_lane = _stream(model, tmp_path, "serial", False, monkeypatch)
+    two_lanes = _stream(model, tmp_path, "parallel", True, monkeypatch)
+    assert split_calls and two_lanes == one_lane

@@ -185,6 +185,13 @@ def _ready(obj) -> None:
         mx.eval(leaves)
 
 
+def _held_arrays(layer) -> list:
+    """Arrays a layer's modules hold besides their parameters, e.g. a RoPE's frequencies ("_freqs",
+    which mlx_lm computes lazily on the thread that built the model)."""
+    mx = mlx_core()
+    return [v for _, m in layer.named_modules() for v in (*m.values(), *vars(m).values()) if isinstance(v, mx.array)]
+
+
 # Modules whose parameters act on each token's row alone: splitting the batch cannot change them.
 ROW_WISE_MODULES = ("RMSNorm", "LayerNorm", "RoPE", "SuScaledRoPE", "Llama3RoPE", "YarnRoPE")
 # Modules that are a matmul over the rows: BLAS may pick another kernel (another summation order)
@@ -255,7 +262,7 @@ def split_layer_forward(fwd: Forward, lanes: Lanes, i: int, h, tokens: np.ndarra
     tracers = [trace_layers(fwd.model, t)[i] for t in halves]  # model surgery: caller's thread only
     layer = fwd.model.layers[i]
     # the worker may only depend on finished arrays (lazy views of loaded weights included)
-    _ready(([t.args for t in tracers], [t.kwargs for t in tracers], h, layer.parameters()))
+    _ready(([t.args for t in tracers], [t.kwargs for t in tracers], h, layer.parameters(), _held_arrays(layer)))
     meet = None
     if i in fwd.blocks:
         block = fwd.blocks[i]
