@@ -1,12 +1,20 @@
-"""The MoE capture: a block's routed experts evaluated grouped by expert, its output rebuilt
-from them, and the self-check against the block's own forward.
+"""The MoE capture: a block's routed experts evaluated grouped by expert, a chunk of experts at a
+time, and its output rebuilt from them.
 
-`capture` routes exactly (families/routing.py), then runs the routed experts grouped by expert
-(one dense or quantised matmul per expert instead of mlx_lm's per-token gather loop) and rebuilds
-the block's output from them, so the same pass yields the block output for the next layer and the
-per-expert outputs the telemetry needs. `self_check` compares that output with the block's own
-forward: routing captured by hand is easy to get wrong, so every layer is checked on its first
-chunk (docs/routing.md).
+`capture` routes exactly (families/routing.py), then runs the routed experts grouped by expert and
+rebuilds the block's output from them, so the same pass yields the block output for the next layer
+and the per-expert outputs the telemetry needs. Experts come from an `ExpertSource`
+(families/expert_source.py) in chunks [lo, hi), so a layer's experts are never whole in memory.
+Two kernels run them, behind the same call:
+
+- "loop" (the CPU's): one float32 BLAS matmul chain per expert (half-precision weights upcast and
+  quantised weights dequantised one expert at a time), shared out to two lanes; Σ w·f(x) in numpy
+  in a fixed order, so the bits never depend on the chunking of experts or on the lanes.
+- "gather" (Metal's): mlx_lm's own gather / quantised gather matmuls over the chunk's rows sorted by
+  expert, in the model's dtype, and the weighted sum in MLX; one transfer of the outputs per layer
+  chunk for the telemetry, no per-expert round trip to the host.
+
+The self-check (families/self_check.py) compares the result with the block's own code.
 """
 from __future__ import annotations
 
@@ -18,22 +26,59 @@ import numpy as np
 
 from ..blas import blas_threads, lane_threads
 from ..errors import BadInput
+from .expert_source import ExpertSlab, ExpertSource, ModuleExperts, expert_ranges, slabs
 from .routing import ROUTERS, Routed, shared_output
 from .table import Family
 
-def _expert_linear(lin, e: int, x: mx.array) -> mx.array:
-    """x @ W_e^T (+ b_e) for expert e of a (Quantized)SwitchLinear, as one dense matmul."""
-    if "scales" in lin:
+@dataclass(frozen=True)
+class StackKind:
+    """How an expert stack module computes one expert: its projections (modules under the
+    stack, each a (Quantized)SwitchLinear) and the chain that combines them. `proj(name, x)`
+    applies projection `name` of the current expert(s) to x."""
+
+    projections: tuple[str, ...]
+    chain: Callable[[object, Callable], Callable]
+
+
+def _glu(switch, proj: Callable) -> Callable:
+    return lambda x: proj("down_proj", switch.activation(proj("up_proj", x), proj("gate_proj", x)))
+
+
+# expert stack module class -> how it computes; a new kind of stack is one entry here
+STACK_KINDS: dict[str, StackKind] = {
+    "SwitchGLU": StackKind(("gate_proj", "up_proj", "down_proj"), _glu),
+}
+
+
+def stack_kind(switch) -> StackKind:
+    for cls in type(switch).__mro__:
+        if cls.__name__ in STACK_KINDS:
+            return STACK_KINDS[cls.__name__]
+    raise BadInput("model", f"expert module {type(switch).__name__} is not a supported expert stack "
+                            f"({', '.join(STACK_KINDS)})")
+
+
+def resolve_kernel(kernel: str) -> str:
+    """"auto": the gather kernel on an accelerator, the loop on the CPU."""
+    if kernel == "auto":
+        return "loop" if mx.default_device() == mx.cpu else "gather"
+    return kernel
+
+
+def _expert_linear(lin, arrays: dict, j: int, x: mx.array) -> mx.array:
+    """x @ W_j^T (+ b_j) in float32 for expert j of a slab's projection (`lin`: the stack's
+    (Quantized)SwitchLinear, for its quantisation settings) as one dense BLAS matmul."""
+    if "scales" in arrays:
         if getattr(lin, "global_scale", None) is not None:
             raise BadInput("model", "experts quantised with a global scale (nvfp4 per-expert) are not supported")
-        biases = lin.get("biases")
-        y = mx.quantized_matmul(x, lin["weight"][e], lin["scales"][e], None if biases is None else biases[e],
-                                transpose=True, group_size=lin.group_size, bits=lin.bits, mode=lin.mode)
+        biases = arrays.get("biases")
+        w = mx.dequantize(arrays["weight"][j], arrays["scales"][j], None if biases is None else biases[j],
+                          group_size=lin.group_size, bits=lin.bits, mode=lin.mode, dtype=mx.float32)
+        y = x.astype(mx.float32) @ w.T
     else:
-        # gather_mm/matmul on the CPU backend are float32-only for expert stacks: upcast per slice.
-        y = x.astype(mx.float32) @ lin["weight"][e].astype(mx.float32).T
-    if "bias" in lin:
-        y = y + lin["bias"][e].astype(y.dtype)
+        y = x.astype(mx.float32) @ arrays["weight"][j].astype(mx.float32).T
+    if "bias" in arrays:
+        y = y + arrays["bias"][j].astype(y.dtype)
     return y
 
 
@@ -49,6 +94,8 @@ class ExpertBatch:
 
 # Runs two callables at once (on two MLX CPU streams) and returns both results: runner.Lanes.both
 Pair = Callable[[Callable, Callable], tuple]
+# Called with each slab once its experts are computed: (slab, first sorted row, its rows' outputs)
+OnSlab = Callable[[ExpertSlab, int, object], None]
 
 
 def _two_shares(active: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -58,52 +105,80 @@ def _two_shares(active: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nd
     return active[:cut], active[cut:]
 
 
-def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int,
-                weights: np.ndarray, pair: Pair | None = None) -> tuple[ExpertBatch, mx.array]:
-    """Every routed expert output f_e(x_t), one dense matmul chain per expert, and the weighted
-    sum Σ_k w·f(x) per token (`weights` [T, k]) in float32.
+@dataclass(frozen=True)
+class ExpertPlan:
+    """How a layer's experts are run: where from, how many at a time, by which kernel."""
 
-    Experts are evaluated one after another, so the working set is one expert's rows plus the
-    outputs, not the k-fold expansion of the whole chunk at once. With `pair`, on the CPU and
-    where the lanes call the BLAS single-threaded (blas.lane_threads), the experts are shared out
-    to two lanes (MLX's CPU element-wise kernels use one core per stream). The BLAS thread count
-    of the expert matmuls depends on that configuration alone, not on whether a pair was given, so
-    every mode computes every expert with the same calls and gets the same bits.
+    source: ExpertSource | None = None   # None: the stack module's own arrays
+    chunk_bytes: int | None = None       # bytes of experts per chunk (None: all at once; at least one)
+    kernel: str = "auto"
+
+
+def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int, weights: np.ndarray,
+                pair: Pair | None = None, plan: ExpertPlan = ExpertPlan(),
+                on_slab: OnSlab | None = None) -> tuple[ExpertBatch, mx.array]:
+    """Every routed expert output f_e(x_t) and the weighted sum Σ_k w·f(x) per token (`weights`
+    [T, k]), experts read and run a chunk at a time (`plan`).
+
+    Loop kernel: experts one after another, so the working set is one expert's rows plus the
+    outputs. With `pair`, on the CPU and where the lanes call the BLAS single-threaded
+    (blas.lane_threads), each chunk's experts are shared out to two lanes (MLX's CPU element-wise
+    kernels use one core per stream). The BLAS thread count of the expert matmuls depends on that
+    configuration alone, not on whether a pair was given, so every mode computes every expert with
+    the same calls and gets the same bits, whatever the chunking of experts.
     """
-    if not all(hasattr(switch, p) for p in ("gate_proj", "up_proj", "down_proj")):
-        raise BadInput("model", f"expert module {type(switch).__name__} is not a gated (SwitchGLU) expert stack")
+    kind = stack_kind(switch)
     k = inds.shape[1]
     flat = inds.reshape(-1)
     order = np.argsort(flat, kind="stable")
     experts = flat[order]
     bounds = np.searchsorted(experts, np.arange(num_experts + 1))
     tokens = (order // k).astype(np.int32)
-    outputs = np.empty((len(order), x.shape[-1]), np.float32)
+    source = plan.source if plan.source is not None else ModuleExperts(switch, kind.projections)
+    active = np.flatnonzero(np.diff(bounds))
+    per_chunk = None if plan.chunk_bytes is None else max(1, plan.chunk_bytes // max(source.expert_bytes, 1))
+    ranges = expert_ranges(num_experts, per_chunk, active)
+    w_sorted = weights.reshape(-1)[order].astype(np.float32)
+    if resolve_kernel(plan.kernel) == "gather":
+        outputs, y = _gather(switch, kind, x, source, ranges, experts, bounds, tokens, order, w_sorted,
+                             inds.shape, on_slab)
+    else:
+        outputs = _loop(switch, kind, x, source, ranges, bounds, tokens, pair, on_slab)
+        y = mx.array(_weighted_sum(outputs, w_sorted, tokens, bounds, inds.shape[0]))
+    return ExpertBatch(order, experts, bounds, outputs), y
 
-    def share(ids: np.ndarray) -> Callable[[], None]:
+
+def _loop(switch, kind: StackKind, x: mx.array, source: ExpertSource, ranges: list, bounds: np.ndarray,
+          tokens: np.ndarray, pair: Pair | None, on_slab: OnSlab | None) -> np.ndarray:
+    outputs = np.empty((int(bounds[-1]), x.shape[-1]), np.float32)
+    counts = np.diff(bounds)
+
+    def share(slab: ExpertSlab, ids: np.ndarray) -> Callable[[], None]:
         def run() -> None:
             for e in ids:
                 lo, hi = int(bounds[e]), int(bounds[e + 1])
-                xe = x[mx.array(tokens[lo:hi])]
-                up = _expert_linear(switch.up_proj, e, xe)
-                gate = _expert_linear(switch.gate_proj, e, xe)
-                out = _expert_linear(switch.down_proj, e, switch.activation(up, gate)).astype(mx.float32)
+                j = int(e) - slab.lo
+                proj = lambda name, v: _expert_linear(getattr(switch, name), slab.arrays[name], j, v)  # noqa: E731
+                out = kind.chain(switch, proj)(x[mx.array(tokens[lo:hi])]).astype(mx.float32)
                 outputs[lo:hi] = np.array(out)
         return run
 
-    active = np.flatnonzero(np.diff(bounds))
-    first, second = _two_shares(active, np.diff(bounds)[active])
     threads = lane_threads() if mx.default_device() == mx.cpu else None
     with blas_threads(threads):
-        if pair is not None and threads == 1:
-            mx.eval(x, switch.parameters())  # the other lane cannot run work queued on this thread's stream
-            pair(share(first), share(second))
-        else:
-            share(first)()
-            share(second)()
-    w_sorted = weights.reshape(-1)[order].astype(np.float32)
-    y = mx.array(_weighted_sum(outputs, w_sorted, tokens, bounds, inds.shape[0]))
-    return ExpertBatch(order, experts, bounds, outputs), y
+        for slab in slabs(source, ranges):
+            ids = np.arange(slab.lo, slab.hi)
+            ids = ids[counts[ids] > 0]
+            first, second = _two_shares(ids, counts[ids])
+            if pair is not None and threads == 1:
+                mx.eval(x, slab.arrays_list())  # the other lane cannot run work queued on this thread's stream
+                pair(share(slab, first), share(slab, second))
+            else:
+                share(slab, first)()
+                share(slab, second)()
+            if on_slab is not None:
+                a, b = int(bounds[slab.lo]), int(bounds[slab.hi])
+                on_slab(slab, a, outputs[a:b])
+    return outputs
 
 
 def _weighted_sum(outputs: np.ndarray, w_sorted: np.ndarray, tokens: np.ndarray, bounds: np.ndarray,
@@ -118,6 +193,53 @@ def _weighted_sum(outputs: np.ndarray, w_sorted: np.ndarray, tokens: np.ndarray,
     return y
 
 
+class installed:
+    """Context: the stack's projections hold `arrays` (projection -> parameter -> array) instead
+    of their own, so mlx_lm's own expert code runs on a slab; restored on exit."""
+
+    def __init__(self, switch, arrays: dict[str, dict[str, mx.array]]):
+        self.switch, self.arrays, self.saved = switch, arrays, []
+
+    def __enter__(self):
+        for proj, params in self.arrays.items():
+            lin = getattr(self.switch, proj)
+            for name, a in params.items():
+                self.saved.append((lin, name, lin[name]))
+                lin[name] = a
+        return self.switch
+
+    def __exit__(self, *exc) -> None:
+        for lin, name, old in reversed(self.saved):
+            lin[name] = old
+
+
+def _gather(switch, kind: StackKind, x: mx.array, source: ExpertSource, ranges: list, experts: np.ndarray,
+            bounds: np.ndarray, tokens: np.ndarray, order: np.ndarray, w_sorted: np.ndarray, shape: tuple,
+            on_slab: OnSlab | None) -> tuple[np.ndarray, mx.array]:
+    parts = []
+    for slab in slabs(source, ranges):
+        a, b = int(bounds[slab.lo]), int(bounds[slab.hi])
+        idx = mx.array((experts[a:b] - slab.lo).astype(np.uint32))
+        with installed(switch, slab.arrays):
+            proj = lambda name, v: getattr(switch, name)(v, idx, sorted_indices=True)  # noqa: E731
+            out = kind.chain(switch, proj)(x[mx.array(tokens[a:b])][:, None, :])[:, 0].astype(mx.float32)
+            mx.eval(out)
+        if on_slab is not None:
+            on_slab(slab, a, out)
+        parts.append(out)
+    t, k = shape
+    if parts:
+        sorted_out = mx.concatenate(parts, axis=0)
+        unsorted = sorted_out[mx.array(np.argsort(order, kind="stable"))].reshape(t, k, -1)
+    else:
+        sorted_out = mx.zeros((0, x.shape[-1]), mx.float32)
+        unsorted = mx.zeros((t, k, x.shape[-1]), mx.float32)
+    w = mx.array(w_sorted[np.argsort(order, kind="stable")].reshape(t, k))
+    y = (unsorted * w[..., None]).sum(axis=1)
+    mx.eval(y, sorted_out)
+    return np.array(sorted_out), y
+
+
 @dataclass
 class Capture:
     """One chunk seen by one MoE block."""
@@ -127,59 +249,27 @@ class Capture:
     inds: np.ndarray       # [T, k] int64
     batch: ExpertBatch
     output: mx.array       # [T, D] block output rebuilt from the experts (+ shared), x's dtype
+    expert_check: object = None   # self_check.ExpertCheck when this chunk is checked
 
 
-def capture(block, fam: Family, x: mx.array, top_k: int, num_experts: int, pair: Pair | None = None) -> Capture:
-    """Route x [T, D] exactly as `block` does and evaluate its experts grouped by expert
-    (shared out to two lanes with `pair`; the same bits either way)."""
+def capture(block, fam: Family, x: mx.array, top_k: int, num_experts: int, pair: Pair | None = None,
+            plan: ExpertPlan = ExpertPlan(), check: bool = False) -> Capture:
+    """Route x [T, D] exactly as `block` does and evaluate its experts grouped by expert, a chunk
+    of experts at a time (`plan`; shared out to two lanes with `pair`: the same bits either way).
+    With `check`, the first rows' expert outputs are recomputed by mlx_lm's own expert stack on
+    each chunk while it is in memory (self_check.ExpertCheck)."""
+    from .self_check import ExpertCheck
+
     routed = ROUTERS[fam.routing](block, fam, x, top_k)
     mx.eval(x, routed.inds, routed.weights, routed.probs)
     inds = np.array(routed.inds).astype(np.int64)
     weights = np.array(routed.weights.astype(mx.float32))
-    batch, y = run_experts(getattr(block, fam.stacked), x, inds, num_experts, weights, pair)
+    switch = getattr(block, fam.stacked)
+    checker = ExpertCheck(switch, x, inds, num_experts) if check else None
+    batch, y = run_experts(switch, x, inds, num_experts, weights, pair, plan, checker)
     y = y.astype(x.dtype)
     shared = shared_output(block, fam, x)
     if shared is not None:
         y = y + shared
     mx.eval(y)
-    return Capture(x, routed, inds, batch, y)
-
-
-# relative error allowed between the rebuilt output and the block's own forward
-SELF_CHECK_RTOL = {mx.float32: 1e-4, mx.float16: 2e-2, mx.bfloat16: 5e-2}
-
-
-def _float32_stack(switch) -> list:
-    """Upcast half-precision expert stacks in place (CPU gather_mm is float32-only); returns undo list."""
-    undo = []
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        lin = getattr(switch, name, None)
-        if lin is None or "scales" in lin:
-            continue
-        for key in ("weight", "bias"):
-            if key in lin and lin[key].dtype in (mx.float16, mx.bfloat16):
-                undo.append((lin, key, lin[key]))
-                lin[key] = lin[key].astype(mx.float32)
-    return undo
-
-
-# rows of the first chunk that the self-check compares (mlx_lm's own path is a per-token loop)
-SELF_CHECK_ROWS = 256
-
-
-def self_check(block, fam: Family, cap: Capture, layer: int, where: str) -> float:
-    """Raise BadInput unless Σ w·f(x) (+ shared) reproduces the block's own output on cap.x."""
-    rows = min(SELF_CHECK_ROWS, cap.x.shape[0])
-    undo = _float32_stack(getattr(block, fam.stacked)) if mx.default_device() == mx.cpu else []
-    try:
-        ref = block(cap.x[None, :rows])[0].astype(mx.float32)
-        mine = cap.output[:rows].astype(mx.float32)
-        err = float(mx.sqrt(mx.sum((ref - mine) ** 2)) / (mx.sqrt(mx.sum(ref ** 2)) + 1e-30))
-    finally:
-        for lin, key, old in undo:
-            lin[key] = old
-    tol = SELF_CHECK_RTOL.get(cap.x.dtype, 1e-4)
-    if not np.isfinite(err) or err > tol:
-        raise BadInput(where, f"layer {layer}: routing capture does not reproduce the MoE block "
-                              f"(relative error {err:.3g} > {tol:g}); this family's routing is not supported as written")
-    return err
+    return Capture(x, routed, inds, batch, y, checker)

@@ -47,8 +47,10 @@ def open_runner(model: Model, options: RunOptions, work_dir: Path | None, *, pro
     options.validate()
     if options.mode == "memory":
         from .memory import MemoryRunner
-        return MemoryRunner(model, chunk_tokens=options.chunk_tokens, progress=progress)
+        return MemoryRunner(model, chunk_tokens=options.chunk_tokens, progress=progress,
+                            expert_kernel=options.expert_kernel)
     from .stream import StreamRunner
     if work_dir is None:
         raise ValueError("stream mode needs a work dir")
-    return StreamRunner(model, work_dir, chunk_tokens=options.chunk_tokens, progress=progress)
+    return StreamRunner(model, work_dir, chunk_tokens=options.chunk_tokens, progress=progress,
+                        expert_kernel=options.expert_kernel)

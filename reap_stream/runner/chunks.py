@@ -11,6 +11,10 @@ from ..errors import BadInput
 
 # how a model is run: layer by layer with hidden states spilled (stream), or whole in memory
 MODES = ("stream", "memory")
+# which kernel runs the experts (families/experts.py): the CPU's loop, MLX's gather, or by device
+EXPERT_KERNELS = ("auto", "loop", "gather")
+# bytes of routed experts a chunk holds in stream mode unless --max-memory says otherwise
+EXPERT_CHUNK_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -19,12 +23,15 @@ class RunOptions:
     chunk_tokens: int = 4096
     sample_batch_size: int | None = None   # None: as many sequences per chunk as chunk_tokens holds
     work_dir: Path | None = None           # None: the command's default
+    expert_kernel: str = "auto"
 
     def validate(self) -> None:
         if self.mode not in MODES:
             raise BadInput("--mode", f"unknown mode {self.mode!r} (choose {', '.join(MODES)})")
         if self.chunk_tokens < 1:
             raise BadInput("--chunk-tokens", f"must be at least 1 (got {self.chunk_tokens})")
+        if self.expert_kernel not in EXPERT_KERNELS:
+            raise BadInput("--expert-kernel", f"unknown kernel {self.expert_kernel!r} (choose {', '.join(EXPERT_KERNELS)})")
         if self.sample_batch_size is not None and self.sample_batch_size < 1:
             raise BadInput("--sample-batch-size", f"must be at least 1 (got {self.sample_batch_size})")
 

@@ -188,7 +188,7 @@ def _ready(obj) -> None:
 ROW_WISE_MODULES = ("RMSNorm", "LayerNorm", "RoPE", "SuScaledRoPE", "Llama3RoPE", "YarnRoPE")
 # Modules that are a matmul over the rows: BLAS may pick another kernel (another summation order)
 # for fewer rows, e.g. OpenBLAS's small-matrix path, so each shape is probed before a split.
-MATMUL_MODULES = ("Linear", "QuantizedLinear")
+MATMUL_MODULES = ("Linear", "QuantizedLinear", "Float32Linear", "Float32QuantizedLinear")
 
 
 class SplitCheck:
@@ -226,10 +226,12 @@ class SplitCheck:
             # generic values (uniform in [-1, 1), numpy's generator: MLX's is ~4x slower on the CPU)
             x = mx.array(np.random.default_rng(0).random((batch, length, in_dims), dtype=np.float32) * 2 - 1).astype(dtype)
             rows = batch // 2
-            whole = module(x)
+            # before any rounding to the model's dtype, which would hide most differences
+            call = getattr(module, "float32_call", module)
+            whole = call(x)
             mx.eval(whole)
             with blas_threads(lane_threads()):  # as the lanes will run it
-                halves = mx.concatenate([module(x[:rows]), module(x[rows:])], axis=0)
+                halves = mx.concatenate([call(x[:rows]), call(x[rows:])], axis=0)
                 mx.eval(halves)
             self._verdicts[key] = bool(mx.array_equal(whole, halves, equal_nan=True).item())
         return self._verdicts[key]
@@ -254,7 +256,7 @@ def split_layer_forward(fwd: Forward, lanes: Lanes, i: int, h, tokens: np.ndarra
     tracers = [trace_layers(fwd.model, t)[i] for t in halves]  # model surgery: caller's thread only
     layer = fwd.model.layers[i]
     # the worker may only depend on finished arrays (lazy views of loaded weights included)
-    _ready(([t.args for t in tracers], [t.kwargs for t in tracers], h, layer.parameters()))
+    _ready(([t.args for t in tracers], [t.kwargs for t in tracers], h, fwd.loaded_params(i)))
     meet = None
     if i in fwd.blocks:
         block = fwd.blocks[i]

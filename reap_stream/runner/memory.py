@@ -14,7 +14,7 @@ from ..families.model import Model
 from ..families.table import Family
 from .chunks import Chunk, chunk_bar, make_chunks
 from .lanes import lanes_pair
-from .skeleton import Forward, trace_layers
+from .skeleton import Forward, float32_linears, trace_layers
 from .stream import MoECallback
 
 
@@ -23,11 +23,12 @@ class MemoryRunner:
 
     start_layer = 0
 
-    def __init__(self, model: Model, chunk_tokens: int = 4096, progress: bool = True):
+    def __init__(self, model: Model, chunk_tokens: int = 4096, progress: bool = True, expert_kernel: str = "auto"):
         ckpt = model.require_checkpoint("running the model")
         mlx_core()
         self.model, _ = load_pruned_model(ckpt.root)
-        self.fwd = Forward(self.model, model.family, model.structure.top_k, model.where)
+        float32_linears(self.model)  # as the stream runner's skeleton computes
+        self.fwd = Forward(self.model, model.family, model.structure.top_k, model.where, kernel=expert_kernel)
         self.chunk_tokens = int(chunk_tokens)
         self.progress = progress
         self._final: dict[int, object] = {}   # chunk index -> final hidden state

@@ -11,14 +11,16 @@ layer is swapped for a hook that routes exactly and evaluates experts grouped by
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import numpy as np
 
 from ..blas import mlx_core
 from ..errors import BadInput
+from ..families.expert_source import MX_DTYPES, CheckpointExperts, checkpoint_experts
 from ..families.table import Family, classify
-from ..io.safetensors import Checkpoint, TensorRef, read_array
+from ..io.safetensors import Checkpoint, TensorRef, read_rows
 
 
 class _ShapeProxy:
@@ -28,18 +30,14 @@ class _ShapeProxy:
         self.shape, self.dtype = shape, dtype
 
 
-_MX_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "U8": "uint8",
-              "I32": "int32", "I8": "int8", "U16": "uint16", "I64": "int64"}
-
-
 def to_mx(ref: TensorRef):
     """An mx.array holding exactly the bytes of one tensor (read from its byte range only)."""
     mx = mlx_core()
-    if ref.dtype not in _MX_DTYPES:
+    if ref.dtype not in MX_DTYPES:
         raise BadInput(ref.file, f"tensor {ref.name!r}: dtype {ref.dtype} is not supported by the streaming runner")
-    # one map per tensor, gone once copied: a map kept for a whole layer would hold the layer's
-    # pages in RSS next to their copies (measured: +43 MiB peak on an h512 / 64-expert model)
-    arr = np.ascontiguousarray(read_array(ref))
+    # read, not mapped: mapped pages count in RSS next to their copies (a map kept for a whole
+    # layer measured +43 MiB peak on an h512 / 64-expert model; an embedding table counts twice)
+    arr = read_rows(ref, 0, ref.shape[0] if ref.shape else 1).reshape(ref.shape)
     if ref.dtype == "BF16":
         return mx.array(arr).view(mx.bfloat16)
     return mx.array(arr)
@@ -59,7 +57,7 @@ def build_skeleton(ckpt: Checkpoint):
     model = model_class(args_class.from_dict(config))
     quant = config.get("quantization")
     if quant is not None:
-        proxies = {n: _ShapeProxy(r.shape, getattr(mx, _MX_DTYPES.get(r.dtype, "uint8")))
+        proxies = {n: _ShapeProxy(r.shape, getattr(mx, MX_DTYPES.get(r.dtype, "uint8")))
                    for n, r in ckpt.tensors.items()}
 
         def predicate(path, module):
@@ -71,7 +69,85 @@ def build_skeleton(ckpt: Checkpoint):
 
         nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"],
                     mode=quant.get("mode", "affine"), class_predicate=predicate)
+    float32_linears(model)
     return model
+
+
+def _float32_result(x, w):
+    """The dtype a half-precision or quantised matmul of x by w's dtype returns."""
+    mx = mlx_core()
+    return mx.result_type(x, w) if mx.issubdtype(w.dtype, mx.floating) else x.dtype
+
+
+def _linear_f32(module, x, w):
+    mx = mlx_core()
+    y = x.astype(mx.float32) @ w.T
+    if "bias" in module:
+        y = y + module["bias"].astype(mx.float32)
+    return y
+
+
+class _Float32Linear:
+    """nn.Linear on the CPU: half-precision weights upcast and run through the float32 BLAS
+    (MLX's CPU half-precision matmul runs at ~5 GFLOP/s against ~60 for float32 here); the result
+    is rounded to the dtype the layer returns, as a GPU's float32-accumulating kernel does.
+    Float32 layers run mlx's own code."""
+
+    def __call__(self, x):
+        mx = mlx_core()
+        w = self["weight"]
+        if w.dtype == mx.float32:
+            return super().__call__(x)
+        return self.float32_call(x).astype(_float32_result(x, w))
+
+    def float32_call(self, x):
+        """The float32 result before rounding (what runner.lanes.SplitCheck compares bitwise:
+        rounding to bf16 would hide most float32 differences)."""
+        mx = mlx_core()
+        w = self["weight"]
+        if w.dtype == mx.float32:
+            return super().__call__(x)
+        return _linear_f32(self, x, w.astype(mx.float32))
+
+
+class _Float32QuantizedLinear:
+    """nn.QuantizedLinear on the CPU: the weight dequantised to float32 per call and run through
+    the BLAS (MLX's CPU quantised matmul runs at 0.3-2 GFLOP/s and accumulates in the model's
+    dtype: ~10 % relative error in bf16); the result in the dtype the layer returns."""
+
+    def __call__(self, x):
+        return self.float32_call(x).astype(_float32_result(x, self["scales"]))
+
+    def float32_call(self, x):
+        mx = mlx_core()
+        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
+                          bits=self.bits, mode=self.mode, dtype=mx.float32)
+        return _linear_f32(self, x, w)
+
+
+@functools.lru_cache(maxsize=1)
+def float32_classes() -> dict:
+    """nn.Linear -> Float32Linear, nn.QuantizedLinear -> Float32QuantizedLinear (subclasses made
+    on first use: mlx is imported after the BLAS is in place)."""
+    mlx_core()
+    import mlx.nn as nn
+
+    return {base: type(f"Float32{base.__name__}", (mixin, base), {})
+            for base, mixin in ((nn.Linear, _Float32Linear), (nn.QuantizedLinear, _Float32QuantizedLinear))}
+
+
+def float32_linears(model) -> None:
+    """On the CPU, every Linear and QuantizedLinear of `model` computes in float32 through the
+    BLAS (float32_classes, swapped in place: parameters and names unchanged). A no-op on an
+    accelerator."""
+    mx = mlx_core()
+    if mx.default_device() != mx.cpu:
+        return
+    swaps = float32_classes()
+    for _, module in model.named_modules():
+        new = swaps.get(type(module))
+        if new is not None:
+            module.__class__ = new
 
 
 def layer_list(model) -> list:
@@ -123,29 +199,40 @@ class MoEHook:
     """Replaces a layer's MoE block for one call: exact routing, grouped experts, callback."""
 
     def __init__(self, block, fam: Family, layer: int, top_k: int, num_experts: int,
-                 on_capture: Callable | None, check: bool, where: str, pair: Callable | None = None):
+                 on_capture: Callable | None, check: bool, where: str, pair: Callable | None = None,
+                 plan=None):
+        from ..families.experts import ExpertPlan
+
         self.block, self.fam, self.layer = block, fam, layer
         self.top_k, self.num_experts = top_k, num_experts
         self.on_capture, self.check, self.where = on_capture, check, where
         self.pair = pair  # shares the experts out to two lanes (experts.Pair)
+        self.plan = plan or ExpertPlan()
 
     def __call__(self, x):
         from ..families import experts
+        from ..families.self_check import self_check
 
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        cap = experts.capture(self.block, self.fam, flat, self.top_k, self.num_experts, self.pair)
+        cap = experts.capture(self.block, self.fam, flat, self.top_k, self.num_experts, self.pair, self.plan,
+                              check=self.check)
         if self.check:
-            experts.self_check(self.block, self.fam, cap, self.layer, self.where)
+            self_check(self.block, self.fam, cap, self.layer, self.where)
         if self.on_capture is not None:
             self.on_capture(cap)
         return cap.output.reshape(shape)
 
 
 class Forward:
-    """What both runners share: the skeleton, its MoE layers, and one layer's forward with hooks."""
+    """What both runners share: the skeleton, its MoE layers, and one layer's forward with hooks.
 
-    def __init__(self, model, family: Family, top_k: int, where: str):
+    `sources` holds the current layer's expert source where its experts are read by byte range
+    (stream mode), `chunk_bytes` how many bytes of experts a chunk may hold (None: all), `kernel`
+    which expert kernel runs them (chunks.EXPERT_KERNELS)."""
+
+    def __init__(self, model, family: Family, top_k: int, where: str, chunk_bytes: int | None = None,
+                 kernel: str = "auto"):
         from ..families.masking import moe_blocks
 
         self.model = model
@@ -154,6 +241,8 @@ class Forward:
         self.blocks = moe_blocks(model, family)   # layer -> MoE block
         self.num_layers = len(model.layers)
         self.top_k = top_k
+        self.chunk_bytes, self.kernel = chunk_bytes, kernel
+        self.sources: dict[int, CheckpointExperts] = {}
 
     @property
     def moe_layers(self) -> list[int]:
@@ -163,9 +252,23 @@ class Forward:
         from ..families.masking import router_experts
         return router_experts(self.blocks[layer], self.family)
 
+    def loaded_params(self, i: int) -> list:
+        """Layer i's parameters, less a routed-expert stack that is read by range (lazy, never
+        to be evaluated)."""
+        from mlx.utils import tree_flatten
+
+        params = [a for _, a in tree_flatten(self.model.layers[i].parameters())]
+        if i not in self.sources:
+            return params
+        stack = {id(a) for _, a in tree_flatten(getattr(self.blocks[i], self.family.stacked).parameters())}
+        return [a for a in params if id(a) not in stack]
+
     def hook(self, i: int, on_capture: Callable | None, check: bool, pair: Callable | None = None) -> MoEHook:
+        from ..families.experts import ExpertPlan
+
+        plan = ExpertPlan(self.sources.get(i), self.chunk_bytes, self.kernel)
         return MoEHook(self.blocks[i], self.family, i, self.top_k, self.num_experts(i), on_capture, check,
-                        self.where, pair)
+                       self.where, pair, plan)
 
     def layer_forward(self, i: int, h, tracer: Tracer, on_capture: Callable | None, check: bool,
                       pair: Callable | None = None):
@@ -213,8 +316,21 @@ class Weights:
         p = f"{self.prefix}{layer}."
         return sorted(n for n in self.ckpt.tensors if n.startswith(p))
 
-    def load(self, layer: int | None, skip: Callable[[str], bool] = lambda name: False) -> list[str]:
-        """Read one layer's (or the non-layer) tensors into the skeleton; returns parameter names."""
+    def experts(self, layer: int) -> CheckpointExperts | None:
+        """The byte-range source of a layer's routed experts (None: the layout needs the family's
+        sanitize, and the layer is read whole)."""
+        return checkpoint_experts(self.ckpt, self.family, layer, self.prefix, self.params)
+
+    def load(self, layer: int | None, skip: Callable[[str], bool] = lambda name: False,
+             experts: CheckpointExperts | None = None) -> list[str]:
+        """Read one layer's (or the non-layer) tensors into the skeleton; returns parameter names.
+        With `experts` (the layer's expert source), its routed experts are left to be read by range."""
+        stack = f"{self.prefix}{layer}.{self.family.block}.{self.family.stacked}."
+        if experts is not None:
+            routed = {id(r) for p in experts.refs.values() for ref in p.values()
+                      for r in (ref if isinstance(ref, list) else [ref])}
+            skip_first = skip
+            skip = lambda n: skip_first(n) or id(self.ckpt.tensors[n]) in routed  # noqa: E731
         weights = {n: to_mx(self.ckpt.tensors[n]) for n in self.names_of(layer) if not skip(n)}
         if not self.mlx_layout and hasattr(self.model, "sanitize"):
             weights = self._sanitize(weights, layer)
@@ -226,7 +342,8 @@ class Weights:
             if tuple(a.shape) != table[n][0] and not self._pruned_shape(n, tuple(a.shape), table[n][0], layer):
                 raise BadInput(self.ckpt.root, f"tensor {n!r} has shape {list(a.shape)}, the model expects {list(table[n][0])}")
         if layer is not None:
-            want = [n for n in table if n.startswith(f"{self.prefix}{layer}.")]
+            want = [n for n in table if n.startswith(f"{self.prefix}{layer}.")
+                    and not (experts is not None and n.startswith(stack))]
             missing = sorted(set(want) - set(weights))
             if missing:
                 raise BadInput(self.ckpt.root, f"layer {layer}: tensor {missing[0]!r} is missing from the checkpoint")

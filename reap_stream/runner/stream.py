@@ -18,7 +18,7 @@ from ..families.masking import mask_experts
 from ..families.model import Model
 from ..families.table import Family
 from ..io.files import write_text_atomic
-from .chunks import Chunk, chunk_bar, make_chunks
+from .chunks import EXPERT_CHUNK_BYTES, Chunk, chunk_bar, make_chunks
 from .lanes import SplitCheck, lanes_pair, shared_lanes, split_layer_forward
 from .skeleton import Forward, Weights, build_skeleton, trace_layers
 from .spill import HiddenSpill
@@ -30,7 +30,8 @@ class StreamRunner:
     """Layer-major forward: one layer's weights in memory, hidden states spilled to work_dir."""
 
     def __init__(self, model: Model, work_dir: str | Path, chunk_tokens: int = 4096,
-                 progress: bool = True, parallel: bool = True):
+                 progress: bool = True, parallel: bool = True, expert_chunk_bytes: int | None = EXPERT_CHUNK_BYTES,
+                 expert_kernel: str = "auto"):
         self.ckpt = model.require_checkpoint("running the model")
         self.where = model.where
         # run chunks of >= 2 sequences as two half-batches on two CPU streams (same bytes)
@@ -39,7 +40,8 @@ class StreamRunner:
         self.work_dir = Path(work_dir)
         self.chunk_tokens = int(chunk_tokens)
         self.progress = progress
-        self.fwd = Forward(build_skeleton(self.ckpt), model.family, model.structure.top_k, self.where)
+        self.fwd = Forward(build_skeleton(self.ckpt), model.family, model.structure.top_k, self.where,
+                           expert_chunk_bytes, expert_kernel)
         self.model = self.fwd.model
         self.weights = Weights(self.ckpt, self.model, model.family, self.where)
         self.spill = HiddenSpill(self.work_dir)
@@ -100,7 +102,9 @@ class StreamRunner:
         if not self.spill.complete(start) and start < stop:
             raise BadInput(self.work_dir, f"hidden states for layer {start} are missing; delete the work dir and rerun")
         for i in range(start, stop):
-            names = self.weights.load(i)
+            source = self.weights.experts(i) if i in self.fwd.blocks else None
+            names = self.weights.load(i, experts=source)
+            self.fwd.sources = {i: source} if source is not None else {}
             router = getattr(self.fwd.blocks[i], self.family.router) if i in self.fwd.blocks else None
             had_bias = router is not None and "bias" in router
             if mask and mask.get(i):
@@ -122,6 +126,7 @@ class StreamRunner:
                 on_layer_done(i)
             self._set_next_layer(i + 1)
             self.spill.drop(i)
+            self.fwd.sources = {}
             self.weights.drop(names)
             if router is not None and not had_bias and "bias" in router:
                 del router["bias"]  # the -inf bias masking added
