@@ -27,7 +27,7 @@ import numpy as np
 from .errors import BadInput
 from .families.model import Model
 from .planning.plan import Plan, check_plan
-from .runner import RunOptions, open_runner
+from .runner import RunOptions, fit_memory, open_runner
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def logits_per_chunk(model: Model, sequences: list[np.ndarray], run: RunOptions,
                      mask: dict[int, list[int]] | None = None,
                      progress: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(tokens [B, L], float32 logits [B, L, V]) for each chunk of `sequences`, in order."""
-    run.validate()
+    run = fit_memory(model, run, sequences, logits=True)
     with _work_dir(run.work_dir if run.mode == "stream" else None, run.mode == "stream") as spill:
         runner = open_runner(model, run, spill, progress=progress)
         try:

@@ -1,6 +1,7 @@
 """The whole pipeline in one resumable call: collect -> plan -> apply (`reap-stream full`, `demo`)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from .errors import BadInput
@@ -31,7 +32,7 @@ def run_full(model: Model, calibration: CalibrationOptions, out: Path, plan_opti
 
     calib = tokenise(model, calibration)
     telemetry = work / "telemetry.zarr"
-    collect_run = RunOptions(run.mode, run.chunk_tokens, run.sample_batch_size, work / "collect")
+    collect_run = dataclasses.replace(run, work_dir=work / "collect")
     collected = collect(model, calib, telemetry, collect_run, CollectOptions(renorm_topk=renorm_topk),
                         progress=progress)
     plan = make_plan(TelemetryStore.open(telemetry), plan_options, frozen=model.structure.frozen_layers)

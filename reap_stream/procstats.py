@@ -38,3 +38,22 @@ def run_reporting_peak(report: str, target: str, *args: str) -> None:
 
 if __name__ == "__main__":  # python -m reap_stream.procstats REPORT MODULE|SCRIPT.py ARGS...
     run_reporting_peak(*sys.argv[1:])
+
+
+_M_MMAP_THRESHOLD = -3
+
+
+def return_freed_memory(threshold: int = 1 << 20) -> None:
+    """Make glibc give every allocation of `threshold` bytes or more its own mapping, returned to
+    the system when freed. By default glibc raises that threshold (up to 32 MiB) each time such a
+    block is freed, after which the arrays of a layer (numpy's and MLX's, made on several threads)
+    come from heaps that keep their freed memory: the RSS then grew ~200 MiB a layer on
+    Qwen3-30B-shaped layers (docs/memory.md). A no-op off glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, int(threshold))

@@ -251,3 +251,11 @@ def read_rows(ref: TensorRef, lo: int, hi: int) -> np.ndarray:
     finally:
         os.close(fd)
     return out
+
+
+def read_row_set(ref: TensorRef, ids: np.ndarray) -> np.ndarray:
+    """Rows `ids` (ascending, unique) of axis 0, consecutive ids read as one range."""
+    ids = np.asarray(ids, dtype=np.int64)
+    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+    parts = [read_rows(ref, int(run[0]), int(run[-1]) + 1) for run in np.split(ids, breaks) if len(run)]
+    return np.concatenate(parts) if parts else read_rows(ref, 0, 0)

@@ -13,8 +13,6 @@ from ..errors import BadInput
 MODES = ("stream", "memory")
 # which kernel runs the experts (families/experts.py): the CPU's loop, MLX's gather, or by device
 EXPERT_KERNELS = ("auto", "loop", "gather")
-# bytes of routed experts a chunk holds in stream mode unless --max-memory says otherwise
-EXPERT_CHUNK_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -24,6 +22,8 @@ class RunOptions:
     sample_batch_size: int | None = None   # None: as many sequences per chunk as chunk_tokens holds
     work_dir: Path | None = None           # None: the command's default
     expert_kernel: str = "auto"
+    max_memory: int | None = None          # bytes the process may hold at its peak (None: no limit)
+    expert_chunk_bytes: int | None = None  # bytes of experts per chunk (None: runner.budget's default)
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -32,6 +32,8 @@ class RunOptions:
             raise BadInput("--chunk-tokens", f"must be at least 1 (got {self.chunk_tokens})")
         if self.expert_kernel not in EXPERT_KERNELS:
             raise BadInput("--expert-kernel", f"unknown kernel {self.expert_kernel!r} (choose {', '.join(EXPERT_KERNELS)})")
+        if self.max_memory is not None and self.max_memory < 1:
+            raise BadInput("--max-memory", f"must be a positive size (got {self.max_memory})")
         if self.sample_batch_size is not None and self.sample_batch_size < 1:
             raise BadInput("--sample-batch-size", f"must be at least 1 (got {self.sample_batch_size})")
 

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from ..blas import blas_threads, lane_threads, mlx_core, total_threads
-from .skeleton import Forward, MoEHook, trace_layers
+from .skeleton import Forward, MoEHook, float32_attention, trace_layers
 
 
 class _Rendezvous:
@@ -275,7 +275,7 @@ def split_layer_forward(fwd: Forward, lanes: Lanes, i: int, h, tokens: np.ndarra
 
     barrier = meet.barrier if meet is not None else threading.Barrier(2)
     try:
-        with blas_threads(lane_threads()):  # single-threaded lanes at 2 threads (SplitCheck probed this)
+        with blas_threads(lane_threads()), float32_attention():  # single-threaded lanes at 2 threads (SplitCheck probed this)
             a, b = lanes.both(half(0), half(1), barrier)
     finally:
         if meet is not None:

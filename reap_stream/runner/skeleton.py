@@ -11,8 +11,8 @@ layer is swapped for a hook that routes exactly and evaluates experts grouped by
 """
 from __future__ import annotations
 
-import functools
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -20,7 +20,8 @@ from ..blas import mlx_core
 from ..errors import BadInput
 from ..families.expert_source import MX_DTYPES, CheckpointExperts, checkpoint_experts
 from ..families.table import Family, classify
-from ..io.safetensors import Checkpoint, TensorRef, read_rows
+from ..io.safetensors import Checkpoint, TensorRef, read_row_set, read_rows
+from .cpu import float32_attention, float32_linears
 
 
 class _ShapeProxy:
@@ -71,83 +72,6 @@ def build_skeleton(ckpt: Checkpoint):
                     mode=quant.get("mode", "affine"), class_predicate=predicate)
     float32_linears(model)
     return model
-
-
-def _float32_result(x, w):
-    """The dtype a half-precision or quantised matmul of x by w's dtype returns."""
-    mx = mlx_core()
-    return mx.result_type(x, w) if mx.issubdtype(w.dtype, mx.floating) else x.dtype
-
-
-def _linear_f32(module, x, w):
-    mx = mlx_core()
-    y = x.astype(mx.float32) @ w.T
-    if "bias" in module:
-        y = y + module["bias"].astype(mx.float32)
-    return y
-
-
-class _Float32Linear:
-    """nn.Linear on the CPU: half-precision weights upcast and run through the float32 BLAS
-    (MLX's CPU half-precision matmul runs at ~5 GFLOP/s against ~60 for float32 here); the result
-    is rounded to the dtype the layer returns, as a GPU's float32-accumulating kernel does.
-    Float32 layers run mlx's own code."""
-
-    def __call__(self, x):
-        mx = mlx_core()
-        w = self["weight"]
-        if w.dtype == mx.float32:
-            return super().__call__(x)
-        return self.float32_call(x).astype(_float32_result(x, w))
-
-    def float32_call(self, x):
-        """The float32 result before rounding (what runner.lanes.SplitCheck compares bitwise:
-        rounding to bf16 would hide most float32 differences)."""
-        mx = mlx_core()
-        w = self["weight"]
-        if w.dtype == mx.float32:
-            return super().__call__(x)
-        return _linear_f32(self, x, w.astype(mx.float32))
-
-
-class _Float32QuantizedLinear:
-    """nn.QuantizedLinear on the CPU: the weight dequantised to float32 per call and run through
-    the BLAS (MLX's CPU quantised matmul runs at 0.3-2 GFLOP/s and accumulates in the model's
-    dtype: ~10 % relative error in bf16); the result in the dtype the layer returns."""
-
-    def __call__(self, x):
-        return self.float32_call(x).astype(_float32_result(x, self["scales"]))
-
-    def float32_call(self, x):
-        mx = mlx_core()
-        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
-                          bits=self.bits, mode=self.mode, dtype=mx.float32)
-        return _linear_f32(self, x, w)
-
-
-@functools.lru_cache(maxsize=1)
-def float32_classes() -> dict:
-    """nn.Linear -> Float32Linear, nn.QuantizedLinear -> Float32QuantizedLinear (subclasses made
-    on first use: mlx is imported after the BLAS is in place)."""
-    mlx_core()
-    import mlx.nn as nn
-
-    return {base: type(f"Float32{base.__name__}", (mixin, base), {})
-            for base, mixin in ((nn.Linear, _Float32Linear), (nn.QuantizedLinear, _Float32QuantizedLinear))}
-
-
-def float32_linears(model) -> None:
-    """On the CPU, every Linear and QuantizedLinear of `model` computes in float32 through the
-    BLAS (float32_classes, swapped in place: parameters and names unchanged). A no-op on an
-    accelerator."""
-    mx = mlx_core()
-    if mx.default_device() != mx.cpu:
-        return
-    swaps = float32_classes()
-    for _, module in model.named_modules():
-        new = swaps.get(type(module))
-        if new is not None:
-            module.__class__ = new
 
 
 def layer_list(model) -> list:
@@ -274,15 +198,28 @@ class Forward:
                       pair: Callable | None = None):
         layer = self.model.layers[i]
         if i not in self.blocks:
-            return layer(h, *tracer.args, **tracer.kwargs)
+            with float32_attention():
+                return layer(h, *tracer.args, **tracer.kwargs)
         block = self.blocks[i]
         hook = self.hook(i, on_capture, check, pair)
         # decoder layers call self.<block>(x); swapping the dict entry keeps the rest mlx_lm's code
         layer[self.family.block] = hook
         try:
-            return layer(h, *tracer.args, **tracer.kwargs)
+            with float32_attention():
+                return layer(h, *tracer.args, **tracer.kwargs)
         finally:
             layer[self.family.block] = block
+
+
+class _RowLookup:
+    """Stands in for a token embedding that holds only rows `ids`: maps token ids to them."""
+
+    def __init__(self, embedding, ids: np.ndarray):
+        self.embedding, self.ids = embedding, ids
+
+    def __call__(self, x):
+        mx = mlx_core()
+        return self.embedding(mx.array(np.searchsorted(self.ids, np.array(x)).astype(np.int32)))
 
 
 class Weights:
@@ -365,6 +302,44 @@ class Weights:
         renamed = {dst + n[len(src):]: a for n, a in weights.items()}
         out = self.model.sanitize(renamed)
         return {src + n[len(dst):] if n.startswith(dst) else n: a for n, a in out.items()}
+
+    @contextlib.contextmanager
+    def embedding_rows(self, token_ids: np.ndarray) -> Iterator[set[str]]:
+        """While inside, the model's token embedding holds only the rows of `token_ids` (read by
+        range) and maps ids to them itself: the table of a large vocabulary (0.6 GB for
+        Qwen3-30B in bf16) is never read whole to embed a few thousand tokens. Yields the names of
+        the tensors it holds: none, and nothing changed, where the embedding is not a plain table
+        stored under its own name."""
+        mx = mlx_core()
+        import mlx.nn as nn
+
+        found = [(path, m) for path, m in self.model.named_modules()
+                 if type(m) in (nn.Embedding, nn.QuantizedEmbedding) and not path.startswith(self.prefix)]
+        names = {} if len(found) != 1 else {k: f"{found[0][0]}.{k}" for k in found[0][1] if isinstance(found[0][1][k], mx.array)}
+        if not names or not all(n in self.ckpt.tensors for n in names.values()):
+            yield set()
+            return
+        path, module = found[0]
+        ids = np.unique(np.asarray(token_ids, dtype=np.int64))
+        vocab = self.ckpt.tensors[names["weight"]].shape[0]
+        if len(ids) and (ids[0] < 0 or ids[-1] >= vocab):
+            raise BadInput(self.where, f"token id {int(ids[-1] if ids[-1] >= vocab else ids[0])} is outside the "
+                                       f"embedding table ({vocab} rows)")
+        saved = {k: module[k] for k in names}
+        for k, name in names.items():
+            ref = self.ckpt.tensors[name]
+            rows = read_row_set(ref, ids)
+            module[k] = mx.array(rows).view(mx.bfloat16) if ref.dtype == "BF16" else mx.array(rows)
+        parent_path, _, attr = path.rpartition(".")
+        parent = self.model if not parent_path else dict(self.model.named_modules())[parent_path]
+        parent[attr] = _RowLookup(module, ids)
+        try:
+            yield set(names.values())
+        finally:
+            parent[attr] = module
+            for k, a in saved.items():
+                module[k] = a
+            mx.clear_cache()
 
     def drop(self, names: list[str]) -> None:
         """Replace loaded tensors by lazy zeros, which hold no memory."""

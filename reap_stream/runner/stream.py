@@ -12,13 +12,16 @@ import json
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
+
 from ..blas import mlx_core
 from ..errors import BadInput
 from ..families.masking import mask_experts
 from ..families.model import Model
 from ..families.table import Family
 from ..io.files import write_text_atomic
-from .chunks import EXPERT_CHUNK_BYTES, Chunk, chunk_bar, make_chunks
+from .budget import MAX_EXPERT_CHUNK
+from .chunks import Chunk, chunk_bar, make_chunks
 from .lanes import SplitCheck, lanes_pair, shared_lanes, split_layer_forward
 from .skeleton import Forward, Weights, build_skeleton, trace_layers
 from .spill import HiddenSpill
@@ -30,7 +33,7 @@ class StreamRunner:
     """Layer-major forward: one layer's weights in memory, hidden states spilled to work_dir."""
 
     def __init__(self, model: Model, work_dir: str | Path, chunk_tokens: int = 4096,
-                 progress: bool = True, parallel: bool = True, expert_chunk_bytes: int | None = EXPERT_CHUNK_BYTES,
+                 progress: bool = True, parallel: bool = True, expert_chunk_bytes: int | None = MAX_EXPERT_CHUNK,
                  expert_kernel: str = "auto"):
         self.ckpt = model.require_checkpoint("running the model")
         self.where = model.where
@@ -79,14 +82,15 @@ class StreamRunner:
         if self.spill.complete(0):
             return
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        names = self.weights.load(None, skip=lambda n: n.startswith("lm_head."))
-        self.spill.begin(0)
-        for c in chunk_bar(chunks, "embed", self.progress):
-            h = trace_layers(self.model, c.tokens)[0].x
-            mx.eval(h)
-            self.spill.write(0, c.index, h)
-        self.spill.finish(0)
-        self.weights.drop(names)
+        with self.weights.embedding_rows(np.concatenate([c.tokens.reshape(-1) for c in chunks])) as table:
+            names = self.weights.load(None, skip=lambda n: n.startswith("lm_head.") or n in table)
+            self.spill.begin(0)
+            for c in chunk_bar(chunks, "embed", self.progress):
+                h = trace_layers(self.model, c.tokens)[0].x
+                mx.eval(h)
+                self.spill.write(0, c.index, h)
+            self.spill.finish(0)
+            self.weights.drop(names)
 
     def run(self, chunks: list[Chunk], on_moe: MoECallback | None = None,
             mask: dict[int, list[int]] | None = None, stop: int | None = None,

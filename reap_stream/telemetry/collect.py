@@ -22,7 +22,7 @@ from ..errors import BadInput
 from ..families.model import Model
 from ..io.files import write_text_atomic
 from ..procstats import peak_rss_bytes
-from ..runner import RunOptions, open_runner
+from ..runner import RunOptions, fit_memory, open_runner
 from .accumulate import Accumulator
 from .calibration import CalibrationSet
 from .store import TelemetryStore
@@ -91,12 +91,15 @@ def collect(model: Model, calib: CalibrationSet, out: str | Path, run: RunOption
     mlx_core()  # mlx through ensure_blas, before mlx_lm imports it
     import mlx_lm.utils  # noqa: F401  (import time is not collection time)
 
+    from ..families.experts import resolve_kernel
+
     started = time.perf_counter()
     out = Path(out)
     work_dir = Path(run.work_dir) if run.work_dir is not None else default_work_dir(out)
     run.validate()
     if not calib.sequences or calib.num_tokens == 0:
         raise BadInput("calibration", "no tokens to collect on")
+    run = fit_memory(model, run, calib.sequences)   # tokens and experts per chunk under --max-memory
     structure = model.structure
     selected = list(structure.prunable_layers if options.layers is None else options.layers)
     not_moe = [i for i in selected if i not in structure.layer_experts]
@@ -110,7 +113,8 @@ def collect(model: Model, calib: CalibrationSet, out: str | Path, run: RunOption
                     "capture": "exact (model's own router and selection)"},
         "options": {"layers": None if options.layers is None else list(options.layers),
                     "renorm_topk": options.renorm_topk, "chunk_tokens": run.chunk_tokens,
-                    "sample_batch_size": run.sample_batch_size},
+                    "sample_batch_size": run.sample_batch_size, "max_memory": run.max_memory,
+                    "expert_kernel": resolve_kernel(run.expert_kernel)},
         "tool_version": __version__,
     }
     if out.exists():
