@@ -17,7 +17,7 @@ from .telemetry.tokenizer import tokenise
 
 def run_full(model: Model, calibration: CalibrationOptions, out: Path, plan_options: PlanOptions,
              run: RunOptions = RunOptions(), *, renorm_topk: bool = True, max_shard_bytes: int = DEFAULT_MAX_SHARD,
-             overwrite: bool = False, progress: bool = True) -> dict:
+             overwrite: bool = False, progress: bool = True, manifest_hash: str = "blake3") -> dict:
     """Collect, plan and apply. Each step's result lands in the work dir (run.work_dir, default
     OUT.reap-work beside OUT) before the next starts, so a rerun of the same command picks up where
     it stopped: collect resumes at its last committed layer, a finished telemetry store is reused,
@@ -49,6 +49,6 @@ def run_full(model: Model, calibration: CalibrationOptions, out: Path, plan_opti
             raise BadInput(out, f"holds a prune made from another plan; pass --overwrite to replace it "
                                 f"(this run's plan: {plan_path})")
     layout = plan_layout(model, plan, max_shard_bytes=max_shard_bytes, plan_where=str(plan_path))
-    write_layout(layout, out, overwrite=True, progress=progress)
+    write_layout(layout, out, overwrite=True, progress=progress, manifest_hash=manifest_hash)
     summary["apply"] = layout.summary()
     return summary

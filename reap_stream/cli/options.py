@@ -140,6 +140,10 @@ def parse_size(text: str, option: str) -> int:
     return int(value)
 
 
+manifest_hash_option = click.option(
+    "--manifest-hash", "manifest_hash", type=click.Choice(("blake3", "sha256")), default="blake3", show_default=True,
+    help="Digest the manifest records of every output file (verify checks either).")
+
 max_shard_option = click.option("--max-shard-size", "max_shard_bytes", default="5GB", show_default=True,
                                 callback=lambda ctx, param, value: parse_size(value, "--max-shard-size"),
                                 help="Largest output shard (safetensors outputs).")
