@@ -30,7 +30,11 @@ class Tokens:
 def load_shapes(path: Path, bits: int | None = None) -> tuple[Shapes, dict, list[Path], str]:
     """(shapes, config, weight files, what the figures come from) of a model directory, or of a
     bare config.json (a file, or a directory holding only it)."""
+    from .io.gguf import is_gguf
+
     path = Path(path)
+    if path.is_file() and is_gguf(path):
+        raise BadInput(path, "estimate reads a safetensors model directory or a config.json, not a GGUF file")
     config_path = path if path.is_file() else path / "config.json"
     has_weights = path.is_dir() and (any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists())
     if has_weights and bits is None:
@@ -50,7 +54,7 @@ def load_shapes(path: Path, bits: int | None = None) -> tuple[Shapes, dict, list
         raise BadInput(config_path, f"invalid JSON: {e}") from None
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise BadInput(config_path, "no model_type string")
-    shapes = config_shapes(config, bits)
+    shapes, config = config_shapes(config, bits, where=str(config_path))
     if not shapes.experts:
         raise BadInput(config_path, f"model_type {config['model_type']!r} builds no routed experts (not an MoE?)")
     what = "config.json" + (f", quantised to {bits} bits as mlx_lm convert -q would" if bits else "")
@@ -95,8 +99,8 @@ def estimate(path: Path, tokens: Tokens, *, ratio: float | None = None, max_memo
         rates = measure(files)
         bound = bound_seconds(s, tokens.count, tokens.seq_len, rates)
         out["time"] = {"read_bytes_per_s": round(rates.read_bytes_per_s), "read_measured_on": rates.read_source,
-                       "gemm_flops_per_s": round(rates.gemm_flops_per_s), "bound_s": round(bound["total_s"], 1),
-                       "slowest_layer_bound_s": round(max(bound["per_layer_s"].values()), 2)}
+                       "gemm_flops_per_s": round(rates.gemm_flops_per_s), "bound_s": round(bound["total_s"], 3),
+                       "slowest_layer_bound_s": round(max(bound["per_layer_s"].values()), 3)}
     return out
 
 

@@ -72,6 +72,7 @@ class CheckpointExperts:
         self.refs = refs
         first = next(iter(next(iter(refs.values())).values()))
         self.num_experts = len(first) if isinstance(first, list) else first.shape[0]
+        self._whole: ExpertSlab | None = None   # a layer read in one chunk serves every token chunk
 
     @property
     def expert_bytes(self) -> int:
@@ -82,6 +83,8 @@ class CheckpointExperts:
         return total
 
     def read(self, lo: int, hi: int) -> ExpertSlab:
+        if (lo, hi) == (0, self.num_experts) and self._whole is not None:
+            return self._whole
         mx = mlx_core()
         arrays: dict[str, dict[str, object]] = {}
         for proj, params in self.refs.items():
@@ -95,7 +98,10 @@ class CheckpointExperts:
                 # one numpy array alive at a time next to the slab's MLX copies
                 arrays[proj][param] = _Bits(mx.array(host), dtype)
                 del host
-        return ExpertSlab(lo, hi, arrays)  # type: ignore[arg-type]
+        slab = ExpertSlab(lo, hi, arrays)
+        if (lo, hi) == (0, self.num_experts):
+            self._whole = slab
+        return slab
 
 
 @dataclass

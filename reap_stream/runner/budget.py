@@ -22,10 +22,14 @@ from ..families.table import Family, classify
 from ..io.safetensors import DTYPE_BITS
 
 MIB = 1 << 20
-# RSS of the process once mlx, mlx_lm, transformers and the tokenizer are loaded (Linux, measured)
-BASE_RSS = 330 * MIB
+# RSS of the process once mlx, mlx_lm, transformers and the tokenizer are loaded, the calibration
+# tokenised and MLX's buffer cache warm (Linux, measured: 374-380 MiB)
+BASE_RSS = 380 * MIB
 # a chunk of experts never holds more than this unless a layer's single expert does
 MAX_EXPERT_CHUNK = 256 * MIB
+# --max-memory plans for this fraction of the limit: what the model does not count (allocator
+# slack, thread stacks, timing of frees) measured up to ~5 % of the peak here
+HEADROOM = 0.9
 
 
 @dataclass
@@ -143,18 +147,19 @@ def checkpoint_shapes(ckpt, fam: Family, top_k: int) -> Shapes:
     return shapes_from_table(ckpt.config, tensors, routed, _prefix(tensors), top_k)
 
 
-def config_shapes(config: dict, bits: int | None = None, group_size: int = 64) -> Shapes:
-    """Shapes of a model not at hand: mlx_lm's class of `config` instantiated, never evaluated
-    (quantised to `bits` as `mlx_lm convert -q` would, when given). Routed experts are the
-    parameters of its expert-stack modules (mlx_lm's SwitchGLU / SwitchMLP)."""
-    tensors, config, stacks = config_tensors(config, bits, group_size)
+def config_shapes(config: dict, bits: int | None = None, group_size: int = 64,
+                  where: str = "config.json") -> tuple[Shapes, dict]:
+    """(shapes, config as quantised) of a model not at hand: mlx_lm's class of `config`
+    instantiated, never evaluated (quantised to `bits` as `mlx_lm convert -q` would, when given).
+    Routed experts are the parameters of its expert-stack modules (mlx_lm's SwitchGLU / SwitchMLP)."""
+    tensors, config, stacks = config_tensors(config, bits, group_size, where)
     routed = {n for n in tensors if any(n.startswith(p + ".") for p in stacks)}
     text = config.get("text_config") or config
     top_k = int(text.get("num_experts_per_tok") or text.get("moe_k") or text.get("moe_topk") or 1)
-    return shapes_from_table(config, tensors, routed, _prefix(tensors), top_k)
+    return shapes_from_table(config, tensors, routed, _prefix(tensors), top_k), config
 
 
-def config_tensors(config: dict, bits: int | None = None, group_size: int = 64):
+def config_tensors(config: dict, bits: int | None = None, group_size: int = 64, where: str = "config.json"):
     """({name: (safetensors dtype, shape)}, config as quantised, expert-stack module paths) of
     mlx_lm's model of `config`, in the config's dtype, quantised to `bits` when given; nothing
     is evaluated."""
@@ -172,7 +177,7 @@ def config_tensors(config: dict, bits: int | None = None, group_size: int = 64):
         model_class, args_class = _get_classes(dict(config))
         model = model_class(args_class.from_dict(config))
     except (ValueError, KeyError, TypeError) as e:
-        raise BadInput("config.json", f"mlx_lm cannot build this model: {e}") from None
+        raise BadInput(where, f"mlx_lm cannot build this model: {e}") from None
     dtype = {"bfloat16": mx.bfloat16, "float16": mx.float16}.get(config.get("torch_dtype"), mx.float32)
     keep = getattr(model, "cast_predicate", None) or (lambda k: True)
     model.load_weights([(k, v.astype(dtype) if keep(k) else v) for k, v in tree_flatten(model.parameters())],
@@ -254,14 +259,16 @@ def whole_model_peak(s: Shapes, tokens: int, seq_len: int) -> int:
 def fit(s: Shapes, budget: int, tokens: int, seq_len: int, *, unique_tokens: int | None = None,
         logits: bool = False, where: str = "--max-memory") -> Chunking:
     """The chunking with the most tokens (up to `tokens`, whole sequences of `seq_len`) and the
-    largest chunk of experts (up to MAX_EXPERT_CHUNK) whose predicted peak stays under `budget`;
-    BadInput naming the least that is needed when one sequence and one expert do not fit."""
+    largest chunk of experts (up to MAX_EXPERT_CHUNK) whose predicted peak stays under HEADROOM
+    of `budget`; BadInput naming the least limit that fits one sequence and one expert."""
+    limit = budget
+    budget = int(budget * HEADROOM)
     one_expert = max(s.expert_bytes.values(), default=0)
     least = Chunking(seq_len, seq_len, one_expert or None)
     need = phase_peaks(s, least, unique_tokens=unique_tokens, logits=logits)["peak"]
     if need > budget:
-        raise BadInput(where, f"{_size(budget)} is too small for this model: one sequence of {seq_len} tokens "
-                              f"and one expert at a time need at least {_size(need)}")
+        raise BadInput(where, f"{_size(limit)} is too small for this model: one sequence of {seq_len} tokens "
+                              f"and one expert at a time need at least {_size(need / HEADROOM)}")
     best = least
     for n_seq in range(1, max(tokens // seq_len, 1) + 1):   # tokens first: fewer chunks, fewer passes
         c = Chunking(n_seq * seq_len, seq_len, one_expert or None)

@@ -280,4 +280,5 @@ def split_layer_forward(fwd: Forward, lanes: Lanes, i: int, h, tokens: np.ndarra
     finally:
         if meet is not None:
             layer[fwd.family.block] = block
+            meet.hook.pair = None   # the hook and the rendezvous refer to each other: let the layer's experts go now
     return mx.concatenate([a, b], axis=0)

@@ -165,7 +165,8 @@ def collect(model: Model, calib: CalibrationSet, out: str | Path, run: RunOption
     done = TelemetryStore.open(out)
     return {
         "out": str(out), "mode": run.mode, "layers": done.layers(), "num_tokens": calib.num_tokens,
-        "layers_run": layers_run, "seconds": round(seconds, 3),
+        "layers_run": layers_run, "seconds": round(seconds, 3), "chunk_tokens": run.chunk_tokens,
+        "expert_chunk_bytes": run.expert_chunk_bytes, "max_memory": run.max_memory,
         "tokens_per_s": round(calib.num_tokens * layers_run / max(stop, 1) / seconds, 1) if seconds > 0 else None,
         "peak_rss_mib": round(peak_rss_bytes() / 2**20, 1),
         "telemetry_fingerprint": done.fingerprint(), "model_fingerprint": model.fingerprint,
