@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 from .errors import BadInput
@@ -30,17 +31,23 @@ def run_full(model: Model, calibration: CalibrationOptions, out: Path, plan_opti
         raise BadInput(out, "output exists and is not a reap-stream output; pass --overwrite to replace it")
     check_output_path(model.path, out, overwrite=True)
 
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
     calib = tokenise(model, calibration)
+    seconds["tokenise"] = time.perf_counter() - clock
     telemetry = work / "telemetry.zarr"
     collect_run = dataclasses.replace(run, work_dir=work / "collect")
     collected = collect(model, calib, telemetry, collect_run, CollectOptions(renorm_topk=renorm_topk),
                         progress=progress)
+    seconds["collect"] = time.perf_counter() - clock - seconds["tokenise"]
     plan = make_plan(TelemetryStore.open(telemetry), plan_options, frozen=model.structure.frozen_layers)
     plan_path = work / "plan.json"
     plan.save(plan_path)
+    seconds["plan"] = time.perf_counter() - clock - sum(seconds.values())
 
     summary = {"out": str(out), "work_dir": str(work), "telemetry": str(telemetry), "plan": str(plan_path),
-               "collect": collected, "kept_per_layer": {str(k): len(v.kept) for k, v in sorted(plan.layers.items())}}
+               "collect": collected, "kept_per_layer": {str(k): len(v.kept) for k, v in sorted(plan.layers.items())},
+               "seconds": seconds}
     if previous.is_file():
         if previous.read_text() == plan.dumps():
             summary["apply"] = "already complete"
@@ -50,5 +57,7 @@ def run_full(model: Model, calibration: CalibrationOptions, out: Path, plan_opti
                                 f"(this run's plan: {plan_path})")
     layout = plan_layout(model, plan, max_shard_bytes=max_shard_bytes, plan_where=str(plan_path))
     write_layout(layout, out, overwrite=True, progress=progress, manifest_hash=manifest_hash)
+    seconds["apply"] = time.perf_counter() - clock - sum(seconds.values())
     summary["apply"] = layout.summary()
+    summary["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     return summary

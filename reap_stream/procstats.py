@@ -25,10 +25,21 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 
 
+def io_counters() -> dict[str, int]:
+    """This process's /proc/self/io: rchar (bytes its reads returned, page cache included) and
+    read_bytes (bytes fetched from storage); empty where there is no such file."""
+    try:
+        lines = Path("/proc/self/io").read_text().splitlines()
+    except OSError:
+        return {}
+    pairs = (line.split(":", 1) for line in lines if ":" in line)
+    return {k.strip(): int(v) for k, v in pairs if k.strip() in ("rchar", "read_bytes")}
+
+
 def run_reporting_peak(report: str, target: str, *args: str) -> None:
     """Run a module (`python -m target`) or a script (target ending in .py) with `args` in this
-    process; at exit write {"peak_rss": bytes} to `report`."""
-    atexit.register(lambda: Path(report).write_text(json.dumps({"peak_rss": peak_rss_bytes()})))
+    process; at exit write {"peak_rss": bytes, "rchar": ..., "read_bytes": ...} to `report`."""
+    atexit.register(lambda: Path(report).write_text(json.dumps({"peak_rss": peak_rss_bytes(), **io_counters()})))
     sys.argv = [target, *args]
     if target.endswith(".py"):
         runpy.run_path(target, run_name="__main__")

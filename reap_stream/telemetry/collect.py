@@ -21,7 +21,7 @@ from ..blas import mlx_core
 from ..errors import BadInput
 from ..families.model import Model
 from ..io.files import write_text_atomic
-from ..procstats import peak_rss_bytes
+from ..procstats import io_counters, peak_rss_bytes
 from ..runner import RunOptions, fit_memory, open_runner
 from .accumulate import Accumulator
 from .calibration import CalibrationSet
@@ -94,6 +94,7 @@ def collect(model: Model, calib: CalibrationSet, out: str | Path, run: RunOption
     from ..families.experts import resolve_kernel
 
     started = time.perf_counter()
+    read_before = io_counters().get("rchar", 0)
     out = Path(out)
     work_dir = Path(run.work_dir) if run.work_dir is not None else default_work_dir(out)
     run.validate()
@@ -169,6 +170,7 @@ def collect(model: Model, calib: CalibrationSet, out: str | Path, run: RunOption
         "expert_chunk_bytes": run.expert_chunk_bytes, "max_memory": run.max_memory,
         "tokens_per_s": round(calib.num_tokens * layers_run / max(stop, 1) / seconds, 1) if seconds > 0 else None,
         "peak_rss_mib": round(peak_rss_bytes() / 2**20, 1),
+        "bytes_read": io_counters().get("rchar", 0) - read_before,   # page cache included
         "telemetry_fingerprint": done.fingerprint(), "model_fingerprint": model.fingerprint,
         "calibration_fingerprint": calib.fingerprint, "routing": attrs["routing"],
     }
