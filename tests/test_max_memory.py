@@ -95,3 +95,11 @@ def test_memory_mode_is_refused_when_the_whole_model_does_not_fit(big, tmp_path)
 def test_an_unreadable_limit_names_the_option(value, big, tmp_path):
     line = error_line(run("collect", big, *TOKENS, "--max-memory", value, "--out", tmp_path / "o"))
     assert line.startswith("reap-stream: error: --max-memory: cannot read size")
+
+
+def test_eval_under_a_limit_gives_the_perplexity_of_an_unlimited_run(fixture_model):
+    model = fixture_model("qwen3_moe")
+    results = [json.loads(run("eval", model, *TOKENS, "--json", *args).output)
+               for args in ((), ("--max-memory", "4GB"))]
+    assert results[0]["num_predictions"] == results[1]["num_predictions"] > 0
+    assert abs(results[0]["perplexity"] - results[1]["perplexity"]) <= 1e-5 * results[0]["perplexity"]
