@@ -221,6 +221,10 @@ class _RowLookup:
         mx = mlx_core()
         return self.embedding(mx.array(np.searchsorted(self.ids, np.array(x)).astype(np.int32)))
 
+    def __getattr__(self, name: str):
+        # e.g. a tied head's as_linear, which the traced forward builds (lazily, never evaluated)
+        return getattr(self.embedding, name)
+
 
 class Weights:
     """Reads one decoder layer's tensors (or the ones outside the layers) from a checkpoint's byte
@@ -303,6 +307,29 @@ class Weights:
         out = self.model.sanitize(renamed)
         return {src + n[len(dst):] if n.startswith(dst) else n: a for n, a in out.items()}
 
+    def _embedding(self) -> tuple[str, object, dict[str, str]]:
+        """(module path, module, {parameter: checkpoint tensor}) of the token embedding; no names
+        where it is not one plain (or quantised) table stored under its own name."""
+        mx = mlx_core()
+        import mlx.nn as nn
+
+        found = [(path, m) for path, m in self.model.named_modules()
+                 if type(m) in (nn.Embedding, nn.QuantizedEmbedding) and not path.startswith(self.prefix)]
+        if len(found) != 1:
+            return "", None, {}
+        path, module = found[0]
+        names = {k: f"{path}.{k}" for k in module if isinstance(module[k], mx.array)}
+        return (path, module, names) if all(n in self.ckpt.tensors for n in names.values()) else ("", None, {})
+
+    def head_names(self) -> list[str]:
+        """The tensors outside the layers that the head's logits need: all but the token
+        embedding, unless the head is the embedding (tied)."""
+        table = set(self._embedding()[2].values())
+        rest = self.names_of(None)
+        untied = any(n not in table and n.endswith(".weight") and n.split(".")[0] in ("lm_head", "output")
+                     for n in rest)
+        return [n for n in rest if not (untied and n in table)]
+
     @contextlib.contextmanager
     def embedding_rows(self, token_ids: np.ndarray) -> Iterator[set[str]]:
         """While inside, the model's token embedding holds only the rows of `token_ids` (read by
@@ -311,15 +338,10 @@ class Weights:
         the tensors it holds: none, and nothing changed, where the embedding is not a plain table
         stored under its own name."""
         mx = mlx_core()
-        import mlx.nn as nn
-
-        found = [(path, m) for path, m in self.model.named_modules()
-                 if type(m) in (nn.Embedding, nn.QuantizedEmbedding) and not path.startswith(self.prefix)]
-        names = {} if len(found) != 1 else {k: f"{found[0][0]}.{k}" for k in found[0][1] if isinstance(found[0][1][k], mx.array)}
-        if not names or not all(n in self.ckpt.tensors for n in names.values()):
+        path, module, names = self._embedding()
+        if not names:
             yield set()
             return
-        path, module = found[0]
         ids = np.unique(np.asarray(token_ids, dtype=np.int64))
         vocab = self.ckpt.tensors[names["weight"]].shape[0]
         if len(ids) and (ids[0] < 0 or ids[-1] >= vocab):

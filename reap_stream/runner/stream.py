@@ -139,14 +139,15 @@ class StreamRunner:
     def logits(self, chunk: Chunk):
         """Logits of a chunk from the spilled output of the last layer (model's own head code).
 
-        The non-layer weights (embedding, norm, head) are read on the first call and kept for the
-        following chunks until close()."""
+        The head's weights (final norm, head; the embedding only when the head is tied to it) are
+        read on the first call and kept for the following chunks until close()."""
         mx = mlx_core()
         n = self.num_layers
         if not self.spill.complete(n):
             raise BadInput(self.work_dir, "the last layer's output is not in the work dir; run all layers first")
         if self._head is None:
-            self._head = self.weights.load(None)
+            needed = set(self.weights.head_names())
+            self._head = self.weights.load(None, skip=lambda name: name not in needed)
         h = self.spill.read(n, chunk.index)
         out = trace_layers(self.model, chunk.tokens, final=h)[0].model_output
         mx.eval(out)
