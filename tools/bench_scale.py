@@ -69,6 +69,7 @@ def drop_cache(ckpt: Path) -> None:
     for f in ckpt.glob("*.safetensors"):
         fd = os.open(f, os.O_RDONLY)
         try:
+            os.fsync(fd)   # dirty pages cannot be dropped
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)

@@ -60,6 +60,7 @@ def read_rate(files: list[Path]) -> tuple[float, str]:
         fd = os.open(path, os.O_RDONLY)
         try:
             if hasattr(os, "posix_fadvise"):
+                os.fsync(fd)   # dirty pages (a file just written) cannot be dropped
                 os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
             buf = bytearray(8 << 20)
             view = memoryview(buf)
