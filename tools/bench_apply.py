@@ -134,10 +134,15 @@ def main(sizes: str, repeats: int, workdir: Path, naive_max_gb: float, as_json: 
         model = make_checkpoint(workdir / f"model-{gb:g}GB", gb)
         plan = make_plan(model, 0.5)
         out, copy, naive = workdir / "out", workdir / "copy", workdir / "naive"
-        runs: dict[str, list[tuple[float, float]]] = {"apply": [], "cp": [], "cp+sync": [], "cp+hash": [], "naive": []}
+        runs: dict[str, list[tuple[float, float]]] = {"apply": [], "apply-sha256": [], "cp": [], "cp+sync": [],
+                                                      "cp+hash": [], "naive": []}
         for _ in range(repeats):
             for d in (out, copy, naive):
                 shutil.rmtree(d, ignore_errors=True)
+            # the manifest hashed with sha256, as before BLAKE3 became the default
+            runs["apply-sha256"].append(timed(["reap_stream.cli", "apply", str(model), str(plan), "--out", str(out),
+                                               "--quiet", "--manifest-hash", "sha256"], python_module=True))
+            shutil.rmtree(out)
             runs["apply"].append(timed(["reap_stream.cli", "apply", str(model), str(plan), "--out", str(out), "--quiet"],
                                        python_module=True))
             # the same kept bytes, as plain files: what a copy costs, and a copy plus what apply
@@ -155,6 +160,7 @@ def main(sizes: str, repeats: int, workdir: Path, naive_max_gb: float, as_json: 
         row = {"expert_gb": gb, "out_gb": round(out_bytes / 1e9, 3),
                "apply_s": round(med["apply"][0], 3), "cp_s": round(med["cp"][0], 3),
                "apply_over_cp": round(med["apply"][0] / med["cp"][0], 3),
+               "apply_sha256_s": round(med["apply-sha256"][0], 3),
                "cp_sync_s": round(med["cp+sync"][0], 3),
                "apply_over_cp_sync": round(med["apply"][0] / med["cp+sync"][0], 3),
                "cp_hash_s": round(med["cp+hash"][0], 3),
@@ -169,12 +175,13 @@ def main(sizes: str, repeats: int, workdir: Path, naive_max_gb: float, as_json: 
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo("| experts (GB) | output (GB) | apply (s) | cp (s) | cp + sync (s) | cp + blake3 + fsync (s) "
+    click.echo("| experts (GB) | output (GB) | apply (s) | apply, sha256 manifest (s) | cp (s) | cp + sync (s) "
+               "| cp + blake3 + fsync (s) "
                "| apply / cp | apply / (cp + sync) | apply / (cp + blake3 + fsync) | apply peak RSS (MiB) "
                "| naive load→slice→save (s) | naive peak RSS (MiB) |")
-    click.echo("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    click.echo("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        click.echo(f"| {r['expert_gb']:g} | {r['out_gb']} | {r['apply_s']} | {r['cp_s']} | {r['cp_sync_s']} | "
+        click.echo(f"| {r['expert_gb']:g} | {r['out_gb']} | {r['apply_s']} | {r['apply_sha256_s']} | {r['cp_s']} | {r['cp_sync_s']} | "
                    f"{r['cp_hash_s']} | {r['apply_over_cp']} | {r['apply_over_cp_sync']} | {r['apply_over_cp_hash']} | "
                    f"{r['apply_rss_mib']} | "
                    f"{r.get('naive_s', '—')} | {r.get('naive_rss_mib', '—')} |")

@@ -11,8 +11,8 @@ Two kernels run them, behind the same call:
   quantised weights dequantised one expert at a time), shared out to two lanes; Σ w·f(x) in numpy
   in a fixed order, so the bits never depend on the chunking of experts or on the lanes.
 - "gather" (Metal's): mlx_lm's own gather / quantised gather matmuls over the chunk's rows sorted by
-  expert, in the model's dtype, and the weighted sum in MLX; one transfer of the outputs per layer
-  chunk for the telemetry, no per-expert round trip to the host.
+  expert, in the model's dtype, and the weighted sum in MLX; one transfer of the outputs per chunk
+  of tokens for the telemetry, no per-expert round trip to the host.
 
 The self-check (families/self_check.py) compares the result with the block's own code.
 """
