@@ -240,7 +240,7 @@ def blas_threads(n: int | None) -> Iterator[None]:
     The count is process-wide, so only change it where no other thread is inside the BLAS. A
     no-op when n is None or the BLAS's count cannot be set (reference BLAS, macOS, Metal).
     Callers keep results independent of the count: they use the same count for a computation in
-    every mode (routing.run_experts), or probe that it gives the same bits (runner.SplitCheck).
+    every mode (families.experts.run_experts), or probe that it gives the same bits (runner.lanes.SplitCheck).
     """
     controls = _controls() if n else None
     if controls is None:

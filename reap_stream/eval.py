@@ -10,7 +10,8 @@ routed, so a plan's damage is measured before anything is written.
 
 Perplexity is exp(mean NLL) over every next-token prediction inside each sequence (position t
 predicts token t+1; a sequence of L tokens gives L-1 predictions). NLLs are summed in float64 from
-the model's float32 logits.
+the model's float32 logits. Under mlx.launch every rank evaluates its share of the chunks and the
+per-chunk sums are added in chunk order on every rank: the same bits as one process.
 """
 from __future__ import annotations
 
@@ -24,10 +25,13 @@ from typing import Iterator
 
 import numpy as np
 
+from . import __version__
 from .errors import BadInput
 from .families.model import Model
 from .planning.plan import Plan, check_plan
-from .runner import RunOptions, fit_memory, open_runner
+from .runner import Chunk, RunOptions, fit_memory, open_runner
+from .runner.distributed import Group, join_group, world
+from .telemetry.calibration import token_fingerprint
 
 
 @dataclass(frozen=True)
@@ -120,18 +124,20 @@ def _work_dir(work_dir: str | Path | None, wanted: bool = True) -> Iterator[Path
 
 
 def logits_per_chunk(model: Model, sequences: list[np.ndarray], run: RunOptions, *,
-                     mask: dict[int, list[int]] | None = None,
-                     progress: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(tokens [B, L], float32 logits [B, L, V]) for each chunk of `sequences`, in order."""
+                     mask: dict[int, list[int]] | None = None, progress: bool = True,
+                     group: Group | None = None) -> Iterator[tuple[Chunk, np.ndarray]]:
+    """(chunk, float32 logits [B, L, V]) for each chunk of `sequences` (of `group`'s share), in order."""
     run = fit_memory(model, run, sequences, logits=True)
     with _work_dir(run.work_dir if run.mode == "stream" else None, run.mode == "stream") as spill:
         runner = open_runner(model, run, spill, progress=progress)
         try:
             chunks = runner.chunks(sequences, run.sample_batch_size)
+            if group is not None:
+                chunks = group.share(chunks)
             for _ in runner.run(chunks, mask=mask):
                 pass
             for c in chunks:
-                yield c.tokens, _as_f32(runner.logits(c))
+                yield c, _as_f32(runner.logits(c))
         finally:
             runner.close()
 
@@ -154,12 +160,23 @@ def perplexity(model: Model, sequences: list[np.ndarray], run: RunOptions = RunO
                where: str = "--prompt/--dataset-file") -> PerplexityResult:
     """Perplexity of `model` on `sequences` (optionally with experts masked)."""
     n_expected = _predictions(sequences, where)
+    group = join_group(run.distributed)
+    if group.distributed:
+        group.agree({"command": "eval", "model_fingerprint": model.fingerprint, "mask": mask,
+                     "calibration": token_fingerprint(sequences, {}),
+                     "options": [run.mode, run.chunk_tokens, run.sample_batch_size], "tool_version": __version__})
+    sums = []   # (chunk start, NLL sum, predictions)
+    for chunk, logits in logits_per_chunk(model, sequences, run, mask=mask, progress=progress and group.rank == 0,
+                                          group=group):
+        nll = token_nll(logits, chunk.tokens)
+        sums.append((chunk.start, float(nll.sum()).hex(), nll.size))
+    sums = sorted(tuple(s) for part in group.exchange("nll", sums) for s in part)
+    group.close()
     total = 0.0
     count = 0
-    for tokens, logits in logits_per_chunk(model, sequences, run, mask=mask, progress=progress):
-        nll = token_nll(logits, tokens)
-        total += float(nll.sum())
-        count += nll.size
+    for _, nll_sum, n in sums:   # in chunk order on every rank, as one process adds them
+        total += float.fromhex(nll_sum)
+        count += n
     assert count == n_expected, (count, n_expected)
     mean = total / count
     return PerplexityResult(num_sequences=len(sequences), num_predictions=count, nll_sum=total,
@@ -174,6 +191,8 @@ def _vocab_size(model: Model) -> int | None:
 def compare_logits(model_a: Model, model_b: Model, sequences: list[np.ndarray], run: RunOptions = RunOptions(), *,
                    mask_a: dict[int, list[int]] | None = None, progress: bool = True) -> LogitDiff:
     """Max and mean |logit_a - logit_b| over every position and vocabulary entry."""
+    if run.distributed or world().size > 1:
+        raise BadInput("--distributed", "compare runs in one process; start it without mlx.launch")
     va, vb = _vocab_size(model_a), _vocab_size(model_b)
     if va != vb:
         raise BadInput(model_b.where, f"vocab_size {vb} differs from {model_a.path}'s {va}")

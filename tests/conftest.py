@@ -22,7 +22,8 @@ FIXTURE_ROOT = Path(os.environ.get("REAP_STREAM_FIXTURES", REPO / "fixtures" / "
 @pytest.fixture(scope="session")
 def fixture_model():
     """fixture_model(family, variant="fp32") -> Path of a cached tiny checkpoint.
-    variant: "fp32" | "fp16" | "bf16" | "q4" (synth.QUANTIZED_FAMILIES) | "hf" (synth.HF_FAMILIES)."""
+    variant: "fp32" | "fp16" | "bf16" | "q4" (4-bit, mlx_lm's quantisation) | "hf" (synth.HF_FAMILIES) |
+    "transformers" (as transformers writes it: testing/hf_fixture.py)."""
 
     def get(family: str, variant: str = "fp32") -> Path:
         return synth.cached_fixture(family, variant, FIXTURE_ROOT)
@@ -37,5 +38,21 @@ def calib_text():
 
     def get(n_chars: int = 4000) -> str:
         return (source * (1 + n_chars // len(source)))[:n_chars]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def gguf_model(tmp_path_factory):
+    """gguf_model(family, qtype="f32", split=0) -> first GGUF file converted from the MLX fixture
+    (testing/gguf_convert); family "deepseek4" is the deepseek4-like construction (from the
+    deepseek_v3 fixture)."""
+    from reap_stream.testing.gguf_convert import cached_gguf
+
+    root = tmp_path_factory.mktemp("gguf")
+
+    def get(family: str, qtype: str = "f32", split: int = 0) -> Path:
+        mlx = synth.cached_fixture("deepseek_v3" if family == "deepseek4" else family, "fp32", FIXTURE_ROOT)
+        return cached_gguf(family, qtype, root, mlx, split=split)[0]
 
     return get

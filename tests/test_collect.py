@@ -21,7 +21,7 @@ def _collect(model_dir, tmp_path, name="t", calib=CALIB, **opts):
     return TelemetryStore.open(summary["out"]), summary
 
 
-@pytest.mark.parametrize("family", synth.FAMILIES)
+@pytest.mark.parametrize("family", synth.FIRST_FAMILIES)
 def test_stream_equals_memory_and_the_brute_force_reference(family, fixture_model, tmp_path):
     model = fixture_model(family)
     stream, summary = _collect(model, tmp_path, "stream", mode="stream")
@@ -106,7 +106,7 @@ def test_parse_layers():
 
 def test_a_routing_function_that_misroutes_is_stopped_by_the_self_check(fixture_model, tmp_path, monkeypatch):
     def without_renorm(block, fam, x, k):
-        r = routing._softmax_topk(block, fam, x, k)
+        r = routing.scored(block, fam, x, k)
         return routing.Routed(r.inds, mx_take(r.probs, r.inds), r.probs)
 
     def mx_take(p, i):
@@ -166,18 +166,18 @@ def test_experts_shared_out_to_two_lanes_give_the_bits_of_one(fixture_model):
 
 
 def test_stream_mode_reads_only_the_current_layers_tensors(fixture_model, tmp_path, monkeypatch):
-    from reap_stream.runner import skeleton
+    from reap_stream.runner import weights
 
     everything: list[str] = []
     since_last_layer: list[str] = []
-    real = skeleton.to_mx
+    real = weights.to_mx
 
     def spy(ref):
         everything.append(ref.name)
         since_last_layer.append(ref.name)
         return real(ref)
 
-    monkeypatch.setattr(skeleton, "to_mx", spy)
+    monkeypatch.setattr(weights, "to_mx", spy)
     r = stream_runner(fixture_model("mixtral"), tmp_path / "w", chunk_tokens=64)
     seen: dict[int, set[str]] = {}
 

@@ -94,7 +94,8 @@ def test_missing_tokenizer(fixture_model, tmp_path):
 
 def test_missing_model_directory(tmp_path):
     result = run("collect", tmp_path / "nope", *SMALL, "--out", tmp_path / "t.zarr")
-    error_line(result, "not a model directory", where=str(tmp_path / "nope"))
+    error_line(result, "not found (give a model directory, a .gguf file or a cached hub id org/name)",
+               where=str(tmp_path / "nope"))
 
 
 def test_sample_batch_size_caps_the_sequences_per_forward_chunk(fixture_model, tmp_path, monkeypatch):

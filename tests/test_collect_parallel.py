@@ -142,6 +142,8 @@ def test_the_worker_lane_releases_its_mlx_state_itself_on_close(monkeypatch):
     into interpreter finalization the process aborts. So the worker clears its own streams (and
     that cache) before it ends, and a closed pair of lanes refuses work."""
     mx = mlx_core()
+    if not hasattr(mx, "clear_streams"):
+        pytest.skip("this MLX keeps no per-thread stream state to release (clear_streams came with MLX 0.31.2)")
     cleared_on: list[str] = []
     real = mx.clear_streams
     monkeypatch.setattr(mx, "clear_streams", lambda: (cleared_on.append(threading.current_thread().name), real()))

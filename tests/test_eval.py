@@ -318,11 +318,11 @@ def test_eval_streams_a_non_uniform_prune_like_its_masked_original(fixture_model
 def test_a_head_tied_to_the_embedding_reads_the_embedding_and_an_untied_one_does_not(tmp_path, monkeypatch):
     """Stream mode reads only what the logits need: the token embedding as its calibration rows,
     and whole only where the head is the embedding (tied); perplexity as in memory mode."""
-    from reap_stream.runner import skeleton
+    from reap_stream.runner import weights
 
     read: list[str] = []
-    real = skeleton.to_mx
-    monkeypatch.setattr(skeleton, "to_mx", lambda ref: read.append(ref.name) or real(ref))
+    real = weights.to_mx
+    monkeypatch.setattr(weights, "to_mx", lambda ref: read.append(ref.name) or real(ref))
     for tied in (True, False):
         model = synth.make_mlx_fixture("qwen3_moe", tmp_path / str(tied), config_overrides={"tie_word_embeddings": tied})
         read.clear()

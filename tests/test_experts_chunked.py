@@ -12,7 +12,7 @@ from reap_stream.families import experts, self_check
 from reap_stream.families.model import open_model
 from reap_stream.io import safetensors as st_io
 from reap_stream.planning.planner import PlanOptions, make_plan
-from reap_stream.runner import skeleton
+from reap_stream.runner import weights
 from reap_stream.runner.budget import checkpoint_shapes
 from reap_stream.telemetry.store import TelemetryStore
 
@@ -50,7 +50,7 @@ def test_stream_mode_reads_routed_experts_by_range_a_chunk_at_a_time(fixture_mod
     model = fixture_model("qwen3_moe", "bf16")
     reads: list[tuple[str, int, int]] = []
     whole: list[str] = []
-    real_rows, real_to_mx = st_io.read_rows, skeleton.to_mx
+    real_rows, real_to_mx = st_io.read_rows, weights.to_mx
 
     def rows(ref, lo, hi):
         reads.append((ref.name, lo, hi))
@@ -61,7 +61,7 @@ def test_stream_mode_reads_routed_experts_by_range_a_chunk_at_a_time(fixture_mod
         return real_to_mx(ref)
 
     monkeypatch.setattr("reap_stream.families.expert_source.read_rows", rows)
-    monkeypatch.setattr(skeleton, "to_mx", to_mx)
+    monkeypatch.setattr(weights, "to_mx", to_mx)
     _collect(model, tmp_path, "t", expert_chunk_bytes=3 * _expert_bytes(model))
     stacked = [r for r in reads if ".switch_mlp." in r[0]]
     assert stacked and all(hi - lo <= 3 for _, lo, hi in stacked)
@@ -96,10 +96,10 @@ def test_the_gather_kernel_gives_the_prune_sets_of_the_loop(family, variant, fix
 
 
 def test_an_expert_computed_wrongly_is_stopped_by_the_self_check(fixture_model, tmp_path, monkeypatch):
-    swapped = experts.StackKind(("gate_proj", "up_proj", "down_proj"),   # gate and up exchanged
-                                lambda switch, proj: lambda x: proj("down_proj", switch.activation(proj("gate_proj", x),
-                                                                                                     proj("up_proj", x))))
-    monkeypatch.setitem(experts.STACK_KINDS, "SwitchGLU", swapped)
+    def swapped(switch, e, x, linear):   # gate and up exchanged
+        return linear(switch.down_proj, e, switch.activation(linear(switch.gate_proj, e, x), linear(switch.up_proj, e, x)))
+
+    monkeypatch.setattr(experts, "expert_forward", swapped)
     with pytest.raises(BadInput, match="layer 0: expert outputs differ from mlx_lm's own expert stack"):
         _collect(fixture_model("qwen3_moe"), tmp_path, "t")
     assert not (tmp_path / "t.zarr").exists()

@@ -6,8 +6,10 @@ the independent oracle for every check on the output.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
+import blake3
 import gguf
 import numpy as np
 import pytest
@@ -20,12 +22,11 @@ from reap_stream.io.gguf import is_gguf
 from reap_stream.io.safetensors import Checkpoint, to_float32
 from reap_stream.errors import BadInput
 from reap_stream.surgery.gguf import POLICY_HASH_PRESERVED, POLICY_NONE, POLICY_ROUTER_MASK_PRUNED, apply_gguf
-from reap_stream.testing.gguf_convert import HASH_LAYER, cached_gguf, gguf_name
+from reap_stream.testing.gguf_convert import HASH_LAYER, gguf_name
 from reap_stream.io.gguf_write import verify
 from reap_stream.planning.plan import LayerPlan, Plan
 
-REPO = Path(__file__).resolve().parents[1]
-MLX_ROOT = REPO / "fixtures" / "generated"
+from conftest import FIXTURE_ROOT
 
 # what the spec says must be sliced along the expert axis, per GGUF architecture
 _SWIGLU = {"ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight"}
@@ -43,21 +44,8 @@ GGUF_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss")
 QTYPES = ("f32", "f16", "q8_0", "q4_0")
 
 
-@pytest.fixture(scope="session")
-def gguf_model(tmp_path_factory):
-    """gguf_model(family, qtype="f32", split=0) -> first GGUF file converted from the MLX fixture;
-    family "deepseek4" is the deepseek4-like construction (from the deepseek_v3 fixture)."""
-    root = tmp_path_factory.mktemp("gguf")
-
-    def get(family: str, qtype: str = "f32", split: int = 0) -> Path:
-        mlx = synth.cached_fixture("deepseek_v3" if family == "deepseek4" else family, "fp32", MLX_ROOT)
-        return cached_gguf(family, qtype, root, mlx, split=split)[0]
-
-    return get
-
-
 def mlx_dir(family: str) -> Path:
-    return synth.cached_fixture(family, "fp32", MLX_ROOT)
+    return synth.cached_fixture(family, "fp32", FIXTURE_ROOT)
 
 
 def pruned_ids(layer: int, n: int, n_group: int) -> list[int]:
@@ -163,7 +151,7 @@ def test_kept_experts_equal_the_mlx_checkpoint_experts(family, gguf_model, tmp_p
     pruned_tensors = tensors_of(out)
     compared = 0
     for name, ref in ckpt.tensors.items():
-        g = gguf_name(name)
+        g = gguf_name(name, open_model(out).gguf_arch)
         layer = int(g.split(".")[1]) if g.startswith("blk.") else None
         if layer in plan.layers and g.split(".", 2)[2] in EXPERT_AXIS[open_model(out).gguf_arch]:
             np.testing.assert_array_equal(dequant(pruned_tensors[g]), to_float32(ref)[plan.layers[layer].kept])
@@ -186,7 +174,14 @@ def test_dry_run_plans_everything_and_writes_nothing(gguf_model, tmp_path):
     assert list(tmp_path.iterdir()) == []
     real = apply(src, mlx_plan("mixtral"), out, overwrite=False, dry_run=False)
     assert dry["bytes_out"] == real["bytes_out"] == out.stat().st_size
-    assert {k: v for k, v in dry.items() if k != "dry_run"} == {k: v for k, v in real.items() if k != "dry_run"}
+    written = {k: real.pop(k) for k in ("dry_run", "files")}
+    # the sidecar manifest's hash: BLAKE3 by default, sha256 on request
+    assert written["files"] == {"pruned.gguf": {"blake3": blake3.blake3(out.read_bytes()).hexdigest(),
+                                                "size": out.stat().st_size}}
+    assert {k: v for k, v in dry.items() if k != "dry_run"} == real
+    again = apply(src, mlx_plan("mixtral"), out, overwrite=True, dry_run=False, manifest_hash="sha256")
+    assert again["files"] == {"pruned.gguf": {"sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
+                                              "size": out.stat().st_size}}
 
 
 def test_a_layer_the_plan_does_not_list_keeps_all_experts(gguf_model, tmp_path):
@@ -207,7 +202,7 @@ def test_split_gguf_is_recompacted_part_by_part(gguf_model, tmp_path):
     summary = apply(src, plan, tmp_path / "pruned.gguf", overwrite=False, dry_run=False)
     outs = [tmp_path / f"pruned-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
     assert summary["out"] == [str(p) for p in outs]
-    assert sorted(tmp_path.iterdir()) == outs
+    assert sorted(tmp_path.iterdir()) == sorted(outs + [tmp_path / "pruned-00001-of-00003.gguf.reap.json"])
     sliced = 0
     for i, out in enumerate(outs):
         part = src.with_name(f"model-0000{i + 1}-of-00003.gguf")
@@ -299,7 +294,7 @@ def test_a_failed_write_leaves_no_output_and_no_partial_file(gguf_model, tmp_pat
             raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ga.os, "fsync", failing_fsync)
-    with pytest.raises(OSError):
+    with pytest.raises(BadInput, match="cannot write the output: no space left on device"):
         apply(src, mlx_plan("qwen3_moe"), tmp_path / "o.gguf", overwrite=False, dry_run=False)
     assert list(tmp_path.iterdir()) == []
 

@@ -1,17 +1,21 @@
-"""Bad input to `reap-stream apply MODEL.gguf`: exit code 2 and one line naming the file and the
-fault; no traceback, no output (not even a partial one), the source untouched."""
+"""Bad input to `reap-stream apply MODEL.gguf` (and collect / eval / full on a GGUF): exit code 2 and
+one line naming the file and the fault; no traceback, no output (not even a partial one), the
+source untouched."""
 from __future__ import annotations
 
 import shutil
 import struct
 from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
+from gguf.constants import GGMLQuantizationType as T
 
 from reap_stream.io.files import sha256_file
 from reap_stream.planning.plan import Plan
 from cli_helpers import error_line, run
-from test_gguf_apply import gguf_model, manual_plan, mlx_plan  # noqa: F401  (fixture)
+from test_gguf_apply import manual_plan, mlx_plan
 
 
 def refuse(tmp_path: Path, model: Path, plan: Plan | Path, *needles: str, extra: tuple[str, ...] = ()) -> str:
@@ -207,3 +211,102 @@ def test_the_cli_applies_a_good_plan(model, tmp_path):
 def test_a_copy_buffer_under_4096_bytes_is_refused(model, tmp_path):
     line = refuse(tmp_path, model, mlx_plan("qwen3_moe"), extra=("--buffer-size", "1024"))
     assert line == "reap-stream: error: --buffer-size: must be at least 4096 bytes (got 1024)"
+
+
+# ---------------------------------------------------------------- collect / eval / full on a GGUF
+
+CALIB = Path(__file__).resolve().parents[1] / "fixtures" / "calibration" / "licence.jsonl"
+
+
+def refuse_run(tmp_path: Path, model: Path, *needles: str, command: str = "collect") -> str:
+    """collect (or full / eval) on a bad GGUF: exit 2, one line, nothing written, the source untouched."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir(exist_ok=True)
+    before = sha256_file(model)
+    out = {"eval": (), "collect": ("--out", out_dir / "t.zarr"), "full": ("--out", out_dir / "o.gguf", "--ratio", "0.5")}
+    out = out[command]
+    res = run(command, model, "--dataset-file", CALIB, "--max-tokens", "256", *out)
+    line = error_line(res, *needles)
+    assert sha256_file(model) == before
+    assert list(out_dir.iterdir()) == []
+    return line
+
+
+def converted(tmp_path: Path, monkeypatch, fixture_model, **patches) -> Path:
+    """The qwen3_moe fixture converted with parts of the converter replaced."""
+    from reap_stream.testing import gguf_convert
+
+    for name, value in patches.items():
+        monkeypatch.setattr(gguf_convert, name, value)
+    return gguf_convert.convert_mlx_to_gguf(fixture_model("qwen3_moe"), tmp_path / "model.gguf")[0]
+
+
+@pytest.mark.parametrize("command", ["collect", "full", "eval"])
+def test_a_gguf_without_tokenizer_metadata(tmp_path, monkeypatch, fixture_model, command):
+    model = converted(tmp_path, monkeypatch, fixture_model, _tokenizer=lambda writer, root: None)
+    refuse_run(tmp_path, model, "model.gguf", "'tokenizer.ggml.model' is missing: the GGUF carries no tokenizer",
+               command=command)
+
+
+def test_a_tokenizer_llama_cpp_would_not_know(tmp_path, monkeypatch, fixture_model):
+    def odd_tokenizer(writer, root):
+        writer.add_string("tokenizer.ggml.model", "gpt2")
+        writer.add_string("tokenizer.ggml.pre", "made-up")
+        writer.add_array("tokenizer.ggml.tokens", ["a", "b"])
+
+    model = converted(tmp_path, monkeypatch, fixture_model, _tokenizer=odd_tokenizer)
+    refuse_run(tmp_path, model, "model.gguf", "tokenizer.ggml.pre 'made-up' is not a pre-tokenizer llama.cpp knows")
+
+    def wordpiece(writer, root):
+        writer.add_string("tokenizer.ggml.model", "bert")
+
+    model.unlink()
+    model = converted(tmp_path, monkeypatch, fixture_model, _tokenizer=wordpiece)
+    refuse_run(tmp_path, model, "model.gguf", "tokenizer.ggml.model 'bert' is not supported")
+
+
+def test_a_quant_type_gguf_py_cannot_dequantise_is_refused_by_collect_not_by_apply(tmp_path, monkeypatch,
+                                                                                    fixture_model):
+    from reap_stream.testing import gguf_convert
+
+    odd = "blk.1.ffn_up_exps.weight"
+    real_qtype, real_encode = gguf_convert._qtype, gguf_convert._encode
+
+    def qtype(q, gname, arr):
+        return T.Q8_1 if gname == odd else real_qtype(q, gname, arr)
+
+    def encode(arr, t):   # Q8_1: 40 bytes per 32 values; the bytes do not matter here
+        return np.zeros((*arr.shape[:-1], arr.shape[-1] // 32 * 40), np.uint8) if t == T.Q8_1 else real_encode(arr, t)
+
+    model = converted(tmp_path, monkeypatch, fixture_model, _qtype=qtype, _encode=encode)
+    refuse_run(tmp_path, model, "model.gguf", f"tensor '{odd}': ggml type Q8_1 cannot be dequantised by gguf-py's quants")
+    pruned = tmp_path / "pruned.gguf"
+    plan = tmp_path / "plan.json"
+    mlx_plan("qwen3_moe").save(plan)
+    assert run("apply", model, plan, "--out", pruned, "--quiet").exit_code == 0   # apply never dequantises
+    assert gguf.GGUFReader(pruned).tensors[[t.name for t in gguf.GGUFReader(pruned).tensors].index(odd)].tensor_type == T.Q8_1
+
+
+def test_an_architecture_whose_expert_tensors_are_missing(tmp_path):
+    from reap_stream.testing.gguf_synth import write_moe_gguf
+
+    model = write_moe_gguf(tmp_path / "model.gguf", "qwen3moe", roles={})
+    refuse_run(tmp_path, model, "model.gguf", "no MoE expert tensors found for architecture 'qwen3moe' "
+                                              "(gguf-py lists blk.N.ffn_gate_exps")
+
+
+def test_an_architecture_mlx_lm_cannot_run(tmp_path):
+    from reap_stream.testing.gguf_synth import write_moe_gguf
+
+    model = write_moe_gguf(tmp_path / "model.gguf", "grovemoe")
+    refuse_run(tmp_path, model, "model.gguf", "collect needs an mlx_lm model class; 'grovemoe' has none")
+
+
+@pytest.mark.parametrize("command", ["collect", "full"])
+def test_a_split_set_with_a_missing_part(gguf_model, tmp_path, command):
+    src = gguf_model("qwen3_moe", "q8_0", split=20)
+    parts = tmp_path / "parts"
+    shutil.copytree(src.parent, parts)
+    (parts / "model-00002-of-00003.gguf").unlink()
+    refuse_run(tmp_path, parts / "model-00001-of-00003.gguf", "model-00002-of-00003.gguf",
+               "split part 2 of 3 is missing", command=command)

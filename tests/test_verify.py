@@ -193,7 +193,7 @@ def test_a_recompacted_gguf_verifies_and_a_wrong_expert_count_is_caught(fixture_
     r = run("apply", gguf, tmp_path / "p.json", "--out", out)
     assert r.exit_code == 0, r.output
     ok = run("verify", out)
-    assert ok.exit_code == 0 and "no checksums" in ok.output
+    assert ok.exit_code == 0 and "1 GGUF part(s) match the manifest" in ok.output
     raw = bytearray(out.read_bytes())
     key = b"qwen3moe.expert_count"
     at = raw.index(key) + len(key) + 4             # skip the u32 value type
@@ -202,3 +202,25 @@ def test_a_recompacted_gguf_verifies_and_a_wrong_expert_count_is_caught(fixture_
     out.write_bytes(bytes(raw))
     lines = failures(run("verify", out))
     assert f"{tmp_path}/pruned.gguf: shape: blk.0.ffn_gate_exps.weight: 4 experts, metadata says layer 0 has 8" in lines
+    assert any(line.startswith(f"{tmp_path}/pruned.gguf: checksum: blake3 differs") for line in lines)
+
+
+def test_a_gguf_sidecar_manifest_in_sha256_verifies_and_catches_a_changed_byte(fixture_model, tmp_path):
+    from reap_stream.surgery.gguf import manifest_path
+    from reap_stream.testing.gguf_convert import cached_gguf
+
+    mlx = fixture_model("qwen3_moe", "fp32")
+    gguf = cached_gguf("qwen3_moe", "f32", tmp_path / "gguf", mlx)[0]
+    assert run("init", "--out", tmp_path / "t", "--like", mlx, "--tokens", 64).exit_code == 0
+    assert run("plan", tmp_path / "t", "--out", tmp_path / "p.json", "--method", "reap", "--ratio", 0.5).exit_code == 0
+    out = tmp_path / "pruned.gguf"
+    assert run("apply", gguf, tmp_path / "p.json", "--out", out, "--manifest-hash", "sha256", "--quiet").exit_code == 0
+    sidecar = json.loads(manifest_path(out).read_text())
+    assert sidecar["hash"] == "sha256"
+    assert sidecar["files"]["pruned.gguf"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert run("verify", out).exit_code == 0
+    raw = bytearray(out.read_bytes())
+    raw[-1] ^= 1                                   # the file's last byte
+    out.write_bytes(bytes(raw))
+    lines = failures(run("verify", out))
+    assert any(line.startswith(f"{out}: checksum: sha256 differs from the manifest") for line in lines)

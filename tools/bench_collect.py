@@ -1,12 +1,15 @@
 """Benchmark `collect`: tokens/s and peak RSS, stream vs memory mode, side by side.
 
 Models: the largest tiny test fixture, and larger synthetic Qwen3-MoE checkpoints of 8 and 16
-layers with the same layer shape (peak RSS of stream mode should not grow with the layer count).
+layers with the same layer shape (peak RSS of stream mode should not grow with the layer count);
+with `--family F`, a synthetic checkpoint of family F instead (FAMILY_SHAPES: e.g. qwen3_next, whose
+Gated-DeltaNet linear-attention layers run through mlx_lm's own modules in both modes).
 Each (model, mode) runs in a fresh process `--repeats` times, alternating modes; the table gives
 medians. The RSS budget is: largest layer's tensor bytes + one activation chunk + 512 MiB.
 
     python tools/bench_collect.py                 # full run, markdown table on stdout
     python tools/bench_collect.py --quick         # fewer tokens, 1 repeat (smoke test)
+    python tools/bench_collect.py --family qwen3_next   # a hybrid family
 """
 from __future__ import annotations
 
@@ -24,6 +27,13 @@ REPO = Path(__file__).resolve().parents[1]
 # larger synthetic model: layer shape fixed, layer count varied
 SYNTH_SHAPE = {"hidden_size": 512, "num_experts": 64, "num_experts_per_tok": 8, "moe_intermediate_size": 256,
                "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64}
+# --family F: that family's synthetic model (8 layers), its layer shape beside SYNTH_SHAPE's
+FAMILY_SHAPES = {
+    # 3 of 4 layers Gated DeltaNet (linear attention), shared expert behind its sigmoid gate
+    "qwen3_next": {**SYNTH_SHAPE, "num_hidden_layers": 8, "shared_expert_intermediate_size": 512,
+                   "linear_num_value_heads": 8, "linear_num_key_heads": 4, "linear_key_head_dim": 64,
+                   "linear_value_head_dim": 64, "full_attention_interval": 4, "mlp_only_layers": []},
+}
 
 
 def child(model: str, mode: str, num_tokens: int, seq_len: int, chunk_tokens: int, out: str) -> None:
@@ -61,10 +71,20 @@ def largest_layer_bytes(model_dir: Path) -> int:
     return max(per_layer.values())
 
 
+def family_model(root: Path, family: str) -> list[tuple[str, Path]]:
+    from reap_stream.testing import synth
+
+    shape = FAMILY_SHAPES[family]
+    path = root / f"{family}-h{shape['hidden_size']}-L{shape['num_hidden_layers']}"
+    if not (path / "model.safetensors.index.json").exists():
+        synth.make_mlx_fixture(family, path, seed=1, num_shards=4, config_overrides=shape)
+    return [(f"synthetic {family} h{shape['hidden_size']} e64, {shape['num_hidden_layers']} layers", path)]
+
+
 def models(root: Path) -> list[tuple[str, Path]]:
     from reap_stream.testing import synth
 
-    fixtures = [(f, synth.cached_fixture(f, "fp32", REPO / "fixtures" / "generated")) for f in synth.FAMILIES]
+    fixtures = [(f, synth.cached_fixture(f, "fp32", REPO / "fixtures" / "generated")) for f in synth.FIRST_FAMILIES]
     size = lambda p: sum(f.stat().st_size for f in p.glob("*.safetensors"))  # noqa: E731
     family, largest = max(fixtures, key=lambda fp: size(fp[1]))
     out = [(f"fixture {family} (largest)", largest)]
@@ -85,6 +105,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--chunk-tokens", type=int, default=2048)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--family", choices=sorted(FAMILY_SHAPES), help="bench a synthetic model of this family")
     ap.add_argument("--child", nargs=6, metavar=("MODEL", "MODE", "TOKENS", "SEQ", "CHUNK", "OUT"))
     args = ap.parse_args()
     if args.child:
@@ -94,7 +115,7 @@ def main() -> None:
         args.repeats, args.tokens = 1, 1024
     args.root.mkdir(parents=True, exist_ok=True)
     rows = []
-    for label, path in models(args.root):
+    for label, path in family_model(args.root, args.family) if args.family else models(args.root):
         runs: dict[str, list[dict]] = {"stream": [], "memory": []}
         for r in range(args.repeats):
             for mode in ("stream", "memory"):

@@ -117,7 +117,7 @@ def breakdown_child(ckpt: str, calib: str, tokens: int, window: int, limit: str 
     from collections import defaultdict
 
     from reap_stream.families import expert_source, experts, self_check
-    from reap_stream.runner import skeleton, spill, stream
+    from reap_stream.runner import skeleton, spill, stream, weights
     from reap_stream.telemetry import accumulate, store
 
     totals: dict[str, float] = defaultdict(float)
@@ -151,7 +151,7 @@ def breakdown_child(ckpt: str, calib: str, tokens: int, window: int, limit: str 
 
     experts.slabs = slabs
     for owner, name, label in [
-        (stream.StreamRunner, "embed", "embedding"), (skeleton.Weights, "load", "reading the layer's other tensors"),
+        (stream.StreamRunner, "embed", "embedding"), (weights.Weights, "load", "reading the layer's other tensors"),
         (stream, "split_layer_forward", "layer (two lanes)"), (skeleton.Forward, "layer_forward", "layer (one lane)"),
         (experts, "capture", "MoE block"), (experts, "run_experts", "experts (incl. waiting for reads)"),
         (self_check, "self_check", "self-check: block forward"), (self_check.ExpertCheck, "__call__", "self-check: experts"),

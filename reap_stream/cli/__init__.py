@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
 
 from .. import __version__
-from ..errors import BadInput
+from ..errors import BadInput, one_line, os_error
+
+# Quiet by default: a command's stderr holds its progress bars and at most one error line. The
+# libraries below us announce their own state (transformers: "PyTorch was not found" on every run
+# without torch, which tokenizers do not need); a user who wants their messages sets these.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 # command name -> ("module:attribute" of its click command, the first line of its help). The
 # summaries are here so that `reap-stream --help` imports no command module (tests/test_cli.py
@@ -24,21 +31,24 @@ COMMANDS = {
                "Summarise TELEMETRY (and a plan made from it) as markdown and PNG figures."),
     "verify": ("reap_stream.cli.verify:verify_cmd",
                "Check OUT_DIR's manifest checksums, tensor shapes against config.json, and the plan record "
-               "(or, for a recompacted .gguf file, its layout and expert counts)."),
+               "(or, for a recompacted .gguf file, its manifest checksums, layout and expert counts)."),
     "doctor": ("reap_stream.cli.doctor:doctor_cmd",
                "Report the BLAS, MLX device, memory and package versions reap-stream will use."),
-    "full": ("reap_stream.cli.full:full_cmd", "Collect telemetry, plan and apply in one resumable run."),
+    "full": ("reap_stream.cli.full:full_cmd",
+             "Collect telemetry, plan and apply in one resumable run (a GGUF MODEL gives a GGUF --out)."),
     "estimate": ("reap_stream.cli.estimate:estimate_cmd",
                  "Peak memory, disk and time of collect -> plan -> apply on MODEL, from its config.json and "
                  "safetensors headers (or a bare config.json), without reading any weight."),
     "demo": ("reap_stream.cli.demo:demo_cmd",
              "Generate a tiny MoE, prune it with REAP end to end, and check the result."),
     "collect": ("reap_stream.cli.collect:collect_cmd",
-                "Collect REAP telemetry of MODEL_DIR on calibration text into --out."),
+                "Collect REAP telemetry of MODEL_DIR (a model directory or a GGUF file) on calibration text "
+                "into --out."),
     "merge": ("reap_stream.cli.collect:merge_cmd",
               "Add telemetry stores of one model collected on disjoint calibration shards."),
     "eval": ("reap_stream.cli.eval:eval_cmd",
-             "Perplexity of MODEL_DIR on --prompt / --dataset-file text, computed layer by layer."),
+             "Perplexity of MODEL_DIR (a model directory or a GGUF file) on --prompt / --dataset-file text, "
+             "layer by layer."),
     "compare": ("reap_stream.cli.eval:compare_cmd",
                 "Max and mean |logit difference| of MODEL_A and MODEL_B on the same tokens (A's tokenizer)."),
 }
@@ -62,8 +72,14 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except BadInput as e:
-            click.echo(f"reap-stream: error: {e}", err=True)
-            sys.exit(2)
+            _fail(e)
+        except OSError as e:  # the file system refused something no command foresaw: still one line
+            _fail(os_error(e))
+
+
+def _fail(e: BadInput) -> None:
+    click.echo(f"reap-stream: error: {one_line(str(e))}", err=True)
+    sys.exit(2)
 
 
 @click.group(cls=LazyGroup)

@@ -7,16 +7,16 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .options import manifest_hash_option, max_shard_option, parse_size
+from .options import PATH, manifest_hash_option, max_shard_option, parse_size
 
 if TYPE_CHECKING:
     from ..families.model import Model
     from ..planning.plan import Plan
 
 @click.command("apply")
-@click.argument("model", type=click.Path(exists=True, path_type=Path))
-@click.argument("plan_path", metavar="PLAN", type=click.Path(path_type=Path))
-@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Output directory (or .gguf file).")
+@click.argument("model", type=PATH)
+@click.argument("plan_path", metavar="PLAN", type=PATH)
+@click.option("--out", "out", required=True, type=PATH, help="Output directory (or .gguf file).")
 @click.option("--dry-run", is_flag=True, help="Validate and print the output layout; write nothing.")
 @max_shard_option
 @manifest_hash_option
@@ -37,7 +37,8 @@ def apply_cmd(model: Path, plan_path: Path, out: Path, dry_run: bool, max_shard_
     if resolved.is_gguf:
         from ..surgery.gguf import apply_gguf
         summary = apply_gguf(resolved, plan, out, overwrite=overwrite, dry_run=dry_run, buffer_bytes=buffer_bytes,
-                             plan_where=str(plan_path), progress=not quiet and not as_json)
+                             plan_where=str(plan_path), progress=not quiet and not as_json,
+                             ignore_fingerprint=ignore_fingerprint, manifest_hash=manifest_hash)
     else:
         summary = _apply_safetensors(resolved, plan, plan_path, out, dry_run=dry_run, overwrite=overwrite,
                                      max_shard=max_shard_bytes, ignore_fingerprint=ignore_fingerprint,

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from .options import PATH
+
 
 def demo_calibration_text() -> str:
     """Real text present on every machine: a few standard-library modules' source."""
@@ -18,7 +20,7 @@ def demo_calibration_text() -> str:
 
 
 @click.command("demo")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("reap-stream-demo"), show_default=True)
+@click.option("--out", type=PATH, default=Path("reap-stream-demo"), show_default=True)
 @click.option("--family", default="qwen3_moe", show_default=True, help="Tiny model family to generate.")
 @click.option("--ratio", type=float, default=0.5, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
@@ -29,12 +31,25 @@ def demo_cmd(out: Path, family: str, ratio: float, as_json: bool) -> None:
     plan), then checks that mlx_lm loads the pruned model and that its logits equal the original's
     with the pruned experts masked out of routing.
     """
-    import numpy as np
-
     from ..blas import ensure_blas
 
     ensure_blas()  # before synth imports mlx
     from ..errors import BadInput
+    from ..io.lock import exclusive
+    from ..runner.distributed import world
+    from ..testing import synth
+
+    if world().size > 1:
+        raise BadInput("demo", "runs in one process; start it without mlx.launch")
+    if family not in synth.FAMILIES:
+        raise BadInput("--family", f"unknown family {family!r}; choose from {', '.join(synth.FAMILIES)}")
+    with exclusive(out, "demo directory"):
+        _demo(out, family, ratio, as_json)
+
+
+def _demo(out: Path, family: str, ratio: float, as_json: bool) -> None:
+    import numpy as np
+
     from ..families.masking import masked_logits
     from ..families.model import open_model
     from ..pipeline import run_full
@@ -45,8 +60,6 @@ def demo_cmd(out: Path, family: str, ratio: float, as_json: bool) -> None:
     from ..telemetry.calibration import CalibrationOptions
     from ..testing import synth
 
-    if family not in synth.FAMILIES:
-        raise BadInput("--family", f"unknown family {family!r}; choose from {', '.join(synth.FAMILIES)}")
     out.mkdir(parents=True, exist_ok=True)
     model = out / "model"
     if not (model / "config.json").exists():

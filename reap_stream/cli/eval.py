@@ -9,10 +9,10 @@ import click
 
 from ..runner.chunks import RunOptions
 from ..telemetry.calibration import CalibrationOptions
-from .options import calibration_options, run_options
+from .options import PATH, calibration_options, run_options
 
 _mask_plan = click.option(
-    "--mask-plan", type=click.Path(path_type=Path), default=None,
+    "--mask-plan", type=PATH, default=None,
     help="Evaluate as if this plan's pruned experts were gone (masked from routing; in compare, from "
          "MODEL_A's routing: e.g. the original vs its pruned output).")
 _ignore_fingerprint = click.option("--ignore-fingerprint", is_flag=True,
@@ -21,7 +21,7 @@ _json = click.option("--json", "as_json", is_flag=True, help="Print a JSON summa
 
 
 def _open(path: Path, calibration: CalibrationOptions | None = None):
-    """The resolved model (a model that can run: safetensors), and the calibration tokenised with
+    """The resolved model (one mlx_lm can run: safetensors or GGUF), and the calibration tokenised with
     its tokenizer when `calibration` is given."""
     from ..blas import ensure_blas
 
@@ -30,12 +30,12 @@ def _open(path: Path, calibration: CalibrationOptions | None = None):
     from ..telemetry.tokenizer import tokenise
 
     model = open_model(path)
-    model.require_checkpoint("eval and compare")
+    model.require_runnable("eval and compare")
     return model, (tokenise(model, calibration) if calibration is not None else None)
 
 
 @click.command("eval")
-@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("model_dir", type=PATH)
 @calibration_options
 @run_options
 @_mask_plan
@@ -43,12 +43,15 @@ def _open(path: Path, calibration: CalibrationOptions | None = None):
 @_json
 def eval_cmd(model_dir: Path, calibration: CalibrationOptions, run: RunOptions, mask_plan: Path | None,
              ignore_fingerprint: bool, as_json: bool) -> None:
-    """Perplexity of MODEL_DIR on --prompt / --dataset-file text, computed layer by layer."""
+    """Perplexity of MODEL_DIR (a model directory or a GGUF file) on --prompt / --dataset-file text, layer by layer."""
     from ..eval import mask_from_plan, perplexity
+    from ..runner.distributed import world
 
     model, calib = _open(model_dir, calibration)
     mask = mask_from_plan(mask_plan, model, ignore_fingerprint=ignore_fingerprint) if mask_plan else None
     result = perplexity(model, calib.sequences, run, mask=mask, progress=not as_json, where=calibration.where)
+    if world().rank > 0:
+        return   # every rank has the result; rank 0 reports it
     if as_json:
         summary = {"model": str(model_dir), "mask_plan": None if mask_plan is None else str(mask_plan),
                    "masked_experts": {str(k): v for k, v in sorted((mask or {}).items())},
@@ -62,8 +65,8 @@ def eval_cmd(model_dir: Path, calibration: CalibrationOptions, run: RunOptions, 
 
 
 @click.command("compare")
-@click.argument("model_a", type=click.Path(path_type=Path))
-@click.argument("model_b", type=click.Path(path_type=Path))
+@click.argument("model_a", type=PATH)
+@click.argument("model_b", type=PATH)
 @calibration_options
 @run_options
 @_mask_plan

@@ -9,15 +9,16 @@ import click
 from ..planning.planner import PlanOptions
 from ..runner.chunks import RunOptions
 from ..telemetry.calibration import CalibrationOptions
-from .options import calibration_options, manifest_hash_option, max_shard_option, plan_options, run_options
+from .options import PATH, calibration_options, manifest_hash_option, max_shard_option, plan_options, run_options
 
 
 @click.command("full")
-@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.argument("model_path", metavar="MODEL", type=PATH)
 @calibration_options
 @plan_options
 @run_options
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Pruned model directory.")
+@click.option("--out", required=True, type=PATH,
+              help="Pruned model directory (a .gguf file when MODEL is a GGUF).")
 @click.option("--renorm-topk/--no-renorm-topk", default=True, show_default=True,
               help="Router weight g = probability divided by the token's top-k sum (the reference's default).")
 @max_shard_option
@@ -26,7 +27,7 @@ from .options import calibration_options, manifest_hash_option, max_shard_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def full_cmd(model_path: Path, calibration: CalibrationOptions, plan_options: PlanOptions, run: RunOptions, out: Path,
              renorm_topk: bool, max_shard_bytes: int, manifest_hash: str, overwrite: bool, as_json: bool) -> None:
-    """Collect telemetry, plan and apply in one resumable run."""
+    """Collect telemetry, plan and apply in one resumable run (a GGUF MODEL gives a GGUF --out)."""
     from ..blas import blas_info, ensure_blas
 
     ensure_blas()  # before the first `import mlx`
@@ -36,6 +37,8 @@ def full_cmd(model_path: Path, calibration: CalibrationOptions, plan_options: Pl
     summary = run_full(open_model(model_path), calibration, out, plan_options, run, renorm_topk=renorm_topk,
                        max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=not as_json,
                        manifest_hash=manifest_hash)
+    if summary["collect"].get("distributed", {}).get("rank", 0) > 0:
+        return   # rank 0 plans, applies and reports
     summary["blas"] = blas_info()
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))

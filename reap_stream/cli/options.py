@@ -15,6 +15,11 @@ from ..runner.chunks import EXPERT_KERNELS, MODES, RunOptions
 from ..telemetry.calibration import FORMATS, CalibrationOptions
 
 
+# every path option: click's own checks ("Path 'x' is not readable." as a usage error, and wrong as
+# root) are left to the commands, which say what is wrong with the file in one line
+PATH = click.Path(path_type=Path, readable=False)
+
+
 def _grouped(options: tuple, prefix: str, make: Callable[[dict], object], name: str) -> Callable:
     """A click decorator adding `options` (parameter names starting with `prefix`) and passing them
     on as one keyword argument `name` = make({field: value})."""
@@ -72,7 +77,7 @@ _RUN = (
                  help="Tokens per activation chunk (whole sequences of equal length are batched)."),
     click.option("--sample-batch-size", "run_sample_batch_size", type=int, default=None,
                  help="At most this many sequences per chunk (default: as many as --chunk-tokens holds)."),
-    click.option("--work-dir", "run_work_dir", type=click.Path(path_type=Path), default=None,
+    click.option("--work-dir", "run_work_dir", type=PATH, default=None,
                  help="Spilled hidden states and resume state (default: beside --out; eval and compare: a "
                       "temporary directory, removed afterwards)."),
     click.option("--max-memory", "run_max_memory", default=None, metavar="SIZE",
@@ -83,6 +88,9 @@ _RUN = (
                  show_default=True,
                  help="How experts run: loop (one float32 BLAS matmul chain per expert, the CPU's), gather "
                       "(MLX's gather matmuls in the model's dtype, an accelerator's), auto (by device)."),
+    click.option("--distributed", "run_distributed", is_flag=True,
+                 help="Run as one rank of an mlx.launch group and refuse to run alone (under mlx.launch a "
+                      "group of 2 or more is joined anyway); see docs/distributed.md."),
 )
 
 

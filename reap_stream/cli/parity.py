@@ -8,22 +8,23 @@ from pathlib import Path
 import click
 
 from ..planning.planner import PlanOptions
-from .options import plan_options
+from .options import PATH, plan_options
 
 
 @click.command("parity")
-@click.argument("left", type=click.Path(path_type=Path))
-@click.argument("right", type=click.Path(path_type=Path))
+@click.argument("left", type=PATH)
+@click.argument("right", type=PATH)
 @plan_options
 @click.option("--require-identical-telemetry", is_flag=True,
               help="Fail unless the telemetry is bit-identical (not merely the same prune sets).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for parity.json and parity.md.")
+@click.option("--out", required=True, type=PATH, help="Directory for parity.json and parity.md.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report.")
 def parity_cmd(left: Path, right: Path, plan_options: PlanOptions, require_identical_telemetry: bool, out: Path,
                as_json: bool) -> None:
     """Compare telemetry stores LEFT and RIGHT; exit 1 when they disagree on what to prune."""
     from ..errors import BadInput
     from ..io.files import write_text_atomic
+    from ..io.lock import exclusive
     from ..planning.parity import compare, to_markdown
     from ..telemetry.store import TelemetryStore
 
@@ -31,9 +32,10 @@ def parity_cmd(left: Path, right: Path, plan_options: PlanOptions, require_ident
                      require_identical_telemetry=require_identical_telemetry)
     if out.exists() and not out.is_dir():
         raise BadInput(out, "output exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "parity.json", json.dumps(report, indent=1, sort_keys=True) + "\n")
-    write_text_atomic(out / "parity.md", to_markdown(report))
+    with exclusive(out, "parity report"):
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "parity.json", json.dumps(report, indent=1, sort_keys=True) + "\n")
+        write_text_atomic(out / "parity.md", to_markdown(report))
     if as_json:
         click.echo(json.dumps(report, indent=1, sort_keys=True))
     else:

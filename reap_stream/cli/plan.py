@@ -7,20 +7,21 @@ from pathlib import Path
 import click
 
 from ..planning.planner import PlanOptions
-from .options import plan_options
+from .options import PATH, plan_options
 
 
 @click.command("plan")
-@click.argument("telemetry", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Plan JSON to write.")
+@click.argument("telemetry", type=PATH)
+@click.option("--out", required=True, type=PATH, help="Plan JSON to write.")
 @plan_options
-@click.option("--model", "model_path", type=click.Path(path_type=Path),
+@click.option("--model", "model_path", type=PATH,
               help="Source model: checks the telemetry belongs to it and leaves its hash/MTP layers whole.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def plan_cmd(telemetry: Path, out: Path, plan_options: PlanOptions, model_path: Path | None, as_json: bool) -> None:
     """Choose the experts to prune from TELEMETRY and write a plan."""
     from ..errors import BadInput
     from ..families.model import open_model
+    from ..io.lock import exclusive
     from ..planning.planner import check_store_model, make_plan
     from ..telemetry.store import TelemetryStore
 
@@ -33,7 +34,8 @@ def plan_cmd(telemetry: Path, out: Path, plan_options: PlanOptions, model_path: 
         check_store_model(store, model)
         frozen = model.structure.frozen_layers
     plan = make_plan(store, plan_options, frozen=frozen, progress=not as_json)
-    plan.save(out)
+    with exclusive(out, "plan"):
+        plan.save(out)
     summary = {
         "out": str(out), "telemetry": str(telemetry), "method": plan.method, "ratio": plan.ratio, "uniform": plan.uniform,
         "kept_per_layer": {str(k): len(lp.kept) for k, lp in sorted(plan.layers.items())},

@@ -7,15 +7,17 @@ import click
 
 from ..planning.criteria import METHODS
 from ..errors import BadInput
+from ..io.lock import exclusive
 from ..planning.plan import Plan
 from ..telemetry.store import TelemetryStore
+from .options import PATH
 
 
 @click.command("report")
-@click.argument("telemetry", type=click.Path(path_type=Path))
-@click.option("--plan", "plan_path", type=click.Path(path_type=Path), help="Overlay this plan's kept/pruned experts.")
+@click.argument("telemetry", type=PATH)
+@click.option("--plan", "plan_path", type=PATH, help="Overlay this plan's kept/pruned experts.")
 @click.option("--method", type=click.Choice(METHODS), help="Saliency criterion to show (default: the plan's, else reap).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for report.md and PNGs.")
+@click.option("--out", required=True, type=PATH, help="Directory for report.md and PNGs.")
 def report_cmd(telemetry: Path, plan_path: Path | None, method: str | None, out: Path) -> None:
     """Summarise TELEMETRY (and a plan made from it) as markdown and PNG figures."""
     store = TelemetryStore.open(telemetry)
@@ -24,5 +26,6 @@ def report_cmd(telemetry: Path, plan_path: Path | None, method: str | None, out:
         raise BadInput(out, "output exists and is not a directory")
     from ..planning.report import write_report  # matplotlib loads only when a report is made
 
-    written = write_report(store, out, plan=plan, plan_where=str(plan_path) if plan_path else None, method=method)
+    with exclusive(out, "report"):
+        written = write_report(store, out, plan=plan, plan_where=str(plan_path) if plan_path else None, method=method)
     click.echo(f"wrote {out}: " + ", ".join(p.name for p in written))

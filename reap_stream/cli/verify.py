@@ -8,21 +8,22 @@ from pathlib import Path
 import click
 
 from ..surgery.verify import verify_output
+from .options import PATH
 
 
 @click.command("verify")
-@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=PATH)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def verify_cmd(out_dir: Path, as_json: bool, quiet: bool) -> None:
     """Check OUT_DIR's manifest checksums, tensor shapes against config.json, and the plan record
-    (or, for a recompacted .gguf file, its layout and expert counts)."""
+    (or, for a recompacted .gguf file, its manifest checksums, layout and expert counts)."""
     result = verify_output(out_dir, progress=not quiet and not as_json)
     if as_json:
         click.echo(json.dumps(result, indent=2, sort_keys=True))
     elif result["ok"] and result["format"] == "gguf":
-        click.echo(f"{out_dir}: OK ({result['files_checked']} GGUF part(s): layout and expert counts consistent; "
-                   "no manifest, so no checksums)")
+        click.echo(f"{out_dir}: OK ({result['files_checked']} GGUF part(s) match the manifest; layout and expert "
+                   "counts consistent)")
     elif result["ok"]:
         click.echo(f"{out_dir}: OK ({result['files_checked']} files match the manifest; shapes and plan consistent)")
     else:

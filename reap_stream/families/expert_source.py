@@ -25,6 +25,8 @@ import numpy as np
 
 from ..blas import mlx_core
 from ..io.safetensors import Checkpoint, TensorRef, read_rows
+from .schema import Routing
+from .stacks import num_experts as stack_size
 from .table import Family, classify
 
 # parameters of one projection of an expert stack, as mlx_lm names them
@@ -127,21 +129,35 @@ def ready(slab: ExpertSlab) -> ExpertSlab:
 
 
 class ModuleExperts:
-    """The experts of a loaded expert stack (a SwitchGLU or like module): slices, nothing read."""
+    """The experts of a loaded expert stack (a SwitchGLU or like module): slices, nothing read. A
+    list of expert modules (DBRX: no projections) serves empty slabs; its experts run as modules."""
 
     def __init__(self, switch, projections: tuple[str, ...]):
         self.switch, self.projections = switch, projections
-        self.num_experts = int(getattr(switch, projections[0])["weight"].shape[0])
+        self.num_experts = stack_size(switch)
 
     @property
     def expert_bytes(self) -> int:
+        if not self.projections:
+            from mlx.utils import tree_flatten
+            return sum(a.nbytes for _, a in tree_flatten(self.switch[0].parameters())) if self.num_experts else 0
         return sum(getattr(self.switch, p)[k].nbytes for p in self.projections for k in PARAMS
-                   if k in getattr(self.switch, p)) // self.num_experts
+                   if k in getattr(self.switch, p)) // max(self.num_experts, 1)
 
     def read(self, lo: int, hi: int) -> ExpertSlab:
         arrays = {p: {k: getattr(self.switch, p)[k][lo:hi] for k in PARAMS if k in getattr(self.switch, p)}
                   for p in self.projections}
         return ExpertSlab(lo, hi, arrays)
+
+
+def by_range(fam: Family) -> bool:
+    """Whether a family's routed experts may be read by range and checked by replay: a stack of
+    projections under the MoE block that the block calls with its own input. Other forms (the
+    decoder layer's own router, experts in a latent space, identity experts, an expert input scaled
+    by the router) load the layer whole and run the whole-stack path; so do layouts a byte range
+    cannot serve (checkpoint_experts)."""
+    return bool(fam.block) and "." not in fam.stacked and not fam.latent and fam.identity_experts is None \
+        and fam.routing not in (Routing.TOP1_SIGMOID_INPUT, Routing.LAYER_ROUTER)
 
 
 def checkpoint_experts(ckpt: Checkpoint, fam: Family, layer: int, prefix: str,
@@ -150,6 +166,8 @@ def checkpoint_experts(ckpt: Checkpoint, fam: Family, layer: int, prefix: str,
     is not one a byte range can serve (then the layer loads whole, through the family's own
     sanitize). `params`: the skeleton's parameter name -> (shape, dtype); `prefix`: the decoder
     layers' name prefix ("model.layers.")."""
+    if not by_range(fam):
+        return None
     stack = f"{prefix}{layer}.{fam.block}.{fam.stacked}."
     refs: dict[str, dict[str, TensorRef | list[TensorRef]]] = {}
     per_expert: dict[tuple[str, str], dict[int, TensorRef]] = {}

@@ -4,15 +4,16 @@ time, and its output rebuilt from them.
 `capture` routes exactly (families/routing.py), then runs the routed experts grouped by expert and
 rebuilds the block's output from them, so the same pass yields the block output for the next layer
 and the per-expert outputs the telemetry needs. Experts come from an `ExpertSource`
-(families/expert_source.py) in chunks [lo, hi), so a layer's experts are never whole in memory.
-Two kernels run them, behind the same call:
+(families/expert_source.py) in chunks [lo, hi), so where a layer's experts are read by byte range
+they are never whole in memory. Two kernels run them, behind the same call:
 
 - "loop" (the CPU's): one float32 BLAS matmul chain per expert (half-precision weights upcast and
   quantised weights dequantised one expert at a time), shared out to two lanes; Σ w·f(x) in numpy
   in a fixed order, so the bits never depend on the chunking of experts or on the lanes.
 - "gather" (Metal's): mlx_lm's own gather / quantised gather matmuls over the chunk's rows sorted by
   expert, in the model's dtype, and the weighted sum in MLX; one transfer of the outputs per chunk
-  of tokens for the telemetry, no per-expert round trip to the host.
+  of tokens for the telemetry, no per-expert round trip to the host. Stacks of expert modules
+  (DBRX) and identity experts (LongCat) run the loop.
 
 The self-check (families/self_check.py) compares the result with the block's own code.
 """
@@ -27,35 +28,10 @@ import numpy as np
 from ..blas import blas_threads, lane_threads
 from ..errors import BadInput
 from .expert_source import ExpertSlab, ExpertSource, ModuleExperts, expert_ranges, slabs
-from .routing import ROUTERS, Routed, shared_output
-from .table import Family
-
-@dataclass(frozen=True)
-class StackKind:
-    """How an expert stack module computes one expert: its projections (modules under the
-    stack, each a (Quantized)SwitchLinear) and the chain that combines them. `proj(name, x)`
-    applies projection `name` of the current expert(s) to x."""
-
-    projections: tuple[str, ...]
-    chain: Callable[[object, Callable], Callable]
-
-
-def _glu(switch, proj: Callable) -> Callable:
-    return lambda x: proj("down_proj", switch.activation(proj("up_proj", x), proj("gate_proj", x)))
-
-
-# expert stack module class -> how it computes; a new kind of stack is one entry here
-STACK_KINDS: dict[str, StackKind] = {
-    "SwitchGLU": StackKind(("gate_proj", "up_proj", "down_proj"), _glu),
-}
-
-
-def stack_kind(switch) -> StackKind:
-    for cls in type(switch).__mro__:
-        if cls.__name__ in STACK_KINDS:
-            return STACK_KINDS[cls.__name__]
-    raise BadInput("model", f"expert module {type(switch).__name__} is not a supported expert stack "
-                            f"({', '.join(STACK_KINDS)})")
+from .routing import ROUTERS, Routed, combine
+from .stacks import expert_forward, out_dims, projections
+from .stacks import parameters as stack_parameters
+from .table import Family, attr
 
 
 def resolve_kernel(kernel: str) -> str:
@@ -115,10 +91,11 @@ class ExpertPlan:
 
 
 def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int, weights: np.ndarray,
-                pair: Pair | None = None, plan: ExpertPlan = ExpertPlan(),
+                pair: Pair | None = None, input_scale: np.ndarray | None = None, plan: ExpertPlan = ExpertPlan(),
                 on_slab: OnSlab | None = None) -> tuple[ExpertBatch, mx.array]:
     """Every routed expert output f_e(x_t) and the weighted sum Σ_k w·f(x) per token (`weights`
-    [T, k]), experts read and run a chunk at a time (`plan`).
+    [T, k]), experts read and run a chunk at a time (`plan`). With `input_scale` ([T, k]) expert e
+    sees x_t * scale (Llama-4).
 
     Loop kernel: experts one after another, so the working set is one expert's rows plus the
     outputs. With `pair`, on the CPU and where the lanes call the BLAS single-threaded
@@ -127,39 +104,50 @@ def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int, weights
     configuration alone, not on whether a pair was given, so every mode computes every expert with
     the same calls and gets the same bits, whatever the chunking of experts.
     """
-    kind = stack_kind(switch)
+    names = projections(switch)  # a known stack form, or one line saying it is not
     k = inds.shape[1]
     flat = inds.reshape(-1)
     order = np.argsort(flat, kind="stable")
     experts = flat[order]
     bounds = np.searchsorted(experts, np.arange(num_experts + 1))
+    whole = bounds[-1] == len(order)
+    order, experts = order[:bounds[-1]], experts[:bounds[-1]]  # ids past the stack: identity experts
     tokens = (order // k).astype(np.int32)
-    source = plan.source if plan.source is not None else ModuleExperts(switch, kind.projections)
+    scale = None if input_scale is None else input_scale.reshape(-1)[order].astype(np.float32)
+    source = plan.source if plan.source is not None else ModuleExperts(switch, names)
     active = np.flatnonzero(np.diff(bounds))
     per_chunk = None if plan.chunk_bytes is None else max(1, plan.chunk_bytes // max(source.expert_bytes, 1))
     ranges = expert_ranges(num_experts, per_chunk, active)
     w_sorted = weights.reshape(-1)[order].astype(np.float32)
-    if resolve_kernel(plan.kernel) == "gather":
-        outputs, y = _gather(switch, kind, x, source, ranges, experts, bounds, tokens, order, w_sorted,
+    if resolve_kernel(plan.kernel) == "gather" and names and whole:
+        outputs, y = _gather(switch, x, source, ranges, experts, bounds, tokens, order, w_sorted, scale,
                              inds.shape, on_slab)
     else:
-        outputs = _loop(switch, kind, x, source, ranges, bounds, tokens, pair, on_slab)
+        outputs = _loop(switch, x, source, ranges, bounds, tokens, scale, pair, on_slab)
         y = mx.array(_weighted_sum(outputs, w_sorted, tokens, bounds, inds.shape[0]))
     return ExpertBatch(order, experts, bounds, outputs), y
 
 
-def _loop(switch, kind: StackKind, x: mx.array, source: ExpertSource, ranges: list, bounds: np.ndarray,
-          tokens: np.ndarray, pair: Pair | None, on_slab: OnSlab | None) -> np.ndarray:
-    outputs = np.empty((int(bounds[-1]), x.shape[-1]), np.float32)
+def _rows(x: mx.array, tokens: np.ndarray, scale: np.ndarray | None, lo: int, hi: int) -> mx.array:
+    """The inputs of sorted rows [lo, hi): their tokens' x (times the input scale, Llama-4)."""
+    xe = x[mx.array(tokens[lo:hi])]
+    return xe if scale is None else xe * mx.array(scale[lo:hi, None]).astype(x.dtype)
+
+
+def _loop(switch, x: mx.array, source: ExpertSource, ranges: list, bounds: np.ndarray, tokens: np.ndarray,
+          scale: np.ndarray | None, pair: Pair | None, on_slab: OnSlab | None) -> np.ndarray:
+    outputs = np.empty((int(bounds[-1]), out_dims(switch)), np.float32)
     counts = np.diff(bounds)
+    names = {id(getattr(switch, p)): p for p in projections(switch)}
 
     def share(slab: ExpertSlab, ids: np.ndarray) -> Callable[[], None]:
+        def linear(lin, e: int, v: mx.array) -> mx.array:
+            return _expert_linear(lin, slab.arrays[names[id(lin)]], e - slab.lo, v)
+
         def run() -> None:
-            for e in ids:
+            for e in map(int, ids):
                 lo, hi = int(bounds[e]), int(bounds[e + 1])
-                j = int(e) - slab.lo
-                proj = lambda name, v: _expert_linear(getattr(switch, name), slab.arrays[name], j, v)  # noqa: E731
-                out = kind.chain(switch, proj)(x[mx.array(tokens[lo:hi])]).astype(mx.float32)
+                out = expert_forward(switch, e, _rows(x, tokens, scale, lo, hi), linear).astype(mx.float32)
                 outputs[lo:hi] = np.array(out)
         return run
 
@@ -170,7 +158,8 @@ def _loop(switch, kind: StackKind, x: mx.array, source: ExpertSource, ranges: li
             ids = ids[counts[ids] > 0]
             first, second = _two_shares(ids, counts[ids])
             if pair is not None and threads == 1:
-                mx.eval(x, slab.arrays_list())  # the other lane cannot run work queued on this thread's stream
+                # the other lane cannot run work queued on this thread's stream
+                mx.eval(x, slab.arrays_list() if names else stack_parameters(switch))
                 pair(share(slab, first), share(slab, second))
             else:
                 share(slab, first)()
@@ -213,27 +202,31 @@ class installed:
             lin[name] = old
 
 
-def _gather(switch, kind: StackKind, x: mx.array, source: ExpertSource, ranges: list, experts: np.ndarray,
-            bounds: np.ndarray, tokens: np.ndarray, order: np.ndarray, w_sorted: np.ndarray, shape: tuple,
+def _gather(switch, x: mx.array, source: ExpertSource, ranges: list, experts: np.ndarray, bounds: np.ndarray,
+            tokens: np.ndarray, order: np.ndarray, w_sorted: np.ndarray, scale: np.ndarray | None, shape: tuple,
             on_slab: OnSlab | None) -> tuple[np.ndarray, mx.array]:
     parts = []
+    width = out_dims(switch)
     for slab in slabs(source, ranges):
         a, b = int(bounds[slab.lo]), int(bounds[slab.hi])
         idx = mx.array((experts[a:b] - slab.lo).astype(np.uint32))
         with installed(switch, slab.arrays):
-            proj = lambda name, v: getattr(switch, name)(v, idx, sorted_indices=True)  # noqa: E731
-            out = kind.chain(switch, proj)(x[mx.array(tokens[a:b])][:, None, :])[:, 0].astype(mx.float32)
+            def linear(lin, e, v):
+                return lin(v, idx, sorted_indices=True)
+            out = expert_forward(switch, None, _rows(x, tokens, scale, a, b)[:, None, :], linear)
+            out = out[:, 0].astype(mx.float32)
             mx.eval(out)
         if on_slab is not None:
             on_slab(slab, a, out)
         parts.append(out)
     t, k = shape
+    unsort = mx.array(np.argsort(order, kind="stable"))
     if parts:
         sorted_out = mx.concatenate(parts, axis=0)
-        unsorted = sorted_out[mx.array(np.argsort(order, kind="stable"))].reshape(t, k, -1)
+        unsorted = sorted_out[unsort].reshape(t, k, -1)
     else:
-        sorted_out = mx.zeros((0, x.shape[-1]), mx.float32)
-        unsorted = mx.zeros((t, k, x.shape[-1]), mx.float32)
+        sorted_out = mx.zeros((0, width), mx.float32)
+        unsorted = mx.zeros((t, k, width), mx.float32)
     w = mx.array(w_sorted[np.argsort(order, kind="stable")].reshape(t, k))
     y = (unsorted * w[..., None]).sum(axis=1)
     mx.eval(y, sorted_out)
@@ -249,27 +242,45 @@ class Capture:
     inds: np.ndarray       # [T, k] int64
     batch: ExpertBatch
     output: mx.array       # [T, D] block output rebuilt from the experts (+ shared), x's dtype
-    expert_check: object = None   # self_check.ExpertCheck when this chunk is checked
+    expert_check: object = None   # self_check.ExpertCheck when this chunk is checked by replay
 
 
 def capture(block, fam: Family, x: mx.array, top_k: int, num_experts: int, pair: Pair | None = None,
-            plan: ExpertPlan = ExpertPlan(), check: bool = False) -> Capture:
-    """Route x [T, D] exactly as `block` does and evaluate its experts grouped by expert, a chunk
-    of experts at a time (`plan`; shared out to two lanes with `pair`: the same bits either way).
-    With `check`, the first rows' expert outputs are recomputed by mlx_lm's own expert stack on
+            routed: Routed | None = None, plan: ExpertPlan = ExpertPlan(), check: bool = False) -> Capture:
+    """Route x [T, D] exactly as `block` does (or take `routed`, the model's own router's choice)
+    and evaluate its experts grouped by expert, a chunk of experts at a time (`plan`; shared out to
+    two lanes with `pair`: the same bits either way). With `check` and experts read by range
+    (plan.source), the first rows' expert outputs are recomputed by mlx_lm's own expert stack on
     each chunk while it is in memory (self_check.ExpertCheck)."""
     from .self_check import ExpertCheck
 
-    routed = ROUTERS[fam.routing](block, fam, x, top_k)
+    routed = routed or ROUTERS[fam.routing](block, fam, x, top_k)
     mx.eval(x, routed.inds, routed.weights, routed.probs)
     inds = np.array(routed.inds).astype(np.int64)
     weights = np.array(routed.weights.astype(mx.float32))
-    switch = getattr(block, fam.stacked)
-    checker = ExpertCheck(switch, x, inds, num_experts) if check else None
-    batch, y = run_experts(switch, x, inds, num_experts, weights, pair, plan, checker)
-    y = y.astype(x.dtype)
-    shared = shared_output(block, fam, x)
-    if shared is not None:
-        y = y + shared
+    scale = None if routed.input_scale is None else np.array(routed.input_scale.astype(mx.float32))
+    switch = attr(block, fam.stacked)
+    into, out_of = _latent(block, fam)
+    xe = into(x)
+    checker = ExpertCheck(switch, xe, inds, num_experts) if check and plan.source is not None else None
+    batch, y = run_experts(switch, xe, inds, num_experts, weights, pair, scale, plan, checker)
+    y = out_of(y.astype(x.dtype))
+    if fam.identity_experts is not None:  # LongCat: ids past the routed experts add w * x
+        identity = mx.array(np.where(inds >= num_experts, weights, 0.0).sum(axis=1, keepdims=True))
+        y = y + x * identity.astype(x.dtype)
+    y = combine(block, fam, x, y)
     mx.eval(y)
     return Capture(x, routed, inds, batch, y, checker)
+
+
+def _latent(block, fam: Family) -> tuple[Callable, Callable]:
+    """The projections into and out of the experts' latent space (identity where none), the way
+    out through the norm of the weighted sum where the block has one (Kimi-K3)."""
+    if not fam.latent:
+        return (lambda a: a), (lambda a: a)
+    into, out, *norm = [getattr(block, m, None) for m in fam.latent]
+    if into is None or out is None:
+        return (lambda a: a), (lambda a: a)
+    if norm and norm[0] is not None:
+        return into, lambda a: out(norm[0](a))
+    return into, out

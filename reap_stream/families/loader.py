@@ -8,10 +8,31 @@ every parameter is checked against the stored tensors by hand.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import BadInput
+from ..io.reading import read_json_object
+from .table import attr
+
+
+def fit_layer_counts(model, layer_experts: dict[int, int], fam=None) -> None:
+    """mlx_lm builds every MoE layer with config.json's one count. Where the count is more than
+    the shapes of stacked tensors, fit each pruned layer to its own: a list of expert modules
+    (DBRX) loses the modules past it; where router ids past the routed experts are identity
+    experts (LongCat), the block's own count of routed experts (which tells them apart) is set."""
+    from .masking import moe_blocks, moe_spec
+
+    fam = fam or moe_spec(model)
+    for layer, block in moe_blocks(model, fam).items():
+        if layer not in layer_experts:
+            continue
+        owner_path, _, name = fam.stacked.rpartition(".")
+        owner = attr(block, owner_path) if owner_path else block
+        if isinstance(owner[name], list):
+            owner[name] = owner[name][: layer_experts[layer]]
+        if fam.identity_experts is not None:
+            owner_path, _, name = fam.identity_experts[1].rpartition(".")
+            setattr(attr(block, owner_path) if owner_path else block, name, layer_experts[layer])
 
 
 def load_pruned(path: str | Path) -> tuple:
@@ -29,10 +50,11 @@ def load_pruned_model(path: str | Path) -> tuple:
     from mlx_lm.utils import load_model
 
     path = Path(path)
-    config = json.loads((path / "config.json").read_text())
+    config = read_json_object(path / "config.json", "config")
     if (config.get("reap_stream") or {}).get("uniform", True):
         return load_model(path)
     model, config = load_model(path, lazy=True, strict=False)
+    fit_layer_counts(model, {int(k): v for k, v in config["reap_stream"]["layer_experts"].items()})
     stored: dict[str, tuple] = {}
     for shard in sorted(path.glob("model*.safetensors")):
         stored.update({k: v.shape for k, v in mx.load(str(shard)).items()})

@@ -1,8 +1,12 @@
 """The self-check: the capture's result against the MoE block's own mlx_lm code, on the first chunk
 of every layer (routing captured by hand is easy to get wrong; docs/routing.md).
 
-It is two comparisons, so that it never needs a layer's experts whole (nor upcast) and costs a
-small fixed amount whatever the quantisation:
+Where the layer's experts are whole in memory (memory mode, and the stack forms and layouts that are
+not read by byte range: families/expert_source.py) the block's own forward runs on the first
+SELF_CHECK_ROWS rows, its expert stack upcast to float32 on the CPU (`whole_block_check`).
+
+Where the experts are read a chunk at a time it is two comparisons, so that it never needs a
+layer's experts whole (nor upcast) and costs a small fixed amount whatever the quantisation:
 
 - routing and combination: the block's own forward on the first SELF_CHECK_ROWS rows, with its
   expert stack replaced by a replay of the capture's expert outputs for whatever (token, expert)
@@ -19,9 +23,12 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from typing import Callable
+
 from ..errors import BadInput
 from .expert_source import ExpertSlab
-from .table import Family
+from .stacks import projections
+from .table import Family, attr
 
 # relative error allowed between the rebuilt output and the block's own forward
 SELF_CHECK_RTOL = {mx.float32: 1e-4, mx.float16: 2e-2, mx.bfloat16: 5e-2}
@@ -112,9 +119,12 @@ class _Replay:
         return mx.array(out.reshape(*indices.shape, width))
 
 
-def self_check(block, fam: Family, cap, layer: int, where: str) -> float:
+def self_check(block, fam: Family, cap, layer: int, where: str, reference: Callable | None = None) -> float:
     """Raise BadInput unless the capture reproduces the block's own code (module docstring);
-    returns the relative error of the block output."""
+    returns the relative error of the block output. `reference(x, rows)`: the module whose output
+    it is, where that is not the block."""
+    if cap.expert_check is None:
+        return whole_block_check(block, fam, cap, layer, where, reference)
     rows = min(SELF_CHECK_ROWS, cap.x.shape[0])
     replay = _Replay(cap, rows)
     stack = block[fam.stacked]
@@ -143,4 +153,37 @@ def self_check(block, fam: Family, cap, layer: int, where: str) -> float:
             raise BadInput(where, f"layer {layer}: expert outputs differ from mlx_lm's own expert stack "
                                   f"(relative error {e_err:.3g} > {e_tol:g}); this family's experts are not "
                                   f"supported as written")
+    return err
+
+
+def _float32_stack(switch) -> list:
+    """Upcast half-precision expert stacks in place (CPU gather_mm is float32-only); returns undo list."""
+    undo = []
+    for name in projections(switch):
+        lin = getattr(switch, name, None)
+        if lin is None or "scales" in lin:
+            continue
+        for key in ("weight", "bias"):
+            if key in lin and lin[key].dtype in (mx.float16, mx.bfloat16):
+                undo.append((lin, key, lin[key]))
+                lin[key] = lin[key].astype(mx.float32)
+    return undo
+
+
+def whole_block_check(block, fam: Family, cap, layer: int, where: str, reference: Callable | None = None) -> float:
+    """Raise BadInput unless Σ w·f(x) (+ shared) reproduces the block's own output on cap.x, the
+    block's experts whole in memory."""
+    rows = min(SELF_CHECK_ROWS, cap.x.shape[0])
+    undo = _float32_stack(attr(block, fam.stacked)) if mx.default_device() == mx.cpu else []
+    try:
+        ref = (reference(cap.x[None, :rows], rows) if reference else block(cap.x[None, :rows]))[0].astype(mx.float32)
+        mine = cap.output[:rows].astype(mx.float32)
+        err = float(mx.sqrt(mx.sum((ref - mine) ** 2)) / (mx.sqrt(mx.sum(ref ** 2)) + 1e-30))
+    finally:
+        for lin, key, old in undo:
+            lin[key] = old
+    tol = SELF_CHECK_RTOL.get(cap.x.dtype, 1e-4)
+    if not np.isfinite(err) or err > tol:
+        raise BadInput(where, f"layer {layer}: routing capture does not reproduce the MoE block "
+                              f"(relative error {err:.3g} > {tol:g}); this family's routing is not supported as written")
     return err

@@ -2,36 +2,31 @@
 
 A row names the family's modules and tensors in the mlx_lm layout (stacked experts, axis 0 =
 expert) and the Hugging Face layout (one tensor per expert, or fused [E, ...] stacks), its config
-keys, how its router selects and weighs experts (a `Routing` kind plus the top-k spelling), its
-shared experts, which config keys name dense and never-pruned layers, its GGUF architecture, and
-the extra config.json entries of its tiny test fixture. Everything that carries an expert axis is
-found from these names; all other tensors are copied untouched.
+keys, how its router selects and weighs experts (a `Routing` kind whose parameters are a `Route`),
+its shared experts, which config keys name dense and never-pruned layers, its GGUF architecture,
+the model types mlx_lm loads as the same class, and the extra config.json entries of its tiny test
+fixture. Everything that carries an expert axis is found from these names; all other tensors are
+copied untouched. A family that cannot be pruned exactly is a row too, with the reason it is refused.
 
-Adding a family is one row here, plus a routing function (families/routing.py) only when its
-routing is of a new kind.
+What a row holds is `schema.Family`; families/rows.py holds the rows after the first seven. Adding
+a family is one row, plus a routing function (families/routing.py) only when its routing is of a
+new kind.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 from types import MappingProxyType
 
 from ..errors import BadInput
+from .rows import MORE_ROWS
+from .schema import (_DEEPSEEK_TINY, _SWIGLU, _W123, DEFAULT_ROUTES, ROUTER_PARAMS, At, Family, Route,  # noqa: F401
+                     Routing, at)
 
 
-class Routing(str, Enum):
-    SOFTMAX_TOPK = "softmax_topk"    # softmax over all experts, top-k, optional renorm
-    TOPK_SOFTMAX = "topk_softmax"    # top-k on raw logits, softmax over the k
-    SIGMOID_GROUP = "sigmoid_group"  # sigmoid, bias for selection only, group-limited top-k
-
-    @property
-    def mask_rule(self) -> str:
-        """How the masked original keeps pruned experts out of routing (families/masking.py):
-        "logits" (-inf router logits) or "selection_bias" (-inf selection bias, for sigmoid
-        routers where sigmoid(-inf) = 0 could still be picked)."""
-        return "selection_bias" if self is Routing.SIGMOID_GROUP else "logits"
-
+# more layers than any model has: layer counts and indexes beyond it are corrupt input (and would
+# otherwise build ranges that take hours)
+MAX_LAYERS = 100_000
 
 # config key -> the layers it names, for the dense / frozen rules a row lists (value: the key's value)
 LAYER_RULES = MappingProxyType({
@@ -43,41 +38,14 @@ LAYER_RULES = MappingProxyType({
     # MTP / NextN layers sit after the decoder stack
     "num_nextn_predict_layers": lambda cfg, v: range(int(cfg["num_hidden_layers"]),
                                                      int(cfg["num_hidden_layers"]) + int(v)),
+    "num_dense_layers": lambda cfg, v: range(int(v)),
+    "is_moe_layer": lambda cfg, v: [i for i, m in enumerate(v) if not m],
+    "hybrid_override_pattern": lambda cfg, v: [i for i, c in enumerate(v) if c != "E"],
 })
-
-_SWIGLU = MappingProxyType({"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"})
-_DEEPSEEK_TINY = {
-    "n_shared_experts": 1, "n_group": 2, "topk_group": 1, "norm_topk_prob": True, "topk_method": "noaux_tc",
-    "scoring_func": "sigmoid", "first_k_dense_replace": 1, "moe_intermediate_size": 32, "intermediate_size": 128,
-}
-
-
-@dataclass(frozen=True)
-class Family:
-    model_type: str
-    experts_key: str                  # config key holding the routed expert count
-    routing: Routing
-    block: str = "mlp"                # MoE block module under a decoder layer
-    stacked: str = "switch_mlp"       # stacked experts module under the block (mlx_lm layout)
-    router: str = "gate"              # router module under the block
-    top_k: str = "low"                # how the block spells its top-k (routing.TOP_K): "low" / "high"
-    shared: str | None = None         # shared-expert module under the block, never pruned
-    shared_gate: str | None = None    # module whose sigmoid scales the shared expert (Qwen2-MoE)
-    hf_experts: str = "experts"       # per-expert modules under the block (HF layout)
-    hf_names: MappingProxyType | None = None  # HF per-expert projection -> mlx_lm projection
-    dense: tuple[str, ...] = ()       # LAYER_RULES keys naming dense layers (nothing to prune)
-    frozen: tuple[str, ...] = ()      # LAYER_RULES keys naming MoE layers a plan must leave whole
-    gguf_arch: str | None = None      # llama.cpp architecture of the same model
-    gguf_hash_tensor: str | None = None     # GGUF: present in layers routed by a fixed table
-    gguf_compact_layout: str | None = None  # GGUF: per-layer expert counts its loader understands
-    gguf_extra_expert_tensors: tuple[str, ...] = ()  # GGUF expert-axis tensors beyond the usual ones
-    mlx: bool = True                  # mlx_lm has a model class for it (else: GGUF surgery only)
-    tiny: dict = field(default_factory=dict)  # the tiny fixture's config.json beyond the common keys
-
 
 FAMILY_ROWS: tuple[Family, ...] = (
     Family("qwen3_moe", "num_experts", Routing.SOFTMAX_TOPK, top_k="high", hf_names=_SWIGLU,
-           dense=("mlp_only_layers",), gguf_arch="qwen3moe",
+           dense=("mlp_only_layers",), gguf_arch="qwen3moe", gguf_config={"decoder_sparse_step": 1},
            tiny={"architectures": ["Qwen3MoeForCausalLM"], "moe_intermediate_size": 32, "intermediate_size": 128,
                  "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True, "attention_bias": False,
                  "attention_dropout": 0.0, "use_sliding_window": False, "sliding_window": None,
@@ -91,7 +59,7 @@ FAMILY_ROWS: tuple[Family, ...] = (
            tiny={"architectures": ["OlmoeForCausalLM"], "intermediate_size": 32, "norm_topk_prob": False,
                  "attention_bias": False, "clip_qkv": None}),
     Family("mixtral", "num_local_experts", Routing.TOPK_SOFTMAX, block="block_sparse_moe",
-           hf_names=MappingProxyType({"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}), gguf_arch="llama",
+           hf_names=_W123, gguf_arch="llama",
            tiny={"architectures": ["MixtralForCausalLM"], "intermediate_size": 32, "sliding_window": None,
                  "attention_dropout": 0.0, "output_router_logits": False, "router_aux_loss_coef": 0.02,
                  "router_jitter_noise": 0.0}),
@@ -104,6 +72,7 @@ FAMILY_ROWS: tuple[Family, ...] = (
                                   "truncate": False, "original_max_position_embeddings": 4096}}),
     Family("deepseek_v3", "n_routed_experts", Routing.SIGMOID_GROUP, hf_names=_SWIGLU, shared="shared_experts",
            dense=("first_k_dense_replace",), frozen=("num_nextn_predict_layers",), gguf_arch="deepseek2",
+           aliases=("kimi_k2", "joyai_llm_flash"),
            tiny={"architectures": ["DeepseekV3ForCausalLM"], **_DEEPSEEK_TINY, "num_attention_heads": 2,
                  "num_key_value_heads": 2, "routed_scaling_factor": 2.5, "moe_layer_freq": 1, "q_lora_rank": 32,
                  "kv_lora_rank": 32, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32,
@@ -112,47 +81,156 @@ FAMILY_ROWS: tuple[Family, ...] = (
            dense=("first_k_dense_replace",), frozen=("num_nextn_predict_layers",), gguf_arch="glm4moe",
            tiny={"architectures": ["Glm4MoeForCausalLM"], **_DEEPSEEK_TINY, "routed_scaling_factor": 1.5,
                  "use_qk_norm": True, "attention_bias": True, "partial_rotary_factor": 0.5}),
+    *MORE_ROWS,
     # DeepSeek-V4 as its GGUF (ds4): hash-routed layers and fused gate_up experts with per-expert
     # scales; non-uniform prunes as ds4-compact-v1 (docs/gguf.md). No mlx_lm class.
     Family("deepseek_v4", "n_routed_experts", Routing.SIGMOID_GROUP, shared="shared_experts",
            dense=("first_k_dense_replace",), frozen=("mlp_layer_types", "num_hash_layers", "num_nextn_predict_layers"),
            gguf_arch="deepseek4", gguf_hash_tensor="ffn_gate_tid2eid.weight", gguf_compact_layout="ds4-compact-v1",
-           gguf_extra_expert_tensors=("ffn_gate_up_exps.weight", "ffn_gate_up_exps.scale", "ffn_down_exps.scale"),
-           mlx=False),
+           gguf_extra_expert_tensors=("exp_probs_b_vl.bias",), mlx=False),
+    # GGUF-only rows: llama.cpp architectures with routed experts and no mlx_lm MoE class. apply
+    # recompacts them (roles from gguf-py's tables); collect needs an mlx_lm model and refuses
+    # them. Routing is what their Hugging Face code does, recorded for the docs only.
+    Family("grok", "num_local_experts", Routing.SOFTMAX_TOPK, gguf_arch="grok", mlx=False),
+    Family("arctic", "num_local_experts", Routing.SOFTMAX_TOPK, gguf_arch="arctic", mlx=False),
+    Family("deepseek_ocr", "n_routed_experts", Routing.SOFTMAX_TOPK, shared="shared_experts",
+           dense=("first_k_dense_replace",), gguf_arch="deepseek2-ocr", mlx=False),
+    Family("smallthinker", "moe_num_primary_experts", Routing.SOFTMAX_TOPK, gguf_arch="smallthinker", mlx=False),
+    Family("llada_moe", "num_experts", Routing.SOFTMAX_TOPK, gguf_arch="llada-moe", mlx=False),
+    Family("grove_moe", "num_experts", Routing.SOFTMAX_TOPK, gguf_arch="grovemoe", mlx=False),
+    Family("rnd1", "num_experts", Routing.SOFTMAX_TOPK, gguf_arch="rnd1", mlx=False),
+    Family("nomic_bert_moe", "num_experts", Routing.SOFTMAX_TOPK, gguf_arch="nomic-bert-moe", mlx=False),
+    Family("minicpm_moe", "num_experts", Routing.SOFTMAX_TOPK, gguf_arch="minicpm", mlx=False),
 )
 
 # ------------------------------------------------------------------ derived views
 
-FAMILIES: MappingProxyType = MappingProxyType({f.model_type: f for f in FAMILY_ROWS if f.mlx})
+# supported mlx_lm families by their own model_type
+FAMILIES: MappingProxyType = MappingProxyType({f.model_type: f for f in FAMILY_ROWS if f.mlx and not f.refused})
+# every model_type (own or alias) a config.json may name -> its row (refused ones included)
+MODEL_TYPES: MappingProxyType = MappingProxyType({
+    name: f for f in FAMILY_ROWS if f.mlx for name in (f.model_type, *f.aliases) if ":" not in name})
+# (model_type, architecture) -> row, where mlx_lm picks the class by architecture
+_ARCH_ALIASES = MappingProxyType({tuple(a.split(":")): f for f in FAMILY_ROWS for a in f.aliases if ":" in a})
+# the config keys that count routed experts, in any family (a config may carry several)
+EXPERT_COUNT_KEYS: tuple[str, ...] = tuple(sorted({f.experts_key for f in FAMILY_ROWS}))
 BY_GGUF_ARCH: MappingProxyType = MappingProxyType({f.gguf_arch: f for f in FAMILY_ROWS if f.gguf_arch})
 
-# router tensors whose axis 0 is the expert axis
-ROUTER_PARAMS = ("weight", "bias", "scales", "biases", "e_score_correction_bias")
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# "layers.N." of the decoder stack, after the prefixes the mlx_lm and HF layouts put before it
+# (a name elsewhere, e.g. a vision tower's or an MTP module's "layers.N.", has no decoder layer)
+_LAYER = re.compile(r"^(?:(?:model\.|language_model\.model\.|model\.language_model\.|language_model\.|backbone\.)?"
+                    r"layers|transformer\.h|transformer\.blocks)\.(\d{1,9})\.", re.ASCII)
+
+
+_MISSING = object()
+
+
+def attr(obj, path: str, default=_MISSING):
+    """obj.a.b.c for a row's dotted path "a.b.c" (mlx modules: attributes and children alike);
+    `default` when a part is absent (without one: AttributeError)."""
+    for part in path.split("."):
+        obj = getattr(obj, part, _MISSING)
+        if obj is _MISSING:
+            if default is _MISSING:
+                raise AttributeError(path)
+            return default
+    return obj
+
+
+def layer_of(name: str) -> re.Match | None:
+    """The decoder-layer match of a tensor name (group 1: the layer), or None."""
+    return _LAYER.match(name)
 
 
 def family_of(config: dict, where: str = "config.json") -> Family:
+    """The row of a config.json: by model_type or an alias mlx_lm loads as the same class; a
+    family that cannot be pruned exactly is refused here, with its reason."""
     model_type = config.get("model_type")
-    fam = FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    fam = None
+    if isinstance(model_type, str):
+        for arch in config.get("architectures") or ():
+            fam = _ARCH_ALIASES.get((model_type, arch))
+            if fam:
+                break
+        fam = fam or MODEL_TYPES.get(model_type)
     if fam is None:
-        raise BadInput(where, f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
+        names = ", ".join(sorted(FAMILIES, key=str.lower))
+        raise BadInput(where, f"unsupported model_type {model_type!r}; supported: {names}")
+    if fam.refused:
+        raise BadInput(where, f"model_type {model_type!r} ({fam.model_type}) cannot be pruned exactly: {fam.refused}")
     return fam
 
 
-def _config_int(config: dict, key: str, where: str) -> int:
-    value = config.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BadInput(where, f"{key} must be a positive integer (got {value!r})")
+def text_config(config: dict, fam: Family) -> dict:
+    """The part of config.json that holds the language model's keys (wrappers: text_config)."""
+    inner = config.get("text_config") if fam.text_config else None
+    return inner if isinstance(inner, dict) else config
+
+
+def group_keys(fam: Family) -> tuple[str, str] | None:
+    """The config keys of a grouped route's n_group / topk_group (the attribute the block reads
+    them from is named after them), or None for an ungrouped route."""
+    route = fam.route
+    if route.groups is None:
+        return None
+    return tuple(v.path.rpartition(".")[2] for v in (route.n_group, route.topk_group))
+
+
+def expert_rows(shape: tuple[int, ...]) -> int:
+    """The expert count of an expert-axis tensor: axis 0 (a [1, E] row vector: its length)."""
+    return shape[1] if len(shape) == 2 and shape[0] == 1 else shape[0]
+
+
+def identity_rows(config: dict, fam: Family) -> int:
+    """Router rows past the routed experts (LongCat's identity experts); 0 for other families."""
+    if fam.identity_experts is None:
+        return 0
+    value = text_config(config, fam).get(fam.identity_experts[0]) or 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadInput("config.json", f"{fam.identity_experts[0]} must be a count (got {value!r})")
+    return value
+
+
+def config_value(config: dict, key: str, default=None):
+    """config[key]; a dotted key reads a nested dict (DBRX's ffn_config.moe_num_experts)."""
+    for part in key.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return default
+        config = config[part]
+    return config
+
+
+def set_config_value(config: dict, key: str, value) -> None:
+    *path, last = key.split(".")
+    for part in path:
+        config = config.setdefault(part, {})
+    config[last] = value
+
+
+def config_int(config: dict, key: str, where: str = "config.json", *, default: int | None = None,
+               limit: int = 1 << 20, fam: Family | None = None, what: str = "") -> int:
+    """config[key] as a positive integer of at most `limit` (a dotted key reads nested dicts; with
+    `fam`, the language model's section); `default` when absent or null, else absent is refused
+    naming `what` the family reads from it."""
+    section = text_config(config, fam) if fam is not None else config
+    value = config_value(section, key)
+    name = f"text_config.{key}" if section is not config else key
+    if value is None and default is not None:
+        return default
+    if value is None and fam is not None:
+        raise BadInput(where, f"{name} is missing: {fam.model_type} reads its {what} from it")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise BadInput(where, f"{name} must be a positive integer up to {limit:,} (got {value!r:.80})")
     return value
 
 
 def num_experts(config: dict, fam: Family, where: str = "config.json") -> int:
-    return _config_int(config, fam.experts_key, where)
+    return config_int(config, fam.experts_key, where, fam=fam, what="routed expert count")
 
 
-def top_k(config: dict, where: str = "config.json") -> int:
-    return _config_int(config, "num_experts_per_tok", where)
+def top_k(config: dict, where: str = "config.json", fam: Family | None = None) -> int:
+    return config_int(config, fam.top_k_key if fam else "num_experts_per_tok", where, fam=fam, what="top-k")
 
 
 def _rule_layers(config: dict, keys: tuple[str, ...], where: str) -> set[int]:
@@ -162,20 +240,29 @@ def _rule_layers(config: dict, keys: tuple[str, ...], where: str) -> set[int]:
         if not value:
             continue
         try:
-            out.update(int(i) for i in LAYER_RULES[key](config, value))
-        except (TypeError, ValueError, KeyError):
+            layers = [int(i) for i in _bounded(LAYER_RULES[key](config, value))]
+        except (TypeError, ValueError, KeyError, OverflowError):
             raise BadInput(where, f"{key} {value!r:.80} does not name layers") from None
+        if any(not 0 <= i < 2 * MAX_LAYERS for i in layers):
+            raise BadInput(where, f"{key} {value!r:.80} names a layer outside 0..{2 * MAX_LAYERS - 1}")
+        out.update(layers)
     return out
+
+
+def _bounded(layers):
+    if len(layers) > MAX_LAYERS:
+        raise ValueError("too many layers")
+    return layers
 
 
 def dense_layers(config: dict, fam: Family, where: str = "config.json") -> list[int]:
     """Layers whose MLP is dense (nothing to prune), by the family's config keys."""
-    return sorted(_rule_layers(config, fam.dense, where))
+    return sorted(_rule_layers(text_config(config, fam), fam.dense, where))
 
 
 def frozen_layers(config: dict, fam: Family, where: str = "config.json") -> list[int]:
     """Hash-routed and MTP layers a plan must leave whole, by the family's config keys."""
-    return sorted(_rule_layers(config, fam.frozen, where))
+    return sorted(_rule_layers(text_config(config, fam), fam.frozen, where))
 
 
 @dataclass(frozen=True)
@@ -191,25 +278,29 @@ class ExpertTensor:
 
 def classify(name: str, fam: Family) -> ExpertTensor | None:
     """Return the expert relation of a tensor name, or None for tensors without an expert axis."""
-    m = _LAYER.search(name)
+    m = _LAYER.match(name)
     if not m:
         return None
     layer = int(m.group(1))
     rest = name[m.end():]
-    head = fam.block + "."
-    if not rest.startswith(head):
-        return None
-    rest = rest[len(head):]
+    for block in dict.fromkeys((fam.block, fam.hf_block or fam.block)):
+        if not block or rest.startswith(block + "."):
+            inner = rest[len(block) + 1:] if block else rest
+            return _classify_in_block(name, inner, layer, fam, block == (fam.hf_block or fam.block))
+    return None
+
+
+def _classify_in_block(name: str, rest: str, layer: int, fam: Family, hf_block: bool) -> ExpertTensor | None:
     for module in dict.fromkeys((fam.stacked, fam.hf_experts)):
         if rest.startswith(module + "."):
             tail = rest[len(module) + 1:]
             first, _, after = tail.partition(".")
-            if first.isdigit():
+            if first.isascii() and first.isdigit() and len(first) <= 9:
                 return ExpertTensor(layer, "per_expert", int(first),
                                     name[: len(name) - len(tail)], after)
             return ExpertTensor(layer, "stacked")
-    if rest.startswith(fam.router + "."):
-        param = rest[len(fam.router) + 1:]
-        if param in ROUTER_PARAMS:
-            return ExpertTensor(layer, "router")
+    if hf_block and any(rest == s or rest.startswith(s + ".") for s in fam.hf_stacked):
+        return ExpertTensor(layer, "stacked")
+    if rest in fam.expert_tensors:
+        return ExpertTensor(layer, "router")
     return None

@@ -5,25 +5,92 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from pathlib import Path
 from typing import Callable
 
-from ..errors import BadInput
+from ..errors import BadInput, free_bytes, os_error
 
 _HAS_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to a hidden temporary beside `path`, then rename: readers see old or new."""
+    """Write `text` to a hidden temporary beside `path` (a name of its own: two writers never share
+    one), then rename: readers see old or new, never a mix. A failure removes the temporary."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise os_error(e, path, doing="cannot write") from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step where the kernel can (Linux renameat2 RENAME_EXCHANGE,
+    macOS renamex_np RENAME_SWAP); False where it cannot (then nothing happened)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if sys.platform.startswith("linux") and hasattr(libc, "renameat2"):
+        done = libc.renameat2(-100, bytes(a), -100, bytes(b), 2)  # AT_FDCWD, RENAME_EXCHANGE
+    elif sys.platform == "darwin" and hasattr(libc, "renamex_np"):
+        done = libc.renamex_np(bytes(a), bytes(b), 2)  # RENAME_SWAP
+    else:
+        return False
+    if done == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Put the complete directory `tmp` at `out`. An existing `out` is swapped out atomically
+    (readers see the old output or the new, never neither) and then removed. Where the file system
+    cannot swap, the old output is first renamed to `.OUT.reap-old`, which `recover_dir` puts back
+    if the process dies before the new one is in place."""
+    if not os.path.lexists(out):
+        os.rename(tmp, out)
+        return
+    if _exchange(Path(tmp), Path(out)):
+        shutil.rmtree(tmp)  # now the old output
+        return
+    old = out.parent / f".{out.name}.reap-old"
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old)
+
+
+def recover_dir(out: Path) -> None:
+    """After a run killed between the two renames of `replace_dir`'s fallback: the old output back
+    in place (or, when the new one made it, the old copy removed)."""
+    old = out.parent / f".{out.name}.reap-old"
+    if os.path.lexists(old):
+        if os.path.lexists(out):
+            shutil.rmtree(old)
+        else:
+            os.rename(old, out)
+
+
+def check_space(path: Path, needed: int, what: str) -> None:
+    """Refuse before the first byte when the file system holding `path` has less than `needed`
+    bytes free (a disk that fills during the run is still one line: os_error)."""
+    free = free_bytes(path)
+    if free is not None and needed > free:
+        raise BadInput(path, f"not enough space for the {what}: {needed:,} bytes needed, {free:,} free")
 
 
 def fsync_tree(path: Path) -> None:
@@ -38,15 +105,12 @@ def fsync_tree(path: Path) -> None:
 def read_store_attrs(path: Path, label: str, fmt: str, version: int) -> dict:
     """The attributes of a reap-stream Zarr v3 store (`label`: what it is, for the messages),
     checked for its format name and schema version."""
+    from .reading import read_json
+
     meta = Path(path) / "zarr.json"
-    try:
-        doc = json.loads(meta.read_text())
-    except (FileNotFoundError, NotADirectoryError):
-        raise BadInput(path, f"not a {label} store (no zarr.json)") from None
-    except OSError as e:
-        raise BadInput(meta, f"cannot read: {e.strerror}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadInput(meta, f"invalid JSON: {e}") from None
+    if not os.path.lexists(meta):
+        raise BadInput(path, f"not a {label} store (no zarr.json)")
+    doc = read_json(meta, "JSON")
     attrs = doc.get("attributes") if isinstance(doc, dict) else None
     if not isinstance(attrs, dict):
         raise BadInput(meta, "not a Zarr group description (expected a JSON object with an 'attributes' object)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -22,7 +23,8 @@ from typing import Any
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ..errors import BadInput
+from ..errors import BadInput, os_error
+from .reading import regular_file
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -197,12 +199,13 @@ def _read_value(cur: _Cursor, vt: VType, what: str):
 def read_gguf(path: str | Path) -> GGUFFile:
     """Parse and validate one GGUF file's header (metadata + tensor infos)."""
     path = Path(path)
+    regular_file(path, "GGUF file")
     try:
         f = open(path, "rb")
     except OSError as e:
-        raise BadInput(path, f"cannot open: {e.strerror}") from None
+        raise os_error(e, path, doing="cannot open") from None
     with f:
-        size = path.stat().st_size
+        size = os.fstat(f.fileno()).st_size
         if size < 4:
             raise BadInput(path, f"not a GGUF file (only {size} bytes)")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
@@ -292,10 +295,23 @@ def _parse_cursor(cur: _Cursor, path: Path, size: int) -> GGUFFile:
 
 # ---------------------------------------------------------------- split files
 
-# a per-block tensor name: blk.<layer>.<rest>
-BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)$")
+_INTEGER_TYPES = (VType.UINT8, VType.INT8, VType.UINT16, VType.INT16, VType.UINT32, VType.INT32, VType.UINT64,
+                  VType.INT64)
+MAX_SPLIT = 99999   # five digits in llama.cpp's split names
 
-SPLIT_PATTERN = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+def _split_int(g: GGUFFile, key: str, default: int | None, limit: int = MAX_SPLIT) -> int | None:
+    kv = g.kvs.get(key)
+    if kv is None:
+        return default
+    if kv.vtype not in _INTEGER_TYPES or not 0 <= kv.value <= limit:
+        raise BadInput(g.path, f"metadata {key!r} must be an integer in 0..{limit}, got {kv.value!r:.40}")
+    return kv.value
+
+# a per-block tensor name: blk.<layer>.<rest>
+BLOCK_TENSOR = re.compile(r"^blk\.(\d{1,9})\.(.+)$", re.ASCII | re.S)
+
+SPLIT_PATTERN = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.ASCII | re.S)
 
 
 def split_name(prefix: str, no: int, count: int) -> str:
@@ -307,11 +323,11 @@ def read_model(path: str | Path) -> list[GGUFFile]:
     """All parts of a GGUF model: one file, or every part of a split starting from part 1."""
     path = Path(path)
     first = read_gguf(path)
-    count = first.get("split.count", 1)
+    count = _split_int(first, "split.count", 1)
     if count in (0, 1):
         return [first]
     m = SPLIT_PATTERN.match(path.name)
-    if first.get("split.no", 0) != 0 or not m:
+    if _split_int(first, "split.no", 0) != 0 or not m:
         raise BadInput(path, f"part of a {count}-way split GGUF: open the first part "
                              f"(NAME-00001-of-{count:05d}.gguf)")
     parts = [first]
@@ -320,11 +336,11 @@ def read_model(path: str | Path) -> list[GGUFFile]:
         if not p.is_file():
             raise BadInput(p, f"split part {no} of {count} is missing")
         part = read_gguf(p)
-        if part.get("split.no") != no - 1 or part.get("split.count") != count:
+        if _split_int(part, "split.no", None) != no - 1 or _split_int(part, "split.count", None) != count:
             raise BadInput(p, f"split metadata says part {part.get('split.no')!r} of {part.get('split.count')!r}, "
                               f"expected {no - 1} of {count} (0-based split.no)")
         parts.append(part)
-    total = first.get("split.tensors.count")
+    total = _split_int(first, "split.tensors.count", None, limit=MAX_TENSORS)
     found = sum(len(p.tensors) for p in parts)
     if total is not None and total != found:
         raise BadInput(path, f"split.tensors.count is {total} but the parts hold {found} tensors")
@@ -332,3 +348,22 @@ def read_model(path: str | Path) -> list[GGUFFile]:
     if len(set(names)) != len(names):
         raise BadInput(path, "a tensor name appears in two split parts")
     return parts
+
+
+# ---------------------------------------------------------------- long arrays
+
+def kv_array(kv: KV, path: Path) -> list:
+    """Every element of an array entry, long ones included (the header parse keeps arrays of more
+    than a few thousand elements, such as tokenizer vocabularies, only as raw bytes)."""
+    if kv.vtype != VType.ARRAY:
+        raise BadInput(path, f"metadata {kv.key!r} must be an array")
+    if kv.value is not None:
+        return kv.value
+    cur = _Cursor(memoryview(kv.raw), path)
+    cur.string(f"metadata key of {kv.key!r}", limit=1 << 16)
+    cur.unpack("I", f"type of {kv.key!r}")
+    et = _vtype(cur, cur.unpack("I", f"metadata {kv.key!r} element type"), f"metadata {kv.key!r}")
+    count = cur.unpack("Q", f"metadata {kv.key!r} element count")
+    if et == VType.STRING:
+        return [cur.string(f"metadata {kv.key!r}[{i}]") for i in range(count)]
+    return list(struct.unpack_from(f"<{count}{_SCALAR[et]}", cur.buf, cur.pos))

@@ -6,7 +6,6 @@ covered exactly, no duplicate keys. Shards are opened read-only.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -15,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BadInput
+from ..errors import BadInput, os_error
+from .reading import parse_json, read_json_object, regular_file
 
 MAX_HEADER_BYTES = 100_000_000
 INDEX_NAME = "model.safetensors.index.json"
@@ -58,20 +58,11 @@ class ShardHeader:
     tensors: dict[str, TensorRef]  # in data order
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    out: dict = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
 def read_shard_header(path: Path) -> ShardHeader:
     """Parse and validate one safetensors file's header."""
     path = Path(path)
+    size = regular_file(path, "safetensors shard").st_size
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -83,11 +74,10 @@ def read_shard_header(path: Path) -> ShardHeader:
                 raise BadInput(path, f"header length {n} runs past the end of the file ({size} bytes)")
             raw = f.read(n)
     except OSError as e:
-        raise BadInput(path, f"cannot read: {e.strerror}") from None
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise BadInput(path, f"invalid safetensors header JSON: {e}") from None
+        raise os_error(e, path, doing="cannot read") from None
+    if len(raw) < n:
+        raise BadInput(path, f"truncated while reading: header of {n} bytes, {len(raw)} read")
+    header = parse_json(raw, path, "safetensors header JSON", unique_keys=True)
     if not isinstance(header, dict):
         raise BadInput(path, "safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -100,13 +90,12 @@ def read_shard_header(path: Path) -> ShardHeader:
         if not isinstance(info, dict):
             raise BadInput(path, f"tensor {name!r}: entry is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in DTYPE_BITS:
-            raise BadInput(path, f"tensor {name!r}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise BadInput(path, f"tensor {name!r}: invalid shape {shape!r}")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and o >= 0 for o in offsets)):
-            raise BadInput(path, f"tensor {name!r}: invalid data_offsets {offsets!r}")
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+            raise BadInput(path, f"tensor {name!r}: unknown dtype {dtype!r:.40}")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise BadInput(path, f"tensor {name!r}: invalid shape {shape!r:.80}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+            raise BadInput(path, f"tensor {name!r}: invalid data_offsets {offsets!r:.80}")
         entries.append((offsets[0], offsets[1], name, dtype, tuple(shape)))
 
     entries.sort()
@@ -130,10 +119,21 @@ def read_shard_header(path: Path) -> ShardHeader:
     return ShardHeader(path, metadata, tensors)
 
 
-def _inside(root: Path, name: str) -> bool:
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _name_fault(name: str) -> str | None:
+    """Why an index entry's file name is unusable, or None. The rule is about the NAME: relative,
+    no `..`, so it stays inside the model directory; where a symbolic link then points (a Hugging
+    Face cache snapshot links every file into ../../blobs/) is the user's business."""
+    if not name or "\x00" in name:
+        return "is empty or holds a NUL byte"
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in name):
+        return "is not valid Unicode"
     if os.path.isabs(name) or ".." in Path(name).parts:
-        return False
-    return (root / name).resolve().is_relative_to(root.resolve())
+        return "escapes the model directory"
+    return None
 
 
 @dataclass
@@ -151,42 +151,40 @@ class Checkpoint:
         if not root.is_dir():
             raise BadInput(root, "not a model directory")
         config_path = root / "config.json"
-        try:
-            config = json.loads(config_path.read_text())
-        except FileNotFoundError:
-            raise BadInput(config_path, "missing") from None
-        except OSError as e:
-            raise BadInput(config_path, f"cannot read: {e.strerror}") from None
-        except ValueError as e:
-            raise BadInput(config_path, f"invalid JSON: {e}") from None
-        if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        config = read_json_object(config_path, "JSON", missing="missing")
+        if not isinstance(config.get("model_type"), str):
             raise BadInput(config_path, "no model_type string")
 
         index_path = root / INDEX_NAME
         weight_map: dict[str, str] | None = None
-        if index_path.exists():
-            try:
-                weight_map = json.loads(index_path.read_text(), object_pairs_hook=_no_duplicates)["weight_map"]
-            except OSError as e:
-                raise BadInput(index_path, f"cannot read: {e.strerror}") from None
-            except (ValueError, KeyError, TypeError) as e:
-                raise BadInput(index_path, f"invalid index: {e}") from None
+        if os.path.lexists(index_path):
+            weight_map = read_json_object(index_path, "index", unique_keys=True).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise BadInput(index_path, "invalid index: weight_map is not an object")
             for name, fname in weight_map.items():
-                if not isinstance(fname, str) or not _inside(root, fname):
-                    raise BadInput(index_path, f"weight_map entry {name!r} -> {fname!r} escapes the model directory")
+                fault = _name_fault(fname) if isinstance(fname, str) else "is not a file name"
+                if fault:
+                    raise BadInput(index_path, f"weight_map entry {name!r:.80} -> {fname!r:.80} {fault}")
             files = sorted(set(weight_map.values()))
         else:
-            files = sorted(p.name for p in root.glob("*.safetensors"))
+            try:
+                files = sorted(p.name for p in root.glob("*.safetensors"))
+            except OSError as e:
+                raise os_error(e, root, doing="cannot list") from None
             if not files:
                 raise BadInput(root, "no *.safetensors files and no model.safetensors.index.json")
+        for fname in files:  # every name usable before any header is read
+            try:
+                os.stat(root / fname)
+            except FileNotFoundError:
+                raise BadInput(index_path if weight_map is not None else root / fname,
+                               f"shard {fname} listed in weight_map does not exist") from None
+            except OSError as e:
+                raise os_error(e, index_path, doing=f"shard {fname!r:.80}") from None
         shards = []
         tensors: dict[str, TensorRef] = {}
         for fname in files:
             path = root / fname
-            if not path.is_file():
-                raise BadInput(index_path, f"shard {fname} listed in weight_map does not exist")
             shard = read_shard_header(path)
             for name, ref in shard.tensors.items():
                 if name in tensors:

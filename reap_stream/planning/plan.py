@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BadInput
-from ..families.structure import MoEStructure
+from ..families.structure import MoEStructure, same_kind
 from ..io.files import write_text_atomic
+from ..io.reading import is_index, read_json
 
 PLAN_FORMAT = "reap-stream-plan"
 PLAN_SCHEMA_VERSION = 1
@@ -95,7 +96,7 @@ class Plan:
             raise BadInput(where, "plan has no 'layers' object")
         layers: dict[int, LayerPlan] = {}
         for key, entry in layers_in.items():
-            if not (key.isascii() and key.isdigit() and str(int(key)) == key):
+            if not (is_index(key) and str(int(key)) == key):
                 raise BadInput(where, f"layer key {key!r} is not a layer index (write it as e.g. \"7\")")
             if not isinstance(entry, dict):
                 raise BadInput(where, f"layer {key}: entry is not an object")
@@ -113,21 +114,47 @@ class Plan:
         for name in ("model", "telemetry"):
             if data.get(name) is not None and not isinstance(data[name], dict):
                 raise BadInput(where, f"'{name}' must be an object or null")
+        _check_model_block(data.get("model") or {}, where)
+        ratio, method = data.get("ratio"), data.get("method", "manual")
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))):
+            raise BadInput(where, f"'ratio' must be a number or null, not {type(ratio).__name__}")
+        if not isinstance(method, str):
+            raise BadInput(where, f"'method' must be a string, not {type(method).__name__}")
         known = {"format", "schema_version", "method", "ratio", "model", "telemetry", "layers"}
-        return cls(layers=layers, method=str(data.get("method", "manual")), ratio=data.get("ratio"),
+        return cls(layers=layers, method=method, ratio=ratio,
                    model=data.get("model") or {}, telemetry=data.get("telemetry"),
                    extra={k: v for k, v in data.items() if k not in known})
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise BadInput(path, "plan file not found") from None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BadInput(path, f"invalid JSON: {e}") from None
-        return cls.from_json(data, str(path))
+        return cls.from_json(read_json(path, "JSON", missing="plan file not found"), str(path))
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# what a plan's `model` block may hold, and the type each entry must have when present
+_MODEL_FIELDS = {
+    "model_type": (lambda v: isinstance(v, str), "a string"),
+    "fingerprint": (lambda v: v is None or isinstance(v, str), "a string"),
+    "num_layers": (_is_int, "an integer"),
+    "top_k": (_is_int, "an integer"),
+    "n_group": (lambda v: v is None or _is_int(v), "an integer"),
+    "topk_group": (lambda v: v is None or _is_int(v), "an integer"),
+    "moe_layers": (lambda v: isinstance(v, list) and all(_is_int(i) for i in v), "a list of layer numbers"),
+    "frozen_layers": (lambda v: isinstance(v, list) and all(_is_int(i) for i in v), "a list of layer numbers"),
+    "num_experts": (lambda v: _is_int(v) or (isinstance(v, dict)
+                                              and all(is_index(k) and _is_int(n) for k, n in v.items())),
+                    "an integer or a map of layer -> integer"),
+}
+
+
+def _check_model_block(model: dict, where: str) -> None:
+    for key, (ok, want) in _MODEL_FIELDS.items():
+        if key in model and not ok(model[key]):
+            raise BadInput(where, f"model.{key} must be {want}, not {model[key]!r:.60}")
 
 
 # ------------------------------------------------------------------ fit to a model
@@ -138,12 +165,13 @@ def check_plan(plan: Plan, st: MoEStructure, where: str, *, model_fingerprint: s
     pm = plan.model or {}
     if pm.get("model_type") not in (None, st.model_type):
         raise BadInput(where, f"plan is for model_type {pm['model_type']!r}, the model is {st.model_type!r}")
-    have = st.to_json()
+    have, decoder = st.to_json(), st.decoder_only().to_json()   # a form may drop NextN/MTP blocks
     for key, label in (("num_layers", "layers"), ("moe_layers", "MoE layers"), ("num_experts", "experts"),
                        ("top_k", "top_k")):
-        if key in pm and pm[key] != have[key]:
+        if key in pm and pm[key] not in (have[key], decoder[key]):
             raise BadInput(where, f"plan is for a model with {label} {pm[key]}, the model has {have[key]}")
-    if model_fingerprint and pm.get("fingerprint") and pm["fingerprint"] != model_fingerprint:
+    planned = pm.get("fingerprint")
+    if model_fingerprint and planned and same_kind(planned, model_fingerprint) and planned != model_fingerprint:
         raise BadInput(where, f"plan was made for another model (fingerprint {pm['fingerprint'][:19]}…, "
                               f"this model {model_fingerprint[:19]}…); pass --ignore-fingerprint to apply by structure")
     if not plan.layers:

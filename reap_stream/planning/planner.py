@@ -16,7 +16,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..errors import BadInput
 from ..families.model import Model
-from ..families.structure import MoEStructure
+from ..families.structure import MoEStructure, same_kind
 from ..telemetry.store import Fingerprint, LayerStats, TelemetryStore, layer_key
 from .criteria import METHODS, NEEDS, lacks, scores
 from .plan import LayerPlan, Plan, check_plan
@@ -346,8 +346,8 @@ def make_plan(store: TelemetryStore, o: PlanOptions, *, frozen: Iterable[int] = 
 def check_store_model(store: TelemetryStore, model: Model) -> None:
     """Refuse telemetry collected on another model than `model` (fingerprint, then structure)."""
     recorded = store.attrs.get("model") or {}
-    if not isinstance(recorded, dict) or recorded.get("fingerprint") != model.fingerprint:
-        fp = recorded.get("fingerprint") if isinstance(recorded, dict) else None
+    fp = recorded.get("fingerprint") if isinstance(recorded, dict) else None
+    if not isinstance(fp, str) or (same_kind(fp, model.fingerprint) and fp != model.fingerprint):
         raise BadInput(store.path, f"telemetry was collected on another model (fingerprint "
                                    f"{str(fp)[:19]}…, {model.path} is {str(model.fingerprint)[:19]}…)")
     shape = model.structure.to_json()

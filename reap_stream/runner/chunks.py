@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -21,6 +22,7 @@ class RunOptions:
     chunk_tokens: int = 4096
     sample_batch_size: int | None = None   # None: as many sequences per chunk as chunk_tokens holds
     work_dir: Path | None = None           # None: the command's default
+    distributed: bool = False              # must run as ranks of an mlx.launch group (runner/distributed.py)
     expert_kernel: str = "auto"
     max_memory: int | None = None          # bytes the process may hold at its peak (None: no limit)
     expert_chunk_bytes: int | None = None  # bytes of experts per chunk (None: runner.budget's default)
@@ -70,6 +72,13 @@ def make_chunks(sequences: list[np.ndarray], chunk_tokens: int, max_batch: int |
     return chunks
 
 
+_after_chunk: list[Callable[[], None]] = []   # a distributed run's "still working" (runner/distributed)
+
+
+def report_chunks_to(hook: Callable[[], None] | None) -> None:
+    """Call `hook` after every chunk of every pass (None: stop)."""
+    _after_chunk[:] = [] if hook is None else [hook]
+
 
 def chunk_bar(chunks: list[Chunk], desc: str, progress: bool):
     """The chunks, with a tokens progress bar (erased when done) where progress is wanted."""
@@ -80,4 +89,6 @@ def chunk_bar(chunks: list[Chunk], desc: str, progress: bool):
     for c in chunks:
         yield c
         bar.update(c.num_tokens)
+        for hook in _after_chunk:
+            hook()
     bar.close()

@@ -20,7 +20,9 @@ from typing import Callable
 import numpy as np
 
 from ..blas import blas_threads, lane_threads, mlx_core, total_threads
-from .skeleton import Forward, MoEHook, float32_attention, trace_layers
+from .cpu import float32_attention
+from .skeleton import Forward, MoEHook
+from .trace import trace_layers
 
 
 class _Rendezvous:

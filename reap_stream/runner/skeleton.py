@@ -2,7 +2,7 @@
 at a time, and run through mlx_lm's own code with the MoE block swapped for an exact capture.
 
 The whole `Model(args)` is instantiated (its random init stays lazy and is never evaluated), and
-only layer i's tensors are read, from the shards' byte ranges, into it (`Weights`). Each layer's
+only layer i's tensors are read, from the shards' byte ranges, into it (runner/weights.py). Each layer's
 call convention (mask, cache, extra arguments) is taken from the model's own forward: the decoder
 layers are swapped for tracers that record their arguments and pass the hidden state through, so
 attention masks, sliding windows and the like are exactly what mlx_lm builds. The MoE block of a
@@ -11,113 +11,78 @@ layer is swapped for a hook that routes exactly and evaluates experts grouped by
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator
-
-import numpy as np
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from ..blas import mlx_core
 from ..errors import BadInput
-from ..families.expert_source import MX_DTYPES, CheckpointExperts, checkpoint_experts
-from ..families.table import Family, classify
-from ..io.safetensors import Checkpoint, TensorRef, read_row_set, read_rows
+from ..families.expert_source import CheckpointExperts
+from ..families.table import Family, attr
+from ..io.safetensors import Checkpoint, TensorRef
+from .chunks import Chunk, make_chunks
 from .cpu import float32_attention, float32_linears
+from .trace import Tracer
+
+if TYPE_CHECKING:
+    from ..families.model import Model
 
 
-class _ShapeProxy:
-    """What mlx_lm's quantisation inference reads of a weight: shape and dtype."""
-
-    def __init__(self, shape, dtype):
-        self.shape, self.dtype = shape, dtype
+# modes whose scales are stored as uint8 allow one (bits, group size) each; affine keeps float scales
+_UINT8_SCALE_MODES = {(4, 16): "nvfp4", (4, 32): "mxfp4", (8, 32): "mxfp8"}
 
 
-def to_mx(ref: TensorRef):
-    """An mx.array holding exactly the bytes of one tensor (read from its byte range only)."""
-    mx = mlx_core()
-    if ref.dtype not in MX_DTYPES:
-        raise BadInput(ref.file, f"tensor {ref.name!r}: dtype {ref.dtype} is not supported by the streaming runner")
-    # read, not mapped: mapped pages count in RSS next to their copies (a map kept for a whole
-    # layer measured +43 MiB peak on an h512 / 64-expert model; an embedding table counts twice)
-    arr = read_rows(ref, 0, ref.shape[0] if ref.shape else 1).reshape(ref.shape)
-    if ref.dtype == "BF16":
-        return mx.array(arr).view(mx.bfloat16)
-    return mx.array(arr)
+def packing(path: str, in_dims: int, tensors: dict[str, TensorRef]) -> dict:
+    """group_size, bits and mode a saved quantised weight was packed with, read from its shapes
+    (for modules the config's per-path quantization map does not name)."""
+    scales, weight = tensors[f"{path}.scales"], tensors[f"{path}.weight"]
+    group_size = in_dims // scales.shape[-1]
+    bits = weight.shape[-1] * 32 // in_dims
+    if scales.dtype != "U8":
+        return {"group_size": group_size, "bits": bits, "mode": "affine"}
+    mode = _UINT8_SCALE_MODES.get((bits, group_size))
+    if mode is None:
+        raise BadInput(weight.file, f"cannot tell how {path} was quantised ({bits} bits, group size {group_size})")
+    return {"group_size": group_size, "bits": bits, "mode": mode}
+
+
+def model_from_config(config: dict, where: str | Path):
+    """The mlx_lm Model of a config, with nothing evaluated (its random init stays lazy)."""
+    from mlx_lm.utils import _get_classes
+
+    mlx_core()
+    try:
+        model_class, args_class = _get_classes(dict(config))
+    except ValueError as e:
+        raise BadInput(where, str(e)) from None
+    try:
+        return model_class(args_class.from_dict(dict(config)))
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:  # a config mlx_lm cannot use
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise BadInput(where, f"mlx_lm cannot build a {config.get('model_type')} model from it "
+                              f"({type(e).__name__}: {first})") from None
 
 
 def build_skeleton(ckpt: Checkpoint):
     """The mlx_lm Model of ckpt's config, quantised like the checkpoint, with nothing evaluated."""
-    mx = mlx_core()
+    mlx_core()
     import mlx.nn as nn
-    from mlx_lm.utils import _get_classes, infer_quant_config
 
     config = dict(ckpt.config)
-    try:
-        model_class, args_class = _get_classes(config)
-    except ValueError as e:
-        raise BadInput(ckpt.root / "config.json", str(e)) from None
-    model = model_class(args_class.from_dict(config))
+    model = model_from_config(config, ckpt.root / "config.json")
     quant = config.get("quantization")
     if quant is not None:
-        proxies = {n: _ShapeProxy(r.shape, getattr(mx, MX_DTYPES.get(r.dtype, "uint8")))
-                   for n, r in ckpt.tensors.items()}
-
         def predicate(path, module):
             if path in quant:
                 return quant[path]
-            if not hasattr(module, "to_quantized") or f"{path}.scales" not in proxies:
+            if not hasattr(module, "to_quantized") or f"{path}.scales" not in ckpt.tensors:
                 return False
-            return infer_quant_config(path, module, proxies)
+            return packing(path, module.weight.shape[-1], ckpt.tensors)
 
         nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"],
                     mode=quant.get("mode", "affine"), class_predicate=predicate)
     float32_linears(model)
     return model
 
-
-def layer_list(model) -> list:
-    """The list object the inner model iterates over (so its items can be swapped)."""
-    for holder in (getattr(model, "model", None), model):
-        layers = getattr(holder, "layers", None) if holder is not None else None
-        if isinstance(layers, list) and layers and layers[0] is model.layers[0]:
-            return layers
-    raise BadInput("model", f"cannot find the decoder layer list of {type(model).__module__}")
-
-
-class Tracer:
-    """Stands in for a decoder layer: records its call arguments, passes the hidden state on."""
-
-    def __init__(self, out=None):
-        self.args: tuple = ()
-        self.kwargs: dict = {}
-        self.x = None
-        self.out = out
-        self.model_output = None  # set on tracer 0: the model's (lazy) output
-
-    def __call__(self, x, *args, **kwargs):
-        self.x, self.args, self.kwargs = x, args, kwargs
-        return x if self.out is None else self.out
-
-
-def trace_layers(model, tokens: np.ndarray, final=None) -> list[Tracer]:
-    """Run the model's own forward with tracers in place of its layers (nothing heavy is evaluated).
-
-    Tracer i holds layer i's arguments; tracer 0's input `x` is the embedding output. With `final`
-    given, every tracer returns it, so the model's output is its head applied to `final`.
-    """
-    mx = mlx_core()
-    layers = layer_list(model)
-    saved = list(layers)
-    tracers = [Tracer(final) for _ in layers]
-    try:
-        layers[:] = tracers
-        out = model(mx.array(tokens))
-    finally:
-        layers[:] = saved
-    tracers[0].model_output = out
-    return tracers
-
-
-# ------------------------------------------------------------------ MoE hook
 
 class MoEHook:
     """Replaces a layer's MoE block for one call: exact routing, grouped experts, callback."""
@@ -139,10 +104,61 @@ class MoEHook:
 
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        cap = experts.capture(self.block, self.fam, flat, self.top_k, self.num_experts, self.pair, self.plan,
+        cap = experts.capture(self.block, self.fam, flat, self.top_k, self.num_experts, self.pair, plan=self.plan,
                               check=self.check)
         if self.check:
             self_check(self.block, self.fam, cap, self.layer, self.where)
+        if self.on_capture is not None:
+            self.on_capture(cap)
+        return cap.output.reshape(shape)
+
+
+class LayerMoEHook(MoEHook):
+    """For a family whose MoE is two attributes of the decoder layer (Gemma-4: `router` on the
+    residual stream, `experts` on a second pre-norm): the layer's own router module selects and
+    weighs, the logits of its projection are recorded, and the experts module is replaced by this
+    hook, called as the layer calls it: (x, top-k indices, top-k weights)."""
+
+    def install(self, layer) -> Callable[[], None]:
+        """Put the hook in place on `layer`; returns what takes it out again."""
+        owner_path, _, proj_name = self.fam.router.rpartition(".")
+        owner = attr(layer, owner_path) if owner_path else layer
+        proj = owner[proj_name]
+        experts_name = self.fam.stacked.partition(".")[0]
+        self.experts = layer[experts_name]
+        self.logits = None
+
+        def record(x):
+            self.logits = proj(x)
+            return self.logits
+
+        owner[proj_name], layer[experts_name] = record, self
+
+        def remove():
+            owner[proj_name], layer[experts_name] = proj, self.experts
+        return remove
+
+    def __getattr__(self, name):  # while in place, the layer's `experts.<stack>` is reached through here
+        experts = self.__dict__.get("experts")
+        if experts is None:
+            raise AttributeError(name)
+        return getattr(experts, name)
+
+    def __call__(self, x, inds, weights):
+        from ..families import experts
+        from ..families.routing import Routed
+        from ..families.self_check import self_check
+
+        mx = mlx_core()
+        shape, k = x.shape, inds.shape[-1]
+        flat = x.reshape(-1, shape[-1])
+        logits = self.logits.reshape(-1, self.logits.shape[-1])
+        routed = Routed(inds.reshape(-1, k), weights.reshape(-1, k), mx.softmax(logits.astype(mx.float32), axis=-1))
+        cap = experts.capture(self.block, self.fam, flat, k, self.num_experts, self.pair, routed=routed, plan=self.plan)
+        if self.check:
+            def reference(xr, rows):
+                return self.experts(xr, routed.inds[None, :rows], routed.weights[None, :rows])
+            self_check(self.block, self.fam, cap, self.layer, self.where, reference)
         if self.on_capture is not None:
             self.on_capture(cap)
         return cap.output.reshape(shape)
@@ -173,7 +189,10 @@ class Forward:
         return sorted(self.blocks)
 
     def num_experts(self, layer: int) -> int:
+        """Routed experts of a layer: its byte-range source's, else its loaded stack's."""
         from ..families.masking import router_experts
+        if layer in self.sources:
+            return self.sources[layer].num_experts
         return router_experts(self.blocks[layer], self.family)
 
     def loaded_params(self, i: int) -> list:
@@ -187,184 +206,88 @@ class Forward:
         stack = {id(a) for _, a in tree_flatten(getattr(self.blocks[i], self.family.stacked).parameters())}
         return [a for a in params if id(a) not in stack]
 
+    def expert_width(self, layer: int) -> int:
+        """Width of layer's expert outputs: the hidden size, or the experts' latent size."""
+        from ..families.stacks import out_dims
+        return out_dims(attr(self.blocks[layer], self.family.stacked))
+
     def hook(self, i: int, on_capture: Callable | None, check: bool, pair: Callable | None = None) -> MoEHook:
         from ..families.experts import ExpertPlan
 
         plan = ExpertPlan(self.sources.get(i), self.chunk_bytes, self.kernel)
-        return MoEHook(self.blocks[i], self.family, i, self.top_k, self.num_experts(i), on_capture, check,
-                       self.where, pair, plan)
+        kind = LayerMoEHook if not self.family.block else MoEHook
+        return kind(self.blocks[i], self.family, i, self.top_k, self.num_experts(i), on_capture, check,
+                    self.where, pair, plan)
 
     def layer_forward(self, i: int, h, tracer: Tracer, on_capture: Callable | None, check: bool,
-                      pair: Callable | None = None):
+                      pair: Callable | None = None, states: dict | None = None):
+        """Layer i on h with the arguments the model's forward gives it (`states`: the previous
+        layer's state outputs it takes, by (layer, index)); a layer returning (h, *state) returns
+        that tuple."""
         layer = self.model.layers[i]
+        args, kwargs = tracer.bind(states or {})
         if i not in self.blocks:
             with float32_attention():
-                return layer(h, *tracer.args, **tracer.kwargs)
+                return layer(h, *args, **kwargs)
         block = self.blocks[i]
         hook = self.hook(i, on_capture, check, pair)
+        if isinstance(hook, LayerMoEHook):
+            remove = hook.install(layer)
+            try:
+                return layer(h, *args, **kwargs)
+            finally:
+                remove()
         # decoder layers call self.<block>(x); swapping the dict entry keeps the rest mlx_lm's code
         layer[self.family.block] = hook
         try:
             with float32_attention():
-                return layer(h, *tracer.args, **tracer.kwargs)
+                return layer(h, *args, **kwargs)
         finally:
             layer[self.family.block] = block
 
 
-class _RowLookup:
-    """Stands in for a token embedding that holds only rows `ids`: maps token ids to them."""
+class Runs:
+    """What both runners tell about the model they run (their `fwd` is a Forward) and how they
+    batch calibration sequences (their `chunk_tokens`)."""
 
-    def __init__(self, embedding, ids: np.ndarray):
-        self.embedding, self.ids = embedding, ids
+    fwd: Forward
+    chunk_tokens: int
 
-    def __call__(self, x):
-        mx = mlx_core()
-        return self.embedding(mx.array(np.searchsorted(self.ids, np.array(x)).astype(np.int32)))
+    @property
+    def family(self) -> Family:
+        return self.fwd.family
 
-    def __getattr__(self, name: str):
-        # e.g. a tied head's as_linear, which the traced forward builds (lazily, never evaluated)
-        return getattr(self.embedding, name)
+    @property
+    def num_layers(self) -> int:
+        return self.fwd.num_layers
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return self.fwd.moe_layers
+
+    def chunks(self, sequences, max_batch: int | None = None) -> list[Chunk]:
+        return make_chunks(sequences, self.chunk_tokens, max_batch)
 
 
-class Weights:
-    """Reads one decoder layer's tensors (or the ones outside the layers) from a checkpoint's byte
-    ranges into a skeleton, and drops them again. Hugging Face-layout tensors go through the
-    family's own `sanitize` (per layer); a non-uniform prune's expert-axis tensors keep their
-    layer's count."""
+def layer_prefix(model, where: str) -> str:
+    """"model.layers." (or the model's own spelling): the name prefix of decoder layer parameters."""
+    first = model.layers[0]
+    for path, module in model.named_modules():
+        if module is first:
+            return path[: -len(".0")] + "."
+    raise BadInput(where, "cannot locate decoder layers in the mlx_lm model")
 
-    def __init__(self, ckpt: Checkpoint, model, family: Family, where: str):
-        from mlx.utils import tree_flatten
 
-        self.ckpt, self.model, self.family, self.where = ckpt, model, family, where
-        self.params = {n: (tuple(a.shape), a.dtype) for n, a in tree_flatten(model.parameters())}
-        self.prefix = self._layer_prefix()
-        self.mlx_layout = set(ckpt.tensors) <= set(self.params)
-        # a non-uniform prune (apply's config record): MoE layer -> experts it holds
-        record = ckpt.config.get("reap_stream") or {}
-        self.layer_experts = {int(k): int(v) for k, v in (record.get("layer_experts") or {}).items()}
+def open_skeleton(model: "Model"):
+    """(skeleton, weights) of a model: a safetensors checkpoint's skeleton is quantised like it and
+    filled from its shards, a GGUF's is float32 and filled from the GGUF (runner/gguf_weights)."""
+    if model.is_gguf:
+        from .gguf_weights import GGUFWeights, gguf_skeleton
 
-    def _layer_prefix(self) -> str:
-        first = self.model.layers[0]
-        for path, module in self.model.named_modules():
-            if module is first:
-                return path[: -len(".0")] + "."
-        raise BadInput(self.where, "cannot locate decoder layers in the mlx_lm model")
+        skeleton = gguf_skeleton(model)
+        return skeleton, GGUFWeights(model, skeleton, model.where)
+    from .weights import Weights
 
-    def names_of(self, layer: int | None) -> list[str]:
-        """Checkpoint tensors of one decoder layer, or (None) everything outside the layers."""
-        if layer is None:
-            return sorted(n for n in self.ckpt.tensors if not n.startswith(self.prefix))
-        p = f"{self.prefix}{layer}."
-        return sorted(n for n in self.ckpt.tensors if n.startswith(p))
-
-    def experts(self, layer: int) -> CheckpointExperts | None:
-        """The byte-range source of a layer's routed experts (None: the layout needs the family's
-        sanitize, and the layer is read whole)."""
-        return checkpoint_experts(self.ckpt, self.family, layer, self.prefix, self.params)
-
-    def load(self, layer: int | None, skip: Callable[[str], bool] = lambda name: False,
-             experts: CheckpointExperts | None = None) -> list[str]:
-        """Read one layer's (or the non-layer) tensors into the skeleton; returns parameter names.
-        With `experts` (the layer's expert source), its routed experts are left to be read by range."""
-        stack = f"{self.prefix}{layer}.{self.family.block}.{self.family.stacked}."
-        if experts is not None:
-            routed = {id(r) for p in experts.refs.values() for ref in p.values()
-                      for r in (ref if isinstance(ref, list) else [ref])}
-            skip_first = skip
-            skip = lambda n: skip_first(n) or id(self.ckpt.tensors[n]) in routed  # noqa: E731
-        weights = {n: to_mx(self.ckpt.tensors[n]) for n in self.names_of(layer) if not skip(n)}
-        if not self.mlx_layout and hasattr(self.model, "sanitize"):
-            weights = self._sanitize(weights, layer)
-        table = self.params
-        for n, a in weights.items():
-            if n not in table:
-                where = self.ckpt.tensors[n].file if n in self.ckpt.tensors else self.ckpt.root
-                raise BadInput(where, f"tensor {n!r} is not a parameter of mlx_lm's {self.ckpt.model_type} model")
-            if tuple(a.shape) != table[n][0] and not self._pruned_shape(n, tuple(a.shape), table[n][0], layer):
-                raise BadInput(self.ckpt.root, f"tensor {n!r} has shape {list(a.shape)}, the model expects {list(table[n][0])}")
-        if layer is not None:
-            want = [n for n in table if n.startswith(f"{self.prefix}{layer}.")
-                    and not (experts is not None and n.startswith(stack))]
-            missing = sorted(set(want) - set(weights))
-            if missing:
-                raise BadInput(self.ckpt.root, f"layer {layer}: tensor {missing[0]!r} is missing from the checkpoint")
-        self.model.load_weights(list(weights.items()), strict=False)
-        return list(weights)
-
-    def _pruned_shape(self, name: str, shape: tuple, model_shape: tuple, layer: int | None) -> bool:
-        """True for an expert-axis tensor of a non-uniform prune: mlx_lm builds every layer with one
-        count, the stored tensor holds this layer's (routing follows the router's width)."""
-        rel = classify(name, self.family)
-        return (rel is not None and layer is not None and rel.kind in ("stacked", "router")
-                and shape[1:] == model_shape[1:] and shape[0] == self.layer_experts.get(layer))
-
-    def _sanitize(self, weights: dict, layer: int | None) -> dict:
-        # Family sanitizers look for layer 0's names (e.g. mixtral); present layer i as layer 0.
-        if layer is None:
-            return self.model.sanitize(weights)
-        src, dst = f"{self.prefix}{layer}.", f"{self.prefix}0."
-        renamed = {dst + n[len(src):]: a for n, a in weights.items()}
-        out = self.model.sanitize(renamed)
-        return {src + n[len(dst):] if n.startswith(dst) else n: a for n, a in out.items()}
-
-    def _embedding(self) -> tuple[str, object, dict[str, str]]:
-        """(module path, module, {parameter: checkpoint tensor}) of the token embedding; no names
-        where it is not one plain (or quantised) table stored under its own name."""
-        mx = mlx_core()
-        import mlx.nn as nn
-
-        found = [(path, m) for path, m in self.model.named_modules()
-                 if type(m) in (nn.Embedding, nn.QuantizedEmbedding) and not path.startswith(self.prefix)]
-        if len(found) != 1:
-            return "", None, {}
-        path, module = found[0]
-        names = {k: f"{path}.{k}" for k in module if isinstance(module[k], mx.array)}
-        return (path, module, names) if all(n in self.ckpt.tensors for n in names.values()) else ("", None, {})
-
-    def head_names(self) -> list[str]:
-        """The tensors outside the layers that the head's logits need: all but the token
-        embedding, unless the head is the embedding (tied)."""
-        table = set(self._embedding()[2].values())
-        rest = self.names_of(None)
-        untied = any(n not in table and n.endswith(".weight") and n.split(".")[0] in ("lm_head", "output")
-                     for n in rest)
-        return [n for n in rest if not (untied and n in table)]
-
-    @contextlib.contextmanager
-    def embedding_rows(self, token_ids: np.ndarray) -> Iterator[set[str]]:
-        """While inside, the model's token embedding holds only the rows of `token_ids` (read by
-        range) and maps ids to them itself: the table of a large vocabulary (0.6 GB for
-        Qwen3-30B in bf16) is never read whole to embed a few thousand tokens. Yields the names of
-        the tensors it holds: none, and nothing changed, where the embedding is not a plain table
-        stored under its own name."""
-        mx = mlx_core()
-        path, module, names = self._embedding()
-        if not names:
-            yield set()
-            return
-        ids = np.unique(np.asarray(token_ids, dtype=np.int64))
-        vocab = self.ckpt.tensors[names["weight"]].shape[0]
-        if len(ids) and (ids[0] < 0 or ids[-1] >= vocab):
-            raise BadInput(self.where, f"token id {int(ids[-1] if ids[-1] >= vocab else ids[0])} is outside the "
-                                       f"embedding table ({vocab} rows)")
-        saved = {k: module[k] for k in names}
-        for k, name in names.items():
-            ref = self.ckpt.tensors[name]
-            rows = read_row_set(ref, ids)
-            module[k] = mx.array(rows).view(mx.bfloat16) if ref.dtype == "BF16" else mx.array(rows)
-        parent_path, _, attr = path.rpartition(".")
-        parent = self.model if not parent_path else dict(self.model.named_modules())[parent_path]
-        parent[attr] = _RowLookup(module, ids)
-        try:
-            yield set(names.values())
-        finally:
-            parent[attr] = module
-            for k, a in saved.items():
-                module[k] = a
-            mx.clear_cache()
-
-    def drop(self, names: list[str]) -> None:
-        """Replace loaded tensors by lazy zeros, which hold no memory."""
-        mx = mlx_core()
-        self.model.load_weights([(n, mx.zeros(self.params[n][0], self.params[n][1])) for n in names], strict=False)
-        mx.clear_cache()
+    ckpt = model.require_checkpoint("running the model")
+    skeleton = build_skeleton(ckpt)
+    return skeleton, Weights(ckpt, skeleton, model.family, model.where)

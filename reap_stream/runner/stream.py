@@ -9,6 +9,7 @@ chunks of >= 2 sequences run as two half-batches on two lanes where that gives t
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -16,26 +17,27 @@ import numpy as np
 
 from ..blas import mlx_core
 from ..errors import BadInput
-from ..families.masking import mask_experts
+from ..families.masking import mask_experts, unmask_router
 from ..families.model import Model
-from ..families.table import Family
+from ..families.table import attr
 from ..io.files import write_text_atomic
+from ..io.reading import read_json_object
 from .budget import MAX_EXPERT_CHUNK
-from .chunks import Chunk, chunk_bar, make_chunks
+from .chunks import Chunk, chunk_bar
 from .lanes import SplitCheck, lanes_pair, shared_lanes, split_layer_forward
-from .skeleton import Forward, Weights, build_skeleton, trace_layers
+from .skeleton import Forward, Runs, open_skeleton
+from .trace import split_outputs, trace_layers
 from .spill import HiddenSpill
 
 MoECallback = Callable[[int, Chunk, object], None]
 
 
-class StreamRunner:
+class StreamRunner(Runs):
     """Layer-major forward: one layer's weights in memory, hidden states spilled to work_dir."""
 
     def __init__(self, model: Model, work_dir: str | Path, chunk_tokens: int = 4096,
                  progress: bool = True, parallel: bool = True, expert_chunk_bytes: int | None = MAX_EXPERT_CHUNK,
                  expert_kernel: str = "auto"):
-        self.ckpt = model.require_checkpoint("running the model")
         self.where = model.where
         # run chunks of >= 2 sequences as two half-batches on two CPU streams (same bytes)
         self.parallel = parallel
@@ -43,38 +45,34 @@ class StreamRunner:
         self.work_dir = Path(work_dir)
         self.chunk_tokens = int(chunk_tokens)
         self.progress = progress
-        self.fwd = Forward(build_skeleton(self.ckpt), model.family, model.structure.top_k, self.where,
-                           expert_chunk_bytes, expert_kernel)
+        skeleton, self.weights = open_skeleton(model)
+        self.fwd = Forward(skeleton, model.family, model.structure.top_k, self.where, expert_chunk_bytes, expert_kernel)
         self.model = self.fwd.model
-        self.weights = Weights(self.ckpt, self.model, model.family, self.where)
         self.spill = HiddenSpill(self.work_dir)
         self._head: list[str] | None = None
 
     @property
-    def family(self) -> Family:
-        return self.fwd.family
-
-    @property
-    def num_layers(self) -> int:
-        return self.fwd.num_layers
-
-    @property
-    def moe_layers(self) -> list[int]:
-        return self.fwd.moe_layers
-
-    @property
     def start_layer(self) -> int:
         """The first layer run() computes: where a killed run stopped."""
-        try:
-            return int(json.loads((self.work_dir / "progress.json").read_text())["next_layer"])
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
+        path = self.work_dir / "progress.json"
+        if not os.path.lexists(path):
             return 0
+        n = read_json_object(path, "progress record").get("next_layer")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self.num_layers:
+            raise BadInput(path, f"next_layer {n!r:.40} is not a layer of this model; delete the work dir")
+        return n
+
+    def resume_at(self, layer: int) -> None:
+        """Start at `layer` instead, whose input is already spilled (a distributed rank that was
+        killed one step behind the others: runner/distributed.common_start)."""
+        if not self.spill.complete(layer):
+            raise BadInput(self.work_dir, f"hidden states for layer {layer} are missing; delete the work dir and rerun")
+        self._set_next_layer(layer)
+        for i in range(layer):
+            self.spill.drop(i)
 
     def _set_next_layer(self, n: int) -> None:
         write_text_atomic(self.work_dir / "progress.json", json.dumps({"next_layer": n}))
-
-    def chunks(self, sequences, max_batch: int | None = None) -> list[Chunk]:
-        return make_chunks(sequences, self.chunk_tokens, max_batch)
 
     def embed(self, chunks: list[Chunk]) -> None:
         """h_0 for every chunk, from the model's own embedding code (non-layer weights only)."""
@@ -86,7 +84,7 @@ class StreamRunner:
             names = self.weights.load(None, skip=lambda n: n.startswith("lm_head.") or n in table)
             self.spill.begin(0)
             for c in chunk_bar(chunks, "embed", self.progress):
-                h = trace_layers(self.model, c.tokens)[0].x
+                h = trace_layers(self.model, c.tokens, family=self.family)[0].x
                 mx.eval(h)
                 self.spill.write(0, c.index, h)
             self.spill.finish(0)
@@ -109,7 +107,7 @@ class StreamRunner:
             source = self.weights.experts(i) if i in self.fwd.blocks else None
             names = self.weights.load(i, experts=source)
             self.fwd.sources = {i: source} if source is not None else {}
-            router = getattr(self.fwd.blocks[i], self.family.router) if i in self.fwd.blocks else None
+            router = attr(self.fwd.blocks[i], self.family.router) if i in self.fwd.blocks else None
             had_bias = router is not None and "bias" in router
             if mask and mask.get(i):
                 mask_experts(self.model, {i: mask[i]}, self.family)
@@ -121,8 +119,15 @@ class StreamRunner:
                 if self._split(i, c.tokens.shape):
                     out = split_layer_forward(self.fwd, shared_lanes(), i, h, c.tokens, cb, check)
                 else:
-                    out = self.fwd.layer_forward(i, h, trace_layers(self.model, c.tokens)[i], cb, check,
-                                                 lanes_pair if self.parallel else None)
+                    tracers = trace_layers(self.model, c.tokens, family=self.family)
+                    states = {(s.layer, s.index): self.spill.read_state(i, c.index)[s.index - 1]
+                              for s in tracers[i].needs}
+                    out = self.fwd.layer_forward(i, h, tracers[i], cb, check,
+                                                 lanes_pair if self.parallel else None, states)
+                    out, state = split_outputs(self.family, out)
+                    if state and i + 1 < len(tracers) and tracers[i + 1].needs:
+                        mx.eval(out, [v for v in state if v is not None])
+                        self.spill.write_state(i + 1, c.index, state)
                 mx.eval(out)
                 self.spill.write(i + 1, c.index, out)
             self.spill.finish(i + 1)
@@ -132,8 +137,8 @@ class StreamRunner:
             self.spill.drop(i)
             self.fwd.sources = {}
             self.weights.drop(names)
-            if router is not None and not had_bias and "bias" in router:
-                del router["bias"]  # the -inf bias masking added
+            if router is not None:
+                unmask_router(router, had_bias)  # what masking added to the router
             yield i
 
     def logits(self, chunk: Chunk):
@@ -149,7 +154,7 @@ class StreamRunner:
             needed = set(self.weights.head_names())
             self._head = self.weights.load(None, skip=lambda name: name not in needed)
         h = self.spill.read(n, chunk.index)
-        out = trace_layers(self.model, chunk.tokens, final=h)[0].model_output
+        out = trace_layers(self.model, chunk.tokens, final=h, family=self.family)[0].model_output
         mx.eval(out)
         return out
 
@@ -165,7 +170,7 @@ class StreamRunner:
         """Run this chunk as two half-batches on two lanes? Only on the CPU (where one stream
         uses one core) and only where it provably gives the same bytes (SplitCheck)."""
         mx = mlx_core()
-        if not self.parallel or shape[0] < 2 or mx.default_device() != mx.cpu:
+        if not self.parallel or shape[0] < 2 or mx.default_device() != mx.cpu or self.family.layer_outputs > 1:
             return False
         if self._split_check is None:
             self._split_check = SplitCheck()

@@ -13,17 +13,23 @@ plan made from the MLX or HF form of the same model applies to its GGUF.
 """
 from __future__ import annotations
 
+import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from ..errors import BadInput
+from .. import __version__
+from ..errors import BadInput, os_error
 from ..families.model import Model
-from ..families.structure import gguf_expert_tensors
+from ..families.gguf_arch import GROUP_KEYS, Role, Roles, check_prunable
+from ..families.structure import gguf_roles, same_kind
 from ..families.table import FAMILIES
-from ..io.files import copy_range, write_all
+from ..io.files import MANIFEST_HASHES, check_space, copy_range, new_hash, write_all, write_text_atomic
+from ..io.lock import exclusive, test_pause
+from ..io.reading import resolved
 from ..io.gguf import BLOCK_TENSOR, KV, SPLIT_PATTERN, GGUFFile, VType, align, split_name
 from ..io.gguf_write import OutTensor, encode_header, encode_kv, plan_offsets
 from ..planning.plan import Plan, check_plan, kept_runs
@@ -31,6 +37,8 @@ from ..planning.plan import Plan, check_plan, kept_runs
 # reap.layer.policy values of ds4-compact-v1 (docs/gguf.md); POLICY_MOE_DISABLED is reserved by
 # the layout and never written by this tool
 POLICY_NONE, POLICY_HASH_PRESERVED, POLICY_ROUTER_MASK_PRUNED, POLICY_MOE_DISABLED = 0, 1, 2, 3
+GGUF_MANIFEST_SUFFIX = ".reap.json"
+GGUF_MANIFEST_FORMAT = "reap-stream-gguf-manifest"
 
 
 def _check_same_model(plan: Plan, gm: Model, where: str) -> None:
@@ -43,7 +51,10 @@ def _check_same_model(plan: Plan, gm: Model, where: str) -> None:
         other = f" (GGUF architecture {fam.gguf_arch!r})" if fam and fam.gguf_arch else ""
         raise BadInput(where, f"plan is for model_type {mt!r}{other}; {gm.path.name} is architecture {arch!r} ({st.model_type})")
     if "num_layers" in pm and pm["num_layers"] != st.num_layers:
-        raise BadInput(where, f"plan is for {pm['num_layers']} layers; {gm.path.name} has {arch}.block_count={st.num_layers}")
+        blocks = _block_count(gm)
+        extra = f" of which {blocks - st.num_layers} NextN" if blocks > st.num_layers else ""
+        raise BadInput(where, f"plan is for {pm['num_layers']} layers; {gm.path.name} has {arch}.block_count={blocks}"
+                              f"{extra}")
     ne = pm.get("num_experts")
     if ne is not None:
         want = ({int(k): v for k, v in ne.items()} if isinstance(ne, dict)
@@ -55,7 +66,8 @@ def _check_same_model(plan: Plan, gm: Model, where: str) -> None:
     if "top_k" in pm and pm["top_k"] != st.top_k:
         raise BadInput(where, f"plan is for top_k={pm['top_k']}; {gm.path.name} has {arch}.expert_used_count={st.top_k}")
     moe = pm.get("moe_layers")
-    if moe is not None and sorted(moe) not in (st.moe_layers, sorted(set(st.moe_layers) - set(st.frozen_layers))):
+    forms = (st.moe_layers, st.decoder_only().moe_layers, st.prunable_layers)
+    if moe is not None and sorted(moe) not in forms:
         raise BadInput(where, f"plan is for MoE layers {sorted(moe)}; {gm.path.name} has MoE layers {st.moe_layers}")
 
 
@@ -74,12 +86,16 @@ class OutPart:
         return len(self.header) + (align(last.offset + last.nbytes, self.source.alignment) if last else 0)
 
 
-def _out_tensors(part: GGUFFile, expert_tensors: frozenset[str], kept: dict[int, list[int]]) -> list[OutTensor]:
+def _out_tensors(part: GGUFFile, roles: Roles, kept: dict[int, list[int]], group: int | None) -> list[OutTensor]:
     planned = []
+    roles.where = str(part.path)
     for t in part.tensors:
         m = BLOCK_TENSOR.match(t.name)
-        ids = kept.get(int(m.group(1))) if m and m.group(2) in expert_tensors else None
-        if ids is None or len(ids) == t.ne[-1]:
+        ids = kept.get(int(m.group(1))) if m else None
+        role = roles.of(m.group(2)) if ids is not None else None
+        if role is Role.CHUNK_EXPERTS:   # one slice per group of `group` experts (whole groups kept)
+            ids = sorted({e // group for e in ids})
+        if role is None or len(ids) == t.ne[-1]:
             planned.append((t.name, t.ne, t.ggml_type, t.nbytes, ((t.start, t.nbytes),), False))
             continue
         stride = t.outer_stride
@@ -95,7 +111,8 @@ def _metadata(part: GGUFFile, edits: dict[str, bytes], additions: list[bytes]) -
     return [edits.get(kv.key, kv.raw) for kv in part.kvs.values()] + additions
 
 
-def _out_paths(out: Path, n_parts: int) -> list[Path]:
+def out_paths(out: Path, n_parts: int) -> list[Path]:
+    """The file(s) apply writes for `out`: one, or the parts of a split named like llama.cpp's."""
     if n_parts == 1:
         return [out]
     m = SPLIT_PATTERN.match(out.name)
@@ -103,10 +120,15 @@ def _out_paths(out: Path, n_parts: int) -> list[Path]:
     return [out.with_name(split_name(prefix, i + 1, n_parts)) for i in range(n_parts)]
 
 
+def _block_count(gm: Model) -> int:
+    """`{arch}.block_count`: decoder blocks and NextN blocks."""
+    return int(gm.gguf_parts[0].get(f"{gm.gguf_arch}.block_count"))
+
+
 def _layer_policy(gm: Model, after: dict[int, int]) -> tuple[list[int], list[int], list[int]]:
     st = gm.structure
     policy, count, keep = [], [], []
-    for L in range(st.num_layers):
+    for L in range(_block_count(gm)):
         n = st.layer_experts.get(L, 0)
         k = after.get(L, 0)
         if L in gm.hash_layers:
@@ -120,16 +142,32 @@ def _layer_policy(gm: Model, after: dict[int, int]) -> tuple[list[int], list[int
     return policy, count, keep
 
 
+def _mtp_kept(gm: Model, kept: dict[int, list[int]]) -> dict[int, list[int]]:
+    """NextN/MTP blocks under one `expert_count`: llama.cpp needs them cut to the same count, and
+    calibration never runs them (the decoder's output does not depend on them). They keep the
+    experts the last pruned decoder layer keeps (docs/gguf.md)."""
+    st = gm.structure
+    mtp = [L for L in st.frozen_layers if L >= st.num_layers and L not in gm.hash_layers]
+    pruned = [L for L, ids in kept.items() if len(ids) < st.layer_experts[L]]
+    if not mtp or not pruned:
+        return {}
+    return {L: kept[max(pruned)] for L in mtp}
+
+
 def plan_layout(gm: Model, plan: Plan, out: Path, where: str) -> tuple[list[OutPart], dict]:
     """Every output header and tensor's source ranges, before any byte is written."""
     st, arch = gm.structure, gm.gguf_arch
     kept = plan.kept_map()
-    after = {L: len(kept.get(L, range(n))) for L, n in st.layer_experts.items()}
-    counts = sorted(set(after.values()))
+    first = gm.gguf_parts[0]
+    group_key = GROUP_KEYS.get(arch)
+    group = first.get(f"{arch}.{group_key}") if group_key else None
+    check_prunable(arch, max(st.layer_experts.values()), kept, group, where)
     edits: dict[str, bytes] = {}
     additions: dict[str, bytes] = {}
+    mtp: dict[int, list[int]] = {}
     if gm.family.gguf_compact_layout:
         layout = gm.family.gguf_compact_layout
+        after = {L: len(kept.get(L, range(n))) for L, n in st.layer_experts.items()}
         policy, count, keep = _layer_policy(gm, after)
         additions = {
             "reap.enabled": encode_kv("reap.enabled", VType.BOOL, True),
@@ -138,28 +176,62 @@ def plan_layout(gm: Model, plan: Plan, out: Path, where: str) -> tuple[list[OutP
             "reap.layer.expert_count": encode_kv("reap.layer.expert_count", VType.ARRAY, count, VType.UINT32),
             "reap.layer.keep_count": encode_kv("reap.layer.keep_count", VType.ARRAY, keep, VType.UINT32),
         }
-    elif len(counts) == 1:
+    else:
+        mtp = _mtp_kept(gm, kept)
+        kept = {**kept, **mtp}
+        after = {L: len(kept.get(L, range(n))) for L, n in st.layer_experts.items()}
+        if len(set(after.values())) != 1:
+            counts = sorted(set(after.values()))
+            frozen = f" (layers {st.frozen_layers} are never pruned)" if st.frozen_layers else ""
+            raise BadInput(where, f"plan keeps {counts[0]}..{counts[-1]} experts in different layers{frozen}; "
+                                  f"llama.cpp's {arch!r} loader reads one {arch}.expert_count for all layers, so "
+                                  f"only uniform plans apply to this GGUF (ds4-compact-v1 exists for deepseek4 only)")
         layout = "uniform"
         key = f"{arch}.expert_count"
-        kv: KV = gm.gguf_parts[0].kvs[key]
-        edits[key] = encode_kv(key, kv.vtype, counts[0])
-    else:
-        frozen = f" (layers {st.frozen_layers} are never pruned)" if st.frozen_layers else ""
-        raise BadInput(where, f"plan keeps {counts[0]}..{counts[-1]} experts in different layers{frozen}; llama.cpp's "
-                              f"{arch!r} loader reads one {arch}.expert_count for all layers, so only uniform "
-                              f"plans apply to this GGUF (ds4-compact-v1 exists for deepseek4 only)")
+        kv: KV = first.kvs[key]
+        edits[key] = encode_kv(key, kv.vtype, next(iter(after.values())))
+    counts = sorted(set(after.values()))
     parts = []
-    for i, (src, path) in enumerate(zip(gm.gguf_parts, _out_paths(out, len(gm.gguf_parts)))):
-        tensors = _out_tensors(src, gguf_expert_tensors(gm.family), kept)
+    roles = gguf_roles(gm.family, arch, first.path)
+    for i, (src, path) in enumerate(zip(gm.gguf_parts, out_paths(out, len(gm.gguf_parts)))):
+        tensors = _out_tensors(src, roles, kept, group)
         kv_raw = _metadata(src, edits, list(additions.values()) if i == 0 else [])
         parts.append(OutPart(path, src, encode_header(src.version, kv_raw, tensors, src.alignment), tensors))
     info = {"layout": layout,
             "experts_after": counts[0] if len(counts) == 1 else {str(L): n for L, n in sorted(after.items())},
-            "metadata_changed": sorted(edits) + list(additions)}
+            "metadata_changed": sorted(edits) + list(additions),
+            "mtp_layers": {str(L): "kept the experts of the last pruned layer" for L in sorted(mtp)}}
     return parts, info
 
 
 # ---------------------------------------------------------------- writing
+
+def manifest_path(first_part: Path) -> Path:
+    """The sidecar holding the manifest hash (io.files.MANIFEST_HASHES) and size of every part: beside the first part, named after it.
+    A sidecar, not a metadata entry: a file cannot hold its own checksum, and the GGUF bytes stay
+    exactly what llama.cpp loads (no key or tensor it does not know)."""
+    return first_part.with_name(first_part.name + GGUF_MANIFEST_SUFFIX)
+
+
+def _digest(part: OutPart, buffer_bytes: int, algo: str) -> str:
+    """The `algo` digest of what `_write_part` writes, from the source ranges (on a second thread,
+    beside the copy)."""
+    sha = new_hash(algo)
+    sha.update(part.header)
+    buf = memoryview(bytearray(buffer_bytes))
+    with open(part.source.path, "rb", buffering=0) as src:
+        for t in part.tensors:
+            for start, length in t.pieces:
+                pos, end = start, start + length
+                while pos < end:
+                    n = os.preadv(src.fileno(), [buf[:min(len(buf), end - pos)]], pos)
+                    if n <= 0:
+                        raise BadInput(part.source.path, f"unexpected end of file at byte {pos}")
+                    sha.update(buf[:n])
+                    pos += n
+            sha.update(bytes(-t.nbytes % part.source.alignment))
+    return sha.hexdigest()
+
 
 def _write_part(part: OutPart, tmp: Path, buf: memoryview, bar: tqdm) -> None:
     # the safetensors apply's range copy: copy_file_range where it can, short writes retried
@@ -175,21 +247,24 @@ def _write_part(part: OutPart, tmp: Path, buf: memoryview, bar: tqdm) -> None:
 
 
 def apply_gguf(gm: Model, plan: Plan, out: Path, *, overwrite: bool, dry_run: bool,
-               buffer_bytes: int = 8 << 20, plan_where: str | Path = "plan", progress: bool = True) -> dict:
+               buffer_bytes: int = 8 << 20, plan_where: str | Path = "plan", progress: bool = True,
+               ignore_fingerprint: bool = False, manifest_hash: str = MANIFEST_HASHES[0]) -> dict:
     """Write `out` (or its split parts): the GGUF model `gm` with the plan's pruned experts removed.
 
-    Returns a JSON-able summary; a GGUF is always matched to the plan by structure, never by
-    file hash. `progress=False` hides the byte bar (apply --quiet / --json).
+    Returns a JSON-able summary. A plan made on a GGUF must carry this model's GGUF fingerprint
+    (any quantisation of the same weights has it); a plan made on another form of the model is
+    matched by structure. `progress=False` hides the byte bar (apply --quiet / --json).
     """
     out, where = Path(out), str(plan_where)
     model = gm.path
     _check_same_model(plan, gm, where)
-    check_plan(plan, gm.structure, where)
+    check_plan(plan, gm.structure, where, model_fingerprint=None if ignore_fingerprint else gm.fingerprint)
+    planned = (plan.model or {}).get("fingerprint")
     parts, info = plan_layout(gm, plan, out, where)
 
-    sources = {p.path.resolve() for p in gm.gguf_parts}
+    sources = {resolved(p.path) for p in gm.gguf_parts}
     for p in parts:
-        if p.path.resolve() in sources:
+        if resolved(p.path) in sources:
             raise BadInput(p.path, "output would overwrite the source model")
         if not p.path.parent.is_dir():
             raise BadInput(p.path, "output directory does not exist")
@@ -197,6 +272,8 @@ def apply_gguf(gm: Model, plan: Plan, out: Path, *, overwrite: bool, dry_run: bo
             raise BadInput(p.path, "output exists; pass --overwrite to replace it")
     if buffer_bytes < 4096:
         raise BadInput("--buffer-size", f"must be at least 4096 bytes (got {buffer_bytes})")
+    if manifest_hash not in MANIFEST_HASHES:
+        raise BadInput("--manifest-hash", f"unknown hash {manifest_hash!r} (choose {', '.join(MANIFEST_HASHES)})")
 
     st = gm.structure
     summary = {
@@ -215,28 +292,60 @@ def apply_gguf(gm: Model, plan: Plan, out: Path, *, overwrite: bool, dry_run: bo
         "experts_after": info["experts_after"],
         "kept_per_layer": {str(L): len(lp.kept) for L, lp in sorted(plan.layers.items())},
         "metadata_changed": info["metadata_changed"],
+        "mtp_layers": info["mtp_layers"],
         "tensors": sum(len(p.tensors) for p in parts),
         "tensors_sliced": sum(t.sliced for p in parts for t in p.tensors),
         "bytes_in": sum(g.size for g in gm.gguf_parts),
         "bytes_out": sum(p.size for p in parts),
-        "fingerprint": "not compared: a GGUF is matched to the plan by structure "
-                       "(architecture, layer count, experts per layer)",
+        "fingerprint": ("compared" if isinstance(planned, str) and same_kind(planned, gm.fingerprint)
+                        and not ignore_fingerprint else
+                        "not compared: matched by structure (architecture, layer count, experts per layer)"),
     }
     if dry_run:
         return summary
 
+    with exclusive(out):
+        for p in parts:  # again, now that no other run can be writing them
+            if os.path.lexists(p.path) and not overwrite:
+                raise BadInput(p.path, "output exists; pass --overwrite to replace it")
+            if os.path.lexists(p.path) and not os.path.isfile(p.path):
+                raise BadInput(p.path, "output exists and is not a regular file")
+        needed = summary["bytes_out"] + (1 << 16)
+        check_space(out.parent, needed, "output")
+        test_pause("writing")
+        try:
+            summary["files"] = _write_parts(parts, buffer_bytes, model.name, progress, manifest_hash)
+        except OSError as e:
+            ours = e.filename is None or Path(e.filename).name.endswith(".partial")  # a temporary: name the output
+            raise os_error(e, out if ours else e.filename, needed=needed, doing="cannot write the output") from None
+    return summary
+
+
+def _write_parts(parts: list[OutPart], buffer_bytes: int, name: str, progress: bool, algo: str) -> dict:
+    """Every part under a temporary name, then renamed into place; the sidecar manifest last. An
+    overwritten output loses its old manifest first, so a run dying among the renames leaves
+    parts that `verify` reports as unchecked, never a set that passes."""
     buf = memoryview(bytearray(buffer_bytes))
     tmps = [p.path.with_name(f".{p.path.name}.partial") for p in parts]
     total = sum(t.nbytes for p in parts for t in p.tensors)
+    files = {}
     try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"apply {model.name}",
-                  disable=None if progress else True) as bar:
+        with ThreadPoolExecutor(max_workers=1) as pool, \
+                tqdm(total=total, unit="B", unit_scale=True, desc=f"apply {name}",
+                     disable=None if progress else True) as bar:
             for p, tmp in zip(parts, tmps):
+                digest = pool.submit(_digest, p, len(buf), algo)
                 _write_part(p, tmp, buf, bar)
+                files[p.path.name] = {algo: digest.result(), "size": os.stat(tmp).st_size}
+        sidecar = manifest_path(parts[0].path)
+        if os.path.lexists(sidecar):
+            os.unlink(sidecar)
         # the first part is what loaders open: it appears last, when every other part is in place
         for p, tmp in reversed(list(zip(parts, tmps))):
             os.replace(tmp, p.path)
+        write_text_atomic(sidecar, json.dumps({"format": GGUF_MANIFEST_FORMAT, "tool_version": __version__,
+                                               "hash": algo, "files": files}, indent=2, sort_keys=True) + "\n")
     finally:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
-    return summary
+    return files

@@ -19,10 +19,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .. import __version__
-from ..errors import BadInput
+from ..errors import BadInput, os_error
 from ..families.model import Model
-from ..families.table import Family, classify
-from ..io.files import MANIFEST_HASHES, bytes_digest, copy_range, file_digest, new_hash, write_all
+from ..families.table import (EXPERT_COUNT_KEYS, Family, classify, config_value, expert_rows, identity_rows,
+                              set_config_value, text_config)
+from ..io.files import (MANIFEST_HASHES, bytes_digest, check_space, copy_range, file_digest, new_hash, recover_dir,
+                        replace_dir, write_all)
+from ..io.lock import exclusive, test_pause
+from ..io.reading import regular_file, resolved
 from ..io.safetensors import INDEX_NAME, Checkpoint
 from ..planning.plan import Plan, check_plan, kept_runs
 
@@ -116,6 +120,7 @@ def _renumbered(name: str, fam: Family, keep_index: dict[int, dict[int, int]]) -
 
 def _out_tensors(ckpt: Checkpoint, plan: Plan, fam: Family, st_experts: dict[int, int]) -> list[OutTensor]:
     kept = plan.kept_map()
+    identity = identity_rows(ckpt.config, fam)
     keep_index = {layer: {e: i for i, e in enumerate(ids)} for layer, ids in kept.items()}
     out = []
     for shard in ckpt.shards:
@@ -129,11 +134,12 @@ def _out_tensors(ckpt: Checkpoint, plan: Plan, fam: Family, st_experts: dict[int
                 if new_name is not None:
                     out.append(OutTensor(new_name, ref.dtype, ref.shape, [(ref.file, ref.start, ref.end)]))
                 continue
-            n = st_experts[rel.layer]
-            if not ref.shape or ref.shape[0] != n:
+            n = st_experts[rel.layer] + (identity if rel.kind == "router" else 0)
+            if not ref.shape or expert_rows(ref.shape) != n:
                 raise BadInput(ref.file, f"tensor {name!r} has shape {list(ref.shape)}; expected {n} experts on axis 0")
-            keep = kept[rel.layer]
-            shape = (len(keep),) + tuple(ref.shape[1:])
+            # identity experts sit past the routed ones in the router: kept, still last
+            keep = kept[rel.layer] + list(range(st_experts[rel.layer], n))
+            shape = (len(keep),) + tuple(ref.shape[1:]) if ref.shape[0] == n else (1, len(keep))
             out.append(OutTensor(name, ref.dtype, shape, _row_ranges(ref.file, ref.start, ref.nbytes, n, keep)))
     return out
 
@@ -155,7 +161,13 @@ def _shard(tensors: list[OutTensor], metadata: dict[str, str], max_bytes: int) -
 def _new_config(config: dict, plan: Plan, fam: Family, source_fp: str) -> dict:
     cfg = json.loads(json.dumps(config))
     counts = {layer: len(lp.kept) for layer, lp in plan.layers.items()}
-    cfg[fam.experts_key] = max(counts.values())
+    section = text_config(cfg, fam)
+    original = config_value(section, fam.experts_key)
+    # the family's key, and any other name the config gives the same count (transformers 5 writes
+    # num_local_experts beside Qwen's num_experts, and reads that one)
+    for key in EXPERT_COUNT_KEYS:
+        if key == fam.experts_key or config_value(section, key) == original:
+            set_config_value(section, key, max(counts.values()))
     keep_index = {layer: {e: i for i, e in enumerate(lp.kept)} for layer, lp in plan.layers.items()}
     for key in ("quantization", "quantization_config"):
         q = cfg.get(key)
@@ -175,7 +187,7 @@ def _new_config(config: dict, plan: Plan, fam: Family, source_fp: str) -> dict:
         "method": plan.method,
         "ratio": plan.ratio,
         "uniform": plan.uniform,
-        "original_experts": config[fam.experts_key],
+        "original_experts": config_value(text_config(config, fam), fam.experts_key),
         "layer_experts": {str(k): v for k, v in sorted(counts.items())},
         "kept": {str(k): lp.kept for k, lp in sorted(plan.layers.items())},
         "source_fingerprint": source_fp,
@@ -197,7 +209,7 @@ def plan_layout(model: Model, plan: Plan, *, max_shard_bytes: int = DEFAULT_MAX_
 
 
 def check_output_path(source: Path, out: Path, overwrite: bool) -> None:
-    src, dst = source.resolve(), out.resolve()
+    src, dst = resolved(source), resolved(out)
     if dst == src or dst.is_relative_to(src):
         raise BadInput(out, f"output directory is the source or inside it ({source})")
     if src.is_relative_to(dst):
@@ -263,32 +275,52 @@ def _write_json(path: Path, data: object, algo: str) -> dict:
     return _write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), algo)
 
 
+def output_bytes(layout: Layout) -> int:
+    """What the output will take on disk, near enough for a free-space check: shard headers and
+    data, copied files, and 1 MiB for config, plan, index and manifest."""
+    copied = sum(os.stat(layout.source.root / name).st_size for name in layout.copied_files)
+    return sum(len(s.header()) + s.data_bytes for s in layout.shards) + copied + (1 << 20)
+
+
 def write_layout(layout: Layout, out: Path, *, overwrite: bool = False, buffer_bytes: int = 8 << 20,
                  progress: bool = True, manifest_hash: str = MANIFEST_HASHES[0]) -> dict:
-    """Stream the laid-out checkpoint into `out` (atomically: temp dir, then rename); the manifest
-    records each file's size and `manifest_hash` digest (io.files.MANIFEST_HASHES)."""
+    """Stream the laid-out checkpoint into `out`: one writer at a time (io/lock), into a temporary
+    directory, then swapped into place whole. The manifest records each file's size and
+    `manifest_hash` digest (io.files.MANIFEST_HASHES)."""
     if manifest_hash not in MANIFEST_HASHES:
         raise BadInput("--manifest-hash", f"unknown hash {manifest_hash!r} (choose {', '.join(MANIFEST_HASHES)})")
     out = Path(out)
-    check_output_path(layout.source.root, out, overwrite)
-    tmp = out.parent / f".{out.name}.reap-tmp"
-    trash = out.parent / f".{out.name}.reap-old"
-    for leftover in (tmp, trash):  # of a killed run: ours by name
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    tmp.mkdir(parents=True)
-    try:
-        files = _write_into(layout, tmp, buffer_bytes, progress, manifest_hash)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written output behind
-        raise
-    if out.exists():
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        shutil.rmtree(trash)
-    else:
-        os.replace(tmp, out)
+    with exclusive(out):
+        recover_dir(out)  # a run killed mid-swap left the old output aside: it counts as there
+        check_output_path(layout.source.root, out, overwrite)
+        for name in layout.copied_files:  # unreadable or odd files refused before the first byte
+            regular_file(layout.source.root / name, "file to copy")
+            _readable(layout.source.root / name)
+        needed = output_bytes(layout)
+        check_space(out.parent, needed, "output")
+        test_pause("writing")
+        tmp = out.parent / f".{out.name}.reap-tmp"
+        if os.path.lexists(tmp):  # of a killed run: ours by name, and we hold the lock
+            shutil.rmtree(tmp)
+        try:
+            tmp.mkdir()
+            files = _write_into(layout, tmp, buffer_bytes, progress, manifest_hash)
+            replace_dir(tmp, out)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written output behind
+            if isinstance(e, OSError):
+                ours = e.filename is None or str(e.filename).startswith(str(tmp))  # a temporary: name the output
+                raise os_error(e, out if ours else e.filename, needed=needed, doing="cannot write the output") from None
+            raise
     return files
+
+
+def _readable(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise os_error(e, path, doing="cannot read") from None
 
 
 def _write_into(layout: Layout, tmp: Path, buffer_bytes: int, progress: bool, algo: str) -> dict:

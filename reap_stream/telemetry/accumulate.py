@@ -43,5 +43,8 @@ class Accumulator:
         st.weighted_frequency_sum += np.bincount(b.experts, weights=g_sorted, minlength=e_count)
         st.ean_sum += np.bincount(b.experts, weights=norms, minlength=e_count)
         st.weighted_ean_sum += np.bincount(b.experts, weights=g_sorted * norms, minlength=e_count)
-        pairs = (inds[:, :, None] * e_count + inds[:, None, :]).reshape(-1)
-        st.coactivation += np.bincount(pairs, minlength=e_count * e_count).reshape(e_count, e_count)
+        # identity experts (LongCat, ids past the stack) are selected but have no telemetry: one
+        # extra row and column gathers them, dropped
+        inds, n = np.minimum(inds, e_count), e_count + 1
+        pairs = (inds[:, :, None] * n + inds[:, None, :]).reshape(-1)
+        st.coactivation += np.bincount(pairs, minlength=n * n).reshape(n, n)[:e_count, :e_count]

@@ -138,9 +138,11 @@ def build_calibration(opts: CalibrationOptions, tokenizer: Any) -> CalibrationSe
             bar.update(1)
             if opts.pack_samples:
                 stream += ids + ([eos] if eos is not None else [])
-                while len(stream) >= window and (max_windows is None or len(sequences) < max_windows):
-                    sequences.append(np.asarray(stream[:window], dtype=np.int32))
-                    del stream[:window]
+                cut = 0  # windows are cut at an index, the list shortened once per row: linear time
+                while len(stream) - cut >= window and (max_windows is None or len(sequences) < max_windows):
+                    sequences.append(np.asarray(stream[cut:cut + window], dtype=np.int32))
+                    cut += window
+                del stream[:cut]
                 full = max_windows is not None and len(sequences) >= max_windows
             else:
                 room = window if budget is None else min(window, budget - total)

@@ -6,6 +6,10 @@ layer, or whole in memory mode: reap_stream.runner) and writes a telemetry store
 layer is committed there atomically once its output hidden states are spilled; `out` appears
 (by rename) only when every selected layer is in. WORK_DIR/run.json records the options that
 change results; a rerun with the same ones resumes, a rerun with others is refused.
+
+Under mlx.launch (runner/distributed.py) every rank runs its share of the calibration chunks in
+its own WORK_DIR/rank-NN; after each layer the ranks' sums are added in rank order and rank 0
+commits the layer and writes `out`.
 """
 from __future__ import annotations
 
@@ -16,16 +20,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .. import __version__
 from ..blas import mlx_core
-from ..errors import BadInput
+from ..errors import BadInput, os_error
 from ..families.model import Model
-from ..io.files import write_text_atomic
+from ..io.files import check_space, write_text_atomic
+from ..io.lock import exclusive, test_pause
+from ..io.reading import read_json_object
 from ..procstats import io_counters, peak_rss_bytes
 from ..runner import RunOptions, fit_memory, open_runner
+from ..runner.distributed import SHARE_RULE, Group, common_start, join_group, lead_exclusive
+from ..runner.spill import HiddenSpill, spill_itemsize
 from .accumulate import Accumulator
 from .calibration import CalibrationSet
-from .store import TelemetryStore
+from .store import LayerStats, TelemetryStore
 from .tokens import save_tokens
 
 RUN_FILE = "run.json"
@@ -65,12 +75,12 @@ def parse_layers(spec: str | None) -> tuple[int, ...] | None:
 
 def _check_run_record(work_dir: Path, record: dict) -> None:
     path = work_dir / RUN_FILE
-    if not path.exists():
+    if not os.path.lexists(path):
         return
     try:
-        old = json.loads(path.read_text())
-    except ValueError:
-        raise BadInput(path, "unreadable run record; delete the work dir") from None
+        old = read_json_object(path, "run record")
+    except BadInput as e:
+        raise BadInput(path, f"unreadable run record ({e.what}); delete the work dir") from None
     diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
     if diff:
         raise BadInput(path, f"work dir belongs to a run with other {', '.join(diff)}; "
@@ -85,7 +95,35 @@ def default_work_dir(out: Path) -> Path:
 
 def collect(model: Model, calib: CalibrationSet, out: str | Path, run: RunOptions = RunOptions(),
             options: CollectOptions = CollectOptions(), progress: bool = True) -> dict:
-    """Collect telemetry of `calib` into `out` (work dir: run.work_dir, else OUT.work); returns a summary."""
+    """Collect telemetry of `calib` into `out` (work dir: run.work_dir, else OUT.work); returns a summary.
+
+    One run at a time per output and per work dir (io/lock). A file-system error (a full disk)
+    is one line; the work dir is kept, so the same command resumes once the cause is gone."""
+    out = Path(out)
+    work_dir = Path(run.work_dir) if run.work_dir is not None else default_work_dir(out)
+    # under mlx.launch rank 0 holds the locks; the other ranks write only once they have joined it
+    with lead_exclusive((out, "telemetry store"), (work_dir, "work dir")):
+        try:
+            return _collect(model, calib, out, work_dir, run, options, progress)
+        except OSError as e:
+            for spill in (work_dir, *work_dir.glob("rank-*")):
+                HiddenSpill(spill).drop_temporaries()  # a partial layer is recomputed on resume anyway
+            raise os_error(e, needed=work_dir_bytes(model, calib, run, options),
+                           doing="cannot write (the work dir is kept: free the cause and rerun to resume)") from None
+
+
+def work_dir_bytes(model: Model, calib: CalibrationSet, run: RunOptions, options: CollectOptions) -> int:
+    """What a collect run keeps in its work dir at its peak: two layers of spilled hidden states
+    (stream mode: a layer's input and output), the token ids, the telemetry store."""
+    layers = len(options.layers) if options.layers is not None else len(model.structure.prunable_layers)
+    e = max(model.structure.layer_experts.values())
+    hidden = model.hidden_size
+    spill = 2 * calib.num_tokens * hidden * spill_itemsize(model) if run.mode == "stream" else 0
+    return spill + 12 * calib.num_tokens + layers * e * (hidden + e + 6) * 8 + (1 << 20)
+
+
+def _collect(model: Model, calib: CalibrationSet, out: Path, work_dir: Path, run: RunOptions,
+             options: CollectOptions, progress: bool) -> dict:
     from tqdm import tqdm
 
     mlx_core()  # mlx through ensure_blas, before mlx_lm imports it
@@ -95,8 +133,6 @@ def collect(model: Model, calib: CalibrationSet, out: str | Path, run: RunOption
 
     started = time.perf_counter()
     read_before = io_counters().get("rchar", 0)
-    out = Path(out)
-    work_dir = Path(run.work_dir) if run.work_dir is not None else default_work_dir(out)
     run.validate()
     if not calib.sequences or calib.num_tokens == 0:
         raise BadInput("calibration", "no tokens to collect on")
@@ -118,40 +154,57 @@ def collect(model: Model, calib: CalibrationSet, out: str | Path, run: RunOption
                     "expert_kernel": resolve_kernel(run.expert_kernel)},
         "tool_version": __version__,
     }
-    if out.exists():
-        return _already_done(out, attrs)
-
     record = {"model_fingerprint": model.fingerprint, "calibration_fingerprint": calib.fingerprint, **attrs["options"]}
-    work_dir.mkdir(parents=True, exist_ok=True)
-    _check_run_record(work_dir, record)
-    write_text_atomic(work_dir / RUN_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
-    tokens_path = work_dir / "tokens.zarr"
-    if not tokens_path.exists():
-        save_tokens(calib, tokens_path)
+    group = join_group(run.distributed)
+    if group.distributed:
+        attrs["distributed"] = {"ranks": group.size, "share": SHARE_RULE}
+        group.agree({"command": "collect", **record, "mode": run.mode, "tool_version": __version__,
+                     "mlx_version": mlx_core().__version__})
+        record.update(rank=group.rank, ranks=group.size)
+        work_dir = work_dir / f"rank-{group.rank:02d}"
+    done = group.together("output", lambda: _already_done(out, attrs) if group.rank == 0 and out.exists() else None)[0]
+    if done is not None:
+        if group.distributed:
+            done["distributed"] = {"ranks": group.size, "rank": group.rank}
+            if work_dir.is_dir():
+                _clean_work_dir(work_dir, rank_dir=True)   # a rank killed after the output was complete
+        group.close()
+        return done
+    progress = progress and group.rank == 0
+    # the runner reads nothing yet, but refuses weights it cannot read before anything is written
+    runner = open_runner(model, run, work_dir, progress=progress)
+    group.together("work dir", lambda: _prepare_work_dir(work_dir, record, calib, group,
+                                                         work_dir_bytes(model, calib, run, options)))
 
     store_path = work_dir / "telemetry.zarr"
-    store = TelemetryStore.open(store_path) if (store_path / "zarr.json").exists() \
-        else TelemetryStore.create(store_path, attrs)
-    hidden = int(model.config["hidden_size"])
+    store = None   # written by rank 0 alone
+    if group.rank == 0:
+        store = TelemetryStore.open(store_path) if (store_path / "zarr.json").exists() \
+            else TelemetryStore.create(store_path, attrs)
     accs: dict[int, Accumulator] = {}
 
     def on_moe(layer: int, chunk, cap) -> None:
         if layer in selected:
-            if layer not in accs:
-                accs[layer] = Accumulator(layer, structure.layer_experts[layer], hidden, options.renorm_topk)
+            if layer not in accs:  # expert outputs are hidden-sized, or latent-sized (Nemotron-H)
+                accs[layer] = Accumulator(layer, structure.layer_experts[layer], runner.fwd.expert_width(layer),
+                                          options.renorm_topk)
             accs[layer].add(cap)
 
     def commit(layer: int) -> None:
-        if layer in accs:
-            store.commit(accs.pop(layer).stats)
+        if layer in selected:
+            acc = accs.pop(layer, None)
+            stats = acc.stats if acc is not None else \
+                LayerStats.zeros(layer, structure.layer_experts[layer], runner.fwd.expert_width(layer))
+            stats = _combined(group, stats)
+            if store is not None:
+                store.commit(stats)
+        group.exchange(f"layer {layer} committed")   # nobody records the next layer before this commit
 
     stop = max(selected) + 1
-    runner = open_runner(model, run, work_dir, progress=progress)
-    chunks = runner.chunks(calib.sequences, run.sample_batch_size)
-    start = runner.start_layer
-    missing = [i for i in selected if i < start and i not in store.layers()]
-    if missing:
-        raise BadInput(store_path, f"layer {missing[0]} is not committed but the run is past it; delete the work dir")
+    all_chunks = runner.chunks(calib.sequences, run.sample_batch_size)
+    chunks = group.share(all_chunks)
+    start = common_start(group, runner)
+    group.together("committed layers", lambda: _check_committed(store, selected, start))
     layers_run = 0
     with tqdm(total=stop, initial=min(start, stop), desc="layers", unit="layer",
               disable=None if progress else True) as bar:
@@ -161,8 +214,16 @@ def collect(model: Model, calib: CalibrationSet, out: str | Path, run: RunOption
     runner.close()
     seconds = time.perf_counter() - started
 
-    _publish(store_path, out)
-    _clean_work_dir(work_dir)
+    if group.rank == 0:
+        _publish(store_path, out)
+    timings = group.exchange("published", group.timings)
+    _clean_work_dir(work_dir, rank_dir=group.distributed)
+    group.close()
+    if group.distributed:
+        shares = {"ranks": group.size, "rank": group.rank, "tokens_per_rank": group.tokens_per_rank(all_chunks),
+                  "timings": timings}
+        if group.rank > 0:
+            return {"out": str(out), "layers_run": layers_run, "seconds": round(seconds, 3), "distributed": shares}
     done = TelemetryStore.open(out)
     return {
         "out": str(out), "mode": run.mode, "layers": done.layers(), "num_tokens": calib.num_tokens,
@@ -173,7 +234,43 @@ def collect(model: Model, calib: CalibrationSet, out: str | Path, run: RunOption
         "bytes_read": io_counters().get("rchar", 0) - read_before,   # page cache included
         "telemetry_fingerprint": done.fingerprint(), "model_fingerprint": model.fingerprint,
         "calibration_fingerprint": calib.fingerprint, "routing": attrs["routing"],
+        **({"distributed": shares} if group.distributed else {}),
     }
+
+
+def _prepare_work_dir(work_dir: Path, record: dict, calib: CalibrationSet, group: Group, peak_bytes: int) -> None:
+    """The work dir of this run (or rank): refused when it holds another run's state or when the
+    disk lacks room for its peak size."""
+    if group.distributed and (work_dir.parent / RUN_FILE).exists():
+        raise BadInput(work_dir.parent / RUN_FILE, "work dir belongs to a run in one process; rerun it without "
+                                                   "mlx.launch or use another --work-dir")
+    if not group.distributed and (work_dir / "rank-00").is_dir():
+        raise BadInput(work_dir, "holds a distributed run's state (rank-NN); rerun it under mlx.launch with "
+                                 "the same ranks or use another --work-dir")
+    present = sum(p.stat().st_size for p in work_dir.rglob("*") if p.is_file()) if work_dir.is_dir() else 0
+    check_space(work_dir, max(0, peak_bytes - present), "work dir")
+    test_pause("writing")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    _check_run_record(work_dir, record)
+    write_text_atomic(work_dir / RUN_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    tokens_path = work_dir / "tokens.zarr"
+    if not tokens_path.exists():
+        save_tokens(calib, tokens_path)
+
+
+def _check_committed(store: TelemetryStore | None, selected: list[int], start: int) -> None:
+    missing = [] if store is None else [i for i in selected if i < start and i not in store.layers()]
+    if missing:
+        raise BadInput(store.path, f"layer {missing[0]} is not committed but the run is past it; delete the work dir")
+
+
+def _combined(group: Group, stats: LayerStats) -> LayerStats:
+    """One layer's sums over every rank, added in rank order (max for max_activations)."""
+    if not group.distributed:
+        return stats
+    arrays = {name: getattr(stats, name) for name in LayerStats.ARRAYS}
+    total = group.reduce({**arrays, "tokens": np.array([float(stats.tokens)])}, maxes={"max_activations"})
+    return LayerStats(stats.layer, int(total.pop("tokens")[0]), **total)
 
 
 def _already_done(out: Path, attrs: dict) -> dict:
@@ -187,17 +284,19 @@ def _already_done(out: Path, attrs: dict) -> dict:
             "telemetry_fingerprint": store.fingerprint()}
 
 
-def _clean_work_dir(work_dir: Path) -> None:
-    """Remove what collect put in the work dir (and the dir itself when that leaves it empty)."""
+def _clean_work_dir(work_dir: Path, rank_dir: bool = False) -> None:
+    """Remove what collect put in the work dir (and the dir itself when that leaves it empty; for a
+    rank's dir, WORK too once the last rank is out)."""
     for p in sorted(work_dir.iterdir()):
         ours = p.name in (RUN_FILE, "progress.json", "tokens.zarr", "telemetry.zarr") or \
             p.name.startswith(("hidden_", ".hidden_", ".progress", ".run.json", ".tokens.zarr"))
         if ours:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
-    try:
-        work_dir.rmdir()
-    except OSError:
-        pass
+    for d in (work_dir, work_dir.parent) if rank_dir else (work_dir,):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
 
 
 def _publish(src: Path, out: Path) -> None:
@@ -214,11 +313,16 @@ def _publish(src: Path, out: Path) -> None:
 
 def merge(paths: list[str | Path], out: str | Path) -> dict:
     """Add telemetry stores of the same model collected on disjoint calibration shards."""
-    from .store import merge_stores
-
     out = Path(out)
     if len(paths) < 2:
         raise BadInput("merge", "give at least two telemetry stores")
+    with exclusive(out, "telemetry store"):
+        return _merge(paths, out)
+
+
+def _merge(paths: list[str | Path], out: Path) -> dict:
+    from .store import merge_stores
+
     if out.exists():
         raise BadInput(out, "already exists; choose another --out or delete it")
     seen: dict[str, Path] = {}
@@ -228,14 +332,21 @@ def merge(paths: list[str | Path], out: str | Path) -> dict:
         first = attrs if first is None else first
         if attrs.get("model") != first.get("model"):
             raise BadInput(p, f"model differs from {paths[0]} (telemetry of another model)")
-        cal = (attrs.get("calibration") or {}).get("fingerprint")
+        calibration = attrs.get("calibration") or {}
+        cal = calibration.get("fingerprint") if isinstance(calibration, dict) else None
+        if not isinstance(cal, (str, type(None))):
+            raise BadInput(p, "calibration.fingerprint is not a string")
         if cal is not None and cal in seen:
             raise BadInput(p, f"was collected on the same calibration tokens as {seen[cal]}; merging would count them twice")
         seen[cal] = Path(p)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    merge_stores([Path(p) for p in paths], tmp)
-    os.replace(tmp, out)
+    try:
+        merge_stores([Path(p) for p in paths], tmp)
+        os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise os_error(e, out, doing="cannot write") from None
     store = TelemetryStore.open(out)
     return {"out": str(out), "inputs": [str(p) for p in paths], "layers": store.layers(),
             "num_tokens": (store.attrs.get("calibration") or {}).get("num_tokens"),

@@ -2,13 +2,14 @@
 local json / jsonl / csv / parquet / text file; plain-text fields or chat messages."""
 from __future__ import annotations
 
-import json
+import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
 from ..errors import BadInput
+from .rows import read_rows
 
 if TYPE_CHECKING:
     from .calibration import CalibrationOptions
@@ -16,23 +17,23 @@ if TYPE_CHECKING:
 FORMATS = ("auto", "json", "jsonl", "csv", "parquet", "text")
 _EXTENSION_FORMAT = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
                      ".parquet": "parquet", ".txt": "text", ".text": "text", ".md": "text"}
-# our format name -> datasets' packaged builder (json reads both JSON arrays and JSON lines)
-_BUILDER = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet", "text": "text"}
-# text files: one sample per blank-line-separated paragraph
-_TEXT_SAMPLE_BY = "paragraph"
 # ShareGPT-style messages ({"from": "human", "value": ...}) -> chat-template roles
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "tool": "tool"}
 
 
-def _detect_format(path: Path, fmt: str) -> str:
-    if fmt != "auto":
-        return fmt
-    detected = _EXTENSION_FORMAT.get(path.suffix.lower())
-    if detected is None:
-        raise BadInput(path, f"cannot tell the format from the extension {path.suffix!r}; "
-                             f"pass --dataset-format ({', '.join(FORMATS[1:])})")
-    return detected
+def _format_of(path: Path, fmt: str) -> Callable[[str | None], str]:
+    """The format to read `path` as: the option, else the extension, else what the first bytes
+    show (the sniffed format is passed in; None when they show nothing)."""
+    def decide(sniffed: str | None) -> str:
+        if fmt != "auto":
+            return fmt
+        detected = _EXTENSION_FORMAT.get(path.suffix.lower()) or sniffed
+        if detected is None:
+            raise BadInput(path, f"cannot tell the format from the extension {path.suffix!r} or the first bytes; "
+                                 f"pass --dataset-format ({', '.join(FORMATS[1:])})")
+        return detected
+    return decide
 
 
 def _quiet_datasets():
@@ -53,36 +54,8 @@ def _one_line(e: BaseException) -> str:
 
 def _load_file(opts: "CalibrationOptions"):
     path = Path(opts.dataset_file)
-    try:
-        with open(path, "rb") as f:
-            first = f.read(1)
-    except OSError as e:
-        raise BadInput(path, f"cannot read: {e.strerror or e}") from None
-    if not first:
-        raise BadInput(path, "dataset is empty (0 bytes)")
-    fmt = _detect_format(path, opts.dataset_format)
-    datasets = _quiet_datasets()
-    kwargs = {"sample_by": _TEXT_SAMPLE_BY} if fmt == "text" else {}
-    try:
-        ds = datasets.load_dataset(_BUILDER[fmt], data_files=str(path), split="train", **kwargs)
-    except Exception as e:  # datasets raises many types for unparsable files
-        if "corresponds to no data" in str(e):  # parsed, but no rows at all (e.g. "[]")
-            raise BadInput(path, "dataset is empty (0 rows)") from None
-        if fmt == "jsonl":
-            _raise_bad_json_line(path)
-        raise BadInput(path, f"cannot read as {fmt}: {_one_line(e)}") from None
-    return ds, path, {"kind": "file", "path": str(path), "format": fmt}
-
-
-def _raise_bad_json_line(path: Path) -> None:
-    """Name the first line of a JSON-lines file that does not parse (only called after a failure)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    json.loads(line.rstrip("\r\n"))
-                except json.JSONDecodeError as e:
-                    raise BadInput(path, f"line {number} is not valid JSON ({e.msg} at column {e.colno})") from None
+    rows, fmt = read_rows(path, None, _format_of(path, opts.dataset_format))
+    return rows, path, {"kind": "file", "path": str(path), "format": fmt}
 
 
 def _load_hub(opts: "CalibrationOptions"):
@@ -106,40 +79,74 @@ def _load_hub(opts: "CalibrationOptions"):
                           "split": opts.dataset_split}
 
 
-def _resolve(row: dict, dotted: str, where: object):
-    """row["a"]["b"] for "a.b"; integer parts index lists. A missing key is a schema fault."""
+_INDEX = re.compile(r"-?\d{1,9}", re.ASCII)
+
+
+def _resolve(row: dict, dotted: str, where: object, schema: dict | None):
+    """row["a"]["b"] for "a.b"; integer parts index lists. A key no row has is a schema fault; a key
+    other rows have (`schema`, the union of every row's keys) is a missing value, None."""
     value = row
-    for i, part in enumerate(dotted.split(".")):
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
         if value is None:
             return None
-        if isinstance(value, list) and part.lstrip("-").isdigit():
+        if isinstance(value, list) and _INDEX.fullmatch(part):
             idx = int(part)
             value = value[idx] if -len(value) <= idx < len(value) else None
+            schema = None
         elif isinstance(value, dict):
+            known = value if schema is None else schema
             if part not in value:
-                at = ".".join(dotted.split(".")[:i]) or "rows"
-                raise BadInput(where, f"no field {dotted!r} ({at} have fields: {', '.join(sorted(value))})")
+                if part in known:
+                    return None
+                at = ".".join(parts[:i]) or "rows"
+                raise BadInput(where, f"no field {dotted!r} ({at} have fields: {', '.join(sorted(known))})")
             value = value[part]
+            schema = None if schema is None else schema.get(part) or None
         else:
-            raise BadInput(where, f"field {'.'.join(dotted.split('.')[:i])!r} is a {type(value).__name__}, "
+            raise BadInput(where, f"field {'.'.join(parts[:i])!r} is a {type(value).__name__}, "
                                   f"cannot look up {part!r} in it")
     return value
 
 
-def _messages(value, where: object, path: str) -> list[dict] | None:
+def _text(value: object, where: object, label: str, field: str) -> str:
+    """`value` if it is text a tokenizer can take (no lone surrogates), else one line saying why."""
+    if not isinstance(value, str):
+        raise BadInput(where, f"{label}: {field} is {type(value).__name__}, not text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadInput(where, f"{label}: {field} holds a lone surrogate (not valid Unicode text)") from None
+    return value
+
+
+def _messages(value, where: object, path: str, label: str) -> list[dict] | None:
     if value is None or value == []:
         return None
     if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
-        raise BadInput(where, f"field {path!r} must hold a list of messages, not {type(value).__name__}")
+        raise BadInput(where, f"{label}: field {path!r} must hold a list of messages, not {type(value).__name__}")
     out = []
-    for m in value:
+    for n, m in enumerate(value, 1):
         if "role" in m and "content" in m:
-            out.append({"role": m["role"], "content": m["content"]})
+            role, content = m["role"], m["content"]
         elif "from" in m and "value" in m:
-            out.append({"role": _SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m["value"]})
+            role, content = m["from"], m["value"]
+            role = _SHAREGPT_ROLES.get(role, role) if isinstance(role, str) else role
         else:
-            raise BadInput(where, f"messages in {path!r} need role/content (or from/value) keys, got {sorted(m)}")
+            raise BadInput(where, f"{label}: messages in {path!r} need role/content (or from/value) keys, "
+                                  f"got {sorted(map(str, m))}")
+        out.append({"role": _text(role, where, label, f"message {n}'s role"),
+                    "content": _text(content, where, label, f"message {n}'s content")})
     return out
+
+
+def _render_chat(tokenizer, messages: list[dict], where: object, label: str) -> str:
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as e:  # the template is the model's own code (jinja): any error means "cannot render"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise BadInput(where, f"{label}: the chat template cannot render these messages ({first})") from None
+    return _text(text, where, label, "the rendered chat")
 
 
 def _chat_template_of(tokenizer) -> str | None:
@@ -172,15 +179,17 @@ def encoded_rows(opts: "CalibrationOptions", tokenizer, stats: dict) -> Iterator
         raise BadInput(where, f"no field {top!r} in rows (fields: {', '.join(ds.column_names)}){hint}")
     if chat and not _chat_template_of(tokenizer):
         raise BadInput(_tokenizer_where(tokenizer), "tokenizer has no chat template (needed by --dataset-messages-field)")
+    schema = getattr(ds, "schema", None)
+    label = getattr(ds, "label", lambda i: f"row {i + 1}")
     order = np.arange(n) if opts.seed is None else np.random.default_rng(opts.seed).permutation(n)
     for idx in order:
-        value = _resolve(ds[int(idx)], path, where)
+        value = _resolve(ds[int(idx)], path, where, schema)
         if chat:
-            messages = _messages(value, where, path)
+            messages = _messages(value, where, path, label(int(idx)))
             if messages is None:
                 stats["rows_skipped"] += 1
                 continue
-            text = tokenizer.apply_chat_template(messages, tokenize=False)
+            text = _render_chat(tokenizer, messages, where, label(int(idx)))
             ids = tokenizer.encode(text, add_special_tokens=False)
         else:
             if value is not None and not isinstance(value, str):
@@ -189,5 +198,5 @@ def encoded_rows(opts: "CalibrationOptions", tokenizer, stats: dict) -> Iterator
             if value is None or not value.strip():
                 stats["rows_skipped"] += 1
                 continue
-            ids = tokenizer.encode(value, add_special_tokens=True)
+            ids = tokenizer.encode(_text(value, where, label(int(idx)), f"field {path!r}"), add_special_tokens=True)
         yield list(ids)

@@ -19,7 +19,6 @@ killed run leaves either a whole layer or none.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import numpy as np
 from ..io import zarr as zarr_io
 from ..errors import BadInput
 from ..io.files import fsync_tree, read_store_attrs
+from ..io.reading import is_index, read_json_object, resolved
 
 TELEMETRY_FORMAT = "reap-stream-telemetry"
 TELEMETRY_SCHEMA_VERSION = 1
@@ -100,7 +100,11 @@ class Fingerprint:
 
 def _group_attrs(path: Path) -> dict:
     """The attributes of the Zarr group at path (read directly: zarr-python costs ms per node)."""
-    return dict(json.loads((Path(path) / zarr_io.ZARR_JSON).read_text())["attributes"])
+    meta = Path(path) / zarr_io.ZARR_JSON
+    attrs = read_json_object(meta, "Zarr group metadata").get("attributes")
+    if not isinstance(attrs, dict):
+        raise BadInput(meta, "not a Zarr group description (no 'attributes' object)")
+    return attrs
 
 
 def layer_key(layer: int) -> str:
@@ -135,7 +139,7 @@ class TelemetryStore:
         """Committed layers, ascending."""
         out = []
         for p in self.path.iterdir():
-            if p.is_dir() and p.name.startswith("layer_") and p.name[6:].isdigit():
+            if p.name.startswith("layer_") and is_index(p.name[6:]) and p.is_dir():
                 out.append(int(p.name[6:]))
         return sorted(out)
 
@@ -143,12 +147,21 @@ class TelemetryStore:
         path = self.path / layer_key(layer)
         if not path.is_dir():
             raise BadInput(self.path, f"layer {layer} has no committed telemetry")
+        attrs = _group_attrs(path)
+        tokens, e = attrs.get("tokens"), attrs.get("num_experts")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (tokens, e)):
+            raise BadInput(path / zarr_io.ZARR_JSON, "layer attributes need integer 'tokens' and 'num_experts'")
         arrays = {}
         for name in LayerStats.ARRAYS:
             if not (path / name / zarr_io.ZARR_JSON).is_file():
                 raise BadInput(path, f"telemetry array {name!r} is missing")
             arrays[name] = np.asarray(zarr_io.read_array(path / name)[0], dtype=np.float64)
-        return LayerStats(layer=layer, tokens=int(_group_attrs(path)["tokens"]), **arrays)
+        hidden = arrays["expert_output_sum"].shape[-1] if arrays["expert_output_sum"].ndim == 2 else -1
+        want = {"expert_output_sum": (e, hidden), "coactivation": (e, e)}
+        for name, arr in arrays.items():
+            if arr.shape != want.get(name, (e,)):
+                raise BadInput(path / name, f"shape {list(arr.shape)} does not fit the layer's {e} experts")
+        return LayerStats(layer=layer, tokens=tokens, **arrays)
 
     def fingerprint(self) -> str:
         """sha256 over every committed layer's arrays and token count."""
@@ -176,7 +189,7 @@ class TelemetryStore:
 
 def merge_stores(paths: list[Path], out: Path) -> TelemetryStore:
     """Add stores of the same model and routing settings, collected on disjoint calibration shards."""
-    if any(Path(p).resolve() == Path(out).resolve() for p in paths):
+    if any(resolved(p) == resolved(out) for p in paths):
         raise BadInput(out, "the merged store would overwrite one of its inputs")
     stores = [TelemetryStore.open(p) for p in paths]
     first = stores[0].attrs
@@ -188,9 +201,12 @@ def merge_stores(paths: list[Path], out: Path) -> TelemetryStore:
         if s.layers() != stores[0].layers():
             raise BadInput(s.path, f"layers {s.layers()} differ from {stores[0].path}'s {stores[0].layers()}")
     calib = [s.attrs.get("calibration") for s in stores]
+    tokens = [c.get("num_tokens", 0) if isinstance(c, dict) else 0 if c is None else None for c in calib]
+    for s, n in zip(stores, tokens):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise BadInput(s.path, f"calibration.num_tokens is not a token count ({n!r:.40})")
     attrs = {k: v for k, v in first.items() if k not in ("format", "schema_version", "calibration")}
-    attrs["calibration"] = {"merged": calib,
-                            "num_tokens": sum(int((c or {}).get("num_tokens", 0)) for c in calib)}
+    attrs["calibration"] = {"merged": calib, "num_tokens": sum(tokens)}
     merged = TelemetryStore.create(out, attrs)
     for layer in stores[0].layers():
         total = stores[0].read(layer)

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..errors import BadInput
+from ..io.files import replace_dir
 from ..families.structure import MoEStructure
 from .store import LayerStats, TelemetryStore
 
@@ -102,7 +103,5 @@ def write_synthetic_telemetry(out: Path, *, layers: int = 8, experts: int = 16, 
         spike = layer == sorted(per_layer)[min(1, len(per_layer) - 1)]
         store.commit(synthetic_layer(layer, rng, experts=e, top_k=top_k, tokens=tokens, hidden=hidden,
                                      dead=dead, spike=spike))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
+    replace_dir(tmp, out)
     return TelemetryStore.open(out)

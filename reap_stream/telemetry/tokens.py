@@ -12,7 +12,6 @@ from ..errors import BadInput
 from ..io import zarr as zarr_io
 from ..io.files import read_store_attrs
 from .calibration import CalibrationSet, token_fingerprint
-from .sources import _one_line
 
 CALIBRATION_FORMAT = "reap-stream-calibration"
 CALIBRATION_SCHEMA_VERSION = 1
@@ -41,23 +40,22 @@ def save_tokens(calib: CalibrationSet, path: str | Path) -> Path:
 
 def load_tokens(path: str | Path) -> CalibrationSet:
     """Read a group written by `save_tokens`; the ids must still match their fingerprint."""
-    import zarr
-
     path = Path(path)
     attrs = read_store_attrs(path, "calibration token", CALIBRATION_FORMAT, CALIBRATION_SCHEMA_VERSION)
-    g = zarr.open_group(str(path), mode="r")
-    try:
-        flat = np.asarray(g["tokens"][...], dtype=np.int32)
-        offsets = np.asarray(g["offsets"][...], dtype=np.int64)
-    except (KeyError, OSError, ValueError) as e:
-        raise BadInput(path, f"unreadable token arrays: {_one_line(e)}") from None
-    if offsets[0] != 0 or offsets[-1] != len(flat) or np.any(np.diff(offsets) < 0):
+    flat, offsets = (zarr_io.read_array(path / name)[0] for name in ("tokens", "offsets"))
+    if flat.ndim != 1 or offsets.ndim != 1 or flat.dtype.kind not in "iu" or offsets.dtype.kind not in "iu":
+        raise BadInput(path, "tokens and offsets must be 1-D integer arrays")
+    flat, offsets = flat.astype(np.int32, copy=False), offsets.astype(np.int64, copy=False)
+    if not len(offsets) or offsets[0] != 0 or offsets[-1] != len(flat) or np.any(np.diff(offsets) < 0):
         raise BadInput(path, "token offsets do not cover the token array")
     sequences = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-    shaping = attrs.get("shaping", {})
+    shaping, source, window = attrs.get("shaping", {}), attrs.get("source", {}), attrs.get("window_tokens", 0)
+    if not isinstance(shaping, dict) or not isinstance(source, dict) or isinstance(window, bool) \
+            or not isinstance(window, int):
+        raise BadInput(path, "malformed attributes (shaping, source, window_tokens)")
     fp = token_fingerprint(sequences, shaping)
     if fp != attrs.get("fingerprint"):
-        raise BadInput(path, f"token ids do not match the stored fingerprint ({fp} != {attrs.get('fingerprint')})")
-    return CalibrationSet(sequences=sequences, fingerprint=fp, source=attrs.get("source", {}),
-                          packed=bool(attrs.get("packed")), window_tokens=int(attrs.get("window_tokens", 0)),
-                          shaping=shaping)
+        raise BadInput(path, f"token ids do not match the stored fingerprint "
+                             f"({fp} != {attrs.get('fingerprint')!r:.80})")
+    return CalibrationSet(sequences=sequences, fingerprint=fp, source=source,
+                          packed=bool(attrs.get("packed")), window_tokens=window, shaping=shaping)

@@ -1,9 +1,12 @@
 """Tiny GGUF fixtures converted from the project's MLX fixtures (same weights, llama.cpp names).
 
-`convert_mlx_to_gguf` is a pure renaming + (optional) quantisation of an mlx_lm-layout
-checkpoint, written with gguf-py's GGUFWriter (an independent writer, so our reader is tested
-against it). numpy shapes are reversed into llama.cpp's ne order by the writer: a stacked expert
-tensor [E, out, in] becomes ne = [in, out, E], the expert axis outermost.
+`convert_mlx_to_gguf` renames an mlx_lm-layout checkpoint's tensors to llama.cpp's with gguf-py's
+own TensorNameMap (families/gguf_source.Namer: any family row with a gguf_arch and a fixture is
+converted), does what llama.cpp's converter does beyond names (q/k rows permuted for the archs
+whose RoPE rotates interleaved pairs; the metadata keys its converter writes, tokenizer included),
+optionally quantises, and writes with gguf-py's GGUFWriter (an independent writer, so our reader
+is tested against it). numpy shapes are reversed into llama.cpp's ne order by the writer: a
+stacked expert tensor [E, out, in] becomes ne = [in, out, E], the expert axis outermost.
 
 `make_ds4_fixture` builds the deepseek4-like file, our own construction (see docs/gguf.md):
 the deepseek_v3 fixture with arch "deepseek4", layer 1 turned into a hash-routed layer
@@ -14,6 +17,7 @@ block `mtp.0.*` (a copy of the last layer's MoE plus eh_proj/enorm/hnorm) that m
 from __future__ import annotations
 
 import contextlib
+from functools import lru_cache
 import json
 import os
 import re
@@ -25,49 +29,26 @@ from gguf import quants
 from gguf.constants import GGMLQuantizationType as T
 
 from ..io.safetensors import Checkpoint, to_float32
-from ..families.table import FAMILIES
+from ..families.gguf_source import ROPE_PERMUTED, Namer, permute_rope_rows
+from ..families.table import BY_GGUF_ARCH, FAMILIES
 from ..io.gguf import BLOCK_TENSOR
 from ..io.files import build_once
 
 QTYPES = ("f32", "f16", "q8_0", "q4_0")
 
-# mlx_lm name (after "model.layers.N.") -> llama.cpp name (after "blk.N.")
-_LAYER_NAMES: dict[str, str] = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_norm.weight": "attn_q_norm.weight",
-    "self_attn.k_norm.weight": "attn_k_norm.weight",
-    "self_attn.sinks": "attn_sinks.weight",
-    "self_attn.q_a_proj.weight": "attn_q_a.weight",
-    "self_attn.q_a_layernorm.weight": "attn_q_a_norm.weight",
-    "self_attn.q_b_proj.weight": "attn_q_b.weight",
-    "self_attn.kv_a_proj_with_mqa.weight": "attn_kv_a_mqa.weight",
-    "self_attn.kv_a_layernorm.weight": "attn_kv_a_norm.weight",
-    "self_attn.embed_q.weight": "attn_k_b.weight",
-    "self_attn.unembed_out.weight": "attn_v_b.weight",
-    "mlp.gate.weight": "ffn_gate_inp.weight",
-    "block_sparse_moe.gate.weight": "ffn_gate_inp.weight",
-    "mlp.router.weight": "ffn_gate_inp.weight",
-    "mlp.router.bias": "ffn_gate_inp.bias",
-    "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
-    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
-}
-for _p, _g in (("q", "q"), ("k", "k"), ("v", "v"), ("o", "output")):
-    for _leaf in ("weight", "bias"):
-        _LAYER_NAMES[f"self_attn.{_p}_proj.{_leaf}"] = f"attn_{_g}.{_leaf}"
-for _p in ("gate", "up", "down"):
-    _LAYER_NAMES[f"mlp.{_p}_proj.weight"] = f"ffn_{_p}.weight"
-    _LAYER_NAMES[f"mlp.shared_expert.{_p}_proj.weight"] = f"ffn_{_p}_shexp.weight"
-    _LAYER_NAMES[f"mlp.shared_experts.{_p}_proj.weight"] = f"ffn_{_p}_shexp.weight"
-    for _block in ("mlp.switch_mlp", "block_sparse_moe.switch_mlp", "mlp.experts"):
-        for _leaf in ("weight", "bias"):
-            _LAYER_NAMES[f"{_block}.{_p}_proj.{_leaf}"] = f"ffn_{_p}_exps.{_leaf}"
+def gguf_name(name: str, arch: str, blocks: int = 64) -> str:
+    """llama.cpp tensor name of an mlx_lm parameter, by gguf-py's TensorNameMap (KeyError when
+    it has none)."""
+    names = _namer(arch, blocks).candidates(name)
+    if not names:
+        raise KeyError(name)
+    return names[0]
 
-_GLOBAL_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
+
+@lru_cache(maxsize=None)
+def _namer(arch: str, blocks: int) -> Namer:
+    return Namer(arch, BY_GGUF_ARCH[arch], blocks)
+
 
 # config.json key -> (GGUF key under "{arch}.", value type)
 _CONFIG_KEYS = {
@@ -79,6 +60,7 @@ _CONFIG_KEYS = {
     "shared_expert_intermediate_size": ("expert_shared_feed_forward_length", "u32"),
     "num_attention_heads": ("attention.head_count", "u32"),
     "num_key_value_heads": ("attention.head_count_kv", "u32"),
+    "head_dim": ("attention.key_length", "u32"),
     "rms_norm_eps": ("attention.layer_norm_rms_epsilon", "f32"),
     "rope_theta": ("rope.freq_base", "f32"),
     "num_experts_per_tok": ("expert_used_count", "u32"),
@@ -93,22 +75,15 @@ _CONFIG_KEYS = {
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
-def gguf_name(name: str) -> str:
-    """llama.cpp tensor name of an mlx_lm tensor name (KeyError when unknown)."""
-    m = _LAYER.match(name)
-    if m:
-        return f"blk.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
-    return _GLOBAL_NAMES[name]
-
-
 def _qtype(qtype: str, gname: str, arr: np.ndarray):
-    """ggml type of one tensor: 1-D tensors and biases stay F32 (as llama.cpp writes them),
-    routers stay F32 under block quantisation (llama-quantize leaves ffn_gate_inp alone)."""
-    if qtype == "f32" or arr.ndim < 2 or not gname.endswith(".weight"):
+    """ggml type of one tensor as llama.cpp's converter and llama-quantize choose it: 1-D tensors,
+    biases and routers stay F32 (the converter forces ffn_gate_inp to F32, llama-quantize leaves
+    it alone), as do rows whose length is not a whole number of blocks."""
+    if qtype == "f32" or arr.ndim < 2 or not gname.endswith(".weight") or "ffn_gate_inp" in gname:
         return T.F32
     if qtype == "f16":
         return T.F16
-    if "ffn_gate_inp" in gname or arr.shape[-1] % 32:
+    if arr.shape[-1] % 32:
         return T.F32
     return {"q8_0": T.Q8_0, "q4_0": T.Q4_0}[qtype]
 
@@ -138,12 +113,20 @@ def _gpt_oss_keys(config: dict) -> dict:
     yarn = config.get("rope_scaling") or {}
     if yarn.get("rope_type") == "yarn":
         keys.update({"rope.scaling.type": ("str", "yarn"), "rope.scaling.factor": ("f32", yarn["factor"]),
-                     "rope.scaling.original_context_length": ("u32", yarn["original_max_position_embeddings"])})
+                     "rope.scaling.original_context_length": ("u32", yarn["original_max_position_embeddings"]),
+                     "rope.scaling.yarn_beta_fast": ("f32", yarn["beta_fast"]),
+                     "rope.scaling.yarn_beta_slow": ("f32", yarn["beta_slow"])})
     return keys
 
 
+def _glm4_keys(config: dict) -> dict:
+    """GLM-4.5 as llama.cpp reads it: partial RoPE as a rotated dimension count, sigmoid gating."""
+    return {"rope.dimension_count": ("u32", int(config["head_dim"] * config.get("partial_rotary_factor", 0.5))),
+            "expert_gating_func": ("u32", 2)}
+
+
 # arch -> keys llama.cpp needs beyond the config.json table (they win over it)
-_ARCH_KEYS = {"deepseek2": _mla_keys, "gpt-oss": _gpt_oss_keys}
+_ARCH_KEYS = {"deepseek2": _mla_keys, "gpt-oss": _gpt_oss_keys, "glm4moe": _glm4_keys}
 
 
 def _metadata(writer, arch: str, config: dict, ckpt: Checkpoint) -> None:
@@ -158,13 +141,31 @@ def _metadata(writer, arch: str, config: dict, ckpt: Checkpoint) -> None:
     for gkey, (vt, v) in keys.items():
         add = {"u32": writer.add_uint32, "f32": writer.add_float32, "bool": writer.add_bool, "str": writer.add_string}[vt]
         add(f"{arch}.{gkey}", {"u32": int, "f32": float, "bool": bool, "str": str}[vt](v))
-    bpe = json.loads((ckpt.root / "tokenizer.json").read_text())["model"]
+    _tokenizer(writer, ckpt.root)
+
+
+def _tokenizer(writer, root: Path) -> None:
+    """The fixture's byte-level BPE as llama.cpp's converter records it: vocabulary, control
+    tokens, merges, GPT-2's pre-tokenizer regex (what the tokenizer.json's ByteLevel applies),
+    special ids and the chat template."""
+    spec = json.loads((root / "tokenizer.json").read_text())
+    config = json.loads((root / "tokenizer_config.json").read_text())
+    bpe = spec["model"]
     tokens = [t for t, _ in sorted(bpe["vocab"].items(), key=lambda kv: kv[1])]
+    control = {a["id"] for a in spec.get("added_tokens", []) if a.get("special")}
     writer.add_string("tokenizer.ggml.model", "gpt2")
+    writer.add_string("tokenizer.ggml.pre", "gpt-2")
     writer.add_array("tokenizer.ggml.tokens", tokens)
-    writer.add_array("tokenizer.ggml.token_type", [1] * len(tokens))
+    writer.add_array("tokenizer.ggml.token_type", [3 if i in control else 1 for i in range(len(tokens))])
     # llama.cpp refuses a gpt2 vocabulary without its merges ("a b" per merge, rank order)
     writer.add_array("tokenizer.ggml.merges", [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
+    ids = bpe["vocab"]
+    for key, name in (("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "padding")):
+        if config.get(key) in ids:
+            writer.add_uint32(f"tokenizer.ggml.{name}_token_id", ids[config[key]])
+    writer.add_bool("tokenizer.ggml.add_bos_token", bool(config.get("add_bos_token")))
+    if config.get("chat_template"):
+        writer.add_string("tokenizer.chat_template", config["chat_template"])
 
 
 def _write(out: Path, arch: str, config: dict, ckpt: Checkpoint, tensors: list[tuple[str, np.ndarray, object]],
@@ -184,35 +185,17 @@ def _write(out: Path, arch: str, config: dict, ckpt: Checkpoint, tensors: list[t
     return [out]
 
 
-def _rope_halves_to_pairs(w: np.ndarray, heads: int) -> np.ndarray:
-    """Rows of a q/k projection reordered per head from mlx_lm's rotate-half RoPE layout to the
-    interleaved pairs llama.cpp's "llama" arch rotates (its converter does the same)."""
-    per_head = w.shape[0] // heads
-    return w.reshape(heads, 2, per_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-# arch -> {llama.cpp tensor suffix: config key of its head count}: q/k rows llama.cpp expects
-# permuted for its RoPE
-_ROPE_PERMUTED = {"llama": {"attn_q.weight": "num_attention_heads", "attn_k.weight": "num_key_value_heads"}}
-
-
-# arch -> {generic llama.cpp tensor suffix: the arch's own}
-_ARCH_NAMES = {"gpt-oss": {"ffn_norm.weight": "post_attention_norm.weight"}}
-
-
 def _tensors(ckpt: Checkpoint, qtype: str) -> list[tuple[str, np.ndarray, object]]:
-    arch = FAMILIES[ckpt.config["model_type"]].gguf_arch
-    permuted, renamed = _ROPE_PERMUTED.get(arch, {}), _ARCH_NAMES.get(arch, {})
+    config = ckpt.config
+    arch = FAMILIES[config["model_type"]].gguf_arch
+    heads = {"attn_q": config.get("num_attention_heads"), "attn_k": config.get("num_key_value_heads")}
     out = []
     for name in sorted(ckpt.tensors, key=_natural):
-        gname = gguf_name(name)
-        for generic, own in renamed.items():
-            if gname.endswith("." + generic):
-                gname = gname[: -len(generic)] + own
+        gname = gguf_name(name, arch, int(config["num_hidden_layers"]))
         arr = to_float32(ckpt.tensors[name])
-        heads_key = next((k for suffix, k in permuted.items() if gname.endswith(suffix)), None)
-        if heads_key is not None:
-            arr = _rope_halves_to_pairs(arr, int(ckpt.config[heads_key]))
+        head = gname.split(".")[2] if gname.startswith("blk.") else ""
+        if arch in ROPE_PERMUTED and head in heads:   # llama.cpp's RoPE rotates interleaved pairs
+            arr = permute_rope_rows(arr, int(heads[head]))
         t = _qtype(qtype, gname, arr)
         out.append((gname, _encode(arr, t), t))
     return out
@@ -278,7 +261,7 @@ def make_ds4_fixture(src: Path, out: Path, *, qtype: str = "f32", seed: int = 0)
 
 
 def cached_gguf(family: str, qtype: str, root: Path, mlx_dir: Path, *, split: int = 0) -> list[Path]:
-    """root/<family>-<qtype>[-split<N>]/model.gguf (or its parts), written once via temp dir + rename.
+    """root/<family>-<qtype>[-split<N>]-from-<mlx fixture>/model.gguf (or its parts), written once via temp dir + rename.
     family "deepseek4" builds the deepseek4-like file from the deepseek_v3 mlx fixture `mlx_dir`."""
     def build(tmp: Path) -> None:
         if family == "deepseek4":
@@ -287,6 +270,7 @@ def cached_gguf(family: str, qtype: str, root: Path, mlx_dir: Path, *, split: in
             convert_mlx_to_gguf(mlx_dir, tmp / "model.gguf", qtype=qtype, split_max_tensors=split)
         (tmp / "done").write_text("")
 
-    final = Path(root) / (f"{family}-{qtype}" + (f"-split{split}" if split else ""))
+    # named after the MLX fixture it converts (whose name carries its config digest)
+    final = Path(root) / (f"{family}-{qtype}" + (f"-split{split}" if split else "") + f"-from-{Path(mlx_dir).name}")
     build_once(final, lambda p: (p / "done").is_file(), build)
     return sorted(final.glob("*.gguf"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import importlib
+import hashlib
 import io
 import json
 import struct
@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..families.table import FAMILIES as FAMILY_TABLE, FAMILY_ROWS
+from ..families.table import FAMILIES as FAMILY_TABLE
+from ..families.table import FAMILY_ROWS, Family, classify, config_value, family_of, set_config_value
 from ..io.files import build_once
 
 QUANTIZED_FAMILIES: tuple[str, ...] = ("qwen3_moe", "deepseek_v3", "gpt_oss")
 HF_FAMILIES: tuple[str, ...] = ("qwen3_moe", "mixtral")
-VARIANTS: tuple[str, ...] = ("fp32", "fp16", "bf16", "q4", "hf")
+VARIANTS: tuple[str, ...] = ("fp32", "fp16", "bf16", "q4", "hf", "transformers")
 
 VOCAB_SIZE = 512
 HIDDEN = 64
@@ -56,8 +57,11 @@ _COMMON = {
     "use_cache": True,
 }
 
-# the families with a tiny fixture: every row mlx_lm can build (config extras in the row's `tiny`)
-FAMILIES: tuple[str, ...] = tuple(f.model_type for f in FAMILY_ROWS if f.mlx)
+# the families with a tiny fixture: every supported row mlx_lm can build (config extras in the row's `tiny`)
+FAMILIES: tuple[str, ...] = tuple(f.model_type for f in FAMILY_ROWS if f.mlx and not f.refused)
+# the first seven families, which the per-stage tests (brute-force reference, masking, fixtures)
+# cover; every family goes through tests/test_family_matrix.py
+FIRST_FAMILIES: tuple[str, ...] = FAMILIES[:7]
 NUM_EXPERTS = 8
 
 _ST_DTYPES = {  # numpy dtype name -> safetensors dtype
@@ -68,13 +72,19 @@ _ST_DTYPES = {  # numpy dtype name -> safetensors dtype
 
 def tiny_config(family: str) -> dict:
     """The complete config.json dict of a family's tiny fixture: the common keys, 8 routed
-    experts, top-2, then the family row's own `tiny` entries."""
+    experts, top-2, then the family row's own `tiny` entries (a wrapper's: in its text_config,
+    beside its `tiny_outer` keys)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
     fam = FAMILY_TABLE[family]
     cfg = dict(_COMMON)
-    cfg.update({fam.experts_key: NUM_EXPERTS, "num_experts_per_tok": 2})
     cfg.update(copy.deepcopy(fam.tiny))
+    for key, value in ((fam.experts_key, NUM_EXPERTS), (fam.top_k_key, 2)):
+        if config_value(fam.tiny, key) is None:
+            set_config_value(cfg, key, value)
+    if fam.text_config:
+        outer = {"model_type": family, "eos_token_id": _COMMON["eos_token_id"], **copy.deepcopy(fam.tiny_outer)}
+        return dict(sorted({**outer, "text_config": dict(sorted(cfg.items()))}.items()))
     cfg["model_type"] = family
     return dict(sorted(cfg.items()))
 
@@ -82,18 +92,25 @@ def tiny_config(family: str) -> dict:
 # ---------------------------------------------------------------- weights
 
 def _build_model(cfg: dict):
-    module = importlib.import_module(f"mlx_lm.models.{cfg['model_type']}")
-    return module.Model(module.ModelArgs.from_dict(cfg))
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(cfg)  # aliases and architecture remaps as mlx_lm does
+    return model_class(args_class.from_dict(cfg))
 
 
-def _init_value(name: str, shape: tuple, rng: np.random.Generator, hidden: int) -> np.ndarray:
-    """Deterministic init by tensor role; routers get large rows so routing is varied."""
+def _init_value(name: str, shape: tuple, rng: np.random.Generator, hidden: int,
+                fam: Family | None = None) -> np.ndarray:
+    """Deterministic init by tensor role; routers get large rows so routing is varied, selection
+    biases are >= 0 (where mlx_lm zero-fills losing groups, masking is exact for those)."""
     if name.endswith("e_score_correction_bias"):
         return rng.uniform(0.0, 0.5, size=shape)
     if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "mlp.router.weight")):
         return rng.normal(0.0, 2.0 / np.sqrt(hidden), size=shape)
     if name.endswith("mlp.router.bias"):
         return rng.normal(0.0, 0.5, size=shape)
+    rel = classify(name, fam) if fam is not None else None
+    if rel is not None and rel.kind == "router":  # the other families' routers and selection biases
+        return rng.uniform(0.0, 0.5, size=shape) if len(shape) == 1 else rng.normal(0.0, 2.0 / np.sqrt(hidden), size=shape)
     if name.endswith("embed_tokens.weight"):
         return rng.normal(0.0, 1.0, size=shape)
     if name.endswith("sinks"):
@@ -115,7 +132,8 @@ def _random_model(cfg: dict, seed: int):
     names = sorted(k for k, _ in params)
     shapes = {k: tuple(v.shape) for k, v in params}
     rng = np.random.default_rng(seed)
-    new = [(k, mx.array(_init_value(k, shapes[k], rng, cfg["hidden_size"]).astype(np.float32))) for k in names]
+    fam = family_of(cfg)
+    new = [(k, mx.array(_init_value(k, shapes[k], rng, HIDDEN, fam).astype(np.float32))) for k in names]
     model.load_weights(new, strict=True)
     mx.eval(model.parameters())
     return model
@@ -345,17 +363,23 @@ def fixture_complete(path: Path) -> bool:
 
 
 def cached_fixture(family: str, variant: str, root: Path) -> Path:
-    """root/<family>-<variant>, generated once (storage.build_once: temp dir + rename; incomplete
+    """root/<family>-<variant>-<config digest>, generated once (storage.build_once: temp dir + rename; incomplete
     dirs are rebuilt; safe against concurrent processes)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
-    if variant == "q4" and family not in QUANTIZED_FAMILIES:
-        raise ValueError(f"no q4 fixture for {family!r}")
+    if variant == "q4" and not FAMILY_TABLE[family].quantizable:
+        raise ValueError(f"no q4 fixture for {family!r} (mlx_lm does not quantise its experts)")
 
     def build(tmp: Path) -> None:
         if variant == "hf":
             make_hf_fixture(family, tmp)
+        elif variant == "transformers":
+            from .hf_fixture import make_transformers_fixture
+            make_transformers_fixture(family, tmp)
         else:
             make_mlx_fixture(family, tmp, **_VARIANT_ARGS[variant])
 
-    return build_once(Path(root) / f"{family}-{variant}", fixture_complete, build)
+    # the config's digest in the name: a changed family row never reuses a stale cached fixture
+    digest = hashlib.sha256(json.dumps([tiny_config(family), _VARIANT_ARGS.get(variant)], sort_keys=True)
+                            .encode()).hexdigest()[:8]
+    return build_once(Path(root) / f"{family}-{variant}-{digest}", fixture_complete, build)

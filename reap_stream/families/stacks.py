@@ -1,0 +1,59 @@
+"""The forms an mlx_lm expert stack takes, evaluated one expert at a time (families/experts.py).
+
+SwitchGLU: down(activation(up(x), gate(x))) — SwiGLU, GeGLU, clamped or OAI variants alike, since
+the stack's own `activation` module is called. SwitchMLP: fc2(activation(fc1(x))) — two
+projections (Nemotron-H's relu², Phixtral's GELU). Each projection is a (Quantized)SwitchLinear
+whose axis 0 is the expert. A list of expert modules (DBRX): each called as itself.
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ..errors import BadInput
+
+GLU = ("gate_proj", "up_proj", "down_proj")
+MLP = ("fc1", "fc2")
+
+
+def projections(switch) -> tuple[str, ...]:
+    """The projection names of an expert stack (none for a list of expert modules), or one line
+    saying it is of no known form."""
+    if isinstance(switch, list):
+        return ()
+    for names in (GLU, MLP):
+        if all(hasattr(switch, p) for p in names):
+            return names
+    raise BadInput("model", f"expert module {type(switch).__name__} is neither a gated (SwitchGLU) nor a "
+                            f"two-projection (SwitchMLP) expert stack nor a list of experts")
+
+
+def num_experts(switch) -> int:
+    """The experts a stack holds (its projections' axis 0)."""
+    if isinstance(switch, list):
+        return len(switch)
+    return int(getattr(switch, projections(switch)[0])["weight"].shape[0])
+
+
+def parameters(switch):
+    """The stack's parameters as a tree (mx.eval takes it)."""
+    return [m.parameters() for m in switch] if isinstance(switch, list) else switch.parameters()
+
+
+def out_dims(switch) -> int:
+    """Width of the experts' outputs (the hidden size, or a latent size)."""
+    if isinstance(switch, list):
+        last = list(switch[0].children().values())[-1]
+        return int(last["weight"].shape[0])
+    last = getattr(switch, projections(switch)[-1])
+    return int(last["weight"].shape[1] if "scales" not in last else last["scales"].shape[1])
+
+
+def expert_forward(switch, e: int, x: mx.array, linear) -> mx.array:
+    """f_e(x) for expert e of the stack, `linear(lin, e, x)` computing one projection."""
+    if isinstance(switch, list):
+        return switch[e](x)
+    if projections(switch) == GLU:
+        up = linear(switch.up_proj, e, x)
+        gate = linear(switch.gate_proj, e, x)
+        return linear(switch.down_proj, e, switch.activation(up, gate))
+    return linear(switch.fc2, e, switch.activation(linear(switch.fc1, e, x)))
