@@ -12,7 +12,6 @@ import pytest
 
 from cli_helpers import error_line, run
 from reap_stream.errors import BadInput
-from reap_stream.families.table import FAMILIES
 from reap_stream.testing import synth
 from test_apply import make_plan
 

@@ -70,3 +70,14 @@ def test_commands_do_not_import_each_other():
 def test_modules_stay_readable():
     long = {str(p.relative_to(PACKAGE)): n for p in MODULES if (n := len(p.read_text().splitlines())) > 420}
     assert long == {}  # split them by what they hold
+
+
+def test_tools_import_the_installed_package():
+    """tools/ run against the installed reap_stream: none puts the checkout on sys.path itself
+    (bench_reference adds the reference implementation's checkout, not ours)."""
+    repo = PACKAGE.parent
+    for tool in sorted((repo / "tools").glob("*.py")):
+        for node in ast.walk(ast.parse(tool.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("sys.path.insert", "sys.path.append"):
+                where = ast.unparse(node.args[-1])
+                assert "ref_dir" in where, f"{tool.name} edits sys.path with {where}"

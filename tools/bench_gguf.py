@@ -34,9 +34,8 @@ import click
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from reap_stream.procstats import peak_rss_bytes  # noqa: E402
+from reap_stream.procstats import peak_rss_bytes
 
 E, H, FF, TOP_K = 64, 1024, 512, 8
 COLLECT_SHAPE = {"hidden_size": 512, "num_experts": 64, "num_experts_per_tok": 8, "moe_intermediate_size": 256,

@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 LEFTOVER = (".reap-tmp", ".reap-old", ".partial", ".reap-lock", ".tmp")
 
@@ -137,7 +136,6 @@ def fixtures(root: Path, size_mb: int) -> dict:
     from reap_stream.io.gguf import tensor_nbytes
     from reap_stream.testing.gguf_synth import write_moe_gguf
 
-    sys.path.insert(0, str(REPO / "tools"))
     from bench_apply import make_checkpoint
 
     # writers that take a while (large enough for the trials' start times to overlap them)
@@ -153,8 +151,7 @@ def fixtures(root: Path, size_mb: int) -> dict:
 
 
 def cli(args: list, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "reap_stream.cli", *map(str, args)], env=env,
+    return subprocess.Popen([sys.executable, "-m", "reap_stream.cli", *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 

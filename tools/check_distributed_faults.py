@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 CALIB = ["--dataset-file", str(REPO / "fixtures" / "calibration" / "licence.jsonl"), "--pack-samples",
          "--window-tokens", "64", "--chunk-tokens", "128"]

@@ -37,7 +37,6 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 CALIBRATION = REPO / "fixtures" / "calibration" / "licence.jsonl"
 NUM_TOKENS = 40
 # largest |llama.cpp - mlx_lm| / max|mlx_lm logit| accepted, per GGUF type

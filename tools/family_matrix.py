@@ -22,16 +22,15 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reap_stream.blas import ensure_blas  # noqa: E402
+from reap_stream.blas import ensure_blas
 
 ensure_blas()
 
-from reap_stream.errors import BadInput  # noqa: E402
-from reap_stream.families.table import FAMILY_ROWS, At, Family, Routing  # noqa: E402
-from reap_stream.testing import conformance  # noqa: E402
-from reap_stream.testing.hf_fixture import transformers_model_type  # noqa: E402
+from reap_stream.errors import BadInput
+from reap_stream.families.table import FAMILY_ROWS, At, Family, Routing
+from reap_stream.testing import conformance
+from reap_stream.testing.hf_fixture import transformers_model_type
 
 
 def describe(fam: Family) -> str:

@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 FINDINGS = ("crash", "hang", "memory")
 

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 # the families whose GGUF form is compared with their MLX form in the test suite
 TESTED_COLLECT = {"qwen3moe", "qwen2moe", "olmoe", "llama", "gpt-oss", "deepseek2", "glm4moe"}

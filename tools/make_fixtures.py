@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from reap_stream.testing import synth  # noqa: E402
+from reap_stream.testing import synth
 
 
 def variants_of(family: str) -> list[str]:

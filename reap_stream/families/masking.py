@@ -88,8 +88,6 @@ def mask_rules(block, spec: Family) -> tuple[str, ...]:
 
 def mask_experts(model, pruned: dict[int, list[int]], spec: Family | None = None) -> None:
     """Patch `model` in place so experts pruned[L] of layer L are never routed."""
-    import mlx.core as mx
-
     spec = spec or moe_spec(model)
     blocks = moe_blocks(model, spec)
     for layer, ids in sorted(pruned.items()):

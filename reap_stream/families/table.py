@@ -92,6 +92,9 @@ FAMILY_ROWS: tuple[Family, ...] = (
     # recompacts them (roles from gguf-py's tables); collect needs an mlx_lm model and refuses
     # them. Routing is what their Hugging Face code does, recorded for the docs only.
     Family("grok", "num_local_experts", Routing.SOFTMAX_TOPK, gguf_arch="grok", mlx=False),
+    # Ling v1 (mlx_lm's bailing_moe is Ling 2.0, llama.cpp's bailingmoe2)
+    Family("bailing_moe_v1", "num_experts", Routing.SOFTMAX_TOPK, shared="shared_experts",
+           dense=("first_k_dense_replace",), gguf_arch="bailingmoe", mlx=False),
     Family("arctic", "num_local_experts", Routing.SOFTMAX_TOPK, gguf_arch="arctic", mlx=False),
     Family("deepseek_ocr", "n_routed_experts", Routing.SOFTMAX_TOPK, shared="shared_experts",
            dense=("first_k_dense_replace",), gguf_arch="deepseek2-ocr", mlx=False),
