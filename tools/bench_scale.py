@@ -31,9 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
 
 
 def make_checkpoint(root: Path, model: str, layers: int, bits: int | None) -> Path:
@@ -82,13 +79,13 @@ def run_full(ckpt: Path, calib: Path, out: Path, tokens: int, window: int, limit
            "--ratio", "0.5", "--out", str(out), "--json"] + ([] if limit is None else ["--max-memory", limit])
     drop_cache(ckpt)
     start = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    res = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if res.returncode != 0:
         sys.exit(f"full failed ({limit}):\n{res.stderr[-3000:]}")
     summary = json.loads(res.stdout)
     verify = subprocess.run([sys.executable, "-m", "reap_stream.cli", "verify", str(out), "--json"],
-                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                            capture_output=True, text=True)
     summary["verified"] = json.loads(verify.stdout)["ok"] if verify.returncode in (0, 1) else False
     return {"wall": wall, "summary": summary, **json.loads(report.read_text())}
 
@@ -224,7 +221,7 @@ def main() -> None:
             drop_cache(ckpt)
             cmd = [sys.executable, __file__, "--child-breakdown", str(ckpt), str(calib), str(args.tokens),
                    str(args.window), "none"]
-            res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+            res = subprocess.run(cmd, capture_output=True, text=True)
             breakdown = json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else res.stderr[-2000:]
     finally:
         if not args.keep:

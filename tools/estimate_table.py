@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
 
 
 def main() -> None:
@@ -45,7 +42,7 @@ def main() -> None:
                 cmd = [sys.executable, "-m", "reap_stream.cli", "estimate", str(cfg), "--max-tokens", str(args.tokens),
                        "--window-tokens", str(args.window), "--ratio", "0.5", "--max-memory", args.max_memory,
                        "--no-calibrate", "--json"] + ([] if bits is None else ["--quantize", str(bits)])
-                res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                res = subprocess.run(cmd, capture_output=True, text=True)
                 if res.returncode != 0:
                     print(f"| {name} | {bits or 'bf16'} | failed: {res.stderr.strip()[:200]} |||||||")
                     continue
