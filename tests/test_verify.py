@@ -182,7 +182,8 @@ def test_apply_refuses_a_plan_from_telemetry_of_another_model(fixture_model, tmp
     assert not (tmp_path / "o").exists()
 
 
-def test_a_recompacted_gguf_verifies_and_a_wrong_expert_count_is_caught(fixture_model, tmp_path):
+def _pruned_gguf(fixture_model, tmp_path, *apply_args) -> Path:
+    """qwen3_moe as a GGUF, pruned by half with synthetic telemetry."""
     from reap_stream.testing.gguf_convert import cached_gguf
 
     mlx = fixture_model("qwen3_moe", "fp32")
@@ -190,8 +191,13 @@ def test_a_recompacted_gguf_verifies_and_a_wrong_expert_count_is_caught(fixture_
     assert run("init", "--out", tmp_path / "t", "--like", mlx, "--tokens", 64).exit_code == 0
     assert run("plan", tmp_path / "t", "--out", tmp_path / "p.json", "--method", "reap", "--ratio", 0.5).exit_code == 0
     out = tmp_path / "pruned.gguf"
-    r = run("apply", gguf, tmp_path / "p.json", "--out", out)
+    r = run("apply", gguf, tmp_path / "p.json", "--out", out, *apply_args)
     assert r.exit_code == 0, r.output
+    return out
+
+
+def test_a_recompacted_gguf_verifies_and_a_wrong_expert_count_is_caught(fixture_model, tmp_path):
+    out = _pruned_gguf(fixture_model, tmp_path)
     ok = run("verify", out)
     assert ok.exit_code == 0 and "1 GGUF part(s) match the manifest" in ok.output
     raw = bytearray(out.read_bytes())
@@ -207,14 +213,8 @@ def test_a_recompacted_gguf_verifies_and_a_wrong_expert_count_is_caught(fixture_
 
 def test_a_gguf_sidecar_manifest_in_sha256_verifies_and_catches_a_changed_byte(fixture_model, tmp_path):
     from reap_stream.surgery.gguf import manifest_path
-    from reap_stream.testing.gguf_convert import cached_gguf
 
-    mlx = fixture_model("qwen3_moe", "fp32")
-    gguf = cached_gguf("qwen3_moe", "f32", tmp_path / "gguf", mlx)[0]
-    assert run("init", "--out", tmp_path / "t", "--like", mlx, "--tokens", 64).exit_code == 0
-    assert run("plan", tmp_path / "t", "--out", tmp_path / "p.json", "--method", "reap", "--ratio", 0.5).exit_code == 0
-    out = tmp_path / "pruned.gguf"
-    assert run("apply", gguf, tmp_path / "p.json", "--out", out, "--manifest-hash", "sha256", "--quiet").exit_code == 0
+    out = _pruned_gguf(fixture_model, tmp_path, "--manifest-hash", "sha256", "--quiet")
     sidecar = json.loads(manifest_path(out).read_text())
     assert sidecar["hash"] == "sha256"
     assert sidecar["files"]["pruned.gguf"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()

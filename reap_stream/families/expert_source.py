@@ -26,7 +26,6 @@ import numpy as np
 from ..blas import mlx_core
 from ..io.safetensors import Checkpoint, TensorRef, read_rows
 from .schema import Routing
-from .stacks import num_experts as stack_size
 from .table import Family, classify
 
 # parameters of one projection of an expert stack, as mlx_lm names them
@@ -133,8 +132,10 @@ class ModuleExperts:
     list of expert modules (DBRX: no projections) serves empty slabs; its experts run as modules."""
 
     def __init__(self, switch, projections: tuple[str, ...]):
+        from .stacks import num_experts   # imports mlx: not at module import (runner imports this before the BLAS)
+
         self.switch, self.projections = switch, projections
-        self.num_experts = stack_size(switch)
+        self.num_experts = num_experts(switch)
 
     @property
     def expert_bytes(self) -> int:

@@ -80,7 +80,8 @@ class StreamRunner(Runs):
         if self.spill.complete(0):
             return
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        with self.weights.embedding_rows(np.concatenate([c.tokens.reshape(-1) for c in chunks])) as table:
+        ids = np.concatenate([c.tokens.reshape(-1) for c in chunks]) if chunks else np.zeros(0, np.int64)
+        with self.weights.embedding_rows(ids) as table:   # a rank may have no chunks
             names = self.weights.load(None, skip=lambda n: n.startswith("lm_head.") or n in table)
             self.spill.begin(0)
             for c in chunk_bar(chunks, "embed", self.progress):
