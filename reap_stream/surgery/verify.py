@@ -2,7 +2,7 @@
 
 Safetensors directories get all three; a recompacted GGUF file gets llama.cpp's layout rules, its
 expert-axis lengths against the metadata, and the checksums of its sidecar manifest
-(`OUT.gguf.reap.json`: every part's sha256 and size, so a damaged or mixed set of parts is found).
+(`OUT.gguf.reap.json`: every part's digest and size, so a damaged or mixed set of parts is found).
 
 Every problem found is a `Finding` naming the file and what is wrong; an output passes when there
 are none. Reading is read-only and streams each file once (8 MiB blocks), checking whichever of
