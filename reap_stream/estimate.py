@@ -69,8 +69,9 @@ def estimate(path: Path, tokens: Tokens, *, ratio: float | None = None, max_memo
     routed = {i: s.experts[i] * s.expert_bytes[i] for i in moe}
     total = s.outside_bytes + sum(s.layer_bytes.values()) + sum(routed.values())
     chunk = min(tokens.count, 4096)
-    whole = Chunking(max(chunk, tokens.seq_len), tokens.seq_len, None)
-    chunked = Chunking(whole.tokens, tokens.seq_len, MAX_EXPERT_CHUNK)
+    ranged = _by_range(config)
+    whole = Chunking(max(chunk, tokens.seq_len), tokens.seq_len, None, not ranged)
+    chunked = Chunking(whole.tokens, tokens.seq_len, MAX_EXPERT_CHUNK) if ranged else whole
     out = {
         "model": {"path": str(path), "model_type": config.get("model_type"), "from": source,
                   "layers": s.num_layers, "moe_layers": len(moe), "experts": max(s.experts.values()),
@@ -80,13 +81,15 @@ def estimate(path: Path, tokens: Tokens, *, ratio: float | None = None, max_memo
         "calibration": {"tokens": tokens.count, "seq_len": tokens.seq_len, "exact": tokens.exact},
         "memory": {"whole_layer_peak_bytes": phase_peaks(s, whole, unique_tokens=tokens.unique)["peak"],
                    "chunked_peak_bytes": phase_peaks(s, chunked, unique_tokens=tokens.unique)["peak"],
-                   "chunk_tokens": whole.tokens, "expert_chunk_bytes": MAX_EXPERT_CHUNK},
+                   "chunk_tokens": whole.tokens, "expert_chunk_bytes": MAX_EXPERT_CHUNK if ranged else None,
+                   "experts_by_range": ranged},
         "disk": {"spill_bytes": 2 * tokens.count * s.hidden * s.act_bytes + 4 * tokens.count,
                  "telemetry_bytes": sum(layer_store_bytes(s.experts[i], s.hidden) for i in moe)},
     }
     if max_memory is not None:
         try:
-            c = fit(s, max_memory, max(chunk, tokens.seq_len), tokens.seq_len, unique_tokens=tokens.unique)
+            c = fit(s, max_memory, max(chunk, tokens.seq_len), tokens.seq_len, unique_tokens=tokens.unique,
+                    whole_layers=not ranged)
             out["memory"]["max_memory"] = {"limit_bytes": max_memory, "fits": True, "chunk_tokens": c.tokens,
                                            "expert_chunk_bytes": c.expert_bytes,
                                            "peak_bytes": phase_peaks(s, c, unique_tokens=tokens.unique)["peak"]}
@@ -102,6 +105,18 @@ def estimate(path: Path, tokens: Tokens, *, ratio: float | None = None, max_memo
                        "gemm_flops_per_s": round(rates.gemm_flops_per_s), "bound_s": round(bound["total_s"], 3),
                        "slowest_layer_bound_s": round(max(bound["per_layer_s"].values()), 3)}
     return out
+
+
+def _by_range(config: dict) -> bool:
+    """Whether collect reads this model's experts by range (else whole layers; a model_type the
+    family table does not know is refused by collect, and estimated as if it were)."""
+    from .families.expert_source import by_range
+    from .families.table import family_of
+
+    try:
+        return by_range(family_of(config))
+    except BadInput:
+        return True
 
 
 def calibration_tokens(path: Path, calibration, vocab: int | None = None) -> Tokens:

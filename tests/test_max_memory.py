@@ -103,3 +103,32 @@ def test_eval_under_a_limit_gives_the_perplexity_of_an_unlimited_run(fixture_mod
                for args in ((), ("--max-memory", "4GB"))]
     assert results[0]["num_predictions"] == results[1]["num_predictions"] > 0
     assert abs(results[0]["perplexity"] - results[1]["perplexity"]) <= 1e-5 * results[0]["perplexity"]
+
+
+def test_a_family_read_a_whole_layer_at_a_time_is_planned_whole(fixture_model, tmp_path):
+    """Llama-4's experts see a router-scaled input, so its layers are read whole
+    (families/expert_source.by_range): --max-memory chooses tokens only, estimate says so, and a
+    limit below a whole layer is refused naming it."""
+    model = fixture_model("llama4")
+    figures = _estimate(model, "--max-memory", "4GB")["memory"]
+    assert figures["experts_by_range"] is False
+    assert figures["chunked_peak_bytes"] == figures["whole_layer_peak_bytes"]
+    assert figures["max_memory"]["fits"] and figures["max_memory"]["expert_chunk_bytes"] is None
+    ranged = _estimate(fixture_model("qwen3_moe"), "--max-memory", "4GB")["memory"]
+    assert ranged["experts_by_range"] is True and ranged["max_memory"]["expert_chunk_bytes"] is not None
+    summary = _cli("collect", model, *TOKENS, "--max-memory", "4GB", "--out", tmp_path / "t.zarr")
+    assert summary["expert_chunk_bytes"] is None and summary["layers"]
+    line = error_line(run("collect", model, *TOKENS, "--max-memory", "100MB", "--out", tmp_path / "o"))
+    assert "and a whole layer's experts (this family's are not read by range) need at least" in line
+
+
+def test_a_gguf_model_under_a_limit_is_refused_naming_it(fixture_model, tmp_path):
+    """A GGUF is read a whole layer at a time and has no memory model yet: --max-memory refuses it
+    with one line before anything is written."""
+    from reap_stream.testing.gguf_convert import cached_gguf
+
+    gguf = cached_gguf("qwen3_moe", "f32", tmp_path / "gguf", fixture_model("qwen3_moe"))[0]
+    line = error_line(run("collect", gguf, *TOKENS, "--max-memory", "4GB", "--out", tmp_path / "t.zarr"))
+    assert line == f"reap-stream: error: {gguf}: --max-memory needs a safetensors model directory (MLX or Hugging Face " \
+                   "layout); this is a GGUF file"
+    assert not (tmp_path / "t.zarr").exists() and not (tmp_path / "t.zarr.work").exists()

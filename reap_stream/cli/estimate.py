@@ -48,11 +48,13 @@ def estimate_cmd(model_path: Path, calibration: CalibrationOptions, ratio: float
              f"{m['expert_width']}, top-{m['top_k']}; {_gb(m['total_bytes'])} ({m['from']})",
              f"experts per layer: {_gb(m['expert_bytes_per_layer'])}; the rest of a layer: {_gb(m['other_bytes_per_layer'])}",
              f"collect on {result['calibration']['tokens']} tokens: peak {_gb(mem['whole_layer_peak_bytes'])} with "
-             f"whole layers, {_gb(mem['chunked_peak_bytes'])} with experts in chunks"]
+             + (f"whole layers, {_gb(mem['chunked_peak_bytes'])} with experts in chunks" if mem["experts_by_range"]
+                else "whole layers (this family's experts are read a whole layer at a time)")]
     limit = mem.get("max_memory")
     if limit:
         lines.append(f"--max-memory {_gb(limit['limit_bytes'])}: " + (
-            f"{limit['chunk_tokens']} tokens and {_gb(limit['expert_chunk_bytes'] or 0)} of experts per chunk, "
+            f"{limit['chunk_tokens']} tokens and "
+            f"{_gb(limit['expert_chunk_bytes']) if limit['expert_chunk_bytes'] else 'a whole layer'} of experts per chunk, "
             f"peak {_gb(limit['peak_bytes'])}" if limit["fits"] else limit["why"]))
     lines.append(f"disk: spill {_gb(disk['spill_bytes'])}, telemetry {_gb(disk['telemetry_bytes'])}"
                  + (f", output at ratio {disk['ratio']}: {_gb(disk['output_bytes'])}" if "output_bytes" in disk else ""))

@@ -208,6 +208,7 @@ class Chunking:
     tokens: int          # tokens per chunk (whole sequences)
     seq_len: int         # the longest sequence
     expert_bytes: int | None  # bytes of experts per chunk (None: the whole layer at once)
+    upcast_stack: bool = False   # a whole layer's stack upcast to float32 too (the whole-stack self-check)
 
 
 def _activations(s: Shapes, tokens: int, seq_len: int) -> float:
@@ -224,12 +225,13 @@ def _activations(s: Shapes, tokens: int, seq_len: int) -> float:
     return hidden + max(qkv + scores, routing + outputs + per_expert)
 
 
-def _experts(s: Shapes, layer: int, chunk: int | None) -> float:
+def _experts(s: Shapes, layer: int, chunk: int | None, upcast_stack: bool = False) -> float:
     one = s.expert_bytes[layer]
     held = s.experts[layer] * one if chunk is None else max(one, min(chunk, s.experts[layer] * one))
     reading = 2 * held if chunk is not None and held < s.experts[layer] * one else held  # one slab read ahead
     upcast = 2 * 3 * s.hidden * s.expert_width * 4                      # one expert in float32 per lane
-    return reading + held / 3 + upcast
+    stack = 2 * held if chunk is None and upcast_stack else 0           # a half-precision stack in float32
+    return reading + held / 3 + upcast + stack
 
 
 def phase_peaks(s: Shapes, c: Chunking, *, unique_tokens: int | None = None, logits: bool = False) -> dict:
@@ -240,7 +242,7 @@ def phase_peaks(s: Shapes, c: Chunking, *, unique_tokens: int | None = None, log
     for i, fixed in s.layer_bytes.items():
         peak = BASE_RSS + fixed + upcast + _activations(s, t, c.seq_len)
         if i in s.expert_bytes:
-            peak += _experts(s, i, c.expert_bytes)
+            peak += _experts(s, i, c.expert_bytes, c.upcast_stack)
         layers[i] = peak
     rows = s.vocab if unique_tokens is None else min(unique_tokens, s.vocab or unique_tokens)
     out = {"embed": BASE_RSS + 2 * rows * s.embed_row_bytes + 2 * t * s.hidden * (s.act_bytes + 4),
@@ -258,21 +260,24 @@ def whole_model_peak(s: Shapes, tokens: int, seq_len: int) -> int:
 
 
 def fit(s: Shapes, budget: int, tokens: int, seq_len: int, *, unique_tokens: int | None = None,
-        logits: bool = False, where: str = "--max-memory") -> Chunking:
+        logits: bool = False, where: str = "--max-memory", whole_layers: bool = False) -> Chunking:
     """The chunking with the most tokens (up to `tokens`, whole sequences of `seq_len`) and the
     largest chunk of experts (up to MAX_EXPERT_CHUNK) whose predicted peak stays under HEADROOM
-    of `budget`; BadInput naming the least limit that fits one sequence and one expert."""
+    of `budget`; BadInput naming the least limit that fits one sequence and one expert. With
+    `whole_layers` (a family whose experts are not read by range: families/expert_source.by_range)
+    only the tokens are chosen: a layer's experts are whole, and upcast whole by the self-check."""
     limit = budget
     budget = int(budget * HEADROOM)
-    one_expert = max(s.expert_bytes.values(), default=0)
-    least = Chunking(seq_len, seq_len, one_expert or None)
+    one_expert = 0 if whole_layers else max(s.expert_bytes.values(), default=0)
+    least = Chunking(seq_len, seq_len, one_expert or None, whole_layers)
     need = phase_peaks(s, least, unique_tokens=unique_tokens, logits=logits)["peak"]
     if need > budget:
+        unit = "a whole layer's experts (this family's are not read by range)" if whole_layers else "one expert at a time"
         raise BadInput(where, f"{_size(limit)} is too small for this model: one sequence of {seq_len} tokens "
-                              f"and one expert at a time need at least {_size(need / HEADROOM)}")
+                              f"and {unit} need at least {_size(need / HEADROOM)}")
     best = least
     for n_seq in range(1, max(tokens // seq_len, 1) + 1):   # tokens first: fewer chunks, fewer passes
-        c = Chunking(n_seq * seq_len, seq_len, one_expert or None)
+        c = Chunking(n_seq * seq_len, seq_len, one_expert or None, whole_layers)
         if phase_peaks(s, c, unique_tokens=unique_tokens, logits=logits)["peak"] > budget:
             break
         best = c
