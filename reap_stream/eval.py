@@ -29,7 +29,7 @@ from . import __version__
 from .errors import BadInput
 from .families.model import Model
 from .planning.plan import Plan, check_plan
-from .runner import Chunk, RunOptions, open_runner
+from .runner import Chunk, RunOptions, fit_memory, open_runner
 from .runner.distributed import Group, join_group, world
 from .telemetry.calibration import token_fingerprint
 
@@ -127,7 +127,7 @@ def logits_per_chunk(model: Model, sequences: list[np.ndarray], run: RunOptions,
                      mask: dict[int, list[int]] | None = None, progress: bool = True,
                      group: Group | None = None) -> Iterator[tuple[Chunk, np.ndarray]]:
     """(chunk, float32 logits [B, L, V]) for each chunk of `sequences` (of `group`'s share), in order."""
-    run.validate()
+    run = fit_memory(model, run, sequences, logits=True)
     with _work_dir(run.work_dir if run.mode == "stream" else None, run.mode == "stream") as spill:
         runner = open_runner(model, run, spill, progress=progress)
         try:

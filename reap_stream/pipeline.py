@@ -3,6 +3,7 @@ safetensors model directory or a GGUF."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,11 +12,11 @@ from .families.model import Model
 from .io.files import write_text_atomic
 from .io.reading import read_bytes, read_json_object
 from .planning.planner import PlanOptions, make_plan
-from .runner.chunks import RunOptions
+from .runner import RunOptions, fit_memory
 from .runner.distributed import lead_exclusive
 from .surgery.gguf import apply_gguf, out_paths
 from .surgery.safetensors import DEFAULT_MAX_SHARD, PLAN_COPY_NAME, check_output_path, plan_layout, write_layout
-from .telemetry.calibration import CalibrationOptions
+from .telemetry.calibration import CalibrationOptions, CalibrationSet
 from .telemetry.collect import CollectOptions, collect
 from .telemetry.store import TelemetryStore
 from .telemetry.tokenizer import tokenise
@@ -23,7 +24,7 @@ from .telemetry.tokenizer import tokenise
 
 def run_full(model: Model, calibration: CalibrationOptions, out: Path, plan_options: PlanOptions,
              run: RunOptions = RunOptions(), *, renorm_topk: bool = True, max_shard_bytes: int = DEFAULT_MAX_SHARD,
-             overwrite: bool = False, progress: bool = True) -> dict:
+             overwrite: bool = False, progress: bool = True, manifest_hash: str = "blake3") -> dict:
     """Collect, plan and apply. Each step's result lands in the work dir (run.work_dir, default
     OUT.reap-work beside OUT) before the next starts, so a rerun of the same command picks up where
     it stopped: collect resumes at its last committed layer, a finished telemetry store is reused,
@@ -32,27 +33,35 @@ def run_full(model: Model, calibration: CalibrationOptions, out: Path, plan_opti
     out = Path(out)
     work = Path(run.work_dir) if run.work_dir else out.with_name(out.name + ".reap-work")
     model.require_runnable("full")
+    clock = time.perf_counter()
+    calib = tokenise(model, calibration)
+    fit_memory(model, run, calib.sequences)   # a --max-memory nothing fits: refused before anything is written
+    seconds = {"tokenise": time.perf_counter() - clock}
     with lead_exclusive((out, "output"), (work, "work dir")):  # one run per output and per work dir
-        return _run_full(model, calibration, out, work, plan_options, run, renorm_topk, max_shard_bytes,
-                         overwrite, progress)
+        return _run_full(model, calib, out, work, plan_options, run, renorm_topk, max_shard_bytes,
+                         overwrite, progress, manifest_hash, seconds)
 
 
-def _run_full(model: Model, calibration: CalibrationOptions, out: Path, work: Path, plan_options: PlanOptions,
-              run: RunOptions, renorm_topk: bool, max_shard_bytes: int, overwrite: bool, progress: bool) -> dict:
+def _run_full(model: Model, calib: CalibrationSet, out: Path, work: Path, plan_options: PlanOptions,
+              run: RunOptions, renorm_topk: bool, max_shard_bytes: int, overwrite: bool, progress: bool,
+              manifest_hash: str, seconds: dict[str, float]) -> dict:
     previous = _previous_output(model, out, work, overwrite)
 
-    calib = tokenise(model, calibration)
+    clock = time.perf_counter() - seconds["tokenise"]
     telemetry = work / "telemetry.zarr"
     collected = collect(model, calib, telemetry, replace(run, work_dir=work / "collect"),
                         CollectOptions(renorm_topk=renorm_topk), progress=progress)
     if collected.get("distributed", {}).get("rank", 0) > 0:
         return {"out": str(out), "work_dir": str(work), "collect": collected}   # rank 0 plans and applies
+    seconds["collect"] = time.perf_counter() - clock - seconds["tokenise"]
     plan = make_plan(TelemetryStore.open(telemetry), plan_options, frozen=model.structure.frozen_layers)
     plan_path = work / "plan.json"
     plan.save(plan_path)
+    seconds["plan"] = time.perf_counter() - clock - sum(seconds.values())
 
     summary = {"out": str(out), "work_dir": str(work), "telemetry": str(telemetry), "plan": str(plan_path),
-               "collect": collected, "kept_per_layer": {str(k): len(v.kept) for k, v in sorted(plan.layers.items())}}
+               "collect": collected, "kept_per_layer": {str(k): len(v.kept) for k, v in sorted(plan.layers.items())},
+               "seconds": seconds}
     if previous is not None:
         if previous == plan.dumps():
             summary["apply"] = "already complete"
@@ -62,13 +71,17 @@ def _run_full(model: Model, calibration: CalibrationOptions, out: Path, work: Pa
                                 f"(this run's plan: {plan_path})")
     if model.is_gguf:
         summary["apply"] = apply_gguf(model, plan, out, overwrite=True, dry_run=False, plan_where=plan_path,
-                                      progress=progress)
+                                      progress=progress, manifest_hash=manifest_hash)
         write_text_atomic(work / GGUF_RECORD, json.dumps(
             {"plan": plan.dumps(), "files": {p: Path(p).stat().st_size for p in summary["apply"]["out"]}}))
+        seconds["apply"] = time.perf_counter() - clock - sum(seconds.values())
+        summary["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
         return summary
     layout = plan_layout(model, plan, max_shard_bytes=max_shard_bytes, plan_where=str(plan_path))
-    write_layout(layout, out, overwrite=True, progress=progress)
+    write_layout(layout, out, overwrite=True, progress=progress, manifest_hash=manifest_hash)
+    seconds["apply"] = time.perf_counter() - clock - sum(seconds.values())
     summary["apply"] = layout.summary()
+    summary["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     return summary
 
 

@@ -150,9 +150,9 @@ def assert_stats_close(a: LayerStats, b: LayerStats, rtol: float, atol: float = 
 
 def run_collect(model_dir: Path, calib: CalibrationSet, out: Path, work_dir: Path | None = None, *,
                 mode: str = "stream", chunk_tokens: int = 4096, sample_batch_size: int | None = None,
-                layers: tuple[int, ...] | None = None, renorm_topk: bool = True) -> dict:
-    """collect() on a model path, as the CLI runs it (quiet)."""
-    return collect(open_model(model_dir), calib, out, RunOptions(mode, chunk_tokens, sample_batch_size, work_dir),
+                layers: tuple[int, ...] | None = None, renorm_topk: bool = True, **run) -> dict:
+    """collect() on a model path, as the CLI runs it (quiet); `run`: further RunOptions fields."""
+    return collect(open_model(model_dir), calib, out, RunOptions(mode, chunk_tokens, sample_batch_size, work_dir, **run),
                    CollectOptions(layers, renorm_topk), progress=False)
 
 

@@ -104,6 +104,17 @@ def test_importing_mlx_first_is_reported_as_too_late():
     assert len(err.strip().splitlines()) == 1 and "before reap_stream.blas.ensure_blas()" in err
 
 
+def test_importing_the_pipeline_leaves_mlx_unloaded_for_the_blas_to_come_first():
+    """The runner, collect, eval, full and estimate import mlx only when they run (after
+    ensure_blas): a module that imported it at import time would bind MLX to its own BLAS, whose
+    bits differ, in any process that imports it before the CLI."""
+    modules = ("reap_stream.runner.stream", "reap_stream.runner.memory", "reap_stream.telemetry.collect",
+               "reap_stream.eval", "reap_stream.pipeline", "reap_stream.estimate")
+    r = run_py(f"import sys; import {', '.join(modules)}; print('mlx' in sys.modules)")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
+
+
 @needs_openblas
 def test_explicit_path_in_env_wins():
     path = str(OPENBLAS[-1])

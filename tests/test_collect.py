@@ -166,18 +166,18 @@ def test_experts_shared_out_to_two_lanes_give_the_bits_of_one(fixture_model):
 
 
 def test_stream_mode_reads_only_the_current_layers_tensors(fixture_model, tmp_path, monkeypatch):
-    from reap_stream.runner import skeleton
+    from reap_stream.runner import weights
 
     everything: list[str] = []
     since_last_layer: list[str] = []
-    real = skeleton.to_mx
+    real = weights.to_mx
 
     def spy(ref):
         everything.append(ref.name)
         since_last_layer.append(ref.name)
         return real(ref)
 
-    monkeypatch.setattr(skeleton, "to_mx", spy)
+    monkeypatch.setattr(weights, "to_mx", spy)
     r = stream_runner(fixture_model("mixtral"), tmp_path / "w", chunk_tokens=64)
     seen: dict[int, set[str]] = {}
 

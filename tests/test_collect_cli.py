@@ -48,7 +48,8 @@ def test_telemetry_attributes_record_model_calibration_and_options(fixture_model
     assert attrs["model"]["fingerprint"] == open_model(model).fingerprint
     assert attrs["model"]["moe_layers"] == [1, 2, 3] and attrs["model"]["n_group"] == 2
     assert attrs["calibration"]["fingerprint"].startswith("sha256:")
-    assert attrs["options"] == {"layers": [2, 3], "renorm_topk": False, "chunk_tokens": 64, "sample_batch_size": None}
+    assert attrs["options"] == {"layers": [2, 3], "renorm_topk": False, "chunk_tokens": 64, "sample_batch_size": None,
+                                "max_memory": None, "expert_kernel": "loop"}
     assert attrs["routing"]["routing"] == "sigmoid_group" and attrs["tool_version"]
 
 

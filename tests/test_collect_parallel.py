@@ -11,7 +11,7 @@ import pytest
 from collect_helpers import run_collect, stream_runner, token_set
 from reap_stream.blas import mlx_core
 from reap_stream.errors import BadInput
-from reap_stream.families import experts
+from reap_stream.families import experts, self_check
 from reap_stream.runner import stream as runner_stream
 from reap_stream.runner.lanes import Lanes, SplitCheck
 from reap_stream.runner.stream import StreamRunner
@@ -98,7 +98,7 @@ def test_an_error_in_the_shared_moe_step_surfaces_as_itself(wide_model, tmp_path
     def broken(block, fam, cap, layer, where):
         raise BadInput(where, f"layer {layer}: routing capture does not reproduce the MoE block")
 
-    monkeypatch.setattr(experts, "self_check", broken)
+    monkeypatch.setattr(self_check, "self_check", broken)
     with pytest.raises(BadInput, match="layer 0: routing capture"):
         run_collect(wide_model, CALIB, tmp_path / "t.zarr", chunk_tokens=512)
     assert split_calls == [0]
@@ -110,10 +110,10 @@ def test_an_error_in_the_experts_of_the_other_lane_surfaces_as_itself(mode, wide
                                                                     split_calls, splits_here):
     real = experts._expert_linear
 
-    def failing(lin, e, x):
+    def failing(lin, arrays, j, x):
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("expert failed on the other lane")
-        return real(lin, e, x)
+        return real(lin, arrays, j, x)
 
     monkeypatch.setattr(experts, "_expert_linear", failing)
     with pytest.raises(RuntimeError, match="expert failed on the other lane"):

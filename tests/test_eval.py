@@ -16,6 +16,7 @@ from reap_stream.blas import ensure_blas
 from reap_stream.families.model import open_model
 from reap_stream.planning.plan import Plan
 from reap_stream.runner import RunOptions
+from reap_stream.testing import synth
 from test_apply import make_plan
 
 ensure_blas()
@@ -312,3 +313,21 @@ def test_eval_streams_a_non_uniform_prune_like_its_masked_original(fixture_model
     pruned = perplexity(tmp_path / "out", seqs)
     masked = perplexity(src, seqs, mask=plan.pruned_map())
     assert pruned.perplexity == pytest.approx(masked.perplexity, rel=1e-6)
+
+
+def test_a_head_tied_to_the_embedding_reads_the_embedding_and_an_untied_one_does_not(tmp_path, monkeypatch):
+    """Stream mode reads only what the logits need: the token embedding as its calibration rows,
+    and whole only where the head is the embedding (tied); perplexity as in memory mode."""
+    from reap_stream.runner import weights
+
+    read: list[str] = []
+    real = weights.to_mx
+    monkeypatch.setattr(weights, "to_mx", lambda ref: read.append(ref.name) or real(ref))
+    for tied in (True, False):
+        model = synth.make_mlx_fixture("qwen3_moe", tmp_path / str(tied), config_overrides={"tie_word_embeddings": tied})
+        read.clear()
+        stream = json.loads(run("eval", model, "--prompt", "def f(x):\n    return x * 2\n", "--json").output)
+        memory = json.loads(run("eval", model, "--prompt", "def f(x):\n    return x * 2\n", "--mode", "memory",
+                                "--json").output)
+        assert ("model.embed_tokens.weight" in read) == tied and ("lm_head.weight" in read) == (not tied)
+        assert abs(stream["perplexity"] - memory["perplexity"]) <= 1e-5 * memory["perplexity"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import blake3
 import gguf
 import numpy as np
 import pytest
@@ -174,9 +175,13 @@ def test_dry_run_plans_everything_and_writes_nothing(gguf_model, tmp_path):
     real = apply(src, mlx_plan("mixtral"), out, overwrite=False, dry_run=False)
     assert dry["bytes_out"] == real["bytes_out"] == out.stat().st_size
     written = {k: real.pop(k) for k in ("dry_run", "files")}
-    assert written["files"] == {"pruned.gguf": {"sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
+    # the sidecar manifest's hash: BLAKE3 by default, sha256 on request
+    assert written["files"] == {"pruned.gguf": {"blake3": blake3.blake3(out.read_bytes()).hexdigest(),
                                                 "size": out.stat().st_size}}
     assert {k: v for k, v in dry.items() if k != "dry_run"} == real
+    again = apply(src, mlx_plan("mixtral"), out, overwrite=True, dry_run=False, manifest_hash="sha256")
+    assert again["files"] == {"pruned.gguf": {"sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
+                                              "size": out.stat().st_size}}
 
 
 def test_a_layer_the_plan_does_not_list_keeps_all_experts(gguf_model, tmp_path):

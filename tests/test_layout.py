@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "reap_stream"
 
 # data flow: files -> what a model is -> running it -> telemetry -> plans -> written outputs -> CLI
 STAGES = ["errors", "blas", "procstats", "io", "families", "runner", "telemetry", "planning", "surgery",
-          "eval", "pipeline", "testing", "cli"]
+          "eval", "pipeline", "estimate", "testing", "cli"]
 
 
 def _stage(module: str) -> str:

@@ -62,14 +62,43 @@ def test_other_layouts_verify(fixture_model, tmp_path, family, variant):
     assert verify_output(out)["ok"]
 
 
-def test_a_flipped_byte_is_caught(copy):
-    shard = copy / "model.safetensors"
+def flip_a_byte(out: Path) -> None:
+    shard = out / "model.safetensors"
     raw = bytearray(shard.read_bytes())
     raw[-100] ^= 0x01
     shard.write_bytes(bytes(raw))
+
+
+def test_a_flipped_byte_is_caught(copy):
+    manifest = json.loads((copy / MANIFEST_NAME).read_text())
+    assert manifest["hash"] == "blake3" and "sha256" not in manifest["files"]["model.safetensors"]   # the default
+    flip_a_byte(copy)
     lines = failures(run("verify", copy, "--quiet"))
-    assert lines == [f"{copy}/model.safetensors: checksum: sha256 differs from the manifest "
-                     f"({json.loads((copy / MANIFEST_NAME).read_text())['files']['model.safetensors']['sha256'][:12]}…)"]
+    assert lines == [f"{copy}/model.safetensors: checksum: blake3 differs from the manifest "
+                     f"({manifest['files']['model.safetensors']['blake3'][:12]}…)"]
+
+
+def test_a_sha256_manifest_is_written_on_request_and_verified(fixture_model, tmp_path):
+    model = fixture_model("qwen3_moe", "fp32")
+    tele, plan, out = tmp_path / "t.zarr", tmp_path / "p.json", tmp_path / "out"
+    assert run("init", "--out", tele, "--like", model, "--tokens", 128).exit_code == 0
+    assert run("plan", tele, "--out", plan, "--method", "reap", "--ratio", 0.5, "--model", model).exit_code == 0
+    r = run("apply", model, plan, "--out", out, "--quiet", "--manifest-hash", "sha256")
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    entry = manifest["files"]["model.safetensors"]
+    assert manifest["hash"] == "sha256" and "blake3" not in entry
+    assert entry["sha256"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    assert verify_output(out)["ok"]
+    flip_a_byte(out)
+    assert failures(run("verify", out, "--quiet")) == [
+        f"{out}/model.safetensors: checksum: sha256 differs from the manifest ({entry['sha256'][:12]}…)"]
+
+
+def test_an_unknown_manifest_hash_is_refused(pruned, fixture_model, tmp_path):
+    r = run("apply", fixture_model("qwen3_moe", "fp32"), pruned / "reap_plan.json", "--out", tmp_path / "o",
+            "--manifest-hash", "md5")
+    assert r.exit_code == 2 and "--manifest-hash" in r.output and not (tmp_path / "o").exists()
 
 
 def test_a_truncated_file_is_caught_by_size(copy):
@@ -96,11 +125,12 @@ def test_a_missing_manifest_is_caught(copy):
 def test_a_manifest_with_wrong_types_is_a_finding_not_a_crash(copy):
     manifest = json.loads((copy / MANIFEST_NAME).read_text())
     manifest["files"]["config.json"]["size"] = "1234"          # a string, not an integer
-    manifest["files"]["tokenizer.json"]["sha256"] = 42         # a number, not a hex string
+    manifest["files"]["tokenizer.json"]["blake3"] = 42         # a number, not a hex string
     manifest["files"]["reap_plan.json"] = ["not", "an", "object"]
     (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
     lines = failures(run("verify", copy, "--quiet"))
-    assert sorted(lines) == [f"{copy}/{MANIFEST_NAME}: manifest: entry for {name!r} lacks a sha256 string and an integer size"
+    assert sorted(lines) == [f"{copy}/{MANIFEST_NAME}: manifest: entry for {name!r} lacks a blake3 or sha256 string "
+                             f"and an integer size"
                              for name in ("config.json", "reap_plan.json", "tokenizer.json")]
 
 
@@ -152,7 +182,8 @@ def test_apply_refuses_a_plan_from_telemetry_of_another_model(fixture_model, tmp
     assert not (tmp_path / "o").exists()
 
 
-def test_a_recompacted_gguf_verifies_and_a_wrong_expert_count_is_caught(fixture_model, tmp_path):
+def _pruned_gguf(fixture_model, tmp_path, *apply_args) -> Path:
+    """qwen3_moe as a GGUF, pruned by half with synthetic telemetry."""
     from reap_stream.testing.gguf_convert import cached_gguf
 
     mlx = fixture_model("qwen3_moe", "fp32")
@@ -160,8 +191,13 @@ def test_a_recompacted_gguf_verifies_and_a_wrong_expert_count_is_caught(fixture_
     assert run("init", "--out", tmp_path / "t", "--like", mlx, "--tokens", 64).exit_code == 0
     assert run("plan", tmp_path / "t", "--out", tmp_path / "p.json", "--method", "reap", "--ratio", 0.5).exit_code == 0
     out = tmp_path / "pruned.gguf"
-    r = run("apply", gguf, tmp_path / "p.json", "--out", out)
+    r = run("apply", gguf, tmp_path / "p.json", "--out", out, *apply_args)
     assert r.exit_code == 0, r.output
+    return out
+
+
+def test_a_recompacted_gguf_verifies_and_a_wrong_expert_count_is_caught(fixture_model, tmp_path):
+    out = _pruned_gguf(fixture_model, tmp_path)
     ok = run("verify", out)
     assert ok.exit_code == 0 and "1 GGUF part(s) match the manifest" in ok.output
     raw = bytearray(out.read_bytes())
@@ -172,4 +208,19 @@ def test_a_recompacted_gguf_verifies_and_a_wrong_expert_count_is_caught(fixture_
     out.write_bytes(bytes(raw))
     lines = failures(run("verify", out))
     assert f"{tmp_path}/pruned.gguf: shape: blk.0.ffn_gate_exps.weight: 4 experts, metadata says layer 0 has 8" in lines
-    assert any(line.startswith(f"{tmp_path}/pruned.gguf: checksum: sha256 differs") for line in lines)
+    assert any(line.startswith(f"{tmp_path}/pruned.gguf: checksum: blake3 differs") for line in lines)
+
+
+def test_a_gguf_sidecar_manifest_in_sha256_verifies_and_catches_a_changed_byte(fixture_model, tmp_path):
+    from reap_stream.surgery.gguf import manifest_path
+
+    out = _pruned_gguf(fixture_model, tmp_path, "--manifest-hash", "sha256", "--quiet")
+    sidecar = json.loads(manifest_path(out).read_text())
+    assert sidecar["hash"] == "sha256"
+    assert sidecar["files"]["pruned.gguf"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert run("verify", out).exit_code == 0
+    raw = bytearray(out.read_bytes())
+    raw[-1] ^= 1                                   # the file's last byte
+    out.write_bytes(bytes(raw))
+    lines = failures(run("verify", out))
+    assert any(line.startswith(f"{out}: checksum: sha256 differs from the manifest") for line in lines)

@@ -82,10 +82,10 @@ def make_plan(model: Path, ratio: float) -> Path:
     return path
 
 
-# checksum and flush every copied file, as apply does for its outputs
-HASH = ("import os, sys, pathlib; from reap_stream.io.files import sha256_file\n"
+# checksum (the manifest's default hash) and flush every copied file, as apply does for its outputs
+HASH = ("import os, sys, pathlib; from reap_stream.io.files import file_digest\n"
         "for p in sorted(pathlib.Path(sys.argv[1]).iterdir()):\n"
-        "    sha256_file(p); fd = os.open(p, os.O_RDONLY); os.fsync(fd); os.close(fd)")
+        "    file_digest(p, \"blake3\"); fd = os.open(p, os.O_RDONLY); os.fsync(fd); os.close(fd)")
 
 NAIVE = r"""
 import sys, json, mlx.core as mx
@@ -134,17 +134,25 @@ def main(sizes: str, repeats: int, workdir: Path, naive_max_gb: float, as_json: 
         model = make_checkpoint(workdir / f"model-{gb:g}GB", gb)
         plan = make_plan(model, 0.5)
         out, copy, naive = workdir / "out", workdir / "copy", workdir / "naive"
-        runs: dict[str, list[tuple[float, float]]] = {"apply": [], "cp": [], "cp+sha256": [], "naive": []}
+        runs: dict[str, list[tuple[float, float]]] = {"apply": [], "apply-sha256": [], "cp": [], "cp+sync": [],
+                                                      "cp+hash": [], "naive": []}
         for _ in range(repeats):
             for d in (out, copy, naive):
                 shutil.rmtree(d, ignore_errors=True)
+            # the manifest hashed with sha256, as before BLAKE3 became the default
+            runs["apply-sha256"].append(timed(["reap_stream.cli", "apply", str(model), str(plan), "--out", str(out),
+                                               "--quiet", "--manifest-hash", "sha256"], python_module=True))
+            shutil.rmtree(out)
             runs["apply"].append(timed(["reap_stream.cli", "apply", str(model), str(plan), "--out", str(out), "--quiet"],
                                        python_module=True))
             # the same kept bytes, as plain files: what a copy costs, and a copy plus what apply
-            # also does for every output file (sha256 for the manifest, fsync)
+            # also does for every output file (BLAKE3 for the manifest, fsync)
             runs["cp"].append(timed(["cp", "-r", str(out), str(copy)]))
             shutil.rmtree(copy)
-            runs["cp+sha256"].append(timed(["sh", "-c", f"cp -r {out} {copy} && {sys.executable} -c '{HASH}' {copy}"]))
+            # as durable as apply's output: the copied files flushed to disk (coreutils sync FILE...)
+            runs["cp+sync"].append(timed(["sh", "-c", f"cp -r {out} {copy} && sync {copy}/*"]))
+            shutil.rmtree(copy)
+            runs["cp+hash"].append(timed(["sh", "-c", f"cp -r {out} {copy} && {sys.executable} -c '{HASH}' {copy}"]))
             if gb <= naive_max_gb:
                 runs["naive"].append(timed([str(script), str(model), str(plan), str(naive)], python_module=True))
         out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
@@ -152,8 +160,11 @@ def main(sizes: str, repeats: int, workdir: Path, naive_max_gb: float, as_json: 
         row = {"expert_gb": gb, "out_gb": round(out_bytes / 1e9, 3),
                "apply_s": round(med["apply"][0], 3), "cp_s": round(med["cp"][0], 3),
                "apply_over_cp": round(med["apply"][0] / med["cp"][0], 3),
-               "cp_sha256_s": round(med["cp+sha256"][0], 3),
-               "apply_over_cp_sha256": round(med["apply"][0] / med["cp+sha256"][0], 3),
+               "apply_sha256_s": round(med["apply-sha256"][0], 3),
+               "cp_sync_s": round(med["cp+sync"][0], 3),
+               "apply_over_cp_sync": round(med["apply"][0] / med["cp+sync"][0], 3),
+               "cp_hash_s": round(med["cp+hash"][0], 3),
+               "apply_over_cp_hash": round(med["apply"][0] / med["cp+hash"][0], 3),
                "apply_rss_mib": round(med["apply"][1], 1)}
         if "naive" in med:
             row.update({"naive_s": round(med["naive"][0], 3), "naive_over_apply": round(med["naive"][0] / med["apply"][0], 3),
@@ -164,13 +175,15 @@ def main(sizes: str, repeats: int, workdir: Path, naive_max_gb: float, as_json: 
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo("| experts (GB) | output (GB) | apply (s) | cp (s) | cp + sha256 + fsync (s) "
-               "| apply / (cp + sha256 + fsync) | apply / cp | apply peak RSS (MiB) | naive load→slice→save (s) "
-               "| naive peak RSS (MiB) |")
-    click.echo("|---|---|---|---|---|---|---|---|---|---|")
+    click.echo("| experts (GB) | output (GB) | apply (s) | apply, sha256 manifest (s) | cp (s) | cp + sync (s) "
+               "| cp + blake3 + fsync (s) "
+               "| apply / cp | apply / (cp + sync) | apply / (cp + blake3 + fsync) | apply peak RSS (MiB) "
+               "| naive load→slice→save (s) | naive peak RSS (MiB) |")
+    click.echo("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        click.echo(f"| {r['expert_gb']:g} | {r['out_gb']} | {r['apply_s']} | {r['cp_s']} | {r['cp_sha256_s']} | "
-                   f"{r['apply_over_cp_sha256']} | {r['apply_over_cp']} | {r['apply_rss_mib']} | "
+        click.echo(f"| {r['expert_gb']:g} | {r['out_gb']} | {r['apply_s']} | {r['apply_sha256_s']} | {r['cp_s']} | {r['cp_sync_s']} | "
+                   f"{r['cp_hash_s']} | {r['apply_over_cp']} | {r['apply_over_cp_sync']} | {r['apply_over_cp_hash']} | "
+                   f"{r['apply_rss_mib']} | "
                    f"{r.get('naive_s', '—')} | {r.get('naive_rss_mib', '—')} |")
 
 

@@ -36,6 +36,9 @@ COMMANDS = {
                "Report the BLAS, MLX device, memory and package versions reap-stream will use."),
     "full": ("reap_stream.cli.full:full_cmd",
              "Collect telemetry, plan and apply in one resumable run (a GGUF MODEL gives a GGUF --out)."),
+    "estimate": ("reap_stream.cli.estimate:estimate_cmd",
+                 "Peak memory, disk and time of collect -> plan -> apply on MODEL, from its config.json and "
+                 "safetensors headers (or a bare config.json), without reading any weight."),
     "demo": ("reap_stream.cli.demo:demo_cmd",
              "Generate a tiny MoE, prune it with REAP end to end, and check the result."),
     "collect": ("reap_stream.cli.collect:collect_cmd",

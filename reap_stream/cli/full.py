@@ -9,7 +9,7 @@ import click
 from ..planning.planner import PlanOptions
 from ..runner.chunks import RunOptions
 from ..telemetry.calibration import CalibrationOptions
-from .options import PATH, calibration_options, max_shard_option, plan_options, run_options
+from .options import PATH, calibration_options, manifest_hash_option, max_shard_option, plan_options, run_options
 
 
 @click.command("full")
@@ -22,10 +22,11 @@ from .options import PATH, calibration_options, max_shard_option, plan_options, 
 @click.option("--renorm-topk/--no-renorm-topk", default=True, show_default=True,
               help="Router weight g = probability divided by the token's top-k sum (the reference's default).")
 @max_shard_option
+@manifest_hash_option
 @click.option("--overwrite", is_flag=True, help="Replace an existing output that is not this run's.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def full_cmd(model_path: Path, calibration: CalibrationOptions, plan_options: PlanOptions, run: RunOptions, out: Path,
-             renorm_topk: bool, max_shard_bytes: int, overwrite: bool, as_json: bool) -> None:
+             renorm_topk: bool, max_shard_bytes: int, manifest_hash: str, overwrite: bool, as_json: bool) -> None:
     """Collect telemetry, plan and apply in one resumable run (a GGUF MODEL gives a GGUF --out)."""
     from ..blas import blas_info, ensure_blas
 
@@ -34,7 +35,8 @@ def full_cmd(model_path: Path, calibration: CalibrationOptions, plan_options: Pl
     from ..pipeline import run_full
 
     summary = run_full(open_model(model_path), calibration, out, plan_options, run, renorm_topk=renorm_topk,
-                       max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=not as_json)
+                       max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=not as_json,
+                       manifest_hash=manifest_hash)
     if summary["collect"].get("distributed", {}).get("rank", 0) > 0:
         return   # rank 0 plans, applies and reports
     summary["blas"] = blas_info()

@@ -11,7 +11,7 @@ import click
 
 from ..planning.criteria import METHODS
 from ..planning.planner import BUDGETS, PlanOptions, parse_layer_spec
-from ..runner.chunks import MODES, RunOptions
+from ..runner.chunks import EXPERT_KERNELS, MODES, RunOptions
 from ..telemetry.calibration import FORMATS, CalibrationOptions
 
 
@@ -80,6 +80,14 @@ _RUN = (
     click.option("--work-dir", "run_work_dir", type=PATH, default=None,
                  help="Spilled hidden states and resume state (default: beside --out; eval and compare: a "
                       "temporary directory, removed afterwards)."),
+    click.option("--max-memory", "run_max_memory", default=None, metavar="SIZE",
+                 callback=lambda ctx, param, value: None if value is None else parse_size(value, "--max-memory"),
+                 help="Keep the process's peak memory under SIZE (e.g. 8GB): tokens and experts per chunk are "
+                      "chosen to fit; refused up front, with the least that is needed, when nothing fits."),
+    click.option("--expert-kernel", "run_expert_kernel", type=click.Choice(EXPERT_KERNELS), default="auto",
+                 show_default=True,
+                 help="How experts run: loop (one float32 BLAS matmul chain per expert, the CPU's), gather "
+                      "(MLX's gather matmuls in the model's dtype, an accelerator's), auto (by device)."),
     click.option("--distributed", "run_distributed", is_flag=True,
                  help="Run as one rank of an mlx.launch group and refuse to run alone (under mlx.launch a "
                       "group of 2 or more is joined anyway); see docs/distributed.md."),
@@ -110,6 +118,9 @@ _PLAN = (
 
 calibration_options = _grouped(_CALIBRATION, "calib_", _validated(CalibrationOptions), "calibration")
 calibration_options.__doc__ = "Where calibration text comes from and how it is shaped: `calibration`."
+# the same options where a calibration source is optional (estimate): validated by the caller
+calibration_options_unchecked = _grouped(_CALIBRATION, "calib_", lambda values: CalibrationOptions(**values),
+                                         "calibration")
 run_options = _grouped(_RUN, "run_", _validated(RunOptions), "run")
 run_options.__doc__ = "How the model is run (mode, chunking, work dir): `run`."
 plan_options = _grouped(_PLAN, "plan_", _plan_options, "plan_options")
@@ -136,6 +147,10 @@ def parse_size(text: str, option: str) -> int:
         raise BadInput(option, f"cannot read size {text!r} (a positive size such as 5GB, 500MB, 2GiB)")
     return int(value)
 
+
+manifest_hash_option = click.option(
+    "--manifest-hash", "manifest_hash", type=click.Choice(("blake3", "sha256")), default="blake3", show_default=True,
+    help="Digest the manifest records of every output file (verify checks either).")
 
 max_shard_option = click.option("--max-shard-size", "max_shard_bytes", default="5GB", show_default=True,
                                 callback=lambda ctx, param, value: parse_size(value, "--max-shard-size"),

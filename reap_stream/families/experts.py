@@ -1,12 +1,21 @@
-"""The MoE capture: a block's routed experts evaluated grouped by expert, its output rebuilt
-from them, and the self-check against the block's own forward.
+"""The MoE capture: a block's routed experts evaluated grouped by expert, a chunk of experts at a
+time, and its output rebuilt from them.
 
-`capture` routes exactly (families/routing.py), then runs the routed experts grouped by expert
-(one dense or quantised matmul per expert instead of mlx_lm's per-token gather loop) and rebuilds
-the block's output from them, so the same pass yields the block output for the next layer and the
-per-expert outputs the telemetry needs. `self_check` compares that output with the block's own
-forward: routing captured by hand is easy to get wrong, so every layer is checked on its first
-chunk (docs/routing.md).
+`capture` routes exactly (families/routing.py), then runs the routed experts grouped by expert and
+rebuilds the block's output from them, so the same pass yields the block output for the next layer
+and the per-expert outputs the telemetry needs. Experts come from an `ExpertSource`
+(families/expert_source.py) in chunks [lo, hi), so where a layer's experts are read by byte range
+they are never whole in memory. Two kernels run them, behind the same call:
+
+- "loop" (the CPU's): one float32 BLAS matmul chain per expert (half-precision weights upcast and
+  quantised weights dequantised one expert at a time), shared out to two lanes; Σ w·f(x) in numpy
+  in a fixed order, so the bits never depend on the chunking of experts or on the lanes.
+- "gather" (Metal's): mlx_lm's own gather / quantised gather matmuls over the chunk's rows sorted by
+  expert, in the model's dtype, and the weighted sum in MLX; one transfer of the outputs per chunk
+  of tokens for the telemetry, no per-expert round trip to the host. Stacks of expert modules
+  (DBRX) and identity experts (LongCat) run the loop.
+
+The self-check (families/self_check.py) compares the result with the block's own code.
 """
 from __future__ import annotations
 
@@ -18,24 +27,34 @@ import numpy as np
 
 from ..blas import blas_threads, lane_threads
 from ..errors import BadInput
+from .expert_source import ExpertSlab, ExpertSource, ModuleExperts, expert_ranges, slabs
 from .routing import ROUTERS, Routed, combine
 from .stacks import expert_forward, out_dims, projections
 from .stacks import parameters as stack_parameters
 from .table import Family, attr
 
-def _expert_linear(lin, e: int, x: mx.array) -> mx.array:
-    """x @ W_e^T (+ b_e) for expert e of a (Quantized)SwitchLinear, as one dense matmul."""
-    if "scales" in lin:
+
+def resolve_kernel(kernel: str) -> str:
+    """"auto": the gather kernel on an accelerator, the loop on the CPU."""
+    if kernel == "auto":
+        return "loop" if mx.default_device() == mx.cpu else "gather"
+    return kernel
+
+
+def _expert_linear(lin, arrays: dict, j: int, x: mx.array) -> mx.array:
+    """x @ W_j^T (+ b_j) in float32 for expert j of a slab's projection (`lin`: the stack's
+    (Quantized)SwitchLinear, for its quantisation settings) as one dense BLAS matmul."""
+    if "scales" in arrays:
         if getattr(lin, "global_scale", None) is not None:
             raise BadInput("model", "experts quantised with a global scale (nvfp4 per-expert) are not supported")
-        biases = lin.get("biases")
-        y = mx.quantized_matmul(x, lin["weight"][e], lin["scales"][e], None if biases is None else biases[e],
-                                transpose=True, group_size=lin.group_size, bits=lin.bits, mode=lin.mode)
+        biases = arrays.get("biases")
+        w = mx.dequantize(arrays["weight"][j], arrays["scales"][j], None if biases is None else biases[j],
+                          group_size=lin.group_size, bits=lin.bits, mode=lin.mode, dtype=mx.float32)
+        y = x.astype(mx.float32) @ w.T
     else:
-        # gather_mm/matmul on the CPU backend are float32-only for expert stacks: upcast per slice.
-        y = x.astype(mx.float32) @ lin["weight"][e].astype(mx.float32).T
-    if "bias" in lin:
-        y = y + lin["bias"][e].astype(y.dtype)
+        y = x.astype(mx.float32) @ arrays["weight"][j].astype(mx.float32).T
+    if "bias" in arrays:
+        y = y + arrays["bias"][j].astype(y.dtype)
     return y
 
 
@@ -51,6 +70,8 @@ class ExpertBatch:
 
 # Runs two callables at once (on two MLX CPU streams) and returns both results: runner.Lanes.both
 Pair = Callable[[Callable, Callable], tuple]
+# Called with each slab once its experts are computed: (slab, first sorted row, its rows' outputs)
+OnSlab = Callable[[ExpertSlab, int, object], None]
 
 
 def _two_shares(active: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -60,55 +81,93 @@ def _two_shares(active: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nd
     return active[:cut], active[cut:]
 
 
-def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int,
-                weights: np.ndarray, pair: Pair | None = None,
-                input_scale: np.ndarray | None = None) -> tuple[ExpertBatch, mx.array]:
-    """Every routed expert output f_e(x_t), one dense matmul chain per expert, and the weighted
-    sum Σ_k w·f(x) per token (`weights` [T, k]) in float32.
+@dataclass(frozen=True)
+class ExpertPlan:
+    """How a layer's experts are run: where from, how many at a time, by which kernel."""
 
-    Experts are evaluated one after another, so the working set is one expert's rows plus the
-    outputs, not the k-fold expansion of the whole chunk at once. With `pair`, on the CPU and
-    where the lanes call the BLAS single-threaded (blas.lane_threads), the experts are shared out
-    to two lanes (MLX's CPU element-wise kernels use one core per stream). The BLAS thread count
-    of the expert matmuls depends on that configuration alone, not on whether a pair was given, so
-    every mode computes every expert with the same calls and gets the same bits. With
-    `input_scale` ([T, k]) expert e sees x_t * scale (Llama-4).
+    source: ExpertSource | None = None   # None: the stack module's own arrays
+    chunk_bytes: int | None = None       # bytes of experts per chunk (None: all at once; at least one)
+    kernel: str = "auto"
+
+
+def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int, weights: np.ndarray,
+                pair: Pair | None = None, input_scale: np.ndarray | None = None, plan: ExpertPlan = ExpertPlan(),
+                on_slab: OnSlab | None = None) -> tuple[ExpertBatch, mx.array]:
+    """Every routed expert output f_e(x_t) and the weighted sum Σ_k w·f(x) per token (`weights`
+    [T, k]), experts read and run a chunk at a time (`plan`). With `input_scale` ([T, k]) expert e
+    sees x_t * scale (Llama-4).
+
+    Loop kernel: experts one after another, so the working set is one expert's rows plus the
+    outputs. With `pair`, on the CPU and where the lanes call the BLAS single-threaded
+    (blas.lane_threads), each chunk's experts are shared out to two lanes (MLX's CPU element-wise
+    kernels use one core per stream). The BLAS thread count of the expert matmuls depends on that
+    configuration alone, not on whether a pair was given, so every mode computes every expert with
+    the same calls and gets the same bits, whatever the chunking of experts.
     """
-    projections(switch)  # a known stack form, or one line saying it is not
+    names = projections(switch)  # a known stack form, or one line saying it is not
     k = inds.shape[1]
     flat = inds.reshape(-1)
     order = np.argsort(flat, kind="stable")
     experts = flat[order]
     bounds = np.searchsorted(experts, np.arange(num_experts + 1))
+    whole = bounds[-1] == len(order)
     order, experts = order[:bounds[-1]], experts[:bounds[-1]]  # ids past the stack: identity experts
     tokens = (order // k).astype(np.int32)
-    outputs = np.empty((len(order), out_dims(switch)), np.float32)
-    scale_sorted = None if input_scale is None else input_scale.reshape(-1)[order]
+    scale = None if input_scale is None else input_scale.reshape(-1)[order].astype(np.float32)
+    source = plan.source if plan.source is not None else ModuleExperts(switch, names)
+    active = np.flatnonzero(np.diff(bounds))
+    per_chunk = None if plan.chunk_bytes is None else max(1, plan.chunk_bytes // max(source.expert_bytes, 1))
+    ranges = expert_ranges(num_experts, per_chunk, active)
+    w_sorted = weights.reshape(-1)[order].astype(np.float32)
+    if resolve_kernel(plan.kernel) == "gather" and names and whole:
+        outputs, y = _gather(switch, x, source, ranges, experts, bounds, tokens, order, w_sorted, scale,
+                             inds.shape, on_slab)
+    else:
+        outputs = _loop(switch, x, source, ranges, bounds, tokens, scale, pair, on_slab)
+        y = mx.array(_weighted_sum(outputs, w_sorted, tokens, bounds, inds.shape[0]))
+    return ExpertBatch(order, experts, bounds, outputs), y
 
-    def share(ids: np.ndarray) -> Callable[[], None]:
+
+def _rows(x: mx.array, tokens: np.ndarray, scale: np.ndarray | None, lo: int, hi: int) -> mx.array:
+    """The inputs of sorted rows [lo, hi): their tokens' x (times the input scale, Llama-4)."""
+    xe = x[mx.array(tokens[lo:hi])]
+    return xe if scale is None else xe * mx.array(scale[lo:hi, None]).astype(x.dtype)
+
+
+def _loop(switch, x: mx.array, source: ExpertSource, ranges: list, bounds: np.ndarray, tokens: np.ndarray,
+          scale: np.ndarray | None, pair: Pair | None, on_slab: OnSlab | None) -> np.ndarray:
+    outputs = np.empty((int(bounds[-1]), out_dims(switch)), np.float32)
+    counts = np.diff(bounds)
+    names = {id(getattr(switch, p)): p for p in projections(switch)}
+
+    def share(slab: ExpertSlab, ids: np.ndarray) -> Callable[[], None]:
+        def linear(lin, e: int, v: mx.array) -> mx.array:
+            return _expert_linear(lin, slab.arrays[names[id(lin)]], e - slab.lo, v)
+
         def run() -> None:
             for e in map(int, ids):
                 lo, hi = int(bounds[e]), int(bounds[e + 1])
-                xe = x[mx.array(tokens[lo:hi])]
-                if input_scale is not None:
-                    xe = xe * mx.array(scale_sorted[lo:hi, None]).astype(x.dtype)
-                out = expert_forward(switch, e, xe, _expert_linear).astype(mx.float32)
+                out = expert_forward(switch, e, _rows(x, tokens, scale, lo, hi), linear).astype(mx.float32)
                 outputs[lo:hi] = np.array(out)
         return run
 
-    active = np.flatnonzero(np.diff(bounds))
-    first, second = _two_shares(active, np.diff(bounds)[active])
     threads = lane_threads() if mx.default_device() == mx.cpu else None
     with blas_threads(threads):
-        if pair is not None and threads == 1:
-            mx.eval(x, stack_parameters(switch))  # the other lane cannot run work queued on this thread's stream
-            pair(share(first), share(second))
-        else:
-            share(first)()
-            share(second)()
-    w_sorted = weights.reshape(-1)[order].astype(np.float32)
-    y = mx.array(_weighted_sum(outputs, w_sorted, tokens, bounds, inds.shape[0]))
-    return ExpertBatch(order, experts, bounds, outputs), y
+        for slab in slabs(source, ranges):
+            ids = np.arange(slab.lo, slab.hi)
+            ids = ids[counts[ids] > 0]
+            first, second = _two_shares(ids, counts[ids])
+            if pair is not None and threads == 1:
+                # the other lane cannot run work queued on this thread's stream
+                mx.eval(x, slab.arrays_list() if names else stack_parameters(switch))
+                pair(share(slab, first), share(slab, second))
+            else:
+                share(slab, first)()
+                share(slab, second)()
+            if on_slab is not None:
+                a, b = int(bounds[slab.lo]), int(bounds[slab.hi])
+                on_slab(slab, a, outputs[a:b])
+    return outputs
 
 
 def _weighted_sum(outputs: np.ndarray, w_sorted: np.ndarray, tokens: np.ndarray, bounds: np.ndarray,
@@ -123,6 +182,57 @@ def _weighted_sum(outputs: np.ndarray, w_sorted: np.ndarray, tokens: np.ndarray,
     return y
 
 
+class installed:
+    """Context: the stack's projections hold `arrays` (projection -> parameter -> array) instead
+    of their own, so mlx_lm's own expert code runs on a slab; restored on exit."""
+
+    def __init__(self, switch, arrays: dict[str, dict[str, mx.array]]):
+        self.switch, self.arrays, self.saved = switch, arrays, []
+
+    def __enter__(self):
+        for proj, params in self.arrays.items():
+            lin = getattr(self.switch, proj)
+            for name, a in params.items():
+                self.saved.append((lin, name, lin[name]))
+                lin[name] = a
+        return self.switch
+
+    def __exit__(self, *exc) -> None:
+        for lin, name, old in reversed(self.saved):
+            lin[name] = old
+
+
+def _gather(switch, x: mx.array, source: ExpertSource, ranges: list, experts: np.ndarray, bounds: np.ndarray,
+            tokens: np.ndarray, order: np.ndarray, w_sorted: np.ndarray, scale: np.ndarray | None, shape: tuple,
+            on_slab: OnSlab | None) -> tuple[np.ndarray, mx.array]:
+    parts = []
+    width = out_dims(switch)
+    for slab in slabs(source, ranges):
+        a, b = int(bounds[slab.lo]), int(bounds[slab.hi])
+        idx = mx.array((experts[a:b] - slab.lo).astype(np.uint32))
+        with installed(switch, slab.arrays):
+            def linear(lin, e, v):
+                return lin(v, idx, sorted_indices=True)
+            out = expert_forward(switch, None, _rows(x, tokens, scale, a, b)[:, None, :], linear)
+            out = out[:, 0].astype(mx.float32)
+            mx.eval(out)
+        if on_slab is not None:
+            on_slab(slab, a, out)
+        parts.append(out)
+    t, k = shape
+    unsort = mx.array(np.argsort(order, kind="stable"))
+    if parts:
+        sorted_out = mx.concatenate(parts, axis=0)
+        unsorted = sorted_out[unsort].reshape(t, k, -1)
+    else:
+        sorted_out = mx.zeros((0, width), mx.float32)
+        unsorted = mx.zeros((t, k, width), mx.float32)
+    w = mx.array(w_sorted[np.argsort(order, kind="stable")].reshape(t, k))
+    y = (unsorted * w[..., None]).sum(axis=1)
+    mx.eval(y, sorted_out)
+    return np.array(sorted_out), y
+
+
 @dataclass
 class Capture:
     """One chunk seen by one MoE block."""
@@ -132,27 +242,35 @@ class Capture:
     inds: np.ndarray       # [T, k] int64
     batch: ExpertBatch
     output: mx.array       # [T, D] block output rebuilt from the experts (+ shared), x's dtype
+    expert_check: object = None   # self_check.ExpertCheck when this chunk is checked by replay
 
 
 def capture(block, fam: Family, x: mx.array, top_k: int, num_experts: int, pair: Pair | None = None,
-            routed: Routed | None = None) -> Capture:
+            routed: Routed | None = None, plan: ExpertPlan = ExpertPlan(), check: bool = False) -> Capture:
     """Route x [T, D] exactly as `block` does (or take `routed`, the model's own router's choice)
-    and evaluate its experts grouped by expert (shared out to two lanes with `pair`; the same bits
-    either way)."""
+    and evaluate its experts grouped by expert, a chunk of experts at a time (`plan`; shared out to
+    two lanes with `pair`: the same bits either way). With `check` and experts read by range
+    (plan.source), the first rows' expert outputs are recomputed by mlx_lm's own expert stack on
+    each chunk while it is in memory (self_check.ExpertCheck)."""
+    from .self_check import ExpertCheck
+
     routed = routed or ROUTERS[fam.routing](block, fam, x, top_k)
     mx.eval(x, routed.inds, routed.weights, routed.probs)
     inds = np.array(routed.inds).astype(np.int64)
     weights = np.array(routed.weights.astype(mx.float32))
     scale = None if routed.input_scale is None else np.array(routed.input_scale.astype(mx.float32))
+    switch = attr(block, fam.stacked)
     into, out_of = _latent(block, fam)
-    batch, y = run_experts(attr(block, fam.stacked), into(x), inds, num_experts, weights, pair, scale)
+    xe = into(x)
+    checker = ExpertCheck(switch, xe, inds, num_experts) if check and plan.source is not None else None
+    batch, y = run_experts(switch, xe, inds, num_experts, weights, pair, scale, plan, checker)
     y = out_of(y.astype(x.dtype))
     if fam.identity_experts is not None:  # LongCat: ids past the routed experts add w * x
         identity = mx.array(np.where(inds >= num_experts, weights, 0.0).sum(axis=1, keepdims=True))
         y = y + x * identity.astype(x.dtype)
     y = combine(block, fam, x, y)
     mx.eval(y)
-    return Capture(x, routed, inds, batch, y)
+    return Capture(x, routed, inds, batch, y, checker)
 
 
 def _latent(block, fam: Family) -> tuple[Callable, Callable]:
@@ -166,45 +284,3 @@ def _latent(block, fam: Family) -> tuple[Callable, Callable]:
     if norm and norm[0] is not None:
         return into, lambda a: out(norm[0](a))
     return into, out
-
-
-# relative error allowed between the rebuilt output and the block's own forward
-SELF_CHECK_RTOL = {mx.float32: 1e-4, mx.float16: 2e-2, mx.bfloat16: 5e-2}
-
-
-def _float32_stack(switch) -> list:
-    """Upcast half-precision expert stacks in place (CPU gather_mm is float32-only); returns undo list."""
-    undo = []
-    for name in projections(switch):
-        lin = getattr(switch, name, None)
-        if lin is None or "scales" in lin:
-            continue
-        for key in ("weight", "bias"):
-            if key in lin and lin[key].dtype in (mx.float16, mx.bfloat16):
-                undo.append((lin, key, lin[key]))
-                lin[key] = lin[key].astype(mx.float32)
-    return undo
-
-
-# rows of the first chunk that the self-check compares (mlx_lm's own path is a per-token loop)
-SELF_CHECK_ROWS = 256
-
-
-def self_check(block, fam: Family, cap: Capture, layer: int, where: str,
-               reference: Callable | None = None) -> float:
-    """Raise BadInput unless Σ w·f(x) (+ shared) reproduces the block's own output on cap.x
-    (`reference(x, rows)`: the module whose output it is, where that is not the block)."""
-    rows = min(SELF_CHECK_ROWS, cap.x.shape[0])
-    undo = _float32_stack(attr(block, fam.stacked)) if mx.default_device() == mx.cpu else []
-    try:
-        ref = (reference(cap.x[None, :rows], rows) if reference else block(cap.x[None, :rows]))[0].astype(mx.float32)
-        mine = cap.output[:rows].astype(mx.float32)
-        err = float(mx.sqrt(mx.sum((ref - mine) ** 2)) / (mx.sqrt(mx.sum(ref ** 2)) + 1e-30))
-    finally:
-        for lin, key, old in undo:
-            lin[key] = old
-    tol = SELF_CHECK_RTOL.get(cap.x.dtype, 1e-4)
-    if not np.isfinite(err) or err > tol:
-        raise BadInput(where, f"layer {layer}: routing capture does not reproduce the MoE block "
-                              f"(relative error {err:.3g} > {tol:g}); this family's routing is not supported as written")
-    return err

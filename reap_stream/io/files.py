@@ -147,14 +147,46 @@ def build_once(final: Path, complete: Callable[[Path], bool], build: Callable[[P
     return final
 
 
-def sha256_file(path: Path, bufsize: int = 8 << 20) -> str:
-    h = hashlib.sha256()
+# hashes a manifest may record, the default first: BLAKE3 runs at several GB/s on one core where
+# sha256 managed 0.5-1 GB/s here, below the speed of the copy it accompanies (docs/memory.md)
+MANIFEST_HASHES = ("blake3", "sha256")
+
+
+def new_hash(algo: str):
+    """A hashlib-like object (update, hexdigest) of one of MANIFEST_HASHES."""
+    if algo == "blake3":
+        from blake3 import blake3
+
+        return blake3()
+    if algo == "sha256":
+        return hashlib.sha256()
+    raise ValueError(f"unknown hash {algo!r} (choose {', '.join(MANIFEST_HASHES)})")
+
+
+def bytes_digest(data: bytes, algo: str) -> str:
+    h = new_hash(algo)
+    h.update(data)
+    return h.hexdigest()
+
+
+def file_digests(path: Path, algos: tuple[str, ...], bufsize: int = 8 << 20) -> dict[str, str]:
+    """{algo: hex digest} of a file, read once in `bufsize` blocks."""
+    hashes = {a: new_hash(a) for a in algos}
     buf = bytearray(bufsize)
     view = memoryview(buf)
     with open(path, "rb") as f:
         while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
+            for h in hashes.values():
+                h.update(view[:n])
+    return {a: h.hexdigest() for a, h in hashes.items()}
+
+
+def file_digest(path: Path, algo: str, bufsize: int = 8 << 20) -> str:
+    return file_digests(path, (algo,), bufsize)[algo]
+
+
+def sha256_file(path: Path, bufsize: int = 8 << 20) -> str:
+    return file_digest(path, "sha256", bufsize)
 
 
 def copy_range(src_fd: int, dst_fd: int, start: int, end: int, buffer: memoryview, path: Path) -> None:

@@ -220,3 +220,40 @@ def to_float32(ref: TensorRef) -> np.ndarray:
     if ref.dtype == "BF16":
         return (np.asarray(arr, np.uint32) << 16).view(np.float32)
     return np.asarray(arr, np.float32)
+
+
+def read_rows(ref: TensorRef, lo: int, hi: int) -> np.ndarray:
+    """Rows [lo, hi) of axis 0 of a tensor, read with pread into a fresh array (no map: mapped
+    pages count in the process's RSS next to their copies). bf16 comes back as its uint16 bits."""
+    rows = ref.shape[0] if ref.shape else 1
+    if not 0 <= lo <= hi <= rows or rows == 0:
+        raise ValueError(f"rows [{lo}, {hi}) of {ref.name} ({rows} rows)")
+    stride = ref.nbytes // rows
+    dt = np.dtype(NUMPY_DTYPE.get(ref.dtype, np.uint8))
+    shape = (hi - lo,) + tuple(ref.shape[1:]) if ref.shape else ()
+    if ref.dtype == "F4" or ref.dtype.startswith("F6"):
+        shape = ((hi - lo) * stride,)
+    out = np.empty(shape, dt)
+    view = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
+    try:
+        fd = os.open(ref.file, os.O_RDONLY)
+    except OSError as e:
+        raise BadInput(ref.file, f"cannot read: {e.strerror}") from None
+    try:
+        pos, start = 0, ref.start + lo * stride
+        while pos < len(view):
+            n = os.preadv(fd, [view[pos:]], start + pos)
+            if n <= 0:
+                raise BadInput(ref.file, f"unexpected end of file reading tensor {ref.name!r}")
+            pos += n
+    finally:
+        os.close(fd)
+    return out
+
+
+def read_row_set(ref: TensorRef, ids: np.ndarray) -> np.ndarray:
+    """Rows `ids` (ascending, unique) of axis 0, consecutive ids read as one range."""
+    ids = np.asarray(ids, dtype=np.int64)
+    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+    parts = [read_rows(ref, int(run[0]), int(run[-1]) + 1) for run in np.split(ids, breaks) if len(run)]
+    return np.concatenate(parts) if parts else read_rows(ref, 0, 0)

@@ -87,6 +87,11 @@ def parse_layer_spec(spec: str | None, where: str = "--skip-layers") -> tuple[in
     return tuple(sorted(out))
 
 
+def experts_dropped(ratio: float, num_experts: int, n_group: int = 1) -> int:
+    """How many of a layer's experts `--ratio` drops (before constraints)."""
+    return _requested_drop(PlanOptions("reap", ratio=ratio), num_experts, n_group)
+
+
 def _requested_drop(o: PlanOptions, num_experts: int, n_group: int) -> int:
     """Experts to drop from one layer of `num_experts`; with groups a ratio rounds down to a
     multiple of n_group (equal drop per group), explicit counts must already divide."""

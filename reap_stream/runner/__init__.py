@@ -19,11 +19,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
+import dataclasses
+
+from ..errors import BadInput
 from ..families.model import Model
+from ..procstats import return_freed_memory
 from ..families.table import Family
+from .budget import MAX_EXPERT_CHUNK, checkpoint_shapes, fit, whole_model_peak
 from .chunks import MODES, Chunk, RunOptions, make_chunks
 
-__all__ = ["MODES", "Chunk", "RunOptions", "Runner", "make_chunks", "open_runner"]
+__all__ = ["MODES", "Chunk", "RunOptions", "Runner", "make_chunks", "open_runner", "fit_memory"]
 
 
 class Runner(Protocol):
@@ -45,10 +50,44 @@ class Runner(Protocol):
 def open_runner(model: Model, options: RunOptions, work_dir: Path | None, *, progress: bool = True) -> Runner:
     """The runner of `options.mode` (stream mode spills to `work_dir`)."""
     options.validate()
+    return_freed_memory()  # keep the RSS what the arrays alive make it (runner.budget)
     if options.mode == "memory":
         from .memory import MemoryRunner
-        return MemoryRunner(model, chunk_tokens=options.chunk_tokens, progress=progress)
+        return MemoryRunner(model, chunk_tokens=options.chunk_tokens, progress=progress,
+                            expert_kernel=options.expert_kernel)
     from .stream import StreamRunner
     if work_dir is None:
         raise ValueError("stream mode needs a work dir")
-    return StreamRunner(model, work_dir, chunk_tokens=options.chunk_tokens, progress=progress)
+    return StreamRunner(model, work_dir, chunk_tokens=options.chunk_tokens, progress=progress,
+                        expert_chunk_bytes=options.expert_chunk_bytes or MAX_EXPERT_CHUNK,
+                        expert_kernel=options.expert_kernel)
+
+
+def fit_memory(model: Model, options: RunOptions, sequences, *, logits: bool = False) -> RunOptions:
+    """`options` with tokens per chunk and bytes of experts per chunk chosen so the run's predicted
+    peak RSS stays under options.max_memory (runner.budget); unchanged without a limit. Refuses,
+    naming the least that is needed, when one sequence and one expert do not fit (or, in memory
+    mode, the whole model). Deterministic: the same model, tokens and options give the same
+    chunking, so a resumed run continues with the one it started with."""
+    options.validate()
+    if options.max_memory is None:
+        return options
+    import numpy as np
+
+    ckpt = model.require_checkpoint("--max-memory")
+    shapes = checkpoint_shapes(ckpt, model.family, model.structure.top_k)
+    seq_len = max((len(s) for s in sequences), default=1)
+    if options.mode == "memory":
+        need = whole_model_peak(shapes, min(options.chunk_tokens, max(seq_len, 1)), seq_len)
+        if need > options.max_memory:
+            raise BadInput("--max-memory", f"memory mode holds the whole model: it needs at least "
+                                           f"{need / 1e9:.2f} GB (use --mode stream)")
+        return options
+    unique = len(np.unique(np.concatenate([np.asarray(s).reshape(-1) for s in sequences]))) if sequences else 1
+    total = sum(len(s) for s in sequences)
+    from ..families.expert_source import by_range
+
+    c = fit(shapes, options.max_memory, max(min(options.chunk_tokens, total), seq_len), seq_len,
+            whole_layers=not by_range(model.family),
+            unique_tokens=unique, logits=logits)
+    return dataclasses.replace(options, chunk_tokens=min(options.chunk_tokens, c.tokens), expert_chunk_bytes=c.expert_bytes)

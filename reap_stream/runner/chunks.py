@@ -12,6 +12,8 @@ from ..errors import BadInput
 
 # how a model is run: layer by layer with hidden states spilled (stream), or whole in memory
 MODES = ("stream", "memory")
+# which kernel runs the experts (families/experts.py): the CPU's loop, MLX's gather, or by device
+EXPERT_KERNELS = ("auto", "loop", "gather")
 
 
 @dataclass(frozen=True)
@@ -21,12 +23,19 @@ class RunOptions:
     sample_batch_size: int | None = None   # None: as many sequences per chunk as chunk_tokens holds
     work_dir: Path | None = None           # None: the command's default
     distributed: bool = False              # must run as ranks of an mlx.launch group (runner/distributed.py)
+    expert_kernel: str = "auto"
+    max_memory: int | None = None          # bytes the process may hold at its peak (None: no limit)
+    expert_chunk_bytes: int | None = None  # bytes of experts per chunk (None: runner.budget's default)
 
     def validate(self) -> None:
         if self.mode not in MODES:
             raise BadInput("--mode", f"unknown mode {self.mode!r} (choose {', '.join(MODES)})")
         if self.chunk_tokens < 1:
             raise BadInput("--chunk-tokens", f"must be at least 1 (got {self.chunk_tokens})")
+        if self.expert_kernel not in EXPERT_KERNELS:
+            raise BadInput("--expert-kernel", f"unknown kernel {self.expert_kernel!r} (choose {', '.join(EXPERT_KERNELS)})")
+        if self.max_memory is not None and self.max_memory < 1:
+            raise BadInput("--max-memory", f"must be a positive size (got {self.max_memory})")
         if self.sample_batch_size is not None and self.sample_batch_size < 1:
             raise BadInput("--sample-batch-size", f"must be at least 1 (got {self.sample_batch_size})")
 

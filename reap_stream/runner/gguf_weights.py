@@ -4,6 +4,7 @@ dequantised to float32. Same interface as skeleton.Weights, so both runners take
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 from ..blas import mlx_core
@@ -39,7 +40,19 @@ class GGUFWeights:
         p = f"{self.prefix}{layer}."
         return sorted(n for n in self.params if n.startswith(p))
 
-    def load(self, layer: int | None, skip: Callable[[str], bool] = lambda name: False) -> list[str]:
+    def experts(self, layer: int) -> None:
+        """Experts are not read by range from a GGUF: each layer loads whole (docs/memory.md)."""
+        return None
+
+    def embedding_rows(self, token_ids) -> contextlib.AbstractContextManager[set[str]]:
+        """The embedding table is read whole from a GGUF (dequantised): nothing held by rows."""
+        return contextlib.nullcontext(set())
+
+    def head_names(self) -> list[str]:
+        return self.names_of(None)
+
+    def load(self, layer: int | None, skip: Callable[[str], bool] = lambda name: False,
+             experts: None = None) -> list[str]:
         mx = mlx_core()
         names = [n for n in self.names_of(layer) if not skip(n)]
         weights = []

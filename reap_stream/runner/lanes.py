@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from ..blas import blas_threads, lane_threads, mlx_core, total_threads
+from .cpu import float32_attention
 from .skeleton import Forward, MoEHook
 from .trace import trace_layers
 
@@ -189,14 +190,18 @@ def _held_arrays(layer) -> list:
     """Arrays a layer's modules hold besides their parameters, e.g. a RoPE's frequencies ("_freqs",
     which mlx_lm computes lazily on the thread that built the model)."""
     mx = mlx_core()
-    return [v for _, m in layer.named_modules() for v in (*m.values(), *vars(m).values()) if isinstance(v, mx.array)]
+    held = []
+    for _, m in layer.named_modules():
+        private = [v for k, v in m.items() if k.startswith("_")]   # parameters() leaves these out
+        held += [v for v in (*private, *vars(m).values()) if isinstance(v, mx.array)]
+    return held
 
 
 # Modules whose parameters act on each token's row alone: splitting the batch cannot change them.
 ROW_WISE_MODULES = ("RMSNorm", "LayerNorm", "RoPE", "SuScaledRoPE", "Llama3RoPE", "YarnRoPE")
 # Modules that are a matmul over the rows: BLAS may pick another kernel (another summation order)
 # for fewer rows, e.g. OpenBLAS's small-matrix path, so each shape is probed before a split.
-MATMUL_MODULES = ("Linear", "QuantizedLinear")
+MATMUL_MODULES = ("Linear", "QuantizedLinear", "Float32Linear", "Float32QuantizedLinear")
 
 
 class SplitCheck:
@@ -234,10 +239,12 @@ class SplitCheck:
             # generic values (uniform in [-1, 1), numpy's generator: MLX's is ~4x slower on the CPU)
             x = mx.array(np.random.default_rng(0).random((batch, length, in_dims), dtype=np.float32) * 2 - 1).astype(dtype)
             rows = batch // 2
-            whole = module(x)
+            # before any rounding to the model's dtype, which would hide most differences
+            call = getattr(module, "float32_call", module)
+            whole = call(x)
             mx.eval(whole)
             with blas_threads(lane_threads()):  # as the lanes will run it
-                halves = mx.concatenate([module(x[:rows]), module(x[rows:])], axis=0)
+                halves = mx.concatenate([call(x[:rows]), call(x[rows:])], axis=0)
                 mx.eval(halves)
             self._verdicts[key] = bool(mx.array_equal(whole, halves, equal_nan=True).item())
         return self._verdicts[key]
@@ -262,7 +269,7 @@ def split_layer_forward(fwd: Forward, lanes: Lanes, i: int, h, tokens: np.ndarra
     tracers = [trace_layers(fwd.model, t)[i] for t in halves]  # model surgery: caller's thread only
     layer = fwd.model.layers[i]
     # the worker may only depend on finished arrays (lazy views of loaded weights included)
-    _ready(([t.args for t in tracers], [t.kwargs for t in tracers], h, layer.parameters(), _held_arrays(layer)))
+    _ready(([t.args for t in tracers], [t.kwargs for t in tracers], h, fwd.loaded_params(i), _held_arrays(layer)))
     meet = None
     if i in fwd.blocks:
         block = fwd.blocks[i]
@@ -281,9 +288,10 @@ def split_layer_forward(fwd: Forward, lanes: Lanes, i: int, h, tokens: np.ndarra
 
     barrier = meet.barrier if meet is not None else threading.Barrier(2)
     try:
-        with blas_threads(lane_threads()):  # single-threaded lanes at 2 threads (SplitCheck probed this)
+        with blas_threads(lane_threads()), float32_attention():  # single-threaded lanes at 2 threads (SplitCheck probed this)
             a, b = lanes.both(half(0), half(1), barrier)
     finally:
         if meet is not None:
             layer[fwd.family.block] = block
+            meet.hook.pair = None   # the hook and the rendezvous refer to each other: let the layer's experts go now
     return mx.concatenate([a, b], axis=0)

@@ -13,6 +13,7 @@ from ..families.masking import mask_experts
 from ..families.model import Model
 from .chunks import Chunk, chunk_bar
 from .lanes import lanes_pair
+from .cpu import float32_linears
 from .skeleton import Forward, Runs, open_skeleton
 from .trace import split_outputs, trace_layers
 from .stream import MoECallback
@@ -23,7 +24,7 @@ class MemoryRunner(Runs):
 
     start_layer = 0
 
-    def __init__(self, model: Model, chunk_tokens: int = 4096, progress: bool = True):
+    def __init__(self, model: Model, chunk_tokens: int = 4096, progress: bool = True, expert_kernel: str = "auto"):
         mlx_core()
         if model.is_gguf:
             self.model, weights = open_skeleton(model)
@@ -31,7 +32,8 @@ class MemoryRunner(Runs):
                 weights.load(layer)
         else:
             self.model, _ = load_pruned_model(model.require_checkpoint("running the model").root)
-        self.fwd = Forward(self.model, model.family, model.structure.top_k, model.where)
+            float32_linears(self.model)  # as the stream runner's skeleton computes
+        self.fwd = Forward(self.model, model.family, model.structure.top_k, model.where, kernel=expert_kernel)
         self.chunk_tokens = int(chunk_tokens)
         self.progress = progress
         self._final: dict[int, object] = {}   # chunk index -> final hidden state

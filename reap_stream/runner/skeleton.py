@@ -2,7 +2,7 @@
 at a time, and run through mlx_lm's own code with the MoE block swapped for an exact capture.
 
 The whole `Model(args)` is instantiated (its random init stays lazy and is never evaluated), and
-only layer i's tensors are read, from the shards' byte ranges, into it (`Weights`). Each layer's
+only layer i's tensors are read, from the shards' byte ranges, into it (runner/weights.py). Each layer's
 call convention (mask, cache, extra arguments) is taken from the model's own forward: the decoder
 layers are swapped for tracers that record their arguments and pass the hidden state through, so
 attention masks, sliding windows and the like are exactly what mlx_lm builds. The MoE block of a
@@ -14,34 +14,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-import numpy as np
-
 from ..blas import mlx_core
 from ..errors import BadInput
-from ..families.table import Family, attr, classify, layer_of
-from ..io.safetensors import Checkpoint, TensorRef, read_array
+from ..families.expert_source import CheckpointExperts
+from ..families.table import Family, attr
+from ..io.safetensors import Checkpoint, TensorRef
 from .chunks import Chunk, make_chunks
+from .cpu import float32_attention, float32_linears
 from .trace import Tracer
 
 if TYPE_CHECKING:
     from ..families.model import Model
-
-
-_MX_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "U8": "uint8",
-              "I32": "int32", "I8": "int8", "U16": "uint16", "I64": "int64"}
-
-
-def to_mx(ref: TensorRef):
-    """An mx.array holding exactly the bytes of one tensor (read from its byte range only)."""
-    mx = mlx_core()
-    if ref.dtype not in _MX_DTYPES:
-        raise BadInput(ref.file, f"tensor {ref.name!r}: dtype {ref.dtype} is not supported by the streaming runner")
-    # one map per tensor, gone once copied: a map kept for a whole layer would hold the layer's
-    # pages in RSS next to their copies (measured: +43 MiB peak on an h512 / 64-expert model)
-    arr = np.ascontiguousarray(read_array(ref))
-    if ref.dtype == "BF16":
-        return mx.array(arr).view(mx.bfloat16)
-    return mx.array(arr)
 
 
 # modes whose scales are stored as uint8 allow one (bits, group size) each; affine keeps float scales
@@ -97,6 +80,7 @@ def build_skeleton(ckpt: Checkpoint):
 
         nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"],
                     mode=quant.get("mode", "affine"), class_predicate=predicate)
+    float32_linears(model)
     return model
 
 
@@ -104,20 +88,26 @@ class MoEHook:
     """Replaces a layer's MoE block for one call: exact routing, grouped experts, callback."""
 
     def __init__(self, block, fam: Family, layer: int, top_k: int, num_experts: int,
-                 on_capture: Callable | None, check: bool, where: str, pair: Callable | None = None):
+                 on_capture: Callable | None, check: bool, where: str, pair: Callable | None = None,
+                 plan=None):
+        from ..families.experts import ExpertPlan
+
         self.block, self.fam, self.layer = block, fam, layer
         self.top_k, self.num_experts = top_k, num_experts
         self.on_capture, self.check, self.where = on_capture, check, where
         self.pair = pair  # shares the experts out to two lanes (experts.Pair)
+        self.plan = plan or ExpertPlan()
 
     def __call__(self, x):
         from ..families import experts
+        from ..families.self_check import self_check
 
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        cap = experts.capture(self.block, self.fam, flat, self.top_k, self.num_experts, self.pair)
+        cap = experts.capture(self.block, self.fam, flat, self.top_k, self.num_experts, self.pair, plan=self.plan,
+                              check=self.check)
         if self.check:
-            experts.self_check(self.block, self.fam, cap, self.layer, self.where)
+            self_check(self.block, self.fam, cap, self.layer, self.where)
         if self.on_capture is not None:
             self.on_capture(cap)
         return cap.output.reshape(shape)
@@ -157,26 +147,32 @@ class LayerMoEHook(MoEHook):
     def __call__(self, x, inds, weights):
         from ..families import experts
         from ..families.routing import Routed
+        from ..families.self_check import self_check
 
         mx = mlx_core()
         shape, k = x.shape, inds.shape[-1]
         flat = x.reshape(-1, shape[-1])
         logits = self.logits.reshape(-1, self.logits.shape[-1])
         routed = Routed(inds.reshape(-1, k), weights.reshape(-1, k), mx.softmax(logits.astype(mx.float32), axis=-1))
-        cap = experts.capture(self.block, self.fam, flat, k, self.num_experts, self.pair, routed=routed)
+        cap = experts.capture(self.block, self.fam, flat, k, self.num_experts, self.pair, routed=routed, plan=self.plan)
         if self.check:
             def reference(xr, rows):
                 return self.experts(xr, routed.inds[None, :rows], routed.weights[None, :rows])
-            experts.self_check(self.block, self.fam, cap, self.layer, self.where, reference)
+            self_check(self.block, self.fam, cap, self.layer, self.where, reference)
         if self.on_capture is not None:
             self.on_capture(cap)
         return cap.output.reshape(shape)
 
 
 class Forward:
-    """What both runners share: the skeleton, its MoE layers, and one layer's forward with hooks."""
+    """What both runners share: the skeleton, its MoE layers, and one layer's forward with hooks.
 
-    def __init__(self, model, family: Family, top_k: int, where: str):
+    `sources` holds the current layer's expert source where its experts are read by byte range
+    (stream mode), `chunk_bytes` how many bytes of experts a chunk may hold (None: all), `kernel`
+    which expert kernel runs them (chunks.EXPERT_KERNELS)."""
+
+    def __init__(self, model, family: Family, top_k: int, where: str, chunk_bytes: int | None = None,
+                 kernel: str = "auto"):
         from ..families.masking import moe_blocks
 
         self.model = model
@@ -185,25 +181,43 @@ class Forward:
         self.blocks = moe_blocks(model, family)   # layer -> MoE block
         self.num_layers = len(model.layers)
         self.top_k = top_k
+        self.chunk_bytes, self.kernel = chunk_bytes, kernel
+        self.sources: dict[int, CheckpointExperts] = {}
 
     @property
     def moe_layers(self) -> list[int]:
         return sorted(self.blocks)
 
     def num_experts(self, layer: int) -> int:
+        """Routed experts of a layer: its byte-range source's, else its loaded stack's."""
         from ..families.masking import router_experts
+        if layer in self.sources:
+            return self.sources[layer].num_experts
         return router_experts(self.blocks[layer], self.family)
+
+    def loaded_params(self, i: int) -> list:
+        """Layer i's parameters, less a routed-expert stack that is read by range (lazy, never
+        to be evaluated)."""
+        from mlx.utils import tree_flatten
+
+        params = [a for _, a in tree_flatten(self.model.layers[i].parameters())]
+        if i not in self.sources:
+            return params
+        stack = {id(a) for _, a in tree_flatten(getattr(self.blocks[i], self.family.stacked).parameters())}
+        return [a for a in params if id(a) not in stack]
 
     def expert_width(self, layer: int) -> int:
         """Width of layer's expert outputs: the hidden size, or the experts' latent size."""
-        from ..families.table import attr
         from ..families.stacks import out_dims
         return out_dims(attr(self.blocks[layer], self.family.stacked))
 
     def hook(self, i: int, on_capture: Callable | None, check: bool, pair: Callable | None = None) -> MoEHook:
+        from ..families.experts import ExpertPlan
+
+        plan = ExpertPlan(self.sources.get(i), self.chunk_bytes, self.kernel)
         kind = LayerMoEHook if not self.family.block else MoEHook
         return kind(self.blocks[i], self.family, i, self.top_k, self.num_experts(i), on_capture, check,
-                    self.where, pair)
+                    self.where, pair, plan)
 
     def layer_forward(self, i: int, h, tracer: Tracer, on_capture: Callable | None, check: bool,
                       pair: Callable | None = None, states: dict | None = None):
@@ -213,7 +227,8 @@ class Forward:
         layer = self.model.layers[i]
         args, kwargs = tracer.bind(states or {})
         if i not in self.blocks:
-            return layer(h, *args, **kwargs)
+            with float32_attention():
+                return layer(h, *args, **kwargs)
         block = self.blocks[i]
         hook = self.hook(i, on_capture, check, pair)
         if isinstance(hook, LayerMoEHook):
@@ -225,7 +240,8 @@ class Forward:
         # decoder layers call self.<block>(x); swapping the dict entry keeps the rest mlx_lm's code
         layer[self.family.block] = hook
         try:
-            return layer(h, *args, **kwargs)
+            with float32_attention():
+                return layer(h, *args, **kwargs)
         finally:
             layer[self.family.block] = block
 
@@ -253,19 +269,6 @@ class Runs:
         return make_chunks(sequences, self.chunk_tokens, max_batch)
 
 
-def open_skeleton(model: "Model"):
-    """(skeleton, weights) of a model: a safetensors checkpoint's skeleton is quantised like it and
-    filled from its shards, a GGUF's is float32 and filled from the GGUF (runner/gguf_weights)."""
-    if model.is_gguf:
-        from .gguf_weights import GGUFWeights, gguf_skeleton
-
-        skeleton = gguf_skeleton(model)
-        return skeleton, GGUFWeights(model, skeleton, model.where)
-    ckpt = model.require_checkpoint("running the model")
-    skeleton = build_skeleton(ckpt)
-    return skeleton, Weights(ckpt, skeleton, model.family, model.where)
-
-
 def layer_prefix(model, where: str) -> str:
     """"model.layers." (or the model's own spelling): the name prefix of decoder layer parameters."""
     first = model.layers[0]
@@ -275,78 +278,16 @@ def layer_prefix(model, where: str) -> str:
     raise BadInput(where, "cannot locate decoder layers in the mlx_lm model")
 
 
-class Weights:
-    """Reads one decoder layer's tensors (or the ones outside the layers) from a checkpoint's byte
-    ranges into a skeleton, and drops them again. Hugging Face-layout tensors go through the
-    family's own `sanitize` (per layer); a non-uniform prune's expert-axis tensors keep their
-    layer's count."""
+def open_skeleton(model: "Model"):
+    """(skeleton, weights) of a model: a safetensors checkpoint's skeleton is quantised like it and
+    filled from its shards, a GGUF's is float32 and filled from the GGUF (runner/gguf_weights)."""
+    if model.is_gguf:
+        from .gguf_weights import GGUFWeights, gguf_skeleton
 
-    def __init__(self, ckpt: Checkpoint, model, family: Family, where: str):
-        from mlx.utils import tree_flatten
+        skeleton = gguf_skeleton(model)
+        return skeleton, GGUFWeights(model, skeleton, model.where)
+    from .weights import Weights
 
-        from ..families.loader import fit_layer_counts
-
-        self.ckpt, self.model, self.family, self.where = ckpt, model, family, where
-        # a non-uniform prune (apply's config record): MoE layer -> experts it holds
-        record = ckpt.config.get("reap_stream") or {}
-        self.layer_experts = {int(k): int(v) for k, v in (record.get("layer_experts") or {}).items()}
-        fit_layer_counts(model, self.layer_experts, family)
-        self.params = {n: (tuple(a.shape), a.dtype) for n, a in tree_flatten(model.parameters())}
-        self.prefix = self._layer_prefix()
-        self.mlx_layout = set(ckpt.tensors) <= set(self.params)
-
-    def _layer_prefix(self) -> str:
-        return layer_prefix(self.model, self.where)
-
-    def names_of(self, layer: int | None) -> list[str]:
-        """Checkpoint tensors of one decoder layer, or (None) everything outside the layers
-        (in either layout: the decoder stack's prefix may differ between them)."""
-        def of(name: str) -> int | None:
-            m = layer_of(name)
-            return None if m is None else int(m.group(1))
-        return sorted(n for n in self.ckpt.tensors if of(n) == layer)
-
-    def load(self, layer: int | None, skip: Callable[[str], bool] = lambda name: False) -> list[str]:
-        """Read one layer's (or the non-layer) tensors into the skeleton; returns parameter names."""
-        weights = {n: to_mx(self.ckpt.tensors[n]) for n in self.names_of(layer) if not skip(n)}
-        if not self.mlx_layout and hasattr(self.model, "sanitize"):
-            weights = self._sanitize(weights, layer)
-        table = self.params
-        for n, a in weights.items():
-            if n not in table:
-                where = self.ckpt.tensors[n].file if n in self.ckpt.tensors else self.ckpt.root
-                raise BadInput(where, f"tensor {n!r} is not a parameter of mlx_lm's {self.ckpt.model_type} model")
-            if tuple(a.shape) != table[n][0] and not self._pruned_shape(n, tuple(a.shape), table[n][0], layer):
-                raise BadInput(self.ckpt.root, f"tensor {n!r} has shape {list(a.shape)}, the model expects {list(table[n][0])}")
-        if layer is not None:
-            want = [n for n in table if n.startswith(f"{self.prefix}{layer}.")]
-            missing = sorted(set(want) - set(weights))
-            if missing:
-                raise BadInput(self.ckpt.root, f"layer {layer}: tensor {missing[0]!r} is missing from the checkpoint")
-        self.model.load_weights(list(weights.items()), strict=False)
-        return list(weights)
-
-    def _pruned_shape(self, name: str, shape: tuple, model_shape: tuple, layer: int | None) -> bool:
-        """True for an expert-axis tensor of a non-uniform prune: mlx_lm builds every layer with one
-        count, the stored tensor holds this layer's (routing follows the router's width)."""
-        rel = classify(name, self.family)
-        return (rel is not None and layer is not None and rel.kind in ("stacked", "router")
-                and shape[1:] == model_shape[1:] and shape[0] == self.layer_experts.get(layer))
-
-    def _sanitize(self, weights: dict, layer: int | None) -> dict:
-        # Family sanitizers look for layer 0's names (e.g. mixtral); present layer i as layer 0.
-        if layer is None:
-            return self.model.sanitize(weights)
-        renamed = {}
-        for n, a in weights.items():
-            m = layer_of(n)
-            renamed[n[:m.start(1)] + "0" + n[m.end(1):]] = a
-        out = self.model.sanitize(renamed)
-        src, dst = f"{self.prefix}{layer}.", f"{self.prefix}0."
-        return {src + n[len(dst):] if n.startswith(dst) else n: a for n, a in out.items()}
-
-    def drop(self, names: list[str]) -> None:
-        """Replace loaded tensors by lazy zeros, which hold no memory."""
-        mx = mlx_core()
-        self.model.load_weights([(n, mx.zeros(self.params[n][0], self.params[n][1])) for n in names], strict=False)
-        mx.clear_cache()
+    ckpt = model.require_checkpoint("running the model")
+    skeleton = build_skeleton(ckpt)
+    return skeleton, Weights(ckpt, skeleton, model.family, model.where)

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
+
 from ..blas import mlx_core
 from ..errors import BadInput
 from ..families.masking import mask_experts, unmask_router
@@ -20,6 +22,7 @@ from ..families.model import Model
 from ..families.table import attr
 from ..io.files import write_text_atomic
 from ..io.reading import read_json_object
+from .budget import MAX_EXPERT_CHUNK
 from .chunks import Chunk, chunk_bar
 from .lanes import SplitCheck, lanes_pair, shared_lanes, split_layer_forward
 from .skeleton import Forward, Runs, open_skeleton
@@ -33,7 +36,8 @@ class StreamRunner(Runs):
     """Layer-major forward: one layer's weights in memory, hidden states spilled to work_dir."""
 
     def __init__(self, model: Model, work_dir: str | Path, chunk_tokens: int = 4096,
-                 progress: bool = True, parallel: bool = True):
+                 progress: bool = True, parallel: bool = True, expert_chunk_bytes: int | None = MAX_EXPERT_CHUNK,
+                 expert_kernel: str = "auto"):
         self.where = model.where
         # run chunks of >= 2 sequences as two half-batches on two CPU streams (same bytes)
         self.parallel = parallel
@@ -42,7 +46,7 @@ class StreamRunner(Runs):
         self.chunk_tokens = int(chunk_tokens)
         self.progress = progress
         skeleton, self.weights = open_skeleton(model)
-        self.fwd = Forward(skeleton, model.family, model.structure.top_k, self.where)
+        self.fwd = Forward(skeleton, model.family, model.structure.top_k, self.where, expert_chunk_bytes, expert_kernel)
         self.model = self.fwd.model
         self.spill = HiddenSpill(self.work_dir)
         self._head: list[str] | None = None
@@ -76,14 +80,16 @@ class StreamRunner(Runs):
         if self.spill.complete(0):
             return
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        names = self.weights.load(None, skip=lambda n: n.startswith("lm_head."))
-        self.spill.begin(0)
-        for c in chunk_bar(chunks, "embed", self.progress):
-            h = trace_layers(self.model, c.tokens, family=self.family)[0].x
-            mx.eval(h)
-            self.spill.write(0, c.index, h)
-        self.spill.finish(0)
-        self.weights.drop(names)
+        ids = np.concatenate([c.tokens.reshape(-1) for c in chunks]) if chunks else np.zeros(0, np.int64)
+        with self.weights.embedding_rows(ids) as table:   # a rank may have no chunks
+            names = self.weights.load(None, skip=lambda n: n.startswith("lm_head.") or n in table)
+            self.spill.begin(0)
+            for c in chunk_bar(chunks, "embed", self.progress):
+                h = trace_layers(self.model, c.tokens, family=self.family)[0].x
+                mx.eval(h)
+                self.spill.write(0, c.index, h)
+            self.spill.finish(0)
+            self.weights.drop(names)
 
     def run(self, chunks: list[Chunk], on_moe: MoECallback | None = None,
             mask: dict[int, list[int]] | None = None, stop: int | None = None,
@@ -99,7 +105,9 @@ class StreamRunner(Runs):
         if not self.spill.complete(start) and start < stop:
             raise BadInput(self.work_dir, f"hidden states for layer {start} are missing; delete the work dir and rerun")
         for i in range(start, stop):
-            names = self.weights.load(i)
+            source = self.weights.experts(i) if i in self.fwd.blocks else None
+            names = self.weights.load(i, experts=source)
+            self.fwd.sources = {i: source} if source is not None else {}
             router = attr(self.fwd.blocks[i], self.family.router) if i in self.fwd.blocks else None
             had_bias = router is not None and "bias" in router
             if mask and mask.get(i):
@@ -128,6 +136,7 @@ class StreamRunner(Runs):
                 on_layer_done(i)
             self._set_next_layer(i + 1)
             self.spill.drop(i)
+            self.fwd.sources = {}
             self.weights.drop(names)
             if router is not None:
                 unmask_router(router, had_bias)  # what masking added to the router
@@ -136,14 +145,15 @@ class StreamRunner(Runs):
     def logits(self, chunk: Chunk):
         """Logits of a chunk from the spilled output of the last layer (model's own head code).
 
-        The non-layer weights (embedding, norm, head) are read on the first call and kept for the
-        following chunks until close()."""
+        The head's weights (final norm, head; the embedding only when the head is tied to it) are
+        read on the first call and kept for the following chunks until close()."""
         mx = mlx_core()
         n = self.num_layers
         if not self.spill.complete(n):
             raise BadInput(self.work_dir, "the last layer's output is not in the work dir; run all layers first")
         if self._head is None:
-            self._head = self.weights.load(None)
+            needed = set(self.weights.head_names())
+            self._head = self.weights.load(None, skip=lambda name: name not in needed)
         h = self.spill.read(n, chunk.index)
         out = trace_layers(self.model, chunk.tokens, final=h, family=self.family)[0].model_output
         mx.eval(out)

@@ -13,7 +13,6 @@ plan made from the MLX or HF form of the same model applies to its GGUF.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ from ..families.model import Model
 from ..families.gguf_arch import GROUP_KEYS, Role, Roles, check_prunable
 from ..families.structure import gguf_roles, same_kind
 from ..families.table import FAMILIES
-from ..io.files import check_space, copy_range, write_all, write_text_atomic
+from ..io.files import MANIFEST_HASHES, check_space, copy_range, new_hash, write_all, write_text_atomic
 from ..io.lock import exclusive, test_pause
 from ..io.reading import resolved
 from ..io.gguf import BLOCK_TENSOR, KV, SPLIT_PATTERN, GGUFFile, VType, align, split_name
@@ -208,15 +207,17 @@ def plan_layout(gm: Model, plan: Plan, out: Path, where: str) -> tuple[list[OutP
 # ---------------------------------------------------------------- writing
 
 def manifest_path(first_part: Path) -> Path:
-    """The sidecar holding the sha256 and size of every part: beside the first part, named after it.
+    """The sidecar holding the manifest hash (io.files.MANIFEST_HASHES) and size of every part: beside the first part, named after it.
     A sidecar, not a metadata entry: a file cannot hold its own checksum, and the GGUF bytes stay
     exactly what llama.cpp loads (no key or tensor it does not know)."""
     return first_part.with_name(first_part.name + GGUF_MANIFEST_SUFFIX)
 
 
-def _digest(part: OutPart, buffer_bytes: int) -> str:
-    """sha256 of what `_write_part` writes, from the source ranges (on a second thread, beside the copy)."""
-    sha = hashlib.sha256(part.header)
+def _digest(part: OutPart, buffer_bytes: int, algo: str) -> str:
+    """The `algo` digest of what `_write_part` writes, from the source ranges (on a second thread,
+    beside the copy)."""
+    sha = new_hash(algo)
+    sha.update(part.header)
     buf = memoryview(bytearray(buffer_bytes))
     with open(part.source.path, "rb", buffering=0) as src:
         for t in part.tensors:
@@ -247,7 +248,7 @@ def _write_part(part: OutPart, tmp: Path, buf: memoryview, bar: tqdm) -> None:
 
 def apply_gguf(gm: Model, plan: Plan, out: Path, *, overwrite: bool, dry_run: bool,
                buffer_bytes: int = 8 << 20, plan_where: str | Path = "plan", progress: bool = True,
-               ignore_fingerprint: bool = False) -> dict:
+               ignore_fingerprint: bool = False, manifest_hash: str = MANIFEST_HASHES[0]) -> dict:
     """Write `out` (or its split parts): the GGUF model `gm` with the plan's pruned experts removed.
 
     Returns a JSON-able summary. A plan made on a GGUF must carry this model's GGUF fingerprint
@@ -271,6 +272,8 @@ def apply_gguf(gm: Model, plan: Plan, out: Path, *, overwrite: bool, dry_run: bo
             raise BadInput(p.path, "output exists; pass --overwrite to replace it")
     if buffer_bytes < 4096:
         raise BadInput("--buffer-size", f"must be at least 4096 bytes (got {buffer_bytes})")
+    if manifest_hash not in MANIFEST_HASHES:
+        raise BadInput("--manifest-hash", f"unknown hash {manifest_hash!r} (choose {', '.join(MANIFEST_HASHES)})")
 
     st = gm.structure
     summary = {
@@ -311,14 +314,14 @@ def apply_gguf(gm: Model, plan: Plan, out: Path, *, overwrite: bool, dry_run: bo
         check_space(out.parent, needed, "output")
         test_pause("writing")
         try:
-            summary["files"] = _write_parts(parts, buffer_bytes, model.name, progress)
+            summary["files"] = _write_parts(parts, buffer_bytes, model.name, progress, manifest_hash)
         except OSError as e:
             ours = e.filename is None or Path(e.filename).name.endswith(".partial")  # a temporary: name the output
             raise os_error(e, out if ours else e.filename, needed=needed, doing="cannot write the output") from None
     return summary
 
 
-def _write_parts(parts: list[OutPart], buffer_bytes: int, name: str, progress: bool) -> dict:
+def _write_parts(parts: list[OutPart], buffer_bytes: int, name: str, progress: bool, algo: str) -> dict:
     """Every part under a temporary name, then renamed into place; the sidecar manifest last. An
     overwritten output loses its old manifest first, so a run dying among the renames leaves
     parts that `verify` reports as unchecked, never a set that passes."""
@@ -331,9 +334,9 @@ def _write_parts(parts: list[OutPart], buffer_bytes: int, name: str, progress: b
                 tqdm(total=total, unit="B", unit_scale=True, desc=f"apply {name}",
                      disable=None if progress else True) as bar:
             for p, tmp in zip(parts, tmps):
-                digest = pool.submit(_digest, p, len(buf))
+                digest = pool.submit(_digest, p, len(buf), algo)
                 _write_part(p, tmp, buf, bar)
-                files[p.path.name] = {"sha256": digest.result(), "size": os.stat(tmp).st_size}
+                files[p.path.name] = {algo: digest.result(), "size": os.stat(tmp).st_size}
         sidecar = manifest_path(parts[0].path)
         if os.path.lexists(sidecar):
             os.unlink(sidecar)
@@ -341,7 +344,7 @@ def _write_parts(parts: list[OutPart], buffer_bytes: int, name: str, progress: b
         for p, tmp in reversed(list(zip(parts, tmps))):
             os.replace(tmp, p.path)
         write_text_atomic(sidecar, json.dumps({"format": GGUF_MANIFEST_FORMAT, "tool_version": __version__,
-                                               "files": files}, indent=2, sort_keys=True) + "\n")
+                                               "hash": algo, "files": files}, indent=2, sort_keys=True) + "\n")
     finally:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)

@@ -8,7 +8,6 @@ index and the manifest are written last.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,7 +23,8 @@ from ..errors import BadInput, os_error
 from ..families.model import Model
 from ..families.table import (EXPERT_COUNT_KEYS, Family, classify, config_value, expert_rows, identity_rows,
                               set_config_value, text_config)
-from ..io.files import check_space, copy_range, recover_dir, replace_dir, sha256_file, write_all
+from ..io.files import (MANIFEST_HASHES, bytes_digest, check_space, copy_range, file_digest, new_hash, recover_dir,
+                        replace_dir, write_all)
 from ..io.lock import exclusive, test_pause
 from ..io.reading import regular_file, resolved
 from ..io.safetensors import INDEX_NAME, Checkpoint
@@ -238,13 +238,14 @@ def _copy_shard(shard: OutShard, dst: Path, buffer: memoryview, bar: tqdm) -> No
             os.close(fd)
 
 
-def _digest(shard: OutShard, buffer_bytes: int) -> str:
-    """sha256 of the bytes `shard` is made of, read from the source ranges.
+def _digest(shard: OutShard, buffer_bytes: int, algo: str) -> str:
+    """The manifest hash of the bytes `shard` is made of, read from the source ranges.
 
-    Runs on a worker thread while the main thread copies the same ranges (hashlib releases the
+    Runs on a worker thread while the main thread copies the same ranges (both hashes release the
     GIL), so hashing costs no wall time beyond the copy's when there is a second core.
     """
-    sha = hashlib.sha256(shard.header())
+    sha = new_hash(algo)
+    sha.update(shard.header())
     buffer = memoryview(bytearray(buffer_bytes))
     handles: dict[Path, int] = {}
     try:
@@ -265,10 +266,13 @@ def _digest(shard: OutShard, buffer_bytes: int) -> str:
     return sha.hexdigest()
 
 
-def _write_json(path: Path, data: object) -> dict:
-    raw = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+def _write_bytes(path: Path, raw: bytes, algo: str) -> dict:
     path.write_bytes(raw)
-    return {"sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw)}
+    return {algo: bytes_digest(raw, algo), "size": len(raw)}
+
+
+def _write_json(path: Path, data: object, algo: str) -> dict:
+    return _write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), algo)
 
 
 def output_bytes(layout: Layout) -> int:
@@ -279,9 +283,12 @@ def output_bytes(layout: Layout) -> int:
 
 
 def write_layout(layout: Layout, out: Path, *, overwrite: bool = False, buffer_bytes: int = 8 << 20,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, manifest_hash: str = MANIFEST_HASHES[0]) -> dict:
     """Stream the laid-out checkpoint into `out`: one writer at a time (io/lock), into a temporary
-    directory, then swapped into place whole."""
+    directory, then swapped into place whole. The manifest records each file's size and
+    `manifest_hash` digest (io.files.MANIFEST_HASHES)."""
+    if manifest_hash not in MANIFEST_HASHES:
+        raise BadInput("--manifest-hash", f"unknown hash {manifest_hash!r} (choose {', '.join(MANIFEST_HASHES)})")
     out = Path(out)
     with exclusive(out):
         recover_dir(out)  # a run killed mid-swap left the old output aside: it counts as there
@@ -297,7 +304,7 @@ def write_layout(layout: Layout, out: Path, *, overwrite: bool = False, buffer_b
             shutil.rmtree(tmp)
         try:
             tmp.mkdir()
-            files = _write_into(layout, tmp, buffer_bytes, progress)
+            files = _write_into(layout, tmp, buffer_bytes, progress, manifest_hash)
             replace_dir(tmp, out)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written output behind
@@ -316,28 +323,26 @@ def _readable(path: Path) -> None:
         raise os_error(e, path, doing="cannot read") from None
 
 
-def _write_into(layout: Layout, tmp: Path, buffer_bytes: int, progress: bool) -> dict:
+def _write_into(layout: Layout, tmp: Path, buffer_bytes: int, progress: bool, algo: str) -> dict:
     buffer = memoryview(bytearray(buffer_bytes))
     files: dict[str, dict] = {}
     with ThreadPoolExecutor(max_workers=1) as pool, \
             tqdm(total=layout.total_bytes, unit="B", unit_scale=True, desc="apply", disable=not progress) as bar:
         for shard in layout.shards:
-            digest = pool.submit(_digest, shard, buffer_bytes)
+            digest = pool.submit(_digest, shard, buffer_bytes, algo)
             _copy_shard(shard, tmp / shard.name, buffer, bar)
-            files[shard.name] = {"sha256": digest.result(), "size": (tmp / shard.name).stat().st_size}
+            files[shard.name] = {algo: digest.result(), "size": (tmp / shard.name).stat().st_size}
     for name in layout.copied_files:
         shutil.copyfile(layout.source.root / name, tmp / name)
-        files[name] = {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
-    files["config.json"] = _write_json(tmp / "config.json", layout.config)
-    raw = layout.plan.dumps().encode()
-    (tmp / PLAN_COPY_NAME).write_bytes(raw)
-    files[PLAN_COPY_NAME] = {"sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw)}
+        files[name] = {algo: file_digest(tmp / name, algo), "size": (tmp / name).stat().st_size}
+    files["config.json"] = _write_json(tmp / "config.json", layout.config, algo)
+    files[PLAN_COPY_NAME] = _write_bytes(tmp / PLAN_COPY_NAME, layout.plan.dumps().encode(), algo)
     if len(layout.shards) > 1:
         index = {"metadata": {"total_size": layout.total_bytes},
                  "weight_map": {t.name: s.name for s in layout.shards for t in s.tensors}}
-        files[INDEX_NAME] = _write_json(tmp / INDEX_NAME, index)
-    _write_json(tmp / MANIFEST_NAME, {"format": MANIFEST_FORMAT, "tool_version": __version__,
-                                       "files": dict(sorted(files.items()))})
+        files[INDEX_NAME] = _write_json(tmp / INDEX_NAME, index, algo)
+    _write_json(tmp / MANIFEST_NAME, {"format": MANIFEST_FORMAT, "tool_version": __version__, "hash": algo,
+                                       "files": dict(sorted(files.items()))}, algo)
     _fsync_dir(tmp)
     return files
 

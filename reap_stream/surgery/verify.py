@@ -2,10 +2,11 @@
 
 Safetensors directories get all three; a recompacted GGUF file gets llama.cpp's layout rules, its
 expert-axis lengths against the metadata, and the checksums of its sidecar manifest
-(`OUT.gguf.reap.json`: every part's sha256 and size, so a damaged or mixed set of parts is found).
+(`OUT.gguf.reap.json`: every part's digest and size, so a damaged or mixed set of parts is found).
 
 Every problem found is a `Finding` naming the file and what is wrong; an output passes when there
-are none. Reading is read-only and streams each file once (sha256 in 8 MiB blocks).
+are none. Reading is read-only and streams each file once (8 MiB blocks), checking whichever of
+the manifest hashes (BLAKE3, written by default, or sha256) each entry records.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from .gguf import GGUF_MANIFEST_FORMAT, manifest_path
 from .safetensors import MANIFEST_FORMAT, MANIFEST_NAME, PLAN_COPY_NAME
-from ..io.files import sha256_file
+from ..io.files import MANIFEST_HASHES, file_digests
 from ..io.gguf import is_gguf
 from ..io.reading import is_index, read_json_object
 from ..io.safetensors import Checkpoint
@@ -44,7 +45,7 @@ def _load_json(path: Path, check: str, findings: list[Finding]) -> dict | None:
 
 def check_manifest(out: Path, findings: list[Finding], progress: bool = False, *, manifest_path: Path | None = None,
                    fmt: str = MANIFEST_FORMAT, expected: set[str] | None = None) -> int:
-    """Every listed file present with its size and sha256; nothing unlisted (`expected`: the files
+    """Every listed file present with its size and digests (whichever of MANIFEST_HASHES each entry records); nothing unlisted (`expected`: the files
     that must be listed, default every file in `out`). Returns files checked."""
     manifest_path = manifest_path or out / MANIFEST_NAME
     manifest = _load_json(manifest_path, "manifest", findings)
@@ -62,9 +63,11 @@ def check_manifest(out: Path, findings: list[Finding], progress: bool = False, *
     entries = {}
     for name, entry in sorted(files.items()):
         # a tampered manifest is a finding, never a traceback
-        if not (isinstance(entry, dict) and _is_count(entry.get("size")) and isinstance(entry.get("sha256"), str)):
-            findings.append(Finding("manifest", manifest_path.name,
-                                    f"entry for {name!r} lacks a sha256 string and an integer size"))
+        hashes = tuple(a for a in MANIFEST_HASHES if isinstance(entry, dict) and a in entry)
+        if not (isinstance(entry, dict) and _is_count(entry.get("size")) and hashes
+                and all(isinstance(entry[a], str) for a in hashes)):
+            findings.append(Finding("manifest", manifest_path.name, f"entry for {name!r} lacks a "
+                                    f"{' or '.join(MANIFEST_HASHES)} string and an integer size"))
         elif "/" in name or name.startswith(".") or not _is_file(out / name):
             findings.append(Finding("checksum", name, "listed in the manifest but missing"))
         else:
@@ -77,8 +80,11 @@ def check_manifest(out: Path, findings: list[Finding], progress: bool = False, *
             size = path.stat().st_size
             if size != entry["size"]:
                 findings.append(Finding("checksum", name, f"size {size} bytes, manifest says {entry['size']}"))
-            elif sha256_file(path) != entry["sha256"]:
-                findings.append(Finding("checksum", name, f"sha256 differs from the manifest ({entry['sha256'][:12]}…)"))
+            else:
+                hashes = tuple(a for a in MANIFEST_HASHES if a in entry)
+                got = file_digests(path, hashes)
+                findings.extend(Finding("checksum", name, f"{a} differs from the manifest ({entry[a][:12]}…)")
+                                for a in hashes if got[a] != entry[a])
             checked += 1
             bar.update(entry["size"])
     return checked

@@ -29,8 +29,8 @@ from ..families.model import Model
 from ..io.files import check_space, write_text_atomic
 from ..io.lock import exclusive, test_pause
 from ..io.reading import read_json_object
-from ..procstats import peak_rss_bytes
-from ..runner import RunOptions, open_runner
+from ..procstats import io_counters, peak_rss_bytes
+from ..runner import RunOptions, fit_memory, open_runner
 from ..runner.distributed import SHARE_RULE, Group, common_start, join_group, lead_exclusive
 from ..runner.spill import HiddenSpill, spill_itemsize
 from .accumulate import Accumulator
@@ -129,10 +129,14 @@ def _collect(model: Model, calib: CalibrationSet, out: Path, work_dir: Path, run
     mlx_core()  # mlx through ensure_blas, before mlx_lm imports it
     import mlx_lm.utils  # noqa: F401  (import time is not collection time)
 
+    from ..families.experts import resolve_kernel
+
     started = time.perf_counter()
+    read_before = io_counters().get("rchar", 0)
     run.validate()
     if not calib.sequences or calib.num_tokens == 0:
         raise BadInput("calibration", "no tokens to collect on")
+    run = fit_memory(model, run, calib.sequences)   # tokens and experts per chunk under --max-memory
     structure = model.structure
     selected = list(structure.prunable_layers if options.layers is None else options.layers)
     not_moe = [i for i in selected if i not in structure.layer_experts]
@@ -146,7 +150,8 @@ def _collect(model: Model, calib: CalibrationSet, out: Path, work_dir: Path, run
                     "capture": "exact (model's own router and selection)"},
         "options": {"layers": None if options.layers is None else list(options.layers),
                     "renorm_topk": options.renorm_topk, "chunk_tokens": run.chunk_tokens,
-                    "sample_batch_size": run.sample_batch_size},
+                    "sample_batch_size": run.sample_batch_size, "max_memory": run.max_memory,
+                    "expert_kernel": resolve_kernel(run.expert_kernel)},
         "tool_version": __version__,
     }
     record = {"model_fingerprint": model.fingerprint, "calibration_fingerprint": calib.fingerprint, **attrs["options"]}
@@ -222,9 +227,11 @@ def _collect(model: Model, calib: CalibrationSet, out: Path, work_dir: Path, run
     done = TelemetryStore.open(out)
     return {
         "out": str(out), "mode": run.mode, "layers": done.layers(), "num_tokens": calib.num_tokens,
-        "layers_run": layers_run, "seconds": round(seconds, 3),
+        "layers_run": layers_run, "seconds": round(seconds, 3), "chunk_tokens": run.chunk_tokens,
+        "expert_chunk_bytes": run.expert_chunk_bytes, "max_memory": run.max_memory,
         "tokens_per_s": round(calib.num_tokens * layers_run / max(stop, 1) / seconds, 1) if seconds > 0 else None,
         "peak_rss_mib": round(peak_rss_bytes() / 2**20, 1),
+        "bytes_read": io_counters().get("rchar", 0) - read_before,   # page cache included
         "telemetry_fingerprint": done.fingerprint(), "model_fingerprint": model.fingerprint,
         "calibration_fingerprint": calib.fingerprint, "routing": attrs["routing"],
         **({"distributed": shares} if group.distributed else {}),

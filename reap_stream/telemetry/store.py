@@ -76,6 +76,12 @@ class LayerStats:
             np.array_equal(getattr(self, n), getattr(other, n)) for n in self.ARRAYS)
 
 
+def layer_store_bytes(num_experts: int, hidden: int) -> int:
+    """Bytes one committed layer's arrays take (float64; a few KB of metadata aside)."""
+    e = num_experts
+    return 8 * (5 * e + e * hidden + e * e)   # five [E] arrays, [E, H] and [E, E]
+
+
 class Fingerprint:
     """TelemetryStore.fingerprint built up layer by layer (ascending), for callers that read every
     layer anyway (the planner): one pass over the store instead of two."""

@@ -1,0 +1,227 @@
+"""Where a layer's routed experts come from: a chunk of experts [lo, hi) at a time.
+
+Every source serves the same thing, an `ExpertSlab`: for each projection of the expert stack
+(mlx_lm's names: gate_proj, up_proj, down_proj) the stacked arrays of experts lo..hi-1 (weight, and
+scales / biases for quantised experts, bias where the family has one), in mlx_lm's layout (axis 0
+= expert). The capture (families/experts.py) never sees more than one slab plus the next one being
+read, so a layer's experts are never whole in memory.
+
+- `CheckpointExperts`: a safetensors checkpoint, read by byte range. In the mlx_lm layout expert
+  e is a contiguous slice of axis 0 of every stacked tensor (quantised weight / scales / biases
+  included); in the Hugging Face layout it is a set of per-expert tensors, stacked here.
+- `ModuleExperts`: a loaded expert stack (memory mode, or a layout only the family's own
+  `sanitize` understands): slices of its arrays, nothing read.
+
+A source for another on-disk format (a GGUF expert is one contiguous byte range per tensor too,
+dequantised on read) implements `ExpertSource`: `num_experts`, `expert_bytes` and `read`.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import numpy as np
+
+from ..blas import mlx_core
+from ..io.safetensors import Checkpoint, TensorRef, read_rows
+from .schema import Routing
+from .table import Family, classify
+
+# parameters of one projection of an expert stack, as mlx_lm names them
+PARAMS = ("weight", "scales", "biases", "bias")
+# safetensors dtype -> the MLX dtype its bytes are read as
+MX_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "U8": "uint8",
+             "I32": "int32", "I8": "int8", "U16": "uint16", "I64": "int64"}
+
+
+@dataclass
+class ExpertSlab:
+    """Experts [lo, hi) of one layer: projection -> parameter -> array [hi - lo, ...]."""
+
+    lo: int
+    hi: int
+    arrays: dict[str, dict[str, object]]   # mx.array values
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for p in self.arrays.values() for a in p.values())
+
+    def arrays_list(self) -> list:
+        return [a for p in self.arrays.values() for a in p.values()]
+
+
+class ExpertSource(Protocol):
+    num_experts: int
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes one expert occupies once read (all its projections)."""
+
+    def read(self, lo: int, hi: int) -> ExpertSlab:
+        """Experts [lo, hi). Called on a reader thread: only data, no lazy MLX op (MLX streams
+        belong to their thread)."""
+
+
+class CheckpointExperts:
+    """Routed experts of one layer of a safetensors checkpoint, read by byte range.
+
+    `refs[projection][parameter]` is one stacked TensorRef (mlx_lm layout) or a list of
+    per-expert TensorRefs (Hugging Face layout)."""
+
+    def __init__(self, refs: dict[str, dict[str, TensorRef | list[TensorRef]]]):
+        self.refs = refs
+        first = next(iter(next(iter(refs.values())).values()))
+        self.num_experts = len(first) if isinstance(first, list) else first.shape[0]
+        self._whole: ExpertSlab | None = None   # a layer read in one chunk serves every token chunk
+
+    @property
+    def expert_bytes(self) -> int:
+        total = 0
+        for params in self.refs.values():
+            for ref in params.values():
+                total += ref[0].nbytes if isinstance(ref, list) else ref.nbytes // ref.shape[0]
+        return total
+
+    def read(self, lo: int, hi: int) -> ExpertSlab:
+        if (lo, hi) == (0, self.num_experts) and self._whole is not None:
+            return self._whole
+        mx = mlx_core()
+        arrays: dict[str, dict[str, object]] = {}
+        for proj, params in self.refs.items():
+            arrays[proj] = {}
+            for param, ref in params.items():
+                if isinstance(ref, list):
+                    host = np.stack([read_rows(r, 0, r.shape[0] if r.shape else 1).reshape(r.shape) for r in ref[lo:hi]])
+                    dtype = ref[0].dtype
+                else:
+                    host, dtype = read_rows(ref, lo, hi), ref.dtype
+                # one numpy array alive at a time next to the slab's MLX copies
+                arrays[proj][param] = _Bits(mx.array(host), dtype)
+                del host
+        slab = ExpertSlab(lo, hi, arrays)
+        if (lo, hi) == (0, self.num_experts):
+            self._whole = slab
+        return slab
+
+
+@dataclass
+class _Bits:
+    """Raw data read on the reader thread; `ready()` gives it its MLX dtype on the caller's."""
+
+    data: object   # mx.array
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+
+def ready(slab: ExpertSlab) -> ExpertSlab:
+    """The slab with every array in its MLX dtype (bf16 read as uint16 bits is viewed back)."""
+    mx = mlx_core()
+    for params in slab.arrays.values():
+        for name, a in params.items():
+            if isinstance(a, _Bits):
+                params[name] = a.data.view(mx.bfloat16) if a.dtype == "BF16" else a.data
+    return slab
+
+
+class ModuleExperts:
+    """The experts of a loaded expert stack (a SwitchGLU or like module): slices, nothing read. A
+    list of expert modules (DBRX: no projections) serves empty slabs; its experts run as modules."""
+
+    def __init__(self, switch, projections: tuple[str, ...]):
+        from .stacks import num_experts   # imports mlx: not at module import (runner imports this before the BLAS)
+
+        self.switch, self.projections = switch, projections
+        self.num_experts = num_experts(switch)
+
+    @property
+    def expert_bytes(self) -> int:
+        if not self.projections:
+            from mlx.utils import tree_flatten
+            return sum(a.nbytes for _, a in tree_flatten(self.switch[0].parameters())) if self.num_experts else 0
+        return sum(getattr(self.switch, p)[k].nbytes for p in self.projections for k in PARAMS
+                   if k in getattr(self.switch, p)) // max(self.num_experts, 1)
+
+    def read(self, lo: int, hi: int) -> ExpertSlab:
+        arrays = {p: {k: getattr(self.switch, p)[k][lo:hi] for k in PARAMS if k in getattr(self.switch, p)}
+                  for p in self.projections}
+        return ExpertSlab(lo, hi, arrays)
+
+
+def by_range(fam: Family) -> bool:
+    """Whether a family's routed experts may be read by range and checked by replay: a stack of
+    projections under the MoE block that the block calls with its own input. Other forms (the
+    decoder layer's own router, experts in a latent space, identity experts, an expert input scaled
+    by the router) load the layer whole and run the whole-stack path; so do layouts a byte range
+    cannot serve (checkpoint_experts)."""
+    return bool(fam.block) and "." not in fam.stacked and not fam.latent and fam.identity_experts is None \
+        and fam.routing not in (Routing.TOP1_SIGMOID_INPUT, Routing.LAYER_ROUTER)
+
+
+def checkpoint_experts(ckpt: Checkpoint, fam: Family, layer: int, prefix: str,
+                       params: dict[str, tuple]) -> CheckpointExperts | None:
+    """The byte-range source of `layer`'s routed experts, or None when the checkpoint's layout
+    is not one a byte range can serve (then the layer loads whole, through the family's own
+    sanitize). `params`: the skeleton's parameter name -> (shape, dtype); `prefix`: the decoder
+    layers' name prefix ("model.layers.")."""
+    if not by_range(fam):
+        return None
+    stack = f"{prefix}{layer}.{fam.block}.{fam.stacked}."
+    refs: dict[str, dict[str, TensorRef | list[TensorRef]]] = {}
+    per_expert: dict[tuple[str, str], dict[int, TensorRef]] = {}
+    for name, ref in ckpt.tensors.items():
+        rel = classify(name, fam)
+        if rel is None or rel.layer != layer or rel.kind == "router":
+            continue
+        if rel.kind == "stacked":
+            proj, _, param = name[len(stack):].partition(".") if name.startswith(stack) else ("", "", "")
+            want = params.get(name)
+            if (not proj or param not in PARAMS or want is None or tuple(want[0][1:]) != tuple(ref.shape[1:])
+                    or ref.dtype not in MX_DTYPES):
+                return None  # e.g. a fused Hugging Face stack only the family's sanitize splits
+            refs.setdefault(proj, {})[param] = ref
+        else:
+            hf_proj, _, param = rel.suffix.partition(".")
+            proj = (fam.hf_names or {}).get(hf_proj)
+            if proj is None or param not in PARAMS or ref.dtype not in MX_DTYPES:
+                return None
+            per_expert.setdefault((proj, param), {})[rel.expert] = ref
+    for (proj, param), by_id in per_expert.items():
+        ids = sorted(by_id)
+        if ids != list(range(len(ids))) or f"{stack}{proj}.{param}" not in params:
+            return None
+        refs.setdefault(proj, {})[param] = [by_id[e] for e in ids]
+    if not refs or any("weight" not in p for p in refs.values()):
+        return None
+    counts = {len(r) if isinstance(r, list) else r.shape[0] for p in refs.values() for r in p.values()}
+    return CheckpointExperts(refs) if len(counts) == 1 else None
+
+
+def expert_ranges(num_experts: int, per_chunk: int | None, active: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of at most per_chunk experts (None: all at once), skipping ranges that
+    hold no active expert (`active`: expert ids with routed rows)."""
+    step = num_experts if not per_chunk else max(1, int(per_chunk))
+    ranges = [(lo, min(lo + step, num_experts)) for lo in range(0, num_experts, step)]
+    if active is None:
+        return ranges
+    return [(lo, hi) for lo, hi in ranges if np.any((active >= lo) & (active < hi))]
+
+
+def slabs(source: ExpertSource, ranges: list[tuple[int, int]], prefetch: bool = True) -> Iterator[ExpertSlab]:
+    """The slabs of `ranges` in order, each ready on the caller's thread; with `prefetch`, the
+    next one is read on a worker thread while the caller computes on this one (two slabs in
+    memory at most)."""
+    if not prefetch or len(ranges) < 2 or isinstance(source, ModuleExperts):
+        for lo, hi in ranges:
+            yield ready(source.read(lo, hi))
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap-read") as pool:
+        pending = pool.submit(source.read, *ranges[0])
+        for i in range(len(ranges)):
+            slab = pending.result()
+            pending = pool.submit(source.read, *ranges[i + 1]) if i + 1 < len(ranges) else None
+            yield ready(slab)
+            del slab

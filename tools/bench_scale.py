@@ -1,0 +1,263 @@
+#!/usr/bin/env python3
+"""Benchmark: `reap-stream full` on a synthetic checkpoint larger than this machine's RAM.
+
+The checkpoint has a real model's per-layer shapes (default Qwen3-30B-A3B: hidden 2048, 128 experts
+of width 768, top-8, 32 q / 4 kv heads of 128; tools/real_models.py) and as many layers as asked,
+in bf16 or quantised as `mlx_lm convert -q` would (reap_stream/testing/scaled.py writes it block by
+block, seeded; it is never committed, and deleted at the end unless --keep). Each run is a fresh
+process, started with the checkpoint dropped from the page cache, that runs
+
+    reap-stream full CKPT --dataset-file calib.txt --pack-samples --window-tokens 256
+                          --max-tokens 2048 --ratio 0.5 --out OUT [--max-memory SIZE]
+
+and reports its peak RSS (VmHWM), wall time per stage, bytes read against the model's size, tokens/s,
+and collect's time against the read + compute bound (each layer's bytes at the disk rate measured
+here, cold, plus its matmul FLOPs at the measured float32 GEMM rate: reap_stream/runner/timing.py).
+
+    python tools/bench_scale.py --layers 24 --limits none,1GB          # 29.9 GB bf16 (the README table)
+    python tools/bench_scale.py --layers 4 --bits 4 --limits none      # mlx 4-bit, 1.4 GB
+    python tools/bench_scale.py --layers 2 --breakdown                 # where collect's time goes
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+
+def make_checkpoint(root: Path, model: str, layers: int, bits: int | None) -> Path:
+    from real_models import REAL_MODELS
+
+    from reap_stream.blas import ensure_blas
+
+    ensure_blas()
+    from reap_stream.testing.scaled import write_scaled
+
+    path = root / f"{model}-L{layers}-{'bf16' if bits is None else f'q{bits}'}"
+    if (path / "complete").exists():
+        return path
+    shutil.rmtree(path, ignore_errors=True)
+    write_scaled({**REAL_MODELS[model], "num_hidden_layers": layers}, path, bits=bits, progress=True)
+    (path / "complete").write_text("")
+    return path
+
+
+def calibration_file(root: Path) -> Path:
+    import argparse as a
+    import collections
+    import json.decoder as jd
+
+    path = root / "calib.txt"
+    if not path.exists():
+        path.write_text("".join(inspect.getsource(m) for m in (a, collections, jd)))
+    return path
+
+
+def drop_cache(ckpt: Path) -> None:
+    """Evict the checkpoint from the page cache (posix_fadvise; clean pages, no privileges)."""
+    for f in ckpt.glob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)   # dirty pages cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def run_full(ckpt: Path, calib: Path, out: Path, tokens: int, window: int, limit: str | None) -> dict:
+    report = out.with_suffix(".rss.json")
+    cmd = [sys.executable, "-m", "reap_stream.procstats", str(report), "reap_stream.cli", "full", str(ckpt),
+           "--dataset-file", str(calib), "--pack-samples", "--window-tokens", str(window), "--max-tokens", str(tokens),
+           "--ratio", "0.5", "--out", str(out), "--json"] + ([] if limit is None else ["--max-memory", limit])
+    drop_cache(ckpt)
+    start = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if res.returncode != 0:
+        sys.exit(f"full failed ({limit}):\n{res.stderr[-3000:]}")
+    summary = json.loads(res.stdout)
+    verify = subprocess.run([sys.executable, "-m", "reap_stream.cli", "verify", str(out), "--json"],
+                            capture_output=True, text=True)
+    summary["verified"] = json.loads(verify.stdout)["ok"] if verify.returncode in (0, 1) else False
+    return {"wall": wall, "summary": summary, **json.loads(report.read_text())}
+
+
+def bound(ckpt: Path, tokens: int, window: int):
+    from reap_stream.families.model import open_model
+    from reap_stream.runner.budget import checkpoint_shapes
+    from reap_stream.runner.timing import bound_seconds, measure
+
+    model = open_model(ckpt)
+    shapes = checkpoint_shapes(model.checkpoint, model.family, model.structure.top_k)
+    files = sorted({r.file for r in model.checkpoint.tensors.values()})
+    rates = measure(files)
+    return shapes, rates, bound_seconds(shapes, tokens, window, rates)
+
+
+# ---------------------------------------------------------------- breakdown (one child)
+
+def breakdown_child(ckpt: str, calib: str, tokens: int, window: int, limit: str | None) -> None:
+    """collect with wall-clock timers around its stages (inclusive; the reader thread's reads
+    overlap the main thread's work), printed as JSON."""
+    from reap_stream.blas import ensure_blas
+
+    ensure_blas()
+    import threading
+    from collections import defaultdict
+
+    from reap_stream.families import expert_source, experts, self_check
+    from reap_stream.runner import skeleton, spill, stream, weights
+    from reap_stream.telemetry import accumulate, store
+
+    totals: dict[str, float] = defaultdict(float)
+    lock = threading.Lock()
+
+    def timed(owner, name: str, label: str) -> None:
+        real = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                with lock:
+                    totals[label] += time.perf_counter() - t
+        setattr(owner, name, wrapper)
+
+    real_slabs = expert_source.slabs
+
+    def slabs(*args, **kwargs):   # time the main thread waits for a slab
+        it = real_slabs(*args, **kwargs)
+        while True:
+            t = time.perf_counter()
+            try:
+                slab = next(it)
+            except StopIteration:
+                return
+            finally:
+                totals["waiting for expert reads"] += time.perf_counter() - t
+            yield slab
+
+    experts.slabs = slabs
+    for owner, name, label in [
+        (stream.StreamRunner, "embed", "embedding"), (weights.Weights, "load", "reading the layer's other tensors"),
+        (stream, "split_layer_forward", "layer (two lanes)"), (skeleton.Forward, "layer_forward", "layer (one lane)"),
+        (experts, "capture", "MoE block"), (experts, "run_experts", "experts (incl. waiting for reads)"),
+        (self_check, "self_check", "self-check: block forward"), (self_check.ExpertCheck, "__call__", "self-check: experts"),
+        (expert_source.CheckpointExperts, "read", "expert reads (reader thread)"),
+        (spill.HiddenSpill, "read", "spill read"), (spill.HiddenSpill, "write", "spill write"),
+        (accumulate.Accumulator, "add", "telemetry sums"), (store.TelemetryStore, "commit", "telemetry commit"),
+        (stream.StreamRunner, "_split", "split probe"),
+    ]:
+        timed(owner, name, label)
+    for kind, fn in list(experts.ROUTERS.items()):
+        def routed(*a, _fn=fn, **k):
+            t = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                totals["routing"] += time.perf_counter() - t
+        experts.ROUTERS[kind] = routed
+    from reap_stream.cli.options import parse_size
+    from reap_stream.families.model import open_model
+    from reap_stream.runner import RunOptions
+    from reap_stream.telemetry.calibration import CalibrationOptions
+    from reap_stream.telemetry.collect import collect
+    from reap_stream.telemetry.tokenizer import tokenise
+
+    model = open_model(ckpt)
+    calib_set = tokenise(model, CalibrationOptions(dataset_file=calib, pack_samples=True, window_tokens=window,
+                                                   max_tokens=tokens))
+    out = Path(tempfile.mkdtemp()) / "t.zarr"
+    run = RunOptions(max_memory=None if limit is None else parse_size(limit, "--max-memory"))
+    summary = collect(model, calib_set, out, run, progress=False)
+    shutil.rmtree(out.parent)
+    print(json.dumps({"seconds": summary["seconds"], "stages": dict(totals)}))
+
+
+# ---------------------------------------------------------------- main
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="Qwen3-30B-A3B")
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--bits", type=int, choices=(4, 8), default=None, help="quantise as mlx_lm convert -q (default bf16)")
+    ap.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "reap_stream_bench_scale")
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--limits", default="none,1GB", help="--max-memory values, none for no limit")
+    ap.add_argument("--breakdown", action="store_true", help="also time collect's stages (one more run)")
+    ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--child-breakdown", nargs=5, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child_breakdown:
+        c, cal, t, w, lim = args.child_breakdown
+        return breakdown_child(c, cal, int(t), int(w), None if lim == "none" else lim)
+
+    args.root.mkdir(parents=True, exist_ok=True)
+    ckpt = make_checkpoint(args.root, args.model, args.layers, args.bits)
+    calib = calibration_file(args.root)
+    size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    shapes, rates, bnd = bound(ckpt, args.tokens, args.window)
+    rows = []
+    try:
+        for limit in [None if x == "none" else x for x in args.limits.split(",")]:
+            out = args.root / "out"
+            res = run_full(ckpt, calib, out, args.tokens, args.window, limit)
+            for p in (out, out.with_name(out.name + ".reap-work")):
+                shutil.rmtree(p, ignore_errors=True)
+            rows.append((limit, res))
+        breakdown = None
+        if args.breakdown:
+            drop_cache(ckpt)
+            cmd = [sys.executable, __file__, "--child-breakdown", str(ckpt), str(calib), str(args.tokens),
+                   str(args.window), "none"]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            breakdown = json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else res.stderr[-2000:]
+    finally:
+        if not args.keep:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    load = os.getloadavg()
+    report = {"model": args.model, "layers": args.layers, "dtype": "bf16" if args.bits is None else f"{args.bits}-bit",
+              "checkpoint_bytes": size, "tokens": args.tokens, "window": args.window,
+              "read_bytes_per_s": rates.read_bytes_per_s, "gemm_flops_per_s": rates.gemm_flops_per_s,
+              "bound_s": bnd["total_s"], "loadavg_after": load,
+              "runs": [{"max_memory": lim, **r} for lim, r in rows], "breakdown": breakdown}
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return
+    gb = 1e9
+    print(f"{args.model} shapes, {args.layers} layers, {report['dtype']}: {size / gb:.1f} GB; {args.tokens} tokens in "
+          f"windows of {args.window}; disk {rates.read_bytes_per_s / 1e6:.0f} MB/s cold, BLAS "
+          f"{rates.gemm_flops_per_s / 1e9:.0f} GFLOP/s; bound {bnd['total_s']:.1f} s "
+          f"({bnd['total_s'] / args.layers:.2f} s/layer); load average after {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}\n")
+    print("| --max-memory | peak RSS (GB) | collect (s) | collect / bound | s per layer | tokenise / plan / apply (s) "
+          "| collect's reads / model size | tokens/s | verified |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for limit, r in rows:
+        s = r["summary"]
+        sec = s["seconds"]
+        print(f"| {limit or 'none'} | {r['peak_rss'] / gb:.2f} | {sec['collect']:.0f} | {sec['collect'] / bnd['total_s']:.2f} "
+              f"| {sec['collect'] / args.layers:.1f} | {sec['tokenise']:.0f} / {sec['plan']:.1f} / {sec['apply']:.0f} "
+              f"| {s['collect']['bytes_read'] / size:.2f} | {args.tokens * args.layers / sec['collect']:.0f} "
+              f"| {'yes' if s['verified'] else 'NO'} |")
+    if isinstance(breakdown, dict):
+        total = breakdown["seconds"]
+        print(f"\ncollect's stages ({total:.1f} s; inclusive, the reader thread overlaps the rest):")
+        for k, v in sorted(breakdown["stages"].items(), key=lambda kv: -kv[1]):
+            print(f"  {k}: {v:.1f} s ({v / total:.0%})")
+    elif breakdown:
+        print("breakdown failed:", breakdown)
+
+
+if __name__ == "__main__":
+    main()
