@@ -33,7 +33,6 @@ from reap_stream.telemetry.tokenizer import load_tokenizer
 from reap_stream.testing import synth
 from reap_stream.testing.gguf_convert import cached_gguf
 
-from conftest import FIXTURE_ROOT
 
 DEEP = "[" * 100_000 + "]" * 100_000
 CALIB = Path(__file__).resolve().parents[1] / "fixtures" / "calibration"
@@ -72,11 +71,11 @@ def shard_with_header(path: Path, header: bytes, data: bytes = b"") -> Path:
 
 # ---------------------------------------------------------------- deep nesting, everywhere JSON is read
 
-def test_deep_nesting_is_refused_before_json_loads_in_every_json_file(model, tmp_path):
+def test_deep_nesting_is_refused_before_json_loads_in_every_json_file(model, fixture_model, tmp_path):
     refused(lambda: read_shard_header(shard_with_header(tmp_path / "s.safetensors", DEEP.encode())), "nests deeper")
     (model / "config.json").write_text(DEEP)
     refused(lambda: open_model(model), "config.json", f"nests deeper than {MAX_JSON_DEPTH} levels")
-    shutil.copy(FIXTURE_ROOT / "qwen3_moe-fp32" / "config.json", model / "config.json")
+    shutil.copy(fixture_model("qwen3_moe") / "config.json", model / "config.json")
     (model / "model.safetensors.index.json").write_text('{"weight_map": ' + DEEP + "}")
     refused(lambda: open_model(model), "model.safetensors.index.json", "nests deeper")
     (tmp_path / "plan.json").write_text(DEEP)
