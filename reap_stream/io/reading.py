@@ -57,6 +57,18 @@ def regular_file(path: str | Path, what: str = "file") -> os.stat_result:
     return st
 
 
+def readable_file(path: str | Path, what: str = "file") -> os.stat_result:
+    """regular_file, and one byte read from it: a permission or I/O fault is one line before any
+    work starts (not a traceback from a library halfway through)."""
+    st = regular_file(path, what)
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise os_error(e, path, doing="cannot read") from None
+    return st
+
+
 def _stat_error(e: Exception, path) -> BadInput:
     if isinstance(e, ValueError):  # an embedded NUL byte
         return BadInput(repr(str(path)), "not a usable path (it holds a NUL byte)")

@@ -26,7 +26,7 @@ from ..families.table import (EXPERT_COUNT_KEYS, Family, classify, config_value,
 from ..io.files import (MANIFEST_HASHES, bytes_digest, check_space, copy_range, file_digest, new_hash, recover_dir,
                         replace_dir, write_all)
 from ..io.lock import exclusive, test_pause
-from ..io.reading import regular_file, resolved
+from ..io.reading import readable_file, resolved
 from ..io.safetensors import INDEX_NAME, Checkpoint
 from ..planning.plan import Plan, check_plan, kept_runs
 
@@ -294,8 +294,7 @@ def write_layout(layout: Layout, out: Path, *, overwrite: bool = False, buffer_b
         recover_dir(out)  # a run killed mid-swap left the old output aside: it counts as there
         check_output_path(layout.source.root, out, overwrite)
         for name in layout.copied_files:  # unreadable or odd files refused before the first byte
-            regular_file(layout.source.root / name, "file to copy")
-            _readable(layout.source.root / name)
+            readable_file(layout.source.root / name, "file to copy")
         needed = output_bytes(layout)
         check_space(out.parent, needed, "output")
         test_pause("writing")
@@ -313,14 +312,6 @@ def write_layout(layout: Layout, out: Path, *, overwrite: bool = False, buffer_b
                 raise os_error(e, out if ours else e.filename, needed=needed, doing="cannot write the output") from None
             raise
     return files
-
-
-def _readable(path: Path) -> None:
-    try:
-        with open(path, "rb") as f:
-            f.read(1)
-    except OSError as e:
-        raise os_error(e, path, doing="cannot read") from None
 
 
 def _write_into(layout: Layout, tmp: Path, buffer_bytes: int, progress: bool, algo: str) -> dict:

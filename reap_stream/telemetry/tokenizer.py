@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import BadInput, os_error
-from ..io.reading import regular_file
+from ..errors import BadInput
+from ..io.reading import readable_file
 
 if TYPE_CHECKING:
     from ..families.model import Model
@@ -20,12 +20,7 @@ def _check_readable(model_dir: Path) -> None:
     FIFO and answer an unreadable file with a traceback."""
     for path in sorted(model_dir.iterdir()):
         if path.name.startswith(("tokenizer", "special_tokens", "added_tokens", "chat_template", "vocab", "merges")):
-            regular_file(path, "tokenizer file")
-            try:
-                with open(path, "rb") as f:
-                    f.read(1)
-            except OSError as e:
-                raise os_error(e, path, doing="cannot read") from None
+            readable_file(path, "tokenizer file")
 
 
 def load_tokenizer(model_dir: Path):
