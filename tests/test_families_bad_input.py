@@ -41,6 +41,12 @@ def test_a_config_missing_the_familys_top_k_key(fixture_model, tmp_path):
     _refused(tmp_path, model, "moe_top_k is missing: step3p5 reads its top-k from it", where=model / "config.json")
 
 
+@pytest.mark.parametrize("archs", [[[]], [{"a": 1}], "Qwen3MoeForCausalLM", 7])
+def test_architectures_that_are_not_a_list_of_class_names(fixture_model, tmp_path, archs):
+    model = _broken(fixture_model, tmp_path, "qwen3_moe", lambda cfg: cfg.update(architectures=archs))
+    _refused(tmp_path, model, "architectures must be a list of class names", where=model / "config.json")
+
+
 def test_a_wrapper_config_missing_the_expert_count_in_its_text_config(fixture_model, tmp_path):
     model = _broken(fixture_model, tmp_path, "qwen3_5_moe", lambda cfg: cfg["text_config"].pop("num_experts"))
     _refused(tmp_path, model, "text_config.num_experts is missing: qwen3_5_moe reads its routed expert count")

@@ -150,9 +150,12 @@ def family_of(config: dict, where: str = "config.json") -> Family:
     """The row of a config.json: by model_type or an alias mlx_lm loads as the same class; a
     family that cannot be pruned exactly is refused here, with its reason."""
     model_type = config.get("model_type")
+    archs = config.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise BadInput(where, f"architectures must be a list of class names (got {archs!r:.80})")
     fam = None
     if isinstance(model_type, str):
-        for arch in config.get("architectures") or ():
+        for arch in archs:
             fam = _ARCH_ALIASES.get((model_type, arch))
             if fam:
                 break
