@@ -13,6 +13,7 @@ commits the layer and writes `out`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -106,8 +107,9 @@ def collect(model: Model, calib: CalibrationSet, out: str | Path, run: RunOption
         try:
             return _collect(model, calib, out, work_dir, run, options, progress)
         except OSError as e:
-            for spill in (work_dir, *work_dir.glob("rank-*")):
-                HiddenSpill(spill).drop_temporaries()  # a partial layer is recomputed on resume anyway
+            with contextlib.suppress(OSError):   # a partial layer is recomputed on resume anyway
+                for spill in (work_dir, *work_dir.glob("rank-*")):
+                    HiddenSpill(spill).drop_temporaries()
             raise os_error(e, needed=work_dir_bytes(model, calib, run, options),
                            doing="cannot write (the work dir is kept: free the cause and rerun to resume)") from None
 
