@@ -33,31 +33,37 @@ def run_full(model: Model, calibration: CalibrationOptions, out: Path, plan_opti
     out = Path(out)
     work = Path(run.work_dir) if run.work_dir else out.with_name(out.name + ".reap-work")
     model.require_runnable("full")
+    seconds: dict[str, float] = {}   # wall time per stage
     clock = time.perf_counter()
     calib = tokenise(model, calibration)
     fit_memory(model, run, calib.sequences)   # a --max-memory nothing fits: refused before anything is written
-    seconds = {"tokenise": time.perf_counter() - clock}
+    clock = _lap(seconds, "tokenise", clock)
     with lead_exclusive((out, "output"), (work, "work dir")):  # one run per output and per work dir
         return _run_full(model, calib, out, work, plan_options, run, renorm_topk, max_shard_bytes,
-                         overwrite, progress, manifest_hash, seconds)
+                         overwrite, progress, manifest_hash, seconds, clock)
+
+
+def _lap(seconds: dict[str, float], stage: str, since: float) -> float:
+    now = time.perf_counter()
+    seconds[stage] = round(now - since, 3)
+    return now
 
 
 def _run_full(model: Model, calib: CalibrationSet, out: Path, work: Path, plan_options: PlanOptions,
               run: RunOptions, renorm_topk: bool, max_shard_bytes: int, overwrite: bool, progress: bool,
-              manifest_hash: str, seconds: dict[str, float]) -> dict:
+              manifest_hash: str, seconds: dict[str, float], clock: float) -> dict:
     previous = _previous_output(model, out, work, overwrite)
 
-    clock = time.perf_counter() - seconds["tokenise"]
     telemetry = work / "telemetry.zarr"
     collected = collect(model, calib, telemetry, replace(run, work_dir=work / "collect"),
                         CollectOptions(renorm_topk=renorm_topk), progress=progress)
     if collected.get("distributed", {}).get("rank", 0) > 0:
         return {"out": str(out), "work_dir": str(work), "collect": collected}   # rank 0 plans and applies
-    seconds["collect"] = time.perf_counter() - clock - seconds["tokenise"]
+    clock = _lap(seconds, "collect", clock)
     plan = make_plan(TelemetryStore.open(telemetry), plan_options, frozen=model.structure.frozen_layers)
     plan_path = work / "plan.json"
     plan.save(plan_path)
-    seconds["plan"] = time.perf_counter() - clock - sum(seconds.values())
+    clock = _lap(seconds, "plan", clock)
 
     summary = {"out": str(out), "work_dir": str(work), "telemetry": str(telemetry), "plan": str(plan_path),
                "collect": collected, "kept_per_layer": {str(k): len(v.kept) for k, v in sorted(plan.layers.items())},
@@ -74,14 +80,12 @@ def _run_full(model: Model, calib: CalibrationSet, out: Path, work: Path, plan_o
                                       progress=progress, manifest_hash=manifest_hash)
         write_text_atomic(work / GGUF_RECORD, json.dumps(
             {"plan": plan.dumps(), "files": {p: Path(p).stat().st_size for p in summary["apply"]["out"]}}))
-        seconds["apply"] = time.perf_counter() - clock - sum(seconds.values())
-        summary["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+        _lap(seconds, "apply", clock)
         return summary
     layout = plan_layout(model, plan, max_shard_bytes=max_shard_bytes, plan_where=str(plan_path))
     write_layout(layout, out, overwrite=True, progress=progress, manifest_hash=manifest_hash)
-    seconds["apply"] = time.perf_counter() - clock - sum(seconds.values())
+    _lap(seconds, "apply", clock)
     summary["apply"] = layout.summary()
-    summary["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     return summary
 
 
