@@ -119,7 +119,7 @@ def _by_range(config: dict) -> bool:
         return True
 
 
-def calibration_tokens(path: Path, calibration, vocab: int | None = None) -> Tokens:
+def calibration_tokens(path: Path, calibration) -> Tokens:
     """The calibration's token count and shape: tokenised with the model's own tokenizer when a
     source is given, else the --max-tokens of --window-tokens windows the user states."""
     import numpy as np
@@ -135,4 +135,4 @@ def calibration_tokens(path: Path, calibration, vocab: int | None = None) -> Tok
     if calibration.max_tokens is None or calibration.max_tokens < 1:
         raise BadInput("--max-tokens", "give the number of calibration tokens (or a calibration source to tokenise)")
     n = int(calibration.max_tokens)
-    return Tokens(n, min(int(calibration.window_tokens), n), min(n, vocab or n), False)
+    return Tokens(n, min(int(calibration.window_tokens), n), n, False)

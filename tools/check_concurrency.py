@@ -146,7 +146,7 @@ def fixtures(root: Path, size_mb: int) -> dict:
                    hidden=1024, ff=512)
     return {"big": big, "big_plans": random_plans(big, root, "big"), "big_gguf": big_gguf,
             "big_gguf_plans": random_plans(big_gguf, root, "big-gguf"),
-            "src": src, "gguf": cached_gguf("qwen3_moe", "q8_0", cache / "gguf", src)[0],
+            "src": src,
             "split": cached_gguf("qwen3_moe", "q8_0", cache / "gguf", src, split=20)[0], "t": stores, "plans": plans}
 
 

@@ -9,6 +9,7 @@ from typing import Callable
 
 import click
 
+from ..io.files import MANIFEST_HASHES
 from ..planning.criteria import METHODS
 from ..planning.planner import BUDGETS, PlanOptions, parse_layer_spec
 from ..runner.chunks import EXPERT_KERNELS, MODES, RunOptions
@@ -149,7 +150,7 @@ def parse_size(text: str, option: str) -> int:
 
 
 manifest_hash_option = click.option(
-    "--manifest-hash", "manifest_hash", type=click.Choice(("blake3", "sha256")), default="blake3", show_default=True,
+    "--manifest-hash", "manifest_hash", type=click.Choice(MANIFEST_HASHES), default=MANIFEST_HASHES[0], show_default=True,
     help="Digest the manifest records of every output file (verify checks either).")
 
 max_shard_option = click.option("--max-shard-size", "max_shard_bytes", default="5GB", show_default=True,

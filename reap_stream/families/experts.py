@@ -262,7 +262,7 @@ def capture(block, fam: Family, x: mx.array, top_k: int, num_experts: int, pair:
     switch = attr(block, fam.stacked)
     into, out_of = _latent(block, fam)
     xe = into(x)
-    checker = ExpertCheck(switch, xe, inds, num_experts) if check and plan.source is not None else None
+    checker = ExpertCheck(switch, xe, inds) if check and plan.source is not None else None
     batch, y = run_experts(switch, xe, inds, num_experts, weights, pair, scale, plan, checker)
     y = out_of(y.astype(x.dtype))
     if fam.identity_experts is not None:  # LongCat: ids past the routed experts add w * x

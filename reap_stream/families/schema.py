@@ -3,6 +3,7 @@
 families/table.py (the first seven) and families/rows.py; the views of them in table.py."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
@@ -149,7 +150,7 @@ class Family:
         if self.route is None:
             object.__setattr__(self, "route", DEFAULT_ROUTES[self.routing])
 
-    @property
+    @functools.cached_property   # classify asks for it per tensor name
     def expert_tensors(self) -> frozenset[str]:
         """Block-relative names of the tensors with an expert axis that are not stacked experts:
         the router's parameters (both layouts), the selection bias, per-expert factors."""

@@ -49,7 +49,7 @@ class ExpertCheck:
     """Expert outputs of the first SELF_CHECK_EXPERT_TOKENS tokens vs mlx_lm's own expert stack,
     slab by slab (called by run_experts with each slab, its first sorted row and its outputs)."""
 
-    def __init__(self, switch, x: mx.array, inds: np.ndarray, num_experts: int):
+    def __init__(self, switch, x: mx.array, inds: np.ndarray):
         k = inds.shape[1]
         flat = inds.reshape(-1)
         order = np.argsort(flat, kind="stable")   # run_experts' order
@@ -145,14 +145,13 @@ def self_check(block, fam: Family, cap, layer: int, where: str, reference: Calla
     if not np.isfinite(err) or err > tol:
         raise BadInput(where, f"{fault} (relative error {err:.3g} > {tol:g}); {unsupported}")
     check = cap.expert_check
-    if check is not None:
-        e_err = check.error()
-        e_tol = QUANTISED_RTOL if check.quantised else \
-            SELF_CHECK_RTOL[mx.float32 if mx.default_device() == mx.cpu else cap.x.dtype]
-        if not np.isfinite(e_err) or e_err > e_tol:
-            raise BadInput(where, f"layer {layer}: expert outputs differ from mlx_lm's own expert stack "
-                                  f"(relative error {e_err:.3g} > {e_tol:g}); this family's experts are not "
-                                  f"supported as written")
+    e_err = check.error()
+    e_tol = QUANTISED_RTOL if check.quantised else \
+        SELF_CHECK_RTOL[mx.float32 if mx.default_device() == mx.cpu else cap.x.dtype]
+    if not np.isfinite(e_err) or e_err > e_tol:
+        raise BadInput(where, f"layer {layer}: expert outputs differ from mlx_lm's own expert stack "
+                              f"(relative error {e_err:.3g} > {e_tol:g}); this family's experts are not "
+                              f"supported as written")
     return err
 
 

@@ -181,8 +181,7 @@ def _check_selection_bias(ckpt: Checkpoint, fam: Family, experts: dict[int, int]
     if route.bias is None or route.bias_optional:
         return
     leaf = route.bias.rpartition(".")[2]
-    have = {classify(n, fam).layer for n in ckpt.tensors
-            if n.endswith("." + leaf) and classify(n, fam) is not None}
+    have = {rel.layer for n in ckpt.tensors if n.endswith("." + leaf) and (rel := classify(n, fam)) is not None}
     missing = sorted(set(experts) - have)
     if missing:
         raise BadInput(ckpt.root, f"layer {missing[0]} has no {leaf} tensor, which a {fam.model_type} router "

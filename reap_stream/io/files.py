@@ -152,6 +152,24 @@ def build_once(final: Path, complete: Callable[[Path], bool], build: Callable[[P
 MANIFEST_HASHES = ("blake3", "sha256")
 
 
+def check_manifest_hash(algo: str) -> None:
+    if algo not in MANIFEST_HASHES:
+        raise BadInput("--manifest-hash", f"unknown hash {algo!r} (choose {', '.join(MANIFEST_HASHES)})")
+
+
+def hash_ranges(h, fd: int, ranges, buffer: memoryview, path: Path) -> None:
+    """Feed bytes [start, end) of each range of `fd` into `h` (hashlib-like), `buffer` at a time;
+    short reads retried, the end of the file one line naming `path`."""
+    for start, end in ranges:
+        pos = start
+        while pos < end:
+            n = os.preadv(fd, [buffer[: min(len(buffer), end - pos)]], pos)
+            if n <= 0:
+                raise BadInput(path, f"unexpected end of file at byte {pos}")
+            h.update(buffer[:n])
+            pos += n
+
+
 def new_hash(algo: str):
     """A hashlib-like object (update, hexdigest) of one of MANIFEST_HASHES."""
     if algo == "blake3":

@@ -15,7 +15,7 @@ tokenizer's libraries, and per phase the arrays alive at the peak.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from ..errors import BadInput
 from ..families.table import Family, classify
@@ -58,9 +58,6 @@ class Shapes:
     @property
     def num_layers(self) -> int:
         return len(self.layer_bytes)
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def _dtype_bytes(name: str) -> int:

@@ -38,11 +38,9 @@ class _Float32Linear:
     Float32 layers run mlx's own code."""
 
     def __call__(self, x):
-        mx = mlx_core()
         w = self["weight"]
-        if w.dtype == mx.float32:
-            return super().__call__(x)
-        return self.float32_call(x).astype(_float32_result(x, w))
+        y = self.float32_call(x)
+        return y if w.dtype == mlx_core().float32 else y.astype(_float32_result(x, w))
 
     def float32_call(self, x):
         """The float32 result before rounding (what runner.lanes.SplitCheck compares bitwise:

@@ -216,6 +216,8 @@ class SplitCheck:
     def ok(self, fwd: Forward, i: int, batch: int, length: int) -> bool:
         layer = fwd.model.layers[i]
         block = fwd.blocks.get(i)
+        if block is layer:
+            return False  # a layer-level MoE: the rendezvous stands in for a block this layer does not have
         inside_block = {id(m) for _, m in block.named_modules()} if block is not None else set()
         for _, module in layer.named_modules():
             if id(module) in inside_block:

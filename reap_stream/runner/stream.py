@@ -121,8 +121,8 @@ class StreamRunner(Runs):
                     out = split_layer_forward(self.fwd, shared_lanes(), i, h, c.tokens, cb, check)
                 else:
                     tracers = trace_layers(self.model, c.tokens, family=self.family)
-                    states = {(s.layer, s.index): self.spill.read_state(i, c.index)[s.index - 1]
-                              for s in tracers[i].needs}
+                    handed = self.spill.read_state(i, c.index) if tracers[i].needs else ()
+                    states = {(s.layer, s.index): handed[s.index - 1] for s in tracers[i].needs}
                     out = self.fwd.layer_forward(i, h, tracers[i], cb, check,
                                                  lanes_pair if self.parallel else None, states)
                     out, state = split_outputs(self.family, out)

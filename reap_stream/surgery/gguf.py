@@ -27,7 +27,8 @@ from ..families.model import Model
 from ..families.gguf_arch import GROUP_KEYS, Role, Roles, check_prunable
 from ..families.structure import gguf_roles, same_kind
 from ..families.table import FAMILIES
-from ..io.files import MANIFEST_HASHES, check_space, copy_range, new_hash, write_all, write_text_atomic
+from ..io.files import (MANIFEST_HASHES, check_manifest_hash, check_space, copy_range, hash_ranges, new_hash, write_all,
+                        write_text_atomic)
 from ..io.lock import exclusive, test_pause
 from ..io.reading import resolved
 from ..io.gguf import BLOCK_TENSOR, KV, SPLIT_PATTERN, GGUFFile, VType, align, split_name
@@ -221,14 +222,8 @@ def _digest(part: OutPart, buffer_bytes: int, algo: str) -> str:
     buf = memoryview(bytearray(buffer_bytes))
     with open(part.source.path, "rb", buffering=0) as src:
         for t in part.tensors:
-            for start, length in t.pieces:
-                pos, end = start, start + length
-                while pos < end:
-                    n = os.preadv(src.fileno(), [buf[:min(len(buf), end - pos)]], pos)
-                    if n <= 0:
-                        raise BadInput(part.source.path, f"unexpected end of file at byte {pos}")
-                    sha.update(buf[:n])
-                    pos += n
+            hash_ranges(sha, src.fileno(), [(start, start + length) for start, length in t.pieces], buf,
+                        part.source.path)
             sha.update(bytes(-t.nbytes % part.source.alignment))
     return sha.hexdigest()
 
@@ -272,8 +267,7 @@ def apply_gguf(gm: Model, plan: Plan, out: Path, *, overwrite: bool, dry_run: bo
             raise BadInput(p.path, "output exists; pass --overwrite to replace it")
     if buffer_bytes < 4096:
         raise BadInput("--buffer-size", f"must be at least 4096 bytes (got {buffer_bytes})")
-    if manifest_hash not in MANIFEST_HASHES:
-        raise BadInput("--manifest-hash", f"unknown hash {manifest_hash!r} (choose {', '.join(MANIFEST_HASHES)})")
+    check_manifest_hash(manifest_hash)
 
     st = gm.structure
     summary = {

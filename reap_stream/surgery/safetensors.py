@@ -23,8 +23,8 @@ from ..errors import BadInput, os_error
 from ..families.model import Model
 from ..families.table import (EXPERT_COUNT_KEYS, Family, classify, config_value, expert_rows, identity_rows,
                               set_config_value, text_config)
-from ..io.files import (MANIFEST_HASHES, bytes_digest, check_space, copy_range, file_digest, new_hash, recover_dir,
-                        replace_dir, write_all)
+from ..io.files import (MANIFEST_HASHES, bytes_digest, check_manifest_hash, check_space, copy_range, file_digest,
+                        hash_ranges, new_hash, recover_dir, replace_dir, write_all)
 from ..io.lock import exclusive, test_pause
 from ..io.reading import readable_file, resolved
 from ..io.safetensors import INDEX_NAME, Checkpoint
@@ -253,13 +253,7 @@ def _digest(shard: OutShard, buffer_bytes: int, algo: str) -> str:
             for path, start, end in t.ranges:
                 if path not in handles:
                     handles[path] = os.open(path, os.O_RDONLY)
-                pos = start
-                while pos < end:
-                    n = os.preadv(handles[path], [buffer[: min(len(buffer), end - pos)]], pos)
-                    if n <= 0:
-                        raise BadInput(path, f"unexpected end of file at byte {pos}")
-                    sha.update(buffer[:n])
-                    pos += n
+                hash_ranges(sha, handles[path], [(start, end)], buffer, path)
     finally:
         for fd in handles.values():
             os.close(fd)
@@ -287,8 +281,7 @@ def write_layout(layout: Layout, out: Path, *, overwrite: bool = False, buffer_b
     """Stream the laid-out checkpoint into `out`: one writer at a time (io/lock), into a temporary
     directory, then swapped into place whole. The manifest records each file's size and
     `manifest_hash` digest (io.files.MANIFEST_HASHES)."""
-    if manifest_hash not in MANIFEST_HASHES:
-        raise BadInput("--manifest-hash", f"unknown hash {manifest_hash!r} (choose {', '.join(MANIFEST_HASHES)})")
+    check_manifest_hash(manifest_hash)
     out = Path(out)
     with exclusive(out):
         recover_dir(out)  # a run killed mid-swap left the old output aside: it counts as there

@@ -38,9 +38,6 @@ class _Meta:
     def __init__(self, g: GGUFFile):
         self.g = g
 
-    def has(self, key: str) -> bool:
-        return key in self.g.kvs
-
     def array(self, key: str, required: bool = True) -> list | None:
         kv = self.g.kvs.get(key)
         if kv is None:
