@@ -51,20 +51,43 @@ if __name__ == "__main__":  # python -m reap_stream.procstats REPORT MODULE|SCRI
     run_reporting_peak(*sys.argv[1:])
 
 
-_M_MMAP_THRESHOLD = -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_libc = None
 
 
-def return_freed_memory(threshold: int = 1 << 20) -> None:
-    """Make glibc give every allocation of `threshold` bytes or more its own mapping, returned to
-    the system when freed. By default glibc raises that threshold (up to 32 MiB) each time such a
-    block is freed, after which the arrays of a layer (numpy's and MLX's, made on several threads)
-    come from heaps that keep their freed memory: the RSS then grew ~200 MiB a layer on
-    Qwen3-30B-shaped layers (docs/memory.md). A no-op off glibc."""
-    import ctypes
+def _glibc():
+    """glibc's malloc controls (mallopt, malloc_trim), or None off glibc."""
+    global _libc
+    if _libc is None:
+        import ctypes
 
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(_M_MMAP_THRESHOLD, int(threshold))
+        try:
+            libc = ctypes.CDLL(None)
+            _libc = (libc.mallopt, libc.malloc_trim)
+        except (OSError, AttributeError):
+            _libc = False
+    return _libc or None
+
+
+def return_freed_memory(threshold: int = 16 << 20) -> None:
+    """Fix glibc's allocator for a layer-by-layer run: an allocation of `threshold` bytes or more
+    (a layer's large tensors, a chunk's score matrices) gets its own mapping, returned when freed;
+    smaller ones (an expert's float32 upcast, its rows' activations) come from heaps that keep
+    freed blocks for reuse until `release_freed_memory()` hands them back at a layer's end.
+
+    glibc's defaults raise the mmap threshold as blocks are freed and trim heaps on every free (the
+    RSS grew ~200 MiB a layer on Qwen3-30B shapes); a low fixed threshold made every expert's
+    buffers fresh mappings, whose page faults took a third of collect's time (docs/memory.md).
+    A no-op off glibc."""
+    controls = _glibc()
+    if controls is not None:
+        mallopt, _ = controls
+        mallopt(_M_MMAP_THRESHOLD, int(threshold))
+        mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)   # (a C int) trimmed once a layer instead
+
+
+def release_freed_memory() -> None:
+    """Hand the heaps' freed memory back to the system (a layer's end). A no-op off glibc."""
+    controls = _glibc()
+    if controls is not None:
+        controls[1](0)

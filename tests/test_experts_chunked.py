@@ -52,9 +52,9 @@ def test_stream_mode_reads_routed_experts_by_range_a_chunk_at_a_time(fixture_mod
     whole: list[str] = []
     real_rows, real_to_mx = st_io.read_rows, weights.to_mx
 
-    def rows(ref, lo, hi):
+    def rows(ref, lo, hi, out=None):
         reads.append((ref.name, lo, hi))
-        return real_rows(ref, lo, hi)
+        return real_rows(ref, lo, hi, out)
 
     def to_mx(ref):
         whole.append(ref.name)
@@ -76,6 +76,30 @@ def test_stream_mode_reads_routed_experts_by_range_a_chunk_at_a_time(fixture_mod
     # a layer whose experts fit one chunk is read once for all chunks of tokens
     assert sorted(r for r in reads if r[0] == "model.layers.0.mlp.switch_mlp.up_proj.weight") == \
         [("model.layers.0.mlp.switch_mlp.up_proj.weight", 0, 8)]
+
+
+@pytest.mark.parametrize("variant", ["bf16", "q4", "hf"])
+def test_slabs_are_read_into_two_buffer_sets_kept_from_layer_to_layer(variant, fixture_model):
+    import mlx.core as mx
+
+    from reap_stream.families.expert_source import _pool, ready, release_slab_buffers, slabs
+    from reap_stream.runner.skeleton import open_skeleton
+
+    family = "mixtral" if variant == "hf" else "qwen3_moe"
+    _, w = open_skeleton(open_model(fixture_model(family, variant)))
+    kept = None
+    for layer in (0, 1):
+        source = w.experts(layer)
+        ranges = [(0, 3), (3, 6), (6, source.num_experts)]
+        for (lo, hi), slab in zip(ranges, slabs(source, ranges)):
+            fresh = ready(type(source)(source.refs).read(lo, hi))   # a new source: fresh arrays
+            assert [bytes(memoryview(a.view(mx.uint8))) for a in slab.arrays_list()] == \
+                [bytes(memoryview(a.view(mx.uint8))) for a in fresh.arrays_list()], (layer, lo)
+        sets = [id(a) for _, arrays in _pool["sets"] for p in arrays.values() for a in p.values()]
+        assert len(_pool["sets"]) == 2 and (kept is None or sets == kept)   # the next layer reuses them
+        kept = sets
+    release_slab_buffers()
+    assert _pool["sets"] == []
 
 
 @pytest.mark.parametrize("family,variant", [("qwen3_moe", "fp32"), ("deepseek_v3", "fp32"), ("gpt_oss", "fp32"),

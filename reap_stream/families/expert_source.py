@@ -83,7 +83,16 @@ class CheckpointExperts:
                 total += ref[0].nbytes if isinstance(ref, list) else ref.nbytes // ref.shape[0]
         return total
 
-    def read(self, lo: int, hi: int) -> ExpertSlab:
+    def layout(self) -> tuple:
+        """(projection, parameter, MLX dtype of its bits, shape of one expert) of every tensor:
+        what `read(into=)` needs (bf16 is read as its uint16 bits)."""
+        return tuple((proj, param, "uint16" if _first(r).dtype == "BF16" else MX_DTYPES[_first(r).dtype],
+                      tuple(r[0].shape if isinstance(r, list) else r.shape[1:]))
+                     for proj, params in self.refs.items() for param, r in params.items())
+
+    def read(self, lo: int, hi: int, into: dict[str, dict[str, object]] | None = None) -> ExpertSlab:
+        """Experts [lo, hi): into fresh arrays, or written in place into the first hi - lo rows
+        of `into` (arrays of `layout()`, evaluated: their memory is reused, nothing is allocated)."""
         if (lo, hi) == (0, self.num_experts) and self._whole is not None:
             return self._whole
         mx = mlx_core()
@@ -91,13 +100,23 @@ class CheckpointExperts:
         for proj, params in self.refs.items():
             arrays[proj] = {}
             for param, ref in params.items():
+                dtype = _first(ref).dtype
+                if into is not None:
+                    buf = into[proj][param]
+                    host = np.array(buf, copy=False)[: hi - lo]   # a writable view of the MLX array's memory
+                    if isinstance(ref, list):
+                        for i, r in enumerate(ref[lo:hi]):
+                            read_rows(r, 0, r.shape[0] if r.shape else 1, out=host[i])
+                    else:
+                        read_rows(ref, lo, hi, out=host)
+                    arrays[proj][param] = _Bits(buf, dtype, hi - lo)
+                    continue
                 if isinstance(ref, list):
                     host = np.stack([read_rows(r, 0, r.shape[0] if r.shape else 1).reshape(r.shape) for r in ref[lo:hi]])
-                    dtype = ref[0].dtype
                 else:
-                    host, dtype = read_rows(ref, lo, hi), ref.dtype
+                    host = read_rows(ref, lo, hi)
                 # one numpy array alive at a time next to the slab's MLX copies
-                arrays[proj][param] = _Bits(mx.array(host), dtype)
+                arrays[proj][param] = _Bits(mx.array(host), dtype, hi - lo)
                 del host
         slab = ExpertSlab(lo, hi, arrays)
         if (lo, hi) == (0, self.num_experts):
@@ -105,16 +124,22 @@ class CheckpointExperts:
         return slab
 
 
+def _first(ref: TensorRef | list[TensorRef]) -> TensorRef:
+    return ref[0] if isinstance(ref, list) else ref
+
+
 @dataclass
 class _Bits:
-    """Raw data read on the reader thread; `ready()` gives it its MLX dtype on the caller's."""
+    """Raw data read on the reader thread; `ready()` gives it its MLX dtype and its rows on the
+    caller's (both are MLX ops)."""
 
     data: object   # mx.array
     dtype: str
+    rows: int
 
     @property
     def nbytes(self) -> int:
-        return self.data.nbytes
+        return self.data.nbytes * self.rows // max(self.data.shape[0], 1)
 
 
 def ready(slab: ExpertSlab) -> ExpertSlab:
@@ -123,7 +148,8 @@ def ready(slab: ExpertSlab) -> ExpertSlab:
     for params in slab.arrays.values():
         for name, a in params.items():
             if isinstance(a, _Bits):
-                params[name] = a.data.view(mx.bfloat16) if a.dtype == "BF16" else a.data
+                data = a.data if a.rows == a.data.shape[0] else a.data[: a.rows]
+                params[name] = data.view(mx.bfloat16) if a.dtype == "BF16" else data
     return slab
 
 
@@ -210,18 +236,58 @@ def expert_ranges(num_experts: int, per_chunk: int | None, active: np.ndarray | 
     return [(lo, hi) for lo, hi in ranges if np.any((active >= lo) & (active < hi))]
 
 
+# Two sets of slab buffers for sources with a `layout` (CheckpointExperts), kept from layer to
+# layer while the layout stays the same: fresh arrays of a slab's size are fresh mappings, whose
+# page faults cost about as much as reading the bytes (docs/memory.md).
+_pool: dict = {"layout": None, "sets": []}   # sets: [(experts it holds, projection -> parameter -> array)]
+
+
+def release_slab_buffers() -> None:
+    """Free the slab buffers kept between layers (a run's end)."""
+    _pool.update(layout=None, sets=[])
+
+
+def _buffer_sets(source: ExpertSource, count: int, sets: int) -> list | None:
+    """`sets` sets of evaluated arrays holding `count` experts of `source`'s layout, made on the
+    caller's thread (an MLX op); None for a source read into fresh arrays."""
+    if not hasattr(source, "layout"):
+        return None
+    layout = source.layout()
+    if _pool["layout"] != layout:
+        release_slab_buffers()
+        _pool["layout"] = layout
+    kept = _pool["sets"]
+    mx = mlx_core()
+    for i in range(sets):
+        if i == len(kept) or kept[i][0] < count:
+            arrays: dict = {}
+            for proj, param, dtype, shape in layout:
+                arrays.setdefault(proj, {})[param] = mx.zeros((count, *shape), getattr(mx, dtype))
+            mx.eval(arrays)
+            kept[i:i + 1] = [(count, arrays)]
+    return [arrays for _, arrays in kept[:sets]]
+
+
 def slabs(source: ExpertSource, ranges: list[tuple[int, int]], prefetch: bool = True) -> Iterator[ExpertSlab]:
     """The slabs of `ranges` in order, each ready on the caller's thread; with `prefetch`, the
     next one is read on a worker thread while the caller computes on this one (two slabs in
-    memory at most)."""
-    if not prefetch or len(ranges) < 2 or isinstance(source, ModuleExperts):
-        for lo, hi in ranges:
-            yield ready(source.read(lo, hi))
+    memory at most). A source with a `layout` is read into two reused sets of arrays: the
+    caller must have evaluated what it computes from a slab before it asks for the next one."""
+    ahead = prefetch and len(ranges) >= 2 and not isinstance(source, ModuleExperts)
+    sets = _buffer_sets(source, max(hi - lo for lo, hi in ranges), 2 if ahead else 1) if ranges else None
+
+    def read(i: int) -> ExpertSlab:
+        lo, hi = ranges[i]
+        return source.read(lo, hi, into=sets[i % len(sets)]) if sets else source.read(lo, hi)
+
+    if not ahead:
+        for i in range(len(ranges)):
+            yield ready(read(i))
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap-read") as pool:
-        pending = pool.submit(source.read, *ranges[0])
+        pending = pool.submit(read, 0)
         for i in range(len(ranges)):
             slab = pending.result()
-            pending = pool.submit(source.read, *ranges[i + 1]) if i + 1 < len(ranges) else None
+            pending = pool.submit(read, i + 1) if i + 1 < len(ranges) else None
             yield ready(slab)
             del slab

@@ -222,9 +222,10 @@ def to_float32(ref: TensorRef) -> np.ndarray:
     return np.asarray(arr, np.float32)
 
 
-def read_rows(ref: TensorRef, lo: int, hi: int) -> np.ndarray:
-    """Rows [lo, hi) of axis 0 of a tensor, read with pread into a fresh array (no map: mapped
-    pages count in the process's RSS next to their copies). bf16 comes back as its uint16 bits."""
+def read_rows(ref: TensorRef, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows [lo, hi) of axis 0 of a tensor, read with pread into a fresh array, or into `out` (a
+    C-contiguous array of that many bytes) — no map: mapped pages count in the process's RSS next
+    to their copies. bf16 comes back as its uint16 bits."""
     rows = ref.shape[0] if ref.shape else 1
     if not 0 <= lo <= hi <= rows or rows == 0:
         raise ValueError(f"rows [{lo}, {hi}) of {ref.name} ({rows} rows)")
@@ -233,7 +234,10 @@ def read_rows(ref: TensorRef, lo: int, hi: int) -> np.ndarray:
     shape = (hi - lo,) + tuple(ref.shape[1:]) if ref.shape else ()
     if ref.dtype == "F4" or ref.dtype.startswith("F6"):
         shape = ((hi - lo) * stride,)
-    out = np.empty(shape, dt)
+    if out is None:
+        out = np.empty(shape, dt)
+    elif out.nbytes != (hi - lo) * stride or not out.flags.c_contiguous:
+        raise ValueError(f"rows [{lo}, {hi}) of {ref.name} do not fit the array given")
     view = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
     try:
         fd = os.open(ref.file, os.O_RDONLY)

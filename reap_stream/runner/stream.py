@@ -17,11 +17,13 @@ import numpy as np
 
 from ..blas import mlx_core
 from ..errors import BadInput
+from ..families.expert_source import release_slab_buffers
 from ..families.masking import mask_experts, unmask_router
 from ..families.model import Model
 from ..families.table import attr
 from ..io.files import write_text_atomic
 from ..io.reading import read_json_object
+from ..procstats import release_freed_memory
 from .budget import MAX_EXPERT_CHUNK
 from .chunks import Chunk, chunk_bar
 from .lanes import SplitCheck, lanes_pair, shared_lanes, split_layer_forward
@@ -90,6 +92,7 @@ class StreamRunner(Runs):
                 self.spill.write(0, c.index, h)
             self.spill.finish(0)
             self.weights.drop(names)
+        release_freed_memory()
 
     def run(self, chunks: list[Chunk], on_moe: MoECallback | None = None,
             mask: dict[int, list[int]] | None = None, stop: int | None = None,
@@ -140,7 +143,9 @@ class StreamRunner(Runs):
             self.weights.drop(names)
             if router is not None:
                 unmask_router(router, had_bias)  # what masking added to the router
+            release_freed_memory()
             yield i
+        release_slab_buffers()
 
     def logits(self, chunk: Chunk):
         """Logits of a chunk from the spilled output of the last layer (model's own head code).
@@ -160,7 +165,8 @@ class StreamRunner(Runs):
         return out
 
     def close(self) -> None:
-        """Drop the head weights and every spilled hidden state."""
+        """Drop the head weights, the slab buffers and every spilled hidden state."""
+        release_slab_buffers()
         if self._head is not None:
             self.weights.drop(self._head)
             self._head = None
