@@ -328,7 +328,7 @@ def _write_into(layout: Layout, tmp: Path, buffer_bytes: int, progress: bool, al
     except BaseException:
         for flusher in flushing:
             flusher.finish(sync=False)
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(Exception):  # the error being raised is the one to report
                 flusher.wait()
         raise
     for name in layout.copied_files:
