@@ -19,7 +19,7 @@ from ..io.safetensors import Checkpoint
 from .table import (BY_GGUF_ARCH, MAX_LAYERS, Family, classify, config_int, dense_layers, expert_rows, family_of,
                     frozen_layers, group_keys, identity_rows, num_experts, text_config, top_k)
 
-if TYPE_CHECKING:  # gguf_arch imports gguf-py (~40 ms): only GGUF work pays for it
+if TYPE_CHECKING:  # gguf_arch imports gguf-py: imported by the GGUF functions only, for start-up
     from .gguf_arch import Roles
 
 
