@@ -3,9 +3,11 @@
 in-memory load -> slice -> save, on synthetic qwen3_moe-shaped checkpoints of chosen sizes.
 
     python tools/bench_apply.py --sizes 1,4 --repeats 3 --workdir /tmp/bench-apply
+    python tools/bench_apply.py --sizes 1,4 --compare /path/to/other/checkout   # before / after
 
-Each contender runs in its own process; peak RSS comes from wait4(). Wall times are medians of
---repeats runs, taken in rotation so that each sees the same page-cache state.
+Each contender runs in its own process; peak RSS is the child's VmHWM (reap_stream.procstats).
+Wall times are medians of --repeats runs, taken in rotation so that each sees the same page-cache
+state. Disk: a size of G GB needs about 1.05 G (the model) + 2 x 0.5 G (apply's output and its copy).
 """
 from __future__ import annotations
 
@@ -105,14 +107,16 @@ mx.save_safetensors(out + "/model.safetensors", w, metadata={"format": "mlx"})
 """
 
 
-def timed(cmd: list[str], python_module: bool = False) -> tuple[float, float]:
+def timed(cmd: list[str], python_module: bool = False, source: Path | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB) of one child process; peak RSS only for Python modules, which
-    report their own VmHWM (a fork of this process would inherit this process's ru_maxrss)."""
+    report their own VmHWM (a fork of this process would inherit this process's ru_maxrss).
+    `source`: the checkout whose reap_stream a Python child imports (default: this one)."""
     report = Path(f"/tmp/bench-apply-peak-{os.getpid()}.json")
     if python_module:
         cmd = [sys.executable, "-m", "reap_stream.procstats", str(report), *cmd]
+    env = {**os.environ, "PYTHONPATH": str(source or REPO)}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd="/")
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.decode()}")
@@ -124,8 +128,11 @@ def timed(cmd: list[str], python_module: bool = False) -> tuple[float, float]:
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--workdir", default="/tmp/bench-apply", show_default=True, type=click.Path(path_type=Path))
 @click.option("--naive-max-gb", default=4.0, show_default=True, help="Largest size the in-memory baseline runs at.")
+@click.option("--compare", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Another checkout (e.g. of main): its apply is timed in the same rotation.")
 @click.option("--json", "as_json", is_flag=True)
-def main(sizes: str, repeats: int, workdir: Path, naive_max_gb: float, as_json: bool) -> None:
+def main(sizes: str, repeats: int, workdir: Path, naive_max_gb: float, compare: Path | None, as_json: bool) -> None:
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     workdir.mkdir(parents=True, exist_ok=True)
     script = workdir / "naive_apply.py"
     script.write_text(NAIVE)
@@ -135,13 +142,17 @@ def main(sizes: str, repeats: int, workdir: Path, naive_max_gb: float, as_json: 
         plan = make_plan(model, 0.5)
         out, copy, naive = workdir / "out", workdir / "copy", workdir / "naive"
         runs: dict[str, list[tuple[float, float]]] = {"apply": [], "apply-sha256": [], "cp": [], "cp+sync": [],
-                                                      "cp+hash": [], "naive": []}
+                                                      "cp+hash": [], "naive": [], "compare": []}
         for _ in range(repeats):
             for d in (out, copy, naive):
                 shutil.rmtree(d, ignore_errors=True)
             # the manifest hashed with sha256, as before BLAKE3 became the default
             runs["apply-sha256"].append(timed(["reap_stream.cli", "apply", str(model), str(plan), "--out", str(out),
                                                "--quiet", "--manifest-hash", "sha256"], python_module=True))
+            if compare is not None:
+                shutil.rmtree(out)
+                runs["compare"].append(timed(["reap_stream.cli", "apply", str(model), str(plan), "--out", str(out),
+                                              "--quiet"], python_module=True, source=compare))
             shutil.rmtree(out)
             runs["apply"].append(timed(["reap_stream.cli", "apply", str(model), str(plan), "--out", str(out), "--quiet"],
                                        python_module=True))
@@ -166,6 +177,10 @@ def main(sizes: str, repeats: int, workdir: Path, naive_max_gb: float, as_json: 
                "cp_hash_s": round(med["cp+hash"][0], 3),
                "apply_over_cp_hash": round(med["apply"][0] / med["cp+hash"][0], 3),
                "apply_rss_mib": round(med["apply"][1], 1)}
+        if "compare" in med:
+            row.update({"compare_s": round(med["compare"][0], 3),
+                        "apply_over_compare": round(med["apply"][0] / med["compare"][0], 3),
+                        "compare_rss_mib": round(med["compare"][1], 1)})
         if "naive" in med:
             row.update({"naive_s": round(med["naive"][0], 3), "naive_over_apply": round(med["naive"][0] / med["apply"][0], 3),
                         "naive_rss_mib": round(med["naive"][1], 1)})
@@ -175,6 +190,10 @@ def main(sizes: str, repeats: int, workdir: Path, naive_max_gb: float, as_json: 
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    click.echo(f"load average before / after: {load_before} / {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if compare is not None:
+        click.echo(f"--compare {compare}: apply there (s) / apply here over it / its peak RSS (MiB): " + "; ".join(
+            f"{r['expert_gb']:g} GB {r['compare_s']} / {r['apply_over_compare']} / {r['compare_rss_mib']}" for r in rows))
     click.echo("| experts (GB) | output (GB) | apply (s) | apply, sha256 manifest (s) | cp (s) | cp + sync (s) "
                "| cp + blake3 + fsync (s) "
                "| apply / cp | apply / (cp + sync) | apply / (cp + blake3 + fsync) | apply peak RSS (MiB) "

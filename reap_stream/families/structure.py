@@ -10,14 +10,17 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import BadInput
 from ..io.gguf import BLOCK_TENSOR, GGUFFile, VType
 from ..io.reading import is_index
 from ..io.safetensors import Checkpoint
-from .gguf_arch import GROUP_KEYS, Role, Roles, arch_expert_tensors, known_arch
 from .table import (BY_GGUF_ARCH, MAX_LAYERS, Family, classify, config_int, dense_layers, expert_rows, family_of,
                     frozen_layers, group_keys, identity_rows, num_experts, text_config, top_k)
+
+if TYPE_CHECKING:  # gguf_arch imports gguf-py: imported by the GGUF functions only, for start-up
+    from .gguf_arch import Roles
 
 
 @dataclass
@@ -242,6 +245,8 @@ def fingerprint(ckpt: Checkpoint, st: MoEStructure, fam: Family) -> str:
 
 def gguf_roles(fam: Family, arch: str, where: str | Path) -> Roles:
     """The expert-axis roles of an architecture's tensors (gguf-py's tables + the row's extras)."""
+    from .gguf_arch import Roles
+
     return Roles(arch, fam.gguf_extra_expert_tensors, str(where))
 
 
@@ -275,6 +280,8 @@ def gguf_top_k(g: GGUFFile, arch: str, moe_layers: list[int]) -> int:
 
 def gguf_family(g: GGUFFile) -> tuple[str, Family]:
     """(architecture, family row) of a GGUF's first part."""
+    from .gguf_arch import known_arch
+
     arch_kv = g.kvs.get("general.architecture")
     if arch_kv is None or arch_kv.vtype != VType.STRING:
         raise BadInput(g.path, "metadata 'general.architecture' is missing or not a string")
@@ -292,6 +299,8 @@ def gguf_structure(parts: list[GGUFFile], arch: str, fam: Family) -> tuple[MoESt
 
     `num_layers` counts the decoder blocks (`block_count` less `nextn_predict_layers`), as a
     config's num_hidden_layers does; NextN/MTP blocks after them are MoE layers a plan leaves whole."""
+    from .gguf_arch import GROUP_KEYS, Role, arch_expert_tensors
+
     g = parts[0]
     block_count = _uint_kv(g, f"{arch}.block_count", limit=MAX_LAYERS)
     roles = gguf_roles(fam, arch, g.path)
@@ -359,6 +368,7 @@ def gguf_fingerprint(parts: list[GGUFFile], arch: str, st: MoEStructure, fam: Fa
     never quantises them, so every quantisation of one model (Q8_0, Q4_K_M, ...) has the same
     fingerprint, and a plan made on one applies to the others; two different models do not."""
     from ..io.gguf_read import read_tensor
+    from .gguf_arch import Role
 
     roles = gguf_roles(fam, arch, parts[0].path)
     tensors = [t for p in parts for t in p.tensors]

@@ -21,8 +21,6 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
 from ..errors import BadInput, os_error
 from .reading import regular_file
 
@@ -106,6 +104,8 @@ class GGUFFile:
 
 
 def tensor_nbytes(ne: tuple[int, ...], ggml_type: int) -> int:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
     block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
     return math.prod(ne) // block * type_size
 
@@ -267,6 +267,9 @@ def _parse_cursor(cur: _Cursor, path: Path, size: int) -> GGUFFile:
     data_offset = align(cur.pos, alignment)
     if data_offset > size:
         raise cur.fail(f"truncated file: data section would start at byte {data_offset}")
+
+    # imported here, so that a safetensors-only command (apply, verify) never loads gguf-py
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     tensors = []
     for name, ne, code, offset in infos:

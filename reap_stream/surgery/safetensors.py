@@ -8,6 +8,7 @@ index and the manifest are written last.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -23,8 +24,8 @@ from ..errors import BadInput, os_error
 from ..families.model import Model
 from ..families.table import (EXPERT_COUNT_KEYS, Family, classify, config_value, expert_rows, identity_rows,
                               set_config_value, text_config)
-from ..io.files import (MANIFEST_HASHES, bytes_digest, check_manifest_hash, check_space, copy_range, file_digest,
-                        hash_ranges, new_hash, recover_dir, replace_dir, write_all)
+from ..io.files import (FLUSH_STEP, MANIFEST_HASHES, Flusher, bytes_digest, check_manifest_hash, check_space, copy_range,
+                        file_digest, fsync_tree, hash_ranges, new_hash, recover_dir, replace_dir, write_all)
 from ..io.lock import exclusive, test_pause
 from ..io.reading import readable_file, resolved
 from ..io.safetensors import INDEX_NAME, Checkpoint
@@ -220,20 +221,22 @@ def check_output_path(source: Path, out: Path, overwrite: bool) -> None:
         raise BadInput(out, "output exists and is not a directory")
 
 
-def _copy_shard(shard: OutShard, dst: Path, buffer: memoryview, bar: tqdm) -> None:
+def _copy_shard(shard: OutShard, flusher: Flusher, buffer: memoryview, bar: tqdm) -> None:
+    """Write `shard` into the file `flusher` holds, in FLUSH_STEP pieces it puts on disk behind
+    the copy."""
     handles: dict[Path, int] = {}
-    out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        write_all(out, shard.header())
+        write_all(flusher.fd, shard.header())
         for t in shard.tensors:
             for path, start, end in t.ranges:
                 if path not in handles:
                     handles[path] = os.open(path, os.O_RDONLY)
-                copy_range(handles[path], out, start, end, buffer, path)
-                bar.update(end - start)
-        os.fsync(out)
+                for piece in range(start, end, FLUSH_STEP):
+                    stop = min(end, piece + FLUSH_STEP)
+                    copy_range(handles[path], flusher.fd, piece, stop, buffer, path)
+                    flusher.written(stop - piece)
+                    bar.update(stop - piece)
     finally:
-        os.close(out)
         for fd in handles.values():
             os.close(fd)
 
@@ -310,12 +313,24 @@ def write_layout(layout: Layout, out: Path, *, overwrite: bool = False, buffer_b
 def _write_into(layout: Layout, tmp: Path, buffer_bytes: int, progress: bool, algo: str) -> dict:
     buffer = memoryview(bytearray(buffer_bytes))
     files: dict[str, dict] = {}
-    with ThreadPoolExecutor(max_workers=1) as pool, \
-            tqdm(total=layout.total_bytes, unit="B", unit_scale=True, desc="apply", disable=not progress) as bar:
-        for shard in layout.shards:
-            digest = pool.submit(_digest, shard, buffer_bytes, algo)
-            _copy_shard(shard, tmp / shard.name, buffer, bar)
-            files[shard.name] = {algo: digest.result(), "size": (tmp / shard.name).stat().st_size}
+    flushing: list[Flusher] = []  # each shard's last fsync overlaps the next shard's copy
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool, \
+                tqdm(total=layout.total_bytes, unit="B", unit_scale=True, desc="apply", disable=not progress) as bar:
+            for shard in layout.shards:
+                digest = pool.submit(_digest, shard, buffer_bytes, algo)
+                flushing.append(Flusher(os.open(tmp / shard.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)))
+                _copy_shard(shard, flushing[-1], buffer, bar)
+                flushing[-1].finish()
+                files[shard.name] = {algo: digest.result(), "size": (tmp / shard.name).stat().st_size}
+        for flusher in flushing:
+            flusher.wait()
+    except BaseException:
+        for flusher in flushing:
+            flusher.finish(sync=False)
+            with contextlib.suppress(Exception):  # the error being raised is the one to report
+                flusher.wait()
+        raise
     for name in layout.copied_files:
         shutil.copyfile(layout.source.root / name, tmp / name)
         files[name] = {algo: file_digest(tmp / name, algo), "size": (tmp / name).stat().st_size}
@@ -327,6 +342,7 @@ def _write_into(layout: Layout, tmp: Path, buffer_bytes: int, progress: bool, al
         files[INDEX_NAME] = _write_json(tmp / INDEX_NAME, index, algo)
     _write_json(tmp / MANIFEST_NAME, {"format": MANIFEST_FORMAT, "tool_version": __version__, "hash": algo,
                                        "files": dict(sorted(files.items()))}, algo)
+    fsync_tree(tmp)  # the small files too (the shards' are done): none may come back empty after a crash
     _fsync_dir(tmp)
     return files
 
