@@ -27,9 +27,9 @@ class Tokens:
     exact: bool       # tokenised (True) or from --max-tokens / --window-tokens
 
 
-def load_shapes(path: Path, bits: int | None = None) -> tuple[Shapes, dict, list[Path], str]:
-    """(shapes, config, weight files, what the figures come from) of a model directory, or of a
-    bare config.json (a file, or a directory holding only it)."""
+def load_shapes(path: Path, bits: int | None = None) -> tuple[Shapes, dict, list[Path], str, bool]:
+    """(shapes, config, weight files, what the figures come from, whether collect reads its experts
+    by range) of a model directory, or of a bare config.json (a file, or a directory holding only it)."""
     from .io.gguf import is_gguf
 
     path = Path(path)
@@ -42,8 +42,11 @@ def load_shapes(path: Path, bits: int | None = None) -> tuple[Shapes, dict, list
 
         model = open_model(path)
         ckpt = model.require_checkpoint("estimate")
+        from .families.expert_source import read_by_range
+
         shapes = checkpoint_shapes(ckpt, model.family, model.structure.top_k)
-        return shapes, ckpt.config, sorted({r.file for r in ckpt.tensors.values()}), "config.json + safetensors headers"
+        return (shapes, ckpt.config, sorted({r.file for r in ckpt.tensors.values()}), "config.json + safetensors headers",
+                read_by_range(ckpt, model.family))
     try:
         config = json.loads(config_path.read_text())
     except FileNotFoundError:
@@ -58,18 +61,17 @@ def load_shapes(path: Path, bits: int | None = None) -> tuple[Shapes, dict, list
     if not shapes.experts:
         raise BadInput(config_path, f"model_type {config['model_type']!r} builds no routed experts (not an MoE?)")
     what = "config.json" + (f", quantised to {bits} bits as mlx_lm convert -q would" if bits else "")
-    return shapes, config, [], what
+    return shapes, config, [], what, _by_range(config)
 
 
 def estimate(path: Path, tokens: Tokens, *, ratio: float | None = None, max_memory: int | None = None,
              bits: int | None = None, calibrate: bool = True) -> dict:
     """The estimate of `path` for `tokens` calibration tokens (JSON-ready)."""
-    s, config, files, source = load_shapes(path, bits)
+    s, config, files, source, ranged = load_shapes(path, bits)
     moe = sorted(s.experts)
     routed = {i: s.experts[i] * s.expert_bytes[i] for i in moe}
     total = s.outside_bytes + sum(s.layer_bytes.values()) + sum(routed.values())
     chunk = min(tokens.count, 4096)
-    ranged = _by_range(config)
     whole = Chunking(max(chunk, tokens.seq_len), tokens.seq_len, None, not ranged)
     chunked = Chunking(whole.tokens, tokens.seq_len, MAX_EXPERT_CHUNK) if ranged else whole
     out = {
@@ -108,8 +110,9 @@ def estimate(path: Path, tokens: Tokens, *, ratio: float | None = None, max_memo
 
 
 def _by_range(config: dict) -> bool:
-    """Whether collect reads this model's experts by range (else whole layers; a model_type the
-    family table does not know is refused by collect, and estimated as if it were)."""
+    """Whether collect reads the experts of a model not at hand by range, assuming mlx_lm's layout
+    (else whole layers; a model_type the family table does not know is refused by collect, and
+    estimated as if it were)."""
     from .families.expert_source import by_range
     from .families.table import family_of
 

@@ -144,3 +144,23 @@ def test_the_self_check_upcasts_only_the_experts_of_its_tokens(fixture_model, tm
     per_layer = len(seen) // 4   # four layers, each checked once
     assert 0 < max(seen) <= self_check.SELF_CHECK_EXPERT_TOKENS * k < 8   # never the whole stack of 8
     assert per_layer == 3        # gate, up and down weights, once (one chunk)
+
+
+@pytest.mark.parametrize("family,variant", [("granitemoe", "transformers"), ("qwen3_moe", "transformers"),
+                                            ("mixtral", "hf"), ("qwen3_moe", "q4"), ("llama4", "fp32")])
+def test_memory_plans_chunks_of_experts_exactly_where_the_runner_reads_them_by_range(family, variant, fixture_model):
+    """--max-memory and estimate decide from the checkpoint's names what the runner decides with its
+    skeleton: granitemoe may be read by range, but not from transformers' fused input_linear."""
+    from reap_stream.families.expert_source import by_range, read_by_range
+    from reap_stream.runner import RunOptions, fit_memory
+    from reap_stream.runner.skeleton import open_skeleton
+
+    model = open_model(fixture_model(family, variant))
+    skeleton, w = open_skeleton(model)
+    runner_reads_by_range = any(w.experts(i) is not None for i in range(len(skeleton.layers)))
+    assert read_by_range(model.checkpoint, model.family) == runner_reads_by_range
+    if (family, variant) == ("granitemoe", "transformers"):
+        assert by_range(model.family) and not runner_reads_by_range
+    seqs = [np.arange(32) % 50] * 4
+    fitted = fit_memory(model, RunOptions(max_memory=4 << 30), seqs)
+    assert (fitted.expert_chunk_bytes is not None) == runner_reads_by_range

@@ -28,8 +28,11 @@ from ..io.safetensors import Checkpoint, TensorRef, read_rows
 from .schema import Routing
 from .table import Family, classify
 
-# parameters of one projection of an expert stack, as mlx_lm names them
+# parameters of one projection of an expert stack, and the projections of its two forms (SwitchGLU,
+# SwitchMLP), as mlx_lm names them
 PARAMS = ("weight", "scales", "biases", "bias")
+GLU = ("gate_proj", "up_proj", "down_proj")
+MLP = ("fc1", "fc2")
 # safetensors dtype -> the MLX dtype its bytes are read as
 MX_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "U8": "uint8",
              "I32": "int32", "I8": "int8", "U16": "uint16", "I64": "int64"}
@@ -224,6 +227,33 @@ def checkpoint_experts(ckpt: Checkpoint, fam: Family, layer: int, prefix: str,
         return None
     counts = {len(r) if isinstance(r, list) else r.shape[0] for p in refs.values() for r in p.values()}
     return CheckpointExperts(refs) if len(counts) == 1 else None
+
+
+def read_by_range(ckpt: Checkpoint, fam: Family) -> bool:
+    """Whether a stream run reads this checkpoint's routed experts by range, judged before the
+    skeleton exists (what --max-memory and estimate plan for): a by-range family whose first MoE
+    layer is stored as `checkpoint_experts` serves it — mlx_lm's stacked projections or per-expert
+    Hugging Face tensors of a known projection — not in a form only the family's sanitize reads
+    (a fused gate_up stack). Shapes are checked later, against the skeleton."""
+    if not by_range(fam):
+        return False
+    routed: dict[int, list] = {}
+    for name, ref in ckpt.tensors.items():
+        rel = classify(name, fam)
+        if rel is not None and rel.kind in ("stacked", "per_expert"):
+            routed.setdefault(rel.layer, []).append((name, rel, ref))
+    if not routed:
+        return False
+    layer = min(routed)
+    for name, rel, ref in routed[layer]:
+        if rel.kind == "stacked":
+            proj, _, param = name.partition(f"{layer}.{fam.block}.{fam.stacked}.")[2].partition(".")
+        else:
+            hf_proj, _, param = rel.suffix.partition(".")
+            proj = (fam.hf_names or {}).get(hf_proj)
+        if proj not in GLU + MLP or param not in PARAMS or ref.dtype not in MX_DTYPES:
+            return False
+    return True
 
 
 def expert_ranges(num_experts: int, per_chunk: int | None, active: np.ndarray | None = None) -> list[tuple[int, int]]:

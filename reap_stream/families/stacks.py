@@ -10,9 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..errors import BadInput
-
-GLU = ("gate_proj", "up_proj", "down_proj")
-MLP = ("fc1", "fc2")
+from .expert_source import GLU, MLP
 
 
 def projections(switch) -> tuple[str, ...]:
