@@ -12,8 +12,11 @@ read, so a layer's experts are never whole in memory.
 - `ModuleExperts`: a loaded expert stack (memory mode, or a layout only the family's own
   `sanitize` understands): slices of its arrays, nothing read.
 
-A source for another on-disk format (a GGUF expert is one contiguous byte range per tensor too,
-dequantised on read) implements `ExpertSource`: `num_experts`, `expert_bytes` and `read`.
+- `GGUFExperts` (families/gguf_source.py): a GGUF, whose expert is one contiguous byte range per
+  tensor too, dequantised to float32 on read.
+
+A source for another on-disk format implements `ExpertSource`: `num_experts`, `expert_bytes` and
+`read`; one that reads from disk derives from `ReadExperts`.
 """
 from __future__ import annotations
 
@@ -63,7 +66,27 @@ class ExpertSource(Protocol):
         belong to their thread)."""
 
 
-class CheckpointExperts:
+class ReadExperts:
+    """A source that reads its slabs (`_read`): a layer read in one chunk is read once and serves
+    every chunk of tokens."""
+
+    num_experts: int
+    _whole: ExpertSlab | None = None
+
+    def read(self, lo: int, hi: int) -> ExpertSlab:
+        whole = (lo, hi) == (0, self.num_experts)
+        if whole and self._whole is not None:
+            return self._whole
+        slab = self._read(lo, hi)
+        if whole:
+            self._whole = slab
+        return slab
+
+    def _read(self, lo: int, hi: int) -> ExpertSlab:
+        raise NotImplementedError
+
+
+class CheckpointExperts(ReadExperts):
     """Routed experts of one layer of a safetensors checkpoint, read by byte range.
 
     `refs[projection][parameter]` is one stacked TensorRef (mlx_lm layout) or a list of
@@ -73,7 +96,6 @@ class CheckpointExperts:
         self.refs = refs
         first = next(iter(next(iter(refs.values())).values()))
         self.num_experts = len(first) if isinstance(first, list) else first.shape[0]
-        self._whole: ExpertSlab | None = None   # a layer read in one chunk serves every token chunk
 
     @property
     def expert_bytes(self) -> int:
@@ -83,9 +105,7 @@ class CheckpointExperts:
                 total += ref[0].nbytes if isinstance(ref, list) else ref.nbytes // ref.shape[0]
         return total
 
-    def read(self, lo: int, hi: int) -> ExpertSlab:
-        if (lo, hi) == (0, self.num_experts) and self._whole is not None:
-            return self._whole
+    def _read(self, lo: int, hi: int) -> ExpertSlab:
         mx = mlx_core()
         arrays: dict[str, dict[str, object]] = {}
         for proj, params in self.refs.items():
@@ -99,10 +119,7 @@ class CheckpointExperts:
                 # one numpy array alive at a time next to the slab's MLX copies
                 arrays[proj][param] = _Bits(mx.array(host), dtype)
                 del host
-        slab = ExpertSlab(lo, hi, arrays)
-        if (lo, hi) == (0, self.num_experts):
-            self._whole = slab
-        return slab
+        return ExpertSlab(lo, hi, arrays)
 
 
 @dataclass
