@@ -1,7 +1,8 @@
 """What pruning a model will take, before anything runs: `reap-stream estimate`.
 
 From config.json and the safetensors headers only (or a bare config.json, for a model not yet
-downloaded, built as mlx_lm's class without evaluating it): per-layer expert bytes, the peak memory
+downloaded, built as mlx_lm's class without evaluating it; or a GGUF's header, its tensors sized as
+the runner holds them, dequantised to float32): per-layer expert bytes, the peak memory
 of collect with whole layers and with experts in chunks (runner.budget), the chunking that fits
 `--max-memory` (or the least that is needed), the spill and telemetry disk, the output's size at
 `--ratio`, and a time bound from a short measurement of this machine (runner.timing).
@@ -34,7 +35,14 @@ def load_shapes(path: Path, bits: int | None = None) -> tuple[Shapes, dict, list
 
     path = Path(path)
     if path.is_file() and is_gguf(path):
-        raise BadInput(path, "estimate reads a safetensors model directory or a config.json, not a GGUF file")
+        if bits is not None:
+            raise BadInput("--quantize", "estimates a model from its config.json; a GGUF is estimated as it is")
+        from .families.model import open_model
+        from .runner.budget import gguf_shapes
+
+        model = open_model(path)
+        return gguf_shapes(model), model.config, [p.path for p in model.gguf_parts], \
+            "GGUF header; in memory as float32"
     config_path = path if path.is_file() else path / "config.json"
     has_weights = path.is_dir() and (any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists())
     if has_weights and bits is None:
@@ -66,8 +74,9 @@ def estimate(path: Path, tokens: Tokens, *, ratio: float | None = None, max_memo
     """The estimate of `path` for `tokens` calibration tokens (JSON-ready)."""
     s, config, files, source = load_shapes(path, bits)
     moe = sorted(s.experts)
-    routed = {i: s.experts[i] * s.expert_bytes[i] for i in moe}
-    total = s.outside_bytes + sum(s.layer_bytes.values()) + sum(routed.values())
+    stored = {i: s.file_expert_bytes.get(i, s.expert_bytes[i]) for i in moe}   # one expert on disk
+    routed = {i: s.experts[i] * stored[i] for i in moe}
+    total = s.file_bytes or s.outside_bytes + sum(s.layer_bytes.values()) + sum(routed.values())
     chunk = min(tokens.count, 4096)
     ranged = _by_range(config)
     whole = Chunking(max(chunk, tokens.seq_len), tokens.seq_len, None, not ranged)
@@ -96,7 +105,7 @@ def estimate(path: Path, tokens: Tokens, *, ratio: float | None = None, max_memo
         except BadInput as e:
             out["memory"]["max_memory"] = {"limit_bytes": max_memory, "fits": False, "why": e.what}
     if ratio is not None:
-        gone = sum(experts_dropped(ratio, s.experts[i], int(config.get("n_group") or 1)) * s.expert_bytes[i] for i in moe)
+        gone = sum(experts_dropped(ratio, s.experts[i], int(config.get("n_group") or 1)) * stored[i] for i in moe)
         out["disk"].update(ratio=ratio, output_bytes=total - gone)
     if calibrate:
         rates = measure(files)
@@ -129,7 +138,15 @@ def calibration_tokens(path: Path, calibration) -> Tokens:
         from .telemetry.tokenizer import load_tokenizer
 
         calibration.validate()
-        calib = build_calibration(calibration, load_tokenizer(path if Path(path).is_dir() else Path(path).parent))
+        from .io.gguf import is_gguf
+
+        if Path(path).is_file() and is_gguf(path):
+            from .families.model import open_model
+            from .telemetry.tokenizer import tokenise
+
+            calib = tokenise(open_model(path), calibration)   # the GGUF's own tokenizer
+        else:
+            calib = build_calibration(calibration, load_tokenizer(path if Path(path).is_dir() else Path(path).parent))
         ids = np.concatenate([np.asarray(s).reshape(-1) for s in calib.sequences])
         return Tokens(int(ids.size), max(len(s) for s in calib.sequences), int(np.unique(ids).size), True)
     if calibration.max_tokens is None or calibration.max_tokens < 1:
