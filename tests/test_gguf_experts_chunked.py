@@ -5,18 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from collect_helpers import run_collect, token_set
 from reap_stream.families.model import open_model
 from reap_stream.io import gguf_read
-from reap_stream.telemetry.store import TelemetryStore
-
-CALIB = token_set(num_seqs=6, length=32)
-WHOLE = 1 << 40   # bytes of experts per chunk: every layer whole
-
-
-def _collect(model, tmp_path, name, **run):
-    run.setdefault("chunk_tokens", 64)
-    return TelemetryStore.open(run_collect(model, CALIB, tmp_path / f"{name}.zarr", **run)["out"])
+from test_experts_chunked import WHOLE, _collect, assert_chunks_give_whole_layers
 
 
 def _expert_bytes(model) -> int:
@@ -32,15 +23,8 @@ def _expert_bytes(model) -> int:
                                                 ("qwen3_moe", "q4_0", True), ("deepseek_v3", "f16", False)])
 def test_experts_in_chunks_give_the_telemetry_bits_of_whole_layers(family, qtype, fused, gguf_model, tmp_path):
     model = gguf_model(family, qtype, fused=fused)
-    one = _expert_bytes(model)
-    whole = _collect(model, tmp_path, "whole", expert_chunk_bytes=WHOLE)
-    for name, chunk in (("one", 1), ("three", 3 * one)):   # one expert at a time; uneven ranges of three
-        chunked = _collect(model, tmp_path, name, expert_chunk_bytes=chunk)
-        assert chunked.layers() == whole.layers()
-        for layer in whole.layers():
-            assert chunked.read(layer).equal(whole.read(layer)), (name, layer)
-    memory = _collect(model, tmp_path, "memory", mode="memory")   # the whole model, loaded as before
-    assert all(memory.read(layer).equal(whole.read(layer)) for layer in whole.layers())
+    # memory mode loads the whole GGUF as the stream runner loaded its layers before
+    assert_chunks_give_whole_layers(model, _expert_bytes(model), tmp_path)
 
 
 def test_stream_mode_reads_a_gguf_s_experts_by_range_a_chunk_at_a_time(gguf_model, tmp_path, monkeypatch):
