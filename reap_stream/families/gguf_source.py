@@ -26,9 +26,9 @@ from types import MappingProxyType
 import numpy as np
 from gguf.tensor_mapping import TensorNameMap
 
+from ..blas import mlx_core
 from ..errors import BadInput
 from ..io.gguf import TensorInfo
-from ..blas import mlx_core
 from ..io.gguf_read import check_readable, read_slices, read_tensor
 from .expert_source import PARAMS, ExpertSlab, ReadExperts
 from .gguf_arch import arch_enum, known_arch
@@ -185,7 +185,7 @@ class GGUFSource:
                 continue
             proj, _, param = name[len(prefix):].partition(".")
             src = self.sources[name]
-            if param not in PARAMS or "." in param or len(shape) < 2 or self._shape(src) != tuple(shape) \
+            if param not in PARAMS or len(shape) < 2 or self._shape(src) != tuple(shape) \
                     or src.unpermute_heads or src.a_log:
                 return None
             names.setdefault(proj, {})[param] = name

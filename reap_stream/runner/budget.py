@@ -161,9 +161,9 @@ def gguf_shapes(model) -> Shapes:
     weights = GGUFWeights(model, gguf_skeleton(model), model.where)   # every parameter matched to its tensor
     tensors = {n: (_ST_DTYPES[str(dtype).split(".")[-1]], shape) for n, (shape, dtype) in weights.params.items()}
     s = _family_shapes(model.config, tensors, model.family, model.structure.top_k)
-    sources = weights.source.sources
+    sources, prefix = weights.source.sources, _prefix(tensors)
     experts = [n for n in tensors if (rel := classify(n, model.family)) is not None and rel.kind == "stacked"]
-    embedding = [n for n in tensors if _layer_of(n, _prefix(tensors)) is None and "embed" in n and n.endswith("weight")]
+    embedding = [n for n in tensors if _layer_of(n, prefix) is None and "embed" in n and n.endswith("weight")]
     s.expert_read_extra = float(any(sources[n].tensor.ggml_type != GGML_F32 for n in experts)) + \
         float(any(sources[n].rows is not None for n in experts))
     s.embed_read_extra = 0.5 if any(sources[n].tensor.ggml_type != GGML_F32 for n in embedding) else 0.0
@@ -172,7 +172,7 @@ def gguf_shapes(model) -> Shapes:
     stored: dict[int, dict[str, int]] = {}   # layer -> GGUF tensor -> bytes of one expert (a fused one once)
     for n in experts:
         t = sources[n].tensor
-        stored.setdefault(_layer_of(n, _prefix(tensors)), {})[t.name] = t.outer_stride
+        stored.setdefault(_layer_of(n, prefix), {})[t.name] = t.outer_stride
     s.file_expert_bytes = {layer: sum(by_tensor.values()) for layer, by_tensor in stored.items()}
     return s
 

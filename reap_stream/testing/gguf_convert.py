@@ -6,7 +6,8 @@ converted), does what llama.cpp's converter does beyond names (q/k rows permuted
 whose RoPE rotates interleaved pairs; Mamba's A as -exp(A_log) and squeezed convolutions; a
 wrapper's text_config read at the top level and its language_model. prefix dropped; the metadata
 keys its converter writes (testing/gguf_metadata), rope_freqs and the tokenizer included),
-optionally quantises, and writes with gguf-py's GGUFWriter (an independent writer, so our reader
+optionally quantises and fuses gate and up experts (`ffn_gate_up_exps`, as the converter's
+--fuse-gate-up-exps writes them), and writes with gguf-py's GGUFWriter (an independent writer, so our reader
 is tested against it). numpy shapes are reversed into llama.cpp's ne order by the writer: a
 stacked expert tensor [E, out, in] becomes ne = [in, out, E], the expert axis outermost.
 
