@@ -74,7 +74,7 @@ def estimate(path: Path, tokens: Tokens, *, ratio: float | None = None, max_memo
     """The estimate of `path` for `tokens` calibration tokens (JSON-ready)."""
     s, config, files, source = load_shapes(path, bits)
     moe = sorted(s.experts)
-    stored = {i: s.file_expert_bytes.get(i, s.expert_bytes[i]) for i in moe}   # one expert on disk
+    layer_bytes, stored = s.stored()   # as on disk (a GGUF's tensors as stored, not as held)
     routed = {i: s.experts[i] * stored[i] for i in moe}
     total = s.file_bytes or s.outside_bytes + sum(s.layer_bytes.values()) + sum(routed.values())
     chunk = min(tokens.count, 4096)
@@ -86,7 +86,7 @@ def estimate(path: Path, tokens: Tokens, *, ratio: float | None = None, max_memo
                   "layers": s.num_layers, "moe_layers": len(moe), "experts": max(s.experts.values()),
                   "top_k": s.top_k, "hidden": s.hidden, "expert_width": s.expert_width,
                   "quantization": config.get("quantization"), "total_bytes": total,
-                  "expert_bytes_per_layer": max(routed.values()), "other_bytes_per_layer": max(s.layer_bytes.values())},
+                  "expert_bytes_per_layer": max(routed.values()), "other_bytes_per_layer": max(layer_bytes.values())},
         "calibration": {"tokens": tokens.count, "seq_len": tokens.seq_len, "exact": tokens.exact},
         "memory": {"whole_layer_peak_bytes": phase_peaks(s, whole, unique_tokens=tokens.unique)["peak"],
                    "chunked_peak_bytes": phase_peaks(s, chunked, unique_tokens=tokens.unique)["peak"],

@@ -46,9 +46,14 @@ def test_the_output_size_at_a_ratio_is_what_apply_writes(fixture_model, tmp_path
 
 
 def test_a_gguf_is_estimated_from_its_header_as_apply_writes_it(gguf_model, tmp_path):
+    import gguf
+
     model = gguf_model("qwen3_moe", "q8_0")
     figures = estimate(model, *COUNT, "--ratio", 0.5, "--no-calibrate")
     assert figures["model"]["from"].startswith("GGUF header") and figures["memory"]["experts_by_range"]
+    layer0 = [t for t in gguf.GGUFReader(model).tensors if t.name.startswith("blk.0.")]   # as gguf-py reads them
+    assert figures["model"]["expert_bytes_per_layer"] == sum(int(t.n_bytes) for t in layer0 if "_exps." in t.name)
+    assert figures["model"]["other_bytes_per_layer"] == sum(int(t.n_bytes) for t in layer0 if "_exps." not in t.name)
     assert run("init", "--out", tmp_path / "t.zarr", "--like", model, "--tokens", 128).exit_code == 0
     assert run("plan", tmp_path / "t.zarr", "--out", tmp_path / "p.json", "--ratio", 0.5, "--model", model).exit_code == 0
     written = json.loads(run("apply", model, tmp_path / "p.json", "--out", tmp_path / "o.gguf", "--dry-run", "--json").output)

@@ -65,6 +65,12 @@ class Shapes:
     embed_by_rows: bool = True          # the embedding reads the calibration's rows only (not a GGUF's)
     file_bytes: int = 0                 # a GGUF: its tensors' bytes as stored (0: as held)
     file_expert_bytes: dict[int, int] = field(default_factory=dict)  # a GGUF: one expert as stored
+    file_layer_bytes: dict[int, int] = field(default_factory=dict)   # a GGUF: a layer's other tensors as stored
+
+    def stored(self) -> tuple[dict[int, int], dict[int, int]]:
+        """({layer: bytes outside the routed experts}, {MoE layer: bytes of one expert}) as stored on disk."""
+        return ({i: self.file_layer_bytes.get(i, b) for i, b in self.layer_bytes.items()},
+                {i: self.file_expert_bytes.get(i, b) for i, b in self.expert_bytes.items()})
 
     @property
     def num_layers(self) -> int:
@@ -174,6 +180,12 @@ def gguf_shapes(model) -> Shapes:
         t = sources[n].tensor
         stored.setdefault(_layer_of(n, prefix), {})[t.name] = t.outer_stride
     s.file_expert_bytes = {layer: sum(by_tensor.values()) for layer, by_tensor in stored.items()}
+    blocks: dict[int, int] = {}   # the GGUF's blk.N tensors
+    for part in model.gguf_parts:
+        for t in part.tensors:
+            if t.name.startswith("blk.") and t.name.split(".")[1].isdigit():
+                blocks[int(t.name.split(".")[1])] = blocks.get(int(t.name.split(".")[1]), 0) + t.nbytes
+    s.file_layer_bytes = {i: blocks.get(i, 0) - s.experts.get(i, 0) * s.file_expert_bytes.get(i, 0) for i in s.layer_bytes}
     return s
 
 
