@@ -1,7 +1,8 @@
 """What pruning a model will take, before anything runs: `reap-stream estimate`.
 
 From config.json and the safetensors headers only (or a bare config.json, for a model not yet
-downloaded, built as mlx_lm's class without evaluating it): per-layer expert bytes, the peak memory
+downloaded, built as mlx_lm's class without evaluating it; or a GGUF's header, its tensors sized as
+the runner holds them, dequantised to float32): per-layer expert bytes, the peak memory
 of collect with whole layers and with experts in chunks (runner.budget), the chunking that fits
 `--max-memory` (or the least that is needed), the spill and telemetry disk, the output's size at
 `--ratio`, and a time bound from a short measurement of this machine (runner.timing).
@@ -34,16 +35,23 @@ def load_shapes(path: Path, bits: int | None = None) -> tuple[Shapes, dict, list
 
     path = Path(path)
     if path.is_file() and is_gguf(path):
-        raise BadInput(path, "estimate reads a safetensors model directory or a config.json, not a GGUF file")
+        if bits is not None:
+            raise BadInput("--quantize", "estimates a model from its config.json; a GGUF is estimated as it is")
+        from .families.model import open_model
+        from .runner.budget import gguf_shapes
+
+        model = open_model(path)
+        return gguf_shapes(model), model.config, [p.path for p in model.gguf_parts], \
+            "GGUF header; in memory as float32", _by_range(model.config)
     config_path = path if path.is_file() else path / "config.json"
     has_weights = path.is_dir() and (any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists())
     if has_weights and bits is None:
         from .families.model import open_model
 
-        model = open_model(path)
-        ckpt = model.require_checkpoint("estimate")
         from .families.expert_source import read_by_range
 
+        model = open_model(path)
+        ckpt = model.require_checkpoint("estimate")
         shapes = checkpoint_shapes(ckpt, model.family, model.structure.top_k)
         return (shapes, ckpt.config, sorted({r.file for r in ckpt.tensors.values()}), "config.json + safetensors headers",
                 read_by_range(ckpt, model.family))
@@ -69,8 +77,9 @@ def estimate(path: Path, tokens: Tokens, *, ratio: float | None = None, max_memo
     """The estimate of `path` for `tokens` calibration tokens (JSON-ready)."""
     s, config, files, source, ranged = load_shapes(path, bits)
     moe = sorted(s.experts)
-    routed = {i: s.experts[i] * s.expert_bytes[i] for i in moe}
-    total = s.outside_bytes + sum(s.layer_bytes.values()) + sum(routed.values())
+    layer_bytes, stored = s.stored()   # as on disk (a GGUF's tensors as stored, not as held)
+    routed = {i: s.experts[i] * stored[i] for i in moe}
+    total = s.file_bytes or s.outside_bytes + sum(s.layer_bytes.values()) + sum(routed.values())
     chunk = min(tokens.count, 4096)
     whole = Chunking(max(chunk, tokens.seq_len), tokens.seq_len, None, not ranged)
     chunked = Chunking(whole.tokens, tokens.seq_len, MAX_EXPERT_CHUNK) if ranged else whole
@@ -79,7 +88,7 @@ def estimate(path: Path, tokens: Tokens, *, ratio: float | None = None, max_memo
                   "layers": s.num_layers, "moe_layers": len(moe), "experts": max(s.experts.values()),
                   "top_k": s.top_k, "hidden": s.hidden, "expert_width": s.expert_width,
                   "quantization": config.get("quantization"), "total_bytes": total,
-                  "expert_bytes_per_layer": max(routed.values()), "other_bytes_per_layer": max(s.layer_bytes.values())},
+                  "expert_bytes_per_layer": max(routed.values()), "other_bytes_per_layer": max(layer_bytes.values())},
         "calibration": {"tokens": tokens.count, "seq_len": tokens.seq_len, "exact": tokens.exact},
         "memory": {"whole_layer_peak_bytes": phase_peaks(s, whole, unique_tokens=tokens.unique)["peak"],
                    "chunked_peak_bytes": phase_peaks(s, chunked, unique_tokens=tokens.unique)["peak"],
@@ -98,7 +107,7 @@ def estimate(path: Path, tokens: Tokens, *, ratio: float | None = None, max_memo
         except BadInput as e:
             out["memory"]["max_memory"] = {"limit_bytes": max_memory, "fits": False, "why": e.what}
     if ratio is not None:
-        gone = sum(experts_dropped(ratio, s.experts[i], int(config.get("n_group") or 1)) * s.expert_bytes[i] for i in moe)
+        gone = sum(experts_dropped(ratio, s.experts[i], int(config.get("n_group") or 1)) * stored[i] for i in moe)
         out["disk"].update(ratio=ratio, output_bytes=total - gone)
     if calibrate:
         rates = measure(files)
@@ -132,7 +141,15 @@ def calibration_tokens(path: Path, calibration) -> Tokens:
         from .telemetry.tokenizer import load_tokenizer
 
         calibration.validate()
-        calib = build_calibration(calibration, load_tokenizer(path if Path(path).is_dir() else Path(path).parent))
+        from .io.gguf import is_gguf
+
+        if Path(path).is_file() and is_gguf(path):
+            from .families.model import open_model
+            from .telemetry.tokenizer import tokenise
+
+            calib = tokenise(open_model(path), calibration)   # the GGUF's own tokenizer
+        else:
+            calib = build_calibration(calibration, load_tokenizer(path if Path(path).is_dir() else Path(path).parent))
         ids = np.concatenate([np.asarray(s).reshape(-1) for s in calib.sequences])
         return Tokens(int(ids.size), max(len(s) for s in calib.sequences), int(np.unique(ids).size), True)
     if calibration.max_tokens is None or calibration.max_tokens < 1:

@@ -44,15 +44,15 @@ def calib_text():
 
 @pytest.fixture(scope="session")
 def gguf_model(tmp_path_factory):
-    """gguf_model(family, qtype="f32", split=0) -> first GGUF file converted from the MLX fixture
-    (testing/gguf_convert); family "deepseek4" is the deepseek4-like construction (from the
-    deepseek_v3 fixture)."""
+    """gguf_model(family, qtype="f32", split=0, fused=False) -> first GGUF file converted from the MLX
+    fixture (testing/gguf_convert; `fused`: gate and up experts in one ffn_gate_up_exps); family
+    "deepseek4" is the deepseek4-like construction (from the deepseek_v3 fixture)."""
     from reap_stream.testing.gguf_convert import cached_gguf
 
     root = tmp_path_factory.mktemp("gguf")
 
-    def get(family: str, qtype: str = "f32", split: int = 0) -> Path:
+    def get(family: str, qtype: str = "f32", split: int = 0, fused: bool = False) -> Path:
         mlx = synth.cached_fixture("deepseek_v3" if family == "deepseek4" else family, "fp32", FIXTURE_ROOT)
-        return cached_gguf(family, qtype, root, mlx, split=split)[0]
+        return cached_gguf(family, qtype, root, mlx, split=split, fused=fused)[0]
 
     return get

@@ -45,6 +45,24 @@ def test_the_output_size_at_a_ratio_is_what_apply_writes(fixture_model, tmp_path
     assert 0 <= figures["disk"]["output_bytes"] - written["tensor_bytes"] < 0.01 * written["tensor_bytes"]
 
 
+def test_a_gguf_is_estimated_from_its_header_as_apply_writes_it(gguf_model, tmp_path):
+    import gguf
+
+    model = gguf_model("qwen3_moe", "q8_0")
+    figures = estimate(model, *COUNT, "--ratio", 0.5, "--no-calibrate")
+    assert figures["model"]["from"].startswith("GGUF header") and figures["memory"]["experts_by_range"]
+    layer0 = [t for t in gguf.GGUFReader(model).tensors if t.name.startswith("blk.0.")]   # as gguf-py reads them
+    assert figures["model"]["expert_bytes_per_layer"] == sum(int(t.n_bytes) for t in layer0 if "_exps." in t.name)
+    assert figures["model"]["other_bytes_per_layer"] == sum(int(t.n_bytes) for t in layer0 if "_exps." not in t.name)
+    assert run("init", "--out", tmp_path / "t.zarr", "--like", model, "--tokens", 128).exit_code == 0
+    assert run("plan", tmp_path / "t.zarr", "--out", tmp_path / "p.json", "--ratio", 0.5, "--model", model).exit_code == 0
+    written = json.loads(run("apply", model, tmp_path / "p.json", "--out", tmp_path / "o.gguf", "--dry-run", "--json").output)
+    header = written["bytes_in"] - figures["model"]["total_bytes"]   # metadata and tokenizer: the tensors as stored
+    assert 0 < header < 0.1 * written["bytes_in"]
+    # experts only, as stored (Q8_0): apply also drops the pruned experts' router rows (4 KB here)
+    assert 0 <= figures["disk"]["output_bytes"] - (written["bytes_out"] - header) < 0.02 * written["bytes_out"]
+
+
 def test_quantised_as_mlx_lm_would(tmp_path):
     cfg = {**synth.tiny_config("qwen3_moe"), "moe_intermediate_size": 128}
     d, f, e = cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_experts"]
@@ -74,9 +92,11 @@ def test_max_memory_gives_the_chunking_or_the_least_it_needs(fixture_model):
     assert not short["fits"] and "is too small for this model" in short["why"] and "at least" in short["why"]
 
 
-def test_a_tokenised_calibration_counts_its_tokens(fixture_model):
+@pytest.mark.parametrize("form", ["safetensors", "gguf"])   # a GGUF: its own tokenizer metadata
+def test_a_tokenised_calibration_counts_its_tokens(form, fixture_model, gguf_model):
     calib = Path(__file__).resolve().parents[1] / "fixtures" / "calibration" / "licence.jsonl"
-    figures = estimate(fixture_model("qwen3_moe"), "--dataset-file", calib, "--pack-samples", "--window-tokens", "64",
+    model = fixture_model("qwen3_moe") if form == "safetensors" else gguf_model("qwen3_moe")
+    figures = estimate(model, "--dataset-file", calib, "--pack-samples", "--window-tokens", "64",
                        "--max-tokens", "256", "--no-calibrate")
     assert figures["calibration"] == {"tokens": 256, "seq_len": 64, "exact": True}
 
@@ -88,8 +108,8 @@ def _write(path, text):
 
 
 @pytest.mark.parametrize("case", ["missing", "not json", "no model_type", "unknown to mlx_lm", "not an moe",
-                                  "no token count", "bad ratio", "gguf"])
-def test_bad_inputs_are_one_line(case, fixture_model, tmp_path):
+                                  "no token count", "bad ratio", "broken gguf", "gguf quantised again"])
+def test_bad_inputs_are_one_line(case, fixture_model, gguf_model, tmp_path):
     args, where, needle = [tmp_path / "m", *COUNT], tmp_path / "m" / "config.json", ""
     if case == "missing":
         (tmp_path / "m").mkdir()
@@ -111,8 +131,10 @@ def test_bad_inputs_are_one_line(case, fixture_model, tmp_path):
         args, where, needle = [fixture_model("qwen3_moe")], "--max-tokens", "give the number of calibration tokens"
     elif case == "bad ratio":
         args, where, needle = [fixture_model("qwen3_moe"), *COUNT, "--ratio", "1.5"], "--ratio", "outside [0, 1)"
-    else:
+    elif case == "broken gguf":
         gguf = tmp_path / "m.gguf"
         gguf.write_bytes(b"GGUF" + b"\0" * 60)
-        args, where, needle = [gguf, *COUNT], gguf, "not a GGUF file"
+        args, where, needle = [gguf, *COUNT], gguf, "GGUF version 0 is not supported"
+    else:
+        args, where, needle = [gguf_model("qwen3_moe", "q8_0"), *COUNT, "--quantize", "4"], "--quantize", "a GGUF is estimated as it is"
     error_line(run("estimate", *args, "--no-calibrate"), needle, where=where)

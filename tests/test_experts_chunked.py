@@ -35,7 +35,12 @@ def _expert_bytes(model) -> int:
                                             ("mixtral", "hf")])
 def test_experts_in_chunks_give_the_telemetry_bits_of_whole_layers(family, variant, fixture_model, tmp_path):
     model = fixture_model(family, variant)
-    one = _expert_bytes(model)
+    assert_chunks_give_whole_layers(model, _expert_bytes(model), tmp_path)
+
+
+def assert_chunks_give_whole_layers(model, one: int, tmp_path) -> None:
+    """Experts one at a time and three at a time (`one`: bytes of an expert) give the telemetry
+    bits of whole layers, and so does memory mode."""
     whole = _collect(model, tmp_path, "whole", expert_chunk_bytes=WHOLE)
     for name, chunk in (("one", 1), ("three", 3 * one)):   # one expert at a time; uneven ranges of three
         chunked = _collect(model, tmp_path, name, expert_chunk_bytes=chunk)

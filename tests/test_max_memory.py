@@ -28,6 +28,21 @@ def big(tmp_path_factory) -> Path:
     return write_scaled({**tiny_config("qwen3_moe"), **SHAPE}, tmp_path_factory.mktemp("big") / "m")
 
 
+# a GGUF of Qwen3-MoE layers of ~200 MB of experts once dequantised to float32 (64 experts, hidden
+# 512, width 512), stored as Q8_0 with gate and up fused: the quantised and fused reads of the model
+GGUF_SHAPE = {**SHAPE, "hidden_size": 512, "head_dim": 64}
+GGUF_LIMIT_MB = 380
+
+
+@pytest.fixture(scope="module")
+def big_gguf(tmp_path_factory) -> Path:
+    from reap_stream.testing.gguf_convert import convert_mlx_to_gguf
+
+    root = tmp_path_factory.mktemp("big_gguf")
+    mlx = write_scaled({**tiny_config("qwen3_moe"), **GGUF_SHAPE}, root / "mlx")
+    return convert_mlx_to_gguf(mlx, root / "model.gguf", qtype="q8_0", fused=True)[0]
+
+
 def _cli(*args) -> dict:
     res = subprocess.run([sys.executable, "-m", "reap_stream.cli", *map(str, args), "--json"],
                          capture_output=True, text=True, timeout=300)
@@ -73,10 +88,11 @@ def test_estimate_predicts_the_measured_peak_within_a_quarter(big, fulls, fixtur
         assert 0.75 <= predicted[name] / peak <= 1.25, (name, predicted[name] / 2**20, peak / 2**20)
 
 
+@pytest.mark.parametrize("form", ["big", "big_gguf"])
 @pytest.mark.parametrize("command", ["collect", "eval", "full"])
-def test_a_limit_nothing_fits_is_refused_up_front(command, big, tmp_path):
+def test_a_limit_nothing_fits_is_refused_up_front(command, form, request, tmp_path):
     out = tmp_path / "out"
-    args = [command, big, *TOKENS, "--max-memory", "100MB"]
+    args = [command, request.getfixturevalue(form), *TOKENS, "--max-memory", "100MB"]
     args += {"collect": ["--out", out], "eval": [], "full": ["--ratio", 0.5, "--out", out]}[command]
     line = error_line(run(*args))
     assert line.startswith("reap-stream: error: --max-memory: 100 MB is too small for this model: one sequence of "
@@ -97,8 +113,9 @@ def test_an_unreadable_limit_names_the_option(value, big, tmp_path):
     assert line.startswith("reap-stream: error: --max-memory: cannot read size")
 
 
-def test_eval_under_a_limit_gives_the_perplexity_of_an_unlimited_run(fixture_model):
-    model = fixture_model("qwen3_moe")
+@pytest.mark.parametrize("form", ["safetensors", "gguf"])
+def test_eval_under_a_limit_gives_the_perplexity_of_an_unlimited_run(form, fixture_model, gguf_model):
+    model = fixture_model("qwen3_moe") if form == "safetensors" else gguf_model("qwen3_moe", "q8_0")
     results = [json.loads(run("eval", model, *TOKENS, "--json", *args).output)
                for args in ((), ("--max-memory", "4GB"))]
     assert results[0]["num_predictions"] == results[1]["num_predictions"] > 0
@@ -122,13 +139,14 @@ def test_a_family_read_a_whole_layer_at_a_time_is_planned_whole(fixture_model, t
     assert "and a whole layer's experts (this family's are not read by range) need at least" in line
 
 
-def test_a_gguf_model_under_a_limit_is_refused_naming_it(fixture_model, tmp_path):
-    """A GGUF is read a whole layer at a time and has no memory model yet: --max-memory refuses it
-    with one line before anything is written."""
-    from reap_stream.testing.gguf_convert import cached_gguf
-
-    gguf = cached_gguf("qwen3_moe", "f32", tmp_path / "gguf", fixture_model("qwen3_moe"))[0]
-    line = error_line(run("collect", gguf, *TOKENS, "--max-memory", "4GB", "--out", tmp_path / "t.zarr"))
-    assert line == f"reap-stream: error: {gguf}: --max-memory needs a safetensors model directory (MLX or Hugging Face " \
-                   "layout); this is a GGUF file"
-    assert not (tmp_path / "t.zarr").exists() and not (tmp_path / "t.zarr.work").exists()
+def test_a_gguf_stays_under_max_memory_and_estimate_predicts_its_peak(big_gguf, tmp_path):
+    runs = {name: _cli("collect", big_gguf, *TOKENS, "--out", tmp_path / f"{name}.zarr", *args)
+            for name, args in (("unlimited", ()), ("limited", ("--max-memory", f"{GGUF_LIMIT_MB}MB")))}
+    measured = {name: summary["peak_rss_mib"] * 2**20 for name, summary in runs.items()}
+    assert measured["unlimited"] > GGUF_LIMIT_MB * 1e6 >= measured["limited"]   # a whole layer does not fit
+    assert runs["limited"]["expert_chunk_bytes"] < 64 * 3 * 512 * 512 * 4 / 2   # experts in several chunks
+    limited = _estimate(big_gguf, "--max-memory", f"{GGUF_LIMIT_MB}MB")["memory"]["max_memory"]
+    assert limited["expert_chunk_bytes"] == runs["limited"]["expert_chunk_bytes"]   # the chunking collect chose
+    predicted = {"unlimited": _estimate(big_gguf)["memory"]["chunked_peak_bytes"], "limited": limited["peak_bytes"]}
+    for name, peak in measured.items():
+        assert 0.75 <= predicted[name] / peak <= 1.25, (name, predicted[name] / 2**20, peak / 2**20)

@@ -12,8 +12,11 @@ read, so a layer's experts are never whole in memory.
 - `ModuleExperts`: a loaded expert stack (memory mode, or a layout only the family's own
   `sanitize` understands): slices of its arrays, nothing read.
 
-A source for another on-disk format (a GGUF expert is one contiguous byte range per tensor too,
-dequantised on read) implements `ExpertSource`: `num_experts`, `expert_bytes` and `read`.
+- `GGUFExperts` (families/gguf_source.py): a GGUF, whose expert is one contiguous byte range per
+  tensor too, dequantised to float32 on read.
+
+A source for another on-disk format implements `ExpertSource`: `num_experts`, `expert_bytes` and
+`read`; one that reads from disk derives from `ReadExperts`.
 """
 from __future__ import annotations
 
@@ -66,7 +69,28 @@ class ExpertSource(Protocol):
         belong to their thread)."""
 
 
-class CheckpointExperts:
+class ReadExperts:
+    """A source that reads its slabs (`_read`): a layer read in one chunk is read once and serves
+    every chunk of tokens."""
+
+    num_experts: int
+    _whole: ExpertSlab | None = None
+
+    def read(self, lo: int, hi: int, **into) -> ExpertSlab:
+        """Experts [lo, hi); `into`: where a source with a `layout` writes them (slabs)."""
+        whole = (lo, hi) == (0, self.num_experts)
+        if whole and self._whole is not None:
+            return self._whole
+        slab = self._read(lo, hi, **into)
+        if whole:
+            self._whole = slab
+        return slab
+
+    def _read(self, lo: int, hi: int, **into) -> ExpertSlab:
+        raise NotImplementedError
+
+
+class CheckpointExperts(ReadExperts):
     """Routed experts of one layer of a safetensors checkpoint, read by byte range.
 
     `refs[projection][parameter]` is one stacked TensorRef (mlx_lm layout) or a list of
@@ -76,7 +100,6 @@ class CheckpointExperts:
         self.refs = refs
         first = next(iter(next(iter(refs.values())).values()))
         self.num_experts = len(first) if isinstance(first, list) else first.shape[0]
-        self._whole: ExpertSlab | None = None   # a layer read in one chunk serves every token chunk
 
     @property
     def expert_bytes(self) -> int:
@@ -93,11 +116,9 @@ class CheckpointExperts:
                       tuple(r[0].shape if isinstance(r, list) else r.shape[1:]))
                      for proj, params in self.refs.items() for param, r in params.items())
 
-    def read(self, lo: int, hi: int, into: dict[str, dict[str, object]] | None = None) -> ExpertSlab:
+    def _read(self, lo: int, hi: int, into: dict[str, dict[str, object]] | None = None) -> ExpertSlab:
         """Experts [lo, hi): into fresh arrays, or written in place into the first hi - lo rows
         of `into` (arrays of `layout()`, evaluated: their memory is reused, nothing is allocated)."""
-        if (lo, hi) == (0, self.num_experts) and self._whole is not None:
-            return self._whole
         mx = mlx_core()
         arrays: dict[str, dict[str, object]] = {}
         for proj, params in self.refs.items():
@@ -121,10 +142,7 @@ class CheckpointExperts:
                 # one numpy array alive at a time next to the slab's MLX copies
                 arrays[proj][param] = _Bits(mx.array(host), dtype, hi - lo)
                 del host
-        slab = ExpertSlab(lo, hi, arrays)
-        if (lo, hi) == (0, self.num_experts):
-            self._whole = slab
-        return slab
+        return ExpertSlab(lo, hi, arrays)
 
 
 def _first(ref: TensorRef | list[TensorRef]) -> TensorRef:

@@ -15,7 +15,8 @@ the converter changed beyond names is undone:
 Architectures with a converter transform not undone here are refused (NOT_READABLE).
 
 A parameter with an expert axis can be read a run of experts at a time (`experts`), one byte
-range of the GGUF tensor: the hook a chunked expert loop reads through.
+range of the GGUF tensor, through the same undoing as the whole parameter; `GGUFExperts` serves a
+layer's expert stack that way to the chunked expert loop (families/expert_source).
 """
 from __future__ import annotations
 
@@ -25,9 +26,11 @@ from types import MappingProxyType
 import numpy as np
 from gguf.tensor_mapping import TensorNameMap
 
+from ..blas import mlx_core
 from ..errors import BadInput
 from ..io.gguf import TensorInfo
 from ..io.gguf_read import check_readable, read_slices, read_tensor
+from .expert_source import PARAMS, ExpertSlab, ReadExperts
 from .gguf_arch import arch_enum, known_arch
 from .table import Family
 
@@ -170,3 +173,50 @@ class GGUFSource:
         """Experts [first, first + count) of a parameter whose axis 0 is the expert: one byte range."""
         src = self.sources[name]
         return self._finish(name, src, read_slices(src.tensor, first, count), False)
+
+    def stack(self, prefix: str) -> GGUFExperts | None:
+        """The parameters under `prefix` (an expert stack: "<layer>.mlp.switch_mlp.") as a source
+        read a run of experts at a time, or None where one is not a stacked tensor whose outermost
+        axis is the expert (then the layer loads whole)."""
+        names: dict[str, dict[str, str]] = {}
+        counts = set()
+        for name, shape in self.params.items():
+            if not name.startswith(prefix):
+                continue
+            proj, _, param = name[len(prefix):].partition(".")
+            src = self.sources[name]
+            if param not in PARAMS or len(shape) < 2 or self._shape(src) != tuple(shape) \
+                    or src.unpermute_heads or src.a_log:
+                return None
+            names.setdefault(proj, {})[param] = name
+            counts.add(shape[0])
+        if not names or len(counts) != 1 or any("weight" not in p for p in names.values()):
+            return None
+        return GGUFExperts(self, names, counts.pop())
+
+
+class GGUFExperts(ReadExperts):
+    """A layer's routed experts read from a GGUF a run at a time (one byte range per tensor; a fused
+    gate_up tensor is read for each half), dequantised to float32 as the whole-layer path loads them."""
+
+    def __init__(self, source: GGUFSource, names: dict[str, dict[str, str]], num_experts: int):
+        self.source, self.names, self.num_experts = source, names, num_experts
+
+    @property
+    def params(self) -> set[str]:
+        return {n for p in self.names.values() for n in p.values()}
+
+    @property
+    def expert_bytes(self) -> int:
+        return sum(4 * int(np.prod(self.source.params[n][1:])) for n in self.params)
+
+    def _read(self, lo: int, hi: int) -> ExpertSlab:
+        mx = mlx_core()
+        arrays: dict[str, dict[str, object]] = {}
+        for proj, params in self.names.items():
+            arrays[proj] = {}
+            for param, name in params.items():
+                host = self.source.experts(name, lo, hi - lo).astype(np.float32, copy=False)
+                arrays[proj][param] = mx.array(host)
+                del host
+        return ExpertSlab(lo, hi, arrays)

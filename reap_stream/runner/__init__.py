@@ -25,7 +25,7 @@ from ..errors import BadInput
 from ..families.model import Model
 from ..procstats import return_freed_memory
 from ..families.table import Family
-from .budget import MAX_EXPERT_CHUNK, checkpoint_shapes, fit, whole_model_peak
+from .budget import MAX_EXPERT_CHUNK, checkpoint_shapes, fit, gguf_shapes, whole_model_peak
 from .chunks import MODES, Chunk, RunOptions, make_chunks
 
 __all__ = ["MODES", "Chunk", "RunOptions", "Runner", "make_chunks", "open_runner", "fit_memory"]
@@ -74,8 +74,8 @@ def fit_memory(model: Model, options: RunOptions, sequences, *, logits: bool = F
         return options
     import numpy as np
 
-    ckpt = model.require_checkpoint("--max-memory")
-    shapes = checkpoint_shapes(ckpt, model.family, model.structure.top_k)
+    shapes = gguf_shapes(model) if model.is_gguf else \
+        checkpoint_shapes(model.require_checkpoint("--max-memory"), model.family, model.structure.top_k)
     seq_len = max((len(s) for s in sequences), default=1)
     if options.mode == "memory":
         need = whole_model_peak(shapes, min(options.chunk_tokens, max(seq_len, 1)), seq_len)
@@ -85,9 +85,9 @@ def fit_memory(model: Model, options: RunOptions, sequences, *, logits: bool = F
         return options
     unique = len(np.unique(np.concatenate([np.asarray(s).reshape(-1) for s in sequences]))) if sequences else 1
     total = sum(len(s) for s in sequences)
-    from ..families.expert_source import read_by_range
+    from ..families.expert_source import by_range, read_by_range
 
     c = fit(shapes, options.max_memory, max(min(options.chunk_tokens, total), seq_len), seq_len,
-            whole_layers=not read_by_range(ckpt, model.family),
+            whole_layers=not (by_range(model.family) if model.is_gguf else read_by_range(model.checkpoint, model.family)),
             unique_tokens=unique, logits=logits)
     return dataclasses.replace(options, chunk_tokens=min(options.chunk_tokens, c.tokens), expert_chunk_bytes=c.expert_bytes)

@@ -22,6 +22,9 @@ from ..families.table import Family, classify
 from ..io.safetensors import DTYPE_BITS
 
 MIB = 1 << 20
+GGML_F32 = 0   # ggml's type id of float32
+# MLX dtype -> the safetensors name the memory model sizes it by
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint32": "U32", "uint8": "U8"}
 # RSS of the process once mlx, mlx_lm and the tokenizer are loaded, the calibration tokenised and
 # MLX's buffer cache warm (Linux, measured: collect on the 4-layer test fixture peaks at 290 MiB, of
 # which ~6 MiB are the model's layer and activations)
@@ -54,6 +57,20 @@ class Shapes:
     largest_matrix: int = 0             # elements of the largest matrix outside the experts
     expert_params: int = 0              # matrix elements of one routed expert
     dense_params: dict[int, int] = field(default_factory=dict)  # matrix elements every token meets, per layer
+    # a GGUF's tensors are dequantised on read: float32 projections of the experts being read, and
+    # embedding tables, alive beyond the copies every read makes (decoding temporaries, a fused
+    # gate_up's other half)
+    expert_read_extra: float = 0.0
+    embed_read_extra: float = 0.0
+    embed_by_rows: bool = True          # the embedding reads the calibration's rows only (not a GGUF's)
+    file_bytes: int = 0                 # a GGUF: its tensors' bytes as stored (0: as held)
+    file_expert_bytes: dict[int, int] = field(default_factory=dict)  # a GGUF: one expert as stored
+    file_layer_bytes: dict[int, int] = field(default_factory=dict)   # a GGUF: a layer's other tensors as stored
+
+    def stored(self) -> tuple[dict[int, int], dict[int, int]]:
+        """({layer: bytes outside the routed experts}, {MoE layer: bytes of one expert}) as stored on disk."""
+        return ({i: self.file_layer_bytes.get(i, b) for i, b in self.layer_bytes.items()},
+                {i: self.file_expert_bytes.get(i, b) for i, b in self.expert_bytes.items()})
 
     @property
     def num_layers(self) -> int:
@@ -136,13 +153,49 @@ def shapes_from_table(config: dict, tensors: dict[str, tuple[str, tuple]], route
 
 def checkpoint_shapes(ckpt, fam: Family, top_k: int) -> Shapes:
     """Shapes from a safetensors checkpoint's headers."""
-    tensors = {n: (r.dtype, tuple(r.shape)) for n, r in ckpt.tensors.items()}
+    return _family_shapes(ckpt.config, {n: (r.dtype, tuple(r.shape)) for n, r in ckpt.tensors.items()}, fam, top_k)
+
+
+def gguf_shapes(model) -> Shapes:
+    """Shapes of a GGUF model (families/model.Model) as the streaming runner holds it: every
+    parameter dequantised to float32 (mlx_lm's model of its config, never evaluated), so one
+    expert is its float32 bytes once read, whatever the GGUF stores; a quantised (or half) tensor
+    needs more while it is decoded, a fused gate_up is read once for each half (measured:
+    docs/memory.md)."""
+    from .gguf_weights import GGUFWeights, gguf_skeleton
+
+    weights = GGUFWeights(model, gguf_skeleton(model), model.where)   # every parameter matched to its tensor
+    tensors = {n: (_ST_DTYPES[str(dtype).split(".")[-1]], shape) for n, (shape, dtype) in weights.params.items()}
+    s = _family_shapes(model.config, tensors, model.family, model.structure.top_k)
+    sources, prefix = weights.source.sources, _prefix(tensors)
+    experts = [n for n in tensors if (rel := classify(n, model.family)) is not None and rel.kind == "stacked"]
+    embedding = [n for n in tensors if _layer_of(n, prefix) is None and "embed" in n and n.endswith("weight")]
+    s.expert_read_extra = float(any(sources[n].tensor.ggml_type != GGML_F32 for n in experts)) + \
+        float(any(sources[n].rows is not None for n in experts))
+    s.embed_read_extra = 0.5 if any(sources[n].tensor.ggml_type != GGML_F32 for n in embedding) else 0.0
+    s.embed_by_rows = False
+    s.file_bytes = sum(t.nbytes for part in model.gguf_parts for t in part.tensors)
+    stored: dict[int, dict[str, int]] = {}   # layer -> GGUF tensor -> bytes of one expert (a fused one once)
+    for n in experts:
+        t = sources[n].tensor
+        stored.setdefault(_layer_of(n, prefix), {})[t.name] = t.outer_stride
+    s.file_expert_bytes = {layer: sum(by_tensor.values()) for layer, by_tensor in stored.items()}
+    blocks: dict[int, int] = {}   # the GGUF's blk.N tensors
+    for part in model.gguf_parts:
+        for t in part.tensors:
+            if t.name.startswith("blk.") and t.name.split(".")[1].isdigit():
+                blocks[int(t.name.split(".")[1])] = blocks.get(int(t.name.split(".")[1]), 0) + t.nbytes
+    s.file_layer_bytes = {i: blocks.get(i, 0) - s.experts.get(i, 0) * s.file_expert_bytes.get(i, 0) for i in s.layer_bytes}
+    return s
+
+
+def _family_shapes(config: dict, tensors: dict[str, tuple[str, tuple]], fam: Family, top_k: int) -> Shapes:
     routed = set()
     for n in tensors:
         rel = classify(n, fam)
         if rel is not None and rel.kind in ("stacked", "per_expert"):
             routed.add(n)
-    return shapes_from_table(ckpt.config, tensors, routed, _prefix(tensors), top_k)
+    return shapes_from_table(config, tensors, routed, _prefix(tensors), top_k)
 
 
 def config_shapes(config: dict, bits: int | None = None, group_size: int = 64,
@@ -183,8 +236,7 @@ def config_tensors(config: dict, bits: int | None = None, group_size: int = 64, 
     if bits is not None:
         with contextlib.redirect_stdout(io.StringIO()):
             model, config = quantize_model(model, dict(config), group_size, bits)
-    names = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint32": "U32", "uint8": "U8"}
-    tensors = {k: (names[str(v.dtype).split(".")[-1]], tuple(v.shape)) for k, v in tree_flatten(model.parameters())}
+    tensors = {k: (_ST_DTYPES[str(v.dtype).split(".")[-1]], tuple(v.shape)) for k, v in tree_flatten(model.parameters())}
     stacks = [p for p, m in model.named_modules() if isinstance(m, (SwitchGLU, SwitchMLP))]
     return tensors, config, stacks
 
@@ -228,7 +280,7 @@ def _experts(s: Shapes, layer: int, chunk: int | None, upcast_stack: bool = Fals
     reading = 2 * held if chunk is not None and held < s.experts[layer] * one else held  # one slab read ahead
     upcast = 2 * 3 * s.hidden * s.expert_width * 4                      # one expert in float32 per lane
     stack = 2 * held if chunk is None and upcast_stack else 0           # a half-precision stack in float32
-    return reading + held / 3 + upcast + stack
+    return reading + held / 3 * (1 + s.expert_read_extra) + upcast + stack
 
 
 def phase_peaks(s: Shapes, c: Chunking, *, unique_tokens: int | None = None, logits: bool = False) -> dict:
@@ -241,8 +293,8 @@ def phase_peaks(s: Shapes, c: Chunking, *, unique_tokens: int | None = None, log
         if i in s.expert_bytes:
             peak += _experts(s, i, c.expert_bytes, c.upcast_stack)
         layers[i] = peak
-    rows = s.vocab if unique_tokens is None else min(unique_tokens, s.vocab or unique_tokens)
-    out = {"embed": BASE_RSS + 2 * rows * s.embed_row_bytes + 2 * t * s.hidden * (s.act_bytes + 4),
+    rows = s.vocab if unique_tokens is None or not s.embed_by_rows else min(unique_tokens, s.vocab or unique_tokens)
+    out = {"embed": BASE_RSS + (2 + s.embed_read_extra) * rows * s.embed_row_bytes + 2 * t * s.hidden * (s.act_bytes + 4),
            "layer": max(layers.values(), default=BASE_RSS)}
     if logits:
         out["logits"] = BASE_RSS + s.head_bytes + 3 * t * s.vocab * 4 + 2 * t * s.hidden * 4

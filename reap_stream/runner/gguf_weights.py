@@ -1,6 +1,8 @@
 """A GGUF model in the streaming runner: the mlx_lm skeleton built from the config rebuilt from the
 GGUF's metadata, filled one layer at a time from the GGUF's byte ranges (families/gguf_source),
-dequantised to float32. Same interface as skeleton.Weights, so both runners take either.
+dequantised to float32; a layer's routed experts, where the family's may be, read a chunk of
+experts at a time (gguf_source.GGUFExperts). Same interface as skeleton.Weights, so both runners
+take either.
 """
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ import contextlib
 from typing import Callable
 
 from ..blas import mlx_core
-from ..families.gguf_source import GGUFSource
+from ..families.expert_source import by_range
+from ..families.gguf_source import GGUFExperts, GGUFSource
 from ..families.model import Model
 from .skeleton import layer_prefix, model_from_config
 
@@ -26,7 +29,7 @@ class GGUFWeights:
     def __init__(self, model: Model, skeleton, where: str):
         from mlx.utils import tree_flatten
 
-        self.model, self.where = skeleton, where
+        self.model, self.where, self.family = skeleton, where, model.family
         self.params = {n: (tuple(a.shape), a.dtype) for n, a in tree_flatten(skeleton.parameters())}
         self.prefix = layer_prefix(skeleton, where)
         tensors = {t.name: t for p in model.gguf_parts for t in p.tensors}
@@ -40,9 +43,15 @@ class GGUFWeights:
         p = f"{self.prefix}{layer}."
         return sorted(n for n in self.params if n.startswith(p))
 
-    def experts(self, layer: int) -> None:
-        """Experts are not read by range from a GGUF: each layer loads whole (docs/memory.md)."""
-        return None
+    def experts(self, layer: int) -> GGUFExperts | None:
+        """The source of a layer's routed experts read by expert range (None: the family's or the
+        file's experts are not served that way, and the layer loads whole)."""
+        if not by_range(self.family):
+            return None
+        stack = f"{self.prefix}{layer}.{self.family.block}.{self.family.stacked}."
+        if any(dtype != mlx_core().float32 for n, (_, dtype) in self.params.items() if n.startswith(stack)):
+            return None
+        return self.source.stack(stack)
 
     def embedding_rows(self, token_ids) -> contextlib.AbstractContextManager[set[str]]:
         """The embedding table is read whole from a GGUF (dequantised): nothing held by rows."""
@@ -52,9 +61,12 @@ class GGUFWeights:
         return self.names_of(None)
 
     def load(self, layer: int | None, skip: Callable[[str], bool] = lambda name: False,
-             experts: None = None) -> list[str]:
+             experts: GGUFExperts | None = None) -> list[str]:
+        """Read one layer's (or the non-layer) parameters into the skeleton; returns their names.
+        With `experts` (the layer's expert source), its routed experts are left to be read by range."""
         mx = mlx_core()
-        names = [n for n in self.names_of(layer) if not skip(n)]
+        routed = experts.params if experts is not None else set()
+        names = [n for n in self.names_of(layer) if not skip(n) and n not in routed]
         weights = []
         for n in names:
             arr = self.source.array(n)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..blas import mlx_core
 from ..errors import BadInput
-from ..families.expert_source import CheckpointExperts
+from ..families.expert_source import ExpertSource
 from ..families.table import Family, attr
 from ..io.safetensors import Checkpoint, TensorRef
 from .chunks import Chunk, make_chunks
@@ -182,7 +182,7 @@ class Forward:
         self.num_layers = len(model.layers)
         self.top_k = top_k
         self.chunk_bytes, self.kernel = chunk_bytes, kernel
-        self.sources: dict[int, CheckpointExperts] = {}
+        self.sources: dict[int, ExpertSource] = {}
 
     @property
     def moe_layers(self) -> list[int]:

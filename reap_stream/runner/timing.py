@@ -95,7 +95,8 @@ def layer_flops(s: Shapes, layer: int, tokens: int, seq_len: int) -> float:
 def bound_seconds(s: Shapes, tokens: int, seq_len: int, rates: Rates) -> dict:
     """The read + compute bound of a stream run: per layer and in total."""
     per_layer = {}
-    for i in s.layer_bytes:
-        read = s.layer_bytes[i] + s.experts.get(i, 0) * s.expert_bytes.get(i, 0)
+    layer_bytes, expert_bytes = s.stored()   # what is read from disk (a GGUF's quantised bytes)
+    for i in layer_bytes:
+        read = layer_bytes[i] + s.experts.get(i, 0) * expert_bytes.get(i, 0)
         per_layer[i] = read / rates.read_bytes_per_s + layer_flops(s, i, tokens, seq_len) / rates.gemm_flops_per_s
     return {"per_layer_s": per_layer, "total_s": sum(per_layer.values())}

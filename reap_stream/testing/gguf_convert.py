@@ -6,7 +6,8 @@ converted), does what llama.cpp's converter does beyond names (q/k rows permuted
 whose RoPE rotates interleaved pairs; Mamba's A as -exp(A_log) and squeezed convolutions; a
 wrapper's text_config read at the top level and its language_model. prefix dropped; the metadata
 keys its converter writes (testing/gguf_metadata), rope_freqs and the tokenizer included),
-optionally quantises, and writes with gguf-py's GGUFWriter (an independent writer, so our reader
+optionally quantises and fuses gate and up experts (`ffn_gate_up_exps`, as the converter's
+--fuse-gate-up-exps writes them), and writes with gguf-py's GGUFWriter (an independent writer, so our reader
 is tested against it). numpy shapes are reversed into llama.cpp's ne order by the writer: a
 stacked expert tensor [E, out, in] becomes ne = [in, out, E], the expert axis outermost.
 
@@ -166,8 +167,26 @@ def _natural(name: str):
     return (1, int(m.group(1)), m.group(2)) if m else (0 if "embed" in name else 2, 0, name)
 
 
-def convert_mlx_to_gguf(src: Path, out: Path, *, qtype: str = "f32", split_max_tensors: int = 0) -> list[Path]:
-    """Write the GGUF form of an mlx_lm fixture (float weights); returns the file(s) written."""
+def fuse_gate_up(tensors: list[tuple[str, np.ndarray, object]]) -> list[tuple[str, np.ndarray, object]]:
+    """Each layer's ffn_gate_exps and ffn_up_exps as one ffn_gate_up_exps (gate rows first), as
+    llama.cpp's converter writes them with --fuse-gate-up-exps."""
+    byname = {g: a for g, a, _ in tensors}
+    out = []
+    for gname, arr, t in tensors:
+        if gname.endswith("ffn_up_exps.weight"):
+            continue
+        if gname.endswith("ffn_gate_exps.weight"):
+            # numpy [E, ff, in] (or its quantised byte form): concatenate along ff
+            gname, arr = gname.replace("gate_exps", "gate_up_exps"), \
+                np.concatenate([arr, byname[gname.replace("gate_exps", "up_exps")]], axis=1)
+        out.append((gname, arr, t))
+    return out
+
+
+def convert_mlx_to_gguf(src: Path, out: Path, *, qtype: str = "f32", split_max_tensors: int = 0,
+                        fused: bool = False) -> list[Path]:
+    """Write the GGUF form of an mlx_lm fixture (float weights); returns the file(s) written.
+    `fused`: gate and up experts in one tensor (fuse_gate_up)."""
     if qtype not in QTYPES:
         raise ValueError(f"qtype must be one of {QTYPES}")
     ckpt = Checkpoint.open(src)
@@ -175,7 +194,8 @@ def convert_mlx_to_gguf(src: Path, out: Path, *, qtype: str = "f32", split_max_t
     if not known_arch(arch):
         raise ValueError(f"the installed gguf-py ({version('gguf')}) does not know architecture {arch!r}: "
                          f"no tensor names to convert to")
-    return _write(Path(out), arch, ckpt.config, ckpt, _tensors(ckpt, qtype), split_max_tensors)
+    tensors = _tensors(ckpt, qtype)
+    return _write(Path(out), arch, ckpt.config, ckpt, fuse_gate_up(tensors) if fused else tensors, split_max_tensors)
 
 
 HASH_LAYER = 1   # the deepseek4-like fixture's hash-routed layer
@@ -188,7 +208,7 @@ def make_ds4_fixture(src: Path, out: Path, *, qtype: str = "f32", seed: int = 0)
     if cfg["model_type"] != "deepseek_v3":
         raise ValueError("make_ds4_fixture converts the deepseek_v3 fixture")
     rng = np.random.default_rng(seed)
-    base = {g: (a, t) for g, a, t in _tensors(ckpt, qtype)}
+    base = {g: (a, t) for g, a, t in fuse_gate_up(_tensors(ckpt, qtype))}
     vocab, top_k, E = cfg["vocab_size"], cfg["num_experts_per_tok"], cfg["n_routed_experts"]
     last = cfg["num_hidden_layers"] - 1
     tensors = []
@@ -197,13 +217,6 @@ def make_ds4_fixture(src: Path, out: Path, *, qtype: str = "f32", seed: int = 0)
         layer, leaf = (int(m.group(1)), m.group(2)) if m else (None, gname)
         if layer == HASH_LAYER and leaf in ("ffn_gate_inp.weight", "exp_probs_b.bias"):
             continue   # a hash layer routes by table, it has no router
-        if leaf == "ffn_up_exps.weight":
-            continue   # fused into gate_up below
-        if leaf == "ffn_gate_exps.weight":
-            up, _ = base[gname.replace("gate_exps", "up_exps")]
-            # numpy [E, ff, in] (or its quantised byte form): concatenate along ff
-            tensors.append((gname.replace("gate_exps", "gate_up_exps"), np.concatenate([arr, up], axis=1), t))
-            continue
         tensors.append((gname, arr, t))
         if leaf == "ffn_down_exps.weight":
             scale = (1.0 + 0.1 * rng.standard_normal(E)).astype(np.float32)
@@ -222,17 +235,18 @@ def make_ds4_fixture(src: Path, out: Path, *, qtype: str = "f32", seed: int = 0)
     return _write(Path(out), "deepseek4", cfg, ckpt, tensors + mtp, 0)
 
 
-def cached_gguf(family: str, qtype: str, root: Path, mlx_dir: Path, *, split: int = 0) -> list[Path]:
-    """root/<family>-<qtype>[-split<N>]-from-<mlx fixture>/model.gguf (or its parts), written once via temp dir + rename.
-    family "deepseek4" builds the deepseek4-like file from the deepseek_v3 mlx fixture `mlx_dir`."""
+def cached_gguf(family: str, qtype: str, root: Path, mlx_dir: Path, *, split: int = 0, fused: bool = False) -> list[Path]:
+    """root/<family>-<qtype>[-split<N>][-fused]-from-<mlx fixture>/model.gguf (or its parts), written once via temp
+    dir + rename. family "deepseek4" builds the deepseek4-like file from the deepseek_v3 mlx fixture `mlx_dir`."""
     def build(tmp: Path) -> None:
         if family == "deepseek4":
             make_ds4_fixture(mlx_dir, tmp / "model.gguf", qtype=qtype)
         else:
-            convert_mlx_to_gguf(mlx_dir, tmp / "model.gguf", qtype=qtype, split_max_tensors=split)
+            convert_mlx_to_gguf(mlx_dir, tmp / "model.gguf", qtype=qtype, split_max_tensors=split, fused=fused)
         (tmp / "done").write_text("")
 
     # named after the MLX fixture it converts (whose name carries its config digest)
-    final = Path(root) / (f"{family}-{qtype}" + (f"-split{split}" if split else "") + f"-from-{Path(mlx_dir).name}")
+    final = Path(root) / (f"{family}-{qtype}" + (f"-split{split}" if split else "") + ("-fused" if fused else "")
+                          + f"-from-{Path(mlx_dir).name}")
     build_once(final, lambda p: (p / "done").is_file(), build)
     return sorted(final.glob("*.gguf"))
