@@ -136,7 +136,7 @@ def test_a_family_read_a_whole_layer_at_a_time_is_planned_whole(fixture_model, t
     summary = _cli("collect", model, *TOKENS, "--max-memory", "4GB", "--out", tmp_path / "t.zarr")
     assert summary["expert_chunk_bytes"] is None and summary["layers"]
     line = error_line(run("collect", model, *TOKENS, "--max-memory", "100MB", "--out", tmp_path / "o"))
-    assert "and a whole layer's experts (this family's are not read by range) need at least" in line
+    assert "and a whole layer's experts (this model's are not read by range) need at least" in line
 
 
 def test_a_gguf_stays_under_max_memory_and_estimate_predicts_its_peak(big_gguf, tmp_path):

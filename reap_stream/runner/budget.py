@@ -313,7 +313,7 @@ def fit(s: Shapes, budget: int, tokens: int, seq_len: int, *, unique_tokens: int
     """The chunking with the most tokens (up to `tokens`, whole sequences of `seq_len`) and the
     largest chunk of experts (up to MAX_EXPERT_CHUNK) whose predicted peak stays under HEADROOM
     of `budget`; BadInput naming the least limit that fits one sequence and one expert. With
-    `whole_layers` (a family whose experts are not read by range: families/expert_source.by_range)
+    `whole_layers` (a model whose experts are not read by range: families/expert_source.read_by_range)
     only the tokens are chosen: a layer's experts are whole, and upcast whole by the self-check."""
     limit = budget
     budget = int(budget * HEADROOM)
@@ -321,7 +321,7 @@ def fit(s: Shapes, budget: int, tokens: int, seq_len: int, *, unique_tokens: int
     least = Chunking(seq_len, seq_len, one_expert or None, whole_layers)
     need = phase_peaks(s, least, unique_tokens=unique_tokens, logits=logits)["peak"]
     if need > budget:
-        unit = "a whole layer's experts (this family's are not read by range)" if whole_layers else "one expert at a time"
+        unit = "a whole layer's experts (this model's are not read by range)" if whole_layers else "one expert at a time"
         raise BadInput(where, f"{_size(limit)} is too small for this model: one sequence of {seq_len} tokens "
                               f"and {unit} need at least {_size(need / HEADROOM)}")
     best = least
