@@ -31,30 +31,27 @@ class Tokens:
 def load_shapes(path: Path, bits: int | None = None) -> tuple[Shapes, dict, list[Path], str, bool]:
     """(shapes, config, weight files, what the figures come from, whether collect reads its experts
     by range) of a model directory, or of a bare config.json (a file, or a directory holding only it)."""
+    from .families.expert_source import read_by_range
+    from .families.model import open_model
     from .io.gguf import is_gguf
 
     path = Path(path)
     if path.is_file() and is_gguf(path):
         if bits is not None:
             raise BadInput("--quantize", "estimates a model from its config.json; a GGUF is estimated as it is")
-        from .families.model import open_model
         from .runner.budget import gguf_shapes
 
         model = open_model(path)
         return gguf_shapes(model), model.config, [p.path for p in model.gguf_parts], \
-            "GGUF header; in memory as float32", _by_range(model.config)
+            "GGUF header; in memory as float32", read_by_range(model)
     config_path = path if path.is_file() else path / "config.json"
     has_weights = path.is_dir() and (any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists())
     if has_weights and bits is None:
-        from .families.model import open_model
-
-        from .families.expert_source import read_by_range
-
         model = open_model(path)
         ckpt = model.require_checkpoint("estimate")
         shapes = checkpoint_shapes(ckpt, model.family, model.structure.top_k)
         return (shapes, ckpt.config, sorted({r.file for r in ckpt.tensors.values()}), "config.json + safetensors headers",
-                read_by_range(ckpt, model.family))
+                read_by_range(model))
     try:
         config = json.loads(config_path.read_text())
     except FileNotFoundError:
@@ -79,7 +76,7 @@ def estimate(path: Path, tokens: Tokens, *, ratio: float | None = None, max_memo
     moe = sorted(s.experts)
     layer_bytes, stored = s.stored()   # as on disk (a GGUF's tensors as stored, not as held)
     routed = {i: s.experts[i] * stored[i] for i in moe}
-    total = s.file_bytes or s.outside_bytes + sum(s.layer_bytes.values()) + sum(routed.values())
+    total = s.file_bytes or s.outside_bytes + sum(layer_bytes.values()) + sum(routed.values())
     chunk = min(tokens.count, 4096)
     whole = Chunking(max(chunk, tokens.seq_len), tokens.seq_len, None, not ranged)
     chunked = Chunking(whole.tokens, tokens.seq_len, MAX_EXPERT_CHUNK) if ranged else whole

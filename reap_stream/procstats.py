@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import resource
 import runpy
@@ -47,26 +48,19 @@ def run_reporting_peak(report: str, target: str, *args: str) -> None:
         runpy.run_module(target, run_name="__main__", alter_sys=True)
 
 
-if __name__ == "__main__":  # python -m reap_stream.procstats REPORT MODULE|SCRIPT.py ARGS...
-    run_reporting_peak(*sys.argv[1:])
-
-
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_libc = None
 
 
+@functools.cache
 def _glibc():
     """glibc's malloc controls (mallopt, malloc_trim), or None off glibc."""
-    global _libc
-    if _libc is None:
-        import ctypes
+    import ctypes
 
-        try:
-            libc = ctypes.CDLL(None)
-            _libc = (libc.mallopt, libc.malloc_trim)
-        except (OSError, AttributeError):
-            _libc = False
-    return _libc or None
+    try:
+        libc = ctypes.CDLL(None)
+        return libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def return_freed_memory(threshold: int = 16 << 20) -> None:
@@ -91,3 +85,7 @@ def release_freed_memory() -> None:
     controls = _glibc()
     if controls is not None:
         controls[1](0)
+
+
+if __name__ == "__main__":  # python -m reap_stream.procstats REPORT MODULE|SCRIPT.py ARGS...
+    run_reporting_peak(*sys.argv[1:])

@@ -163,7 +163,7 @@ def test_memory_plans_chunks_of_experts_exactly_where_the_runner_reads_them_by_r
     model = open_model(fixture_model(family, variant))
     skeleton, w = open_skeleton(model)
     runner_reads_by_range = any(w.experts(i) is not None for i in range(len(skeleton.layers)))
-    assert read_by_range(model.checkpoint, model.family) == runner_reads_by_range
+    assert read_by_range(model) == runner_reads_by_range
     if (family, variant) == ("granitemoe", "transformers"):
         assert by_range(model.family) and not runner_reads_by_range
     seqs = [np.arange(32) % 50] * 4

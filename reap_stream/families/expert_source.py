@@ -15,14 +15,15 @@ read, so a layer's experts are never whole in memory.
 - `GGUFExperts` (families/gguf_source.py): a GGUF, whose expert is one contiguous byte range per
   tensor too, dequantised to float32 on read.
 
-A source for another on-disk format implements `ExpertSource`: `num_experts`, `expert_bytes` and
-`read`; one that reads from disk derives from `ReadExperts`.
+A source for another on-disk format derives from `ReadExperts`: `num_experts`, `expert_bytes`,
+`layout` (what a slab holds) and `_fill` (reads experts into it); slabs are read into two sets of
+arrays kept from layer to layer (`slabs`).
 """
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 import numpy as np
 
@@ -30,6 +31,9 @@ from ..blas import mlx_core
 from ..io.safetensors import Checkpoint, TensorRef, read_rows
 from .schema import Routing
 from .table import Family, classify
+
+if TYPE_CHECKING:
+    from .model import Model
 
 # parameters of one projection of an expert stack, and the projections of its two forms (SwitchGLU,
 # SwitchMLP), as mlx_lm names them
@@ -70,24 +74,48 @@ class ExpertSource(Protocol):
 
 
 class ReadExperts:
-    """A source that reads its slabs (`_read`): a layer read in one chunk is read once and serves
-    every chunk of tokens."""
+    """A source that reads its slabs into arrays of its `layout()`: (projection, parameter, MLX
+    dtype of the bits read, shape of one expert, MLX dtype they are viewed as) per tensor. `_fill`
+    writes experts [lo, hi) into writable numpy views of those arrays. A layer read in one chunk is
+    read once and serves every chunk of tokens."""
 
     num_experts: int
     _whole: ExpertSlab | None = None
 
-    def read(self, lo: int, hi: int, **into) -> ExpertSlab:
-        """Experts [lo, hi); `into`: where a source with a `layout` writes them (slabs)."""
+    def layout(self) -> tuple:
+        raise NotImplementedError
+
+    def _fill(self, lo: int, hi: int, views: dict[str, dict[str, np.ndarray]]) -> None:
+        raise NotImplementedError
+
+    def read(self, lo: int, hi: int, into: dict[str, dict[str, object]] | None = None) -> ExpertSlab:
+        """Experts [lo, hi), written in place into the first hi - lo rows of `into` (evaluated
+        arrays of `layout()`, from `slabs`: their memory is reused, nothing is allocated), or
+        into new arrays (an MLX op: call it on the thread that uses the slab)."""
         whole = (lo, hi) == (0, self.num_experts)
         if whole and self._whole is not None:
             return self._whole
-        slab = self._read(lo, hi, **into)
+        layout = self.layout()
+        into = into if into is not None else new_buffers(layout, hi - lo)
+        # writable views of the MLX arrays' memory
+        self._fill(lo, hi, {p: {k: np.array(a, copy=False)[: hi - lo] for k, a in ps.items()} for p, ps in into.items()})
+        arrays: dict[str, dict[str, object]] = {}
+        for proj, param, _, _, view in layout:
+            arrays.setdefault(proj, {})[param] = _Bits(into[proj][param], view, hi - lo)
+        slab = ExpertSlab(lo, hi, arrays)
         if whole:
             self._whole = slab
         return slab
 
-    def _read(self, lo: int, hi: int, **into) -> ExpertSlab:
-        raise NotImplementedError
+
+def new_buffers(layout: tuple, count: int) -> dict[str, dict[str, object]]:
+    """Evaluated MLX arrays holding `count` experts of `layout` (ReadExperts)."""
+    mx = mlx_core()
+    arrays: dict[str, dict[str, object]] = {}
+    for proj, param, dtype, shape, _ in layout:
+        arrays.setdefault(proj, {})[param] = mx.zeros((count, *shape), getattr(mx, dtype))
+    mx.eval(arrays)
+    return arrays
 
 
 class CheckpointExperts(ReadExperts):
@@ -110,52 +138,33 @@ class CheckpointExperts(ReadExperts):
         return total
 
     def layout(self) -> tuple:
-        """(projection, parameter, MLX dtype of its bits, shape of one expert) of every tensor:
-        what `read(into=)` needs (bf16 is read as its uint16 bits)."""
-        return tuple((proj, param, "uint16" if _first(r).dtype == "BF16" else MX_DTYPES[_first(r).dtype],
-                      tuple(r[0].shape if isinstance(r, list) else r.shape[1:]))
-                     for proj, params in self.refs.items() for param, r in params.items())
-
-    def _read(self, lo: int, hi: int, into: dict[str, dict[str, object]] | None = None) -> ExpertSlab:
-        """Experts [lo, hi): into fresh arrays, or written in place into the first hi - lo rows
-        of `into` (arrays of `layout()`, evaluated: their memory is reused, nothing is allocated)."""
-        mx = mlx_core()
-        arrays: dict[str, dict[str, object]] = {}
+        """bf16 is read as its uint16 bits (numpy has no bfloat16)."""
+        out = []
         for proj, params in self.refs.items():
-            arrays[proj] = {}
+            for param, r in params.items():
+                one = r[0] if isinstance(r, list) else r
+                dtype = MX_DTYPES[one.dtype]
+                out.append((proj, param, "uint16" if dtype == "bfloat16" else dtype,
+                            tuple(one.shape if isinstance(r, list) else one.shape[1:]), dtype))
+        return tuple(out)
+
+    def _fill(self, lo: int, hi: int, views: dict[str, dict[str, np.ndarray]]) -> None:
+        for proj, params in self.refs.items():
             for param, ref in params.items():
-                dtype = _first(ref).dtype
-                if into is not None:
-                    buf = into[proj][param]
-                    host = np.array(buf, copy=False)[: hi - lo]   # a writable view of the MLX array's memory
-                    if isinstance(ref, list):
-                        for i, r in enumerate(ref[lo:hi]):
-                            read_rows(r, 0, r.shape[0] if r.shape else 1, out=host[i])
-                    else:
-                        read_rows(ref, lo, hi, out=host)
-                    arrays[proj][param] = _Bits(buf, dtype, hi - lo)
-                    continue
                 if isinstance(ref, list):
-                    host = np.stack([read_rows(r, 0, r.shape[0] if r.shape else 1).reshape(r.shape) for r in ref[lo:hi]])
+                    for i, r in enumerate(ref[lo:hi]):
+                        read_rows(r, 0, r.shape[0] if r.shape else 1, out=views[proj][param][i])
                 else:
-                    host = read_rows(ref, lo, hi)
-                # one numpy array alive at a time next to the slab's MLX copies
-                arrays[proj][param] = _Bits(mx.array(host), dtype, hi - lo)
-                del host
-        return ExpertSlab(lo, hi, arrays)
-
-
-def _first(ref: TensorRef | list[TensorRef]) -> TensorRef:
-    return ref[0] if isinstance(ref, list) else ref
+                    read_rows(ref, lo, hi, out=views[proj][param])
 
 
 @dataclass
 class _Bits:
-    """Raw data read on the reader thread; `ready()` gives it its MLX dtype and its rows on the
+    """Raw data read on the reader thread; `ready()` gives it its rows and its MLX dtype on the
     caller's (both are MLX ops)."""
 
     data: object   # mx.array
-    dtype: str
+    view: str      # the MLX dtype its bits are viewed as
     rows: int
 
     @property
@@ -164,13 +173,14 @@ class _Bits:
 
 
 def ready(slab: ExpertSlab) -> ExpertSlab:
-    """The slab with every array in its MLX dtype (bf16 read as uint16 bits is viewed back)."""
+    """The slab with every array its rows, in its MLX dtype (bf16 read as uint16 bits is viewed back)."""
     mx = mlx_core()
     for params in slab.arrays.values():
         for name, a in params.items():
             if isinstance(a, _Bits):
                 data = a.data if a.rows == a.data.shape[0] else a.data[: a.rows]
-                params[name] = data.view(mx.bfloat16) if a.dtype == "BF16" else data
+                view = getattr(mx, a.view)
+                params[name] = data if data.dtype == view else data.view(view)
     return slab
 
 
@@ -208,15 +218,16 @@ def by_range(fam: Family) -> bool:
         and fam.routing not in (Routing.TOP1_SIGMOID_INPUT, Routing.LAYER_ROUTER)
 
 
-def checkpoint_experts(ckpt: Checkpoint, fam: Family, layer: int, prefix: str,
-                       params: dict[str, tuple]) -> CheckpointExperts | None:
+def checkpoint_experts(ckpt: Checkpoint, fam: Family, layer: int, prefix: str | None = None,
+                       params: dict[str, tuple] | None = None) -> CheckpointExperts | None:
     """The byte-range source of `layer`'s routed experts, or None when the checkpoint's layout
     is not one a byte range can serve (then the layer loads whole, through the family's own
-    sanitize). `params`: the skeleton's parameter name -> (shape, dtype); `prefix`: the decoder
-    layers' name prefix ("model.layers.")."""
+    sanitize). `params`: the skeleton's parameter name -> (shape, dtype), against which names and
+    shapes are checked; without it (before the skeleton exists) only the names are, a stack's
+    projections against mlx_lm's. `prefix`: the decoder layers' name prefix ("model.layers.")."""
     if not by_range(fam):
         return None
-    stack = f"{prefix}{layer}.{fam.block}.{fam.stacked}."
+    marker = f"{layer}.{fam.block}.{fam.stacked}."
     refs: dict[str, dict[str, TensorRef | list[TensorRef]]] = {}
     per_expert: dict[tuple[str, str], dict[int, TensorRef]] = {}
     for name, ref in ckpt.tensors.items():
@@ -224,10 +235,11 @@ def checkpoint_experts(ckpt: Checkpoint, fam: Family, layer: int, prefix: str,
         if rel is None or rel.layer != layer or rel.kind == "router":
             continue
         if rel.kind == "stacked":
-            proj, _, param = name[len(stack):].partition(".") if name.startswith(stack) else ("", "", "")
-            want = params.get(name)
-            if (not proj or param not in PARAMS or want is None or tuple(want[0][1:]) != tuple(ref.shape[1:])
-                    or ref.dtype not in MX_DTYPES):
+            proj, _, param = name.partition(marker)[2].partition(".")
+            want = None if params is None else params.get(name)
+            known = proj in GLU + MLP if params is None else \
+                want is not None and tuple(want[0][1:]) == tuple(ref.shape[1:])
+            if not proj or param not in PARAMS or not known or ref.dtype not in MX_DTYPES:
                 return None  # e.g. a fused Hugging Face stack only the family's sanitize splits
             refs.setdefault(proj, {})[param] = ref
         else:
@@ -238,7 +250,7 @@ def checkpoint_experts(ckpt: Checkpoint, fam: Family, layer: int, prefix: str,
             per_expert.setdefault((proj, param), {})[rel.expert] = ref
     for (proj, param), by_id in per_expert.items():
         ids = sorted(by_id)
-        if ids != list(range(len(ids))) or f"{stack}{proj}.{param}" not in params:
+        if ids != list(range(len(ids))) or (params is not None and f"{prefix}{marker}{proj}.{param}" not in params):
             return None
         refs.setdefault(proj, {})[param] = [by_id[e] for e in ids]
     if not refs or any("weight" not in p for p in refs.values()):
@@ -247,31 +259,18 @@ def checkpoint_experts(ckpt: Checkpoint, fam: Family, layer: int, prefix: str,
     return CheckpointExperts(refs) if len(counts) == 1 else None
 
 
-def read_by_range(ckpt: Checkpoint, fam: Family) -> bool:
-    """Whether a stream run reads this checkpoint's routed experts by range, judged before the
-    skeleton exists (what --max-memory and estimate plan for): a by-range family whose first MoE
-    layer is stored as `checkpoint_experts` serves it — mlx_lm's stacked projections or per-expert
-    Hugging Face tensors of a known projection — not in a form only the family's sanitize reads
-    (a fused gate_up stack). Shapes are checked later, against the skeleton."""
-    if not by_range(fam):
-        return False
-    routed: dict[int, list] = {}
-    for name, ref in ckpt.tensors.items():
-        rel = classify(name, fam)
-        if rel is not None and rel.kind in ("stacked", "per_expert"):
-            routed.setdefault(rel.layer, []).append((name, rel, ref))
-    if not routed:
-        return False
-    layer = min(routed)
-    for name, rel, ref in routed[layer]:
-        if rel.kind == "stacked":
-            proj, _, param = name.partition(f"{layer}.{fam.block}.{fam.stacked}.")[2].partition(".")
-        else:
-            hf_proj, _, param = rel.suffix.partition(".")
-            proj = (fam.hf_names or {}).get(hf_proj)
-        if proj not in GLU + MLP or param not in PARAMS or ref.dtype not in MX_DTYPES:
-            return False
-    return True
+def read_by_range(model: Model) -> bool:
+    """Whether a stream run reads this model's routed experts by range, judged before the skeleton
+    exists (what --max-memory and estimate plan for): for a GGUF, by family; for a checkpoint, by
+    the names of its first MoE layer (`checkpoint_experts` without the skeleton), so a stack only
+    the family's sanitize reads (a fused gate_up) plans whole layers."""
+    fam = model.family
+    if model.is_gguf:
+        return by_range(fam)
+    ckpt = model.checkpoint
+    layers = {rel.layer for n in ckpt.tensors
+              if (rel := classify(n, fam)) is not None and rel.kind in ("stacked", "per_expert")}
+    return bool(layers) and checkpoint_experts(ckpt, fam, min(layers)) is not None
 
 
 def expert_ranges(num_experts: int, per_chunk: int | None, active: np.ndarray | None = None) -> list[tuple[int, int]]:
@@ -284,7 +283,7 @@ def expert_ranges(num_experts: int, per_chunk: int | None, active: np.ndarray | 
     return [(lo, hi) for lo, hi in ranges if np.any((active >= lo) & (active < hi))]
 
 
-# Two sets of slab buffers for sources with a `layout` (CheckpointExperts), kept from layer to
+# Two sets of slab buffers for the sources that read (ReadExperts), kept from layer to
 # layer while the layout stays the same: fresh arrays of a slab's size are fresh mappings, whose
 # page faults cost about as much as reading the bytes (docs/memory.md).
 _pool: dict = {"layout": None, "sets": []}   # sets: [(experts it holds, projection -> parameter -> array)]
@@ -297,30 +296,25 @@ def release_slab_buffers() -> None:
 
 def _buffer_sets(source: ExpertSource, count: int, sets: int) -> list | None:
     """`sets` sets of evaluated arrays holding `count` experts of `source`'s layout, made on the
-    caller's thread (an MLX op); None for a source read into fresh arrays."""
-    if not hasattr(source, "layout"):
+    caller's thread (an MLX op); None for a source that does not read into arrays (a loaded stack)."""
+    if not isinstance(source, ReadExperts):
         return None
     layout = source.layout()
     if _pool["layout"] != layout:
         release_slab_buffers()
         _pool["layout"] = layout
     kept = _pool["sets"]
-    mx = mlx_core()
     for i in range(sets):
         if i == len(kept) or kept[i][0] < count:
-            arrays: dict = {}
-            for proj, param, dtype, shape in layout:
-                arrays.setdefault(proj, {})[param] = mx.zeros((count, *shape), getattr(mx, dtype))
-            mx.eval(arrays)
-            kept[i:i + 1] = [(count, arrays)]
+            kept[i:i + 1] = [(count, new_buffers(layout, count))]
     return [arrays for _, arrays in kept[:sets]]
 
 
 def slabs(source: ExpertSource, ranges: list[tuple[int, int]], prefetch: bool = True) -> Iterator[ExpertSlab]:
     """The slabs of `ranges` in order, each ready on the caller's thread; with `prefetch`, the
     next one is read on a worker thread while the caller computes on this one (two slabs in
-    memory at most). A source with a `layout` is read into two reused sets of arrays: the
-    caller must have evaluated what it computes from a slab before it asks for the next one."""
+    memory at most). A source that reads (ReadExperts) is read into two reused sets of arrays:
+    the caller must have evaluated what it computes from a slab before it asks for the next one."""
     ahead = prefetch and len(ranges) >= 2 and not isinstance(source, ModuleExperts)
     sets = _buffer_sets(source, max(hi - lo for lo, hi in ranges), 2 if ahead else 1) if ranges else None
 

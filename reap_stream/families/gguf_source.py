@@ -26,11 +26,10 @@ from types import MappingProxyType
 import numpy as np
 from gguf.tensor_mapping import TensorNameMap
 
-from ..blas import mlx_core
 from ..errors import BadInput
 from ..io.gguf import TensorInfo
 from ..io.gguf_read import check_readable, read_slices, read_tensor
-from .expert_source import PARAMS, ExpertSlab, ReadExperts
+from .expert_source import PARAMS, ReadExperts
 from .gguf_arch import arch_enum, known_arch
 from .table import Family
 
@@ -210,13 +209,11 @@ class GGUFExperts(ReadExperts):
     def expert_bytes(self) -> int:
         return sum(4 * int(np.prod(self.source.params[n][1:])) for n in self.params)
 
-    def _read(self, lo: int, hi: int) -> ExpertSlab:
-        mx = mlx_core()
-        arrays: dict[str, dict[str, object]] = {}
+    def layout(self) -> tuple:
+        return tuple((proj, param, "float32", tuple(self.source.params[name][1:]), "float32")
+                     for proj, params in self.names.items() for param, name in params.items())
+
+    def _fill(self, lo: int, hi: int, views: dict[str, dict[str, np.ndarray]]) -> None:
         for proj, params in self.names.items():
-            arrays[proj] = {}
             for param, name in params.items():
-                host = self.source.experts(name, lo, hi - lo).astype(np.float32, copy=False)
-                arrays[proj][param] = mx.array(host)
-                del host
-        return ExpertSlab(lo, hi, arrays)
+                views[proj][param][...] = self.source.experts(name, lo, hi - lo)

@@ -85,9 +85,9 @@ def fit_memory(model: Model, options: RunOptions, sequences, *, logits: bool = F
         return options
     unique = len(np.unique(np.concatenate([np.asarray(s).reshape(-1) for s in sequences]))) if sequences else 1
     total = sum(len(s) for s in sequences)
-    from ..families.expert_source import by_range, read_by_range
+    from ..families.expert_source import read_by_range
 
     c = fit(shapes, options.max_memory, max(min(options.chunk_tokens, total), seq_len), seq_len,
-            whole_layers=not (by_range(model.family) if model.is_gguf else read_by_range(model.checkpoint, model.family)),
+            whole_layers=not read_by_range(model),
             unique_tokens=unique, logits=logits)
     return dataclasses.replace(options, chunk_tokens=min(options.chunk_tokens, c.tokens), expert_chunk_bytes=c.expert_bytes)

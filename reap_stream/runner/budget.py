@@ -18,13 +18,14 @@ import math
 from dataclasses import dataclass, field
 
 from ..errors import BadInput
+from ..families.expert_source import MX_DTYPES
 from ..families.table import Family, classify
 from ..io.safetensors import DTYPE_BITS
 
 MIB = 1 << 20
 GGML_F32 = 0   # ggml's type id of float32
 # MLX dtype -> the safetensors name the memory model sizes it by
-_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint32": "U32", "uint8": "U8"}
+_ST_DTYPES = {mx: st for st, mx in MX_DTYPES.items()}
 # RSS of the process once mlx, mlx_lm and the tokenizer are loaded, the calibration tokenised and
 # MLX's buffer cache warm (Linux, measured: collect on the 4-layer test fixture peaks at 290 MiB, of
 # which ~6 MiB are the model's layer and activations)
