@@ -107,6 +107,76 @@ def test_slabs_are_read_into_two_buffer_sets_kept_from_layer_to_layer(variant, f
     assert _pool["sets"] == []
 
 
+def _layer_source(fixture_model, variant="bf16", layer=0):
+    from reap_stream.runner.skeleton import open_skeleton
+    _, w = open_skeleton(open_model(fixture_model("qwen3_moe", variant)))
+    return w.experts(layer)
+
+
+def _bits(slab) -> list[bytes]:
+    import mlx.core as mx
+    return [bytes(memoryview(a.view(mx.uint8))) for a in slab.arrays_list()]
+
+
+def _logged_reads(monkeypatch, fail: bool = False) -> list[tuple[int, int, str]]:
+    """(lo, hi, thread name) of each range of experts read; with `fail`, the first read fails."""
+    import threading
+    log: list[tuple[int, int, str]] = []
+    real = st_io.read_rows
+
+    def rows(ref, lo, hi, out=None):
+        if ref.name.endswith("switch_mlp.up_proj.weight"):
+            log.append((lo, hi, threading.current_thread().name))
+            if fail and len(log) == 1:
+                raise BadInput(ref.file, "cannot read: Input/output error")
+        return real(ref, lo, hi, out)
+
+    monkeypatch.setattr("reap_stream.families.expert_source.read_rows", rows)
+    return log
+
+
+@pytest.mark.parametrize("variant", ["bf16", "q4"])
+def test_a_layers_first_chunk_is_read_ahead_and_served_to_its_experts(variant, fixture_model, monkeypatch):
+    from reap_stream.families.expert_source import _first, read_first, ready, release_slab_buffers, slabs
+
+    source = _layer_source(fixture_model, variant)
+    ranges = [(0, 3), (3, 6), (6, source.num_experts)]
+    expected = [_bits(ready(type(source)(source.refs).read(lo, hi))) for lo, hi in ranges]
+    log = _logged_reads(monkeypatch)
+    read_first(source, 3 * source.expert_bytes)
+    _first[0][-1].result()
+    assert [r[:2] for r in log] == [(0, 3)]   # read before the experts are asked for
+    assert [_bits(slab) for slab in slabs(source, ranges)] == expected
+    assert [r[:2] for r in log] == ranges   # the first chunk read once, ahead
+    assert all(name.startswith("reap-read") for _, _, name in log)
+    release_slab_buffers()
+
+
+def test_a_first_chunk_read_ahead_that_is_not_needed_is_dropped(fixture_model, monkeypatch):
+    from reap_stream.families.expert_source import read_first, ready, release_slab_buffers, slabs
+
+    source = _layer_source(fixture_model)
+    expected = _bits(ready(type(source)(source.refs).read(3, 6)))
+    log = _logged_reads(monkeypatch)
+    read_first(source, 3 * source.expert_bytes)
+    # experts 0-2 had no rows: the range asked for is another, read into the same buffers
+    [slab] = list(slabs(source, [(3, 6)]))
+    assert _bits(slab) == expected
+    assert [r[:2] for r in log] == [(0, 3), (3, 6)]
+    release_slab_buffers()
+
+
+def test_a_failed_read_ahead_fails_the_layer_with_its_own_error(fixture_model, monkeypatch):
+    from reap_stream.families.expert_source import read_first, release_slab_buffers, slabs
+
+    source = _layer_source(fixture_model)
+    _logged_reads(monkeypatch, fail=True)
+    read_first(source, None)
+    with pytest.raises(BadInput, match="Input/output error"):
+        list(slabs(source, [(0, source.num_experts)]))
+    release_slab_buffers()
+
+
 @pytest.mark.parametrize("family,variant", [("qwen3_moe", "fp32"), ("deepseek_v3", "fp32"), ("gpt_oss", "fp32"),
                                             ("mixtral", "fp32"), ("qwen3_moe", "q4"), ("deepseek_v3", "q4")])
 def test_the_gather_kernel_gives_the_prune_sets_of_the_loop(family, variant, fixture_model, tmp_path):

@@ -21,9 +21,9 @@ arrays kept from layer to layer (`slabs`).
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -290,7 +290,8 @@ _pool: dict = {"layout": None, "sets": []}   # sets: [(experts it holds, project
 
 
 def release_slab_buffers() -> None:
-    """Free the slab buffers kept between layers (a run's end)."""
+    """Free the slab buffers kept between layers (a run's end), once no read is writing into them."""
+    _take_first(None, None)
     _pool.update(layout=None, sets=[])
 
 
@@ -310,15 +311,61 @@ def _buffer_sets(source: ExpertSource, count: int, sets: int) -> list | None:
     return [arrays for _, arrays in kept[:sets]]
 
 
+def experts_per_chunk(source: ExpertSource, chunk_bytes: int | None) -> int | None:
+    """Experts in a chunk of at most `chunk_bytes` (None: the whole layer; at least one)."""
+    return None if chunk_bytes is None else max(1, chunk_bytes // max(source.expert_bytes, 1))
+
+
+# One reader thread for every read ahead of the computation, so reads never overlap one another;
+# and the first slab of a layer, started by read_first: (source, lo, hi, future) or None.
+_reader: list[ThreadPoolExecutor] = []
+_first: list = [None]
+
+
+def _read_ahead(read: Callable, *args) -> Future:
+    if not _reader:
+        _reader.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap-read"))
+    return _reader[0].submit(read, *args)
+
+
+def read_first(source: ExpertSource | None, chunk_bytes: int | None) -> None:
+    """Start reading a layer's first chunk of experts on the reader thread. The runner calls it as
+    the layer starts, so the read overlaps the layer's other tensors and its attention; `slabs`
+    takes the slab if its first range is that chunk (the usual case: every expert has rows)."""
+    if not isinstance(source, ReadExperts) or not source.num_experts:
+        return
+    _take_first(None, None)   # an earlier one writes into the same buffers
+    ranges = expert_ranges(source.num_experts, experts_per_chunk(source, chunk_bytes))
+    lo, hi = ranges[0]
+    into = _buffer_sets(source, hi - lo, 2 if len(ranges) >= 2 else 1)[0]
+    _first[0] = (source, lo, hi, _read_ahead(source.read, lo, hi, into))
+
+
+def _take_first(source: ExpertSource | None, want: tuple[int, int] | None) -> ExpertSlab | None:
+    """read_first's slab if it is experts `want` of `source` (its error, if its read failed);
+    otherwise None, once it is no longer being written."""
+    pending, _first[0] = _first[0], None
+    if pending is None:
+        return None
+    first, lo, hi, future = pending
+    if first is source and (lo, hi) == want:
+        return future.result()
+    wait([future])
+    return None
+
+
 def slabs(source: ExpertSource, ranges: list[tuple[int, int]], prefetch: bool = True) -> Iterator[ExpertSlab]:
     """The slabs of `ranges` in order, each ready on the caller's thread; with `prefetch`, the
-    next one is read on a worker thread while the caller computes on this one (two slabs in
+    next one is read on the reader thread while the caller computes on this one (two slabs in
     memory at most). A source that reads (ReadExperts) is read into two reused sets of arrays:
     the caller must have evaluated what it computes from a slab before it asks for the next one."""
+    early = _take_first(source, ranges[0] if ranges else None)
     ahead = prefetch and len(ranges) >= 2 and not isinstance(source, ModuleExperts)
     sets = _buffer_sets(source, max(hi - lo for lo, hi in ranges), 2 if ahead else 1) if ranges else None
 
     def read(i: int) -> ExpertSlab:
+        if i == 0 and early is not None:
+            return early
         lo, hi = ranges[i]
         return source.read(lo, hi, into=sets[i % len(sets)]) if sets else source.read(lo, hi)
 
@@ -326,10 +373,13 @@ def slabs(source: ExpertSource, ranges: list[tuple[int, int]], prefetch: bool = 
         for i in range(len(ranges)):
             yield ready(read(i))
         return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap-read") as pool:
-        pending = pool.submit(read, 0)
+    pending = _read_ahead(read, 0)
+    try:
         for i in range(len(ranges)):
             slab = pending.result()
-            pending = pool.submit(read, i + 1) if i + 1 < len(ranges) else None
+            pending = _read_ahead(read, i + 1) if i + 1 < len(ranges) else None
             yield ready(slab)
             del slab
+    finally:   # a caller that stops early: the buffers are free once the read in flight is done
+        if pending is not None:
+            wait([pending])

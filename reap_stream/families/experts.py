@@ -26,8 +26,9 @@ import mlx.core as mx
 import numpy as np
 
 from ..blas import blas_threads, lane_threads
+from .dequant import dequantize_float32
 from ..errors import BadInput
-from .expert_source import ExpertSlab, ExpertSource, ModuleExperts, expert_ranges, slabs
+from .expert_source import ExpertSlab, ExpertSource, ModuleExperts, expert_ranges, experts_per_chunk, slabs
 from .routing import ROUTERS, Routed, combine
 from .stacks import expert_forward, out_dims, projections
 from .stacks import parameters as stack_parameters
@@ -48,8 +49,8 @@ def _expert_linear(lin, arrays: dict, j: int, x: mx.array) -> mx.array:
         if getattr(lin, "global_scale", None) is not None:
             raise BadInput("model", "experts quantised with a global scale (nvfp4 per-expert) are not supported")
         biases = arrays.get("biases")
-        w = mx.dequantize(arrays["weight"][j], arrays["scales"][j], None if biases is None else biases[j],
-                          group_size=lin.group_size, bits=lin.bits, mode=lin.mode, dtype=mx.float32)
+        w = dequantize_float32(arrays["weight"][j], arrays["scales"][j], None if biases is None else biases[j],
+                               group_size=lin.group_size, bits=lin.bits, mode=lin.mode)
         y = x.astype(mx.float32) @ w.T
     else:
         y = x.astype(mx.float32) @ arrays["weight"][j].astype(mx.float32).T
@@ -116,8 +117,7 @@ def run_experts(switch, x: mx.array, inds: np.ndarray, num_experts: int, weights
     scale = None if input_scale is None else input_scale.reshape(-1)[order].astype(np.float32)
     source = plan.source if plan.source is not None else ModuleExperts(switch, names)
     active = np.flatnonzero(np.diff(bounds))
-    per_chunk = None if plan.chunk_bytes is None else max(1, plan.chunk_bytes // max(source.expert_bytes, 1))
-    ranges = expert_ranges(num_experts, per_chunk, active)
+    ranges = expert_ranges(num_experts, experts_per_chunk(source, plan.chunk_bytes), active)
     w_sorted = weights.reshape(-1)[order].astype(np.float32)
     if resolve_kernel(plan.kernel) == "gather" and names and whole:
         outputs, y = _gather(switch, x, source, ranges, experts, bounds, tokens, order, w_sorted, scale,

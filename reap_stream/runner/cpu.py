@@ -15,6 +15,7 @@ import threading
 from typing import Iterator
 
 from ..blas import mlx_core
+from ..families.dequant import dequantize_float32
 
 
 def _float32_result(x, w):
@@ -61,9 +62,8 @@ class _Float32QuantizedLinear:
         return self.float32_call(x).astype(_float32_result(x, self["scales"]))
 
     def float32_call(self, x):
-        mx = mlx_core()
-        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
-                          bits=self.bits, mode=self.mode, dtype=mx.float32)
+        w = dequantize_float32(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
+                               bits=self.bits, mode=self.mode)
         return _linear_f32(self, x, w)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..blas import mlx_core
 from ..errors import BadInput
-from ..families.expert_source import release_slab_buffers
+from ..families.expert_source import read_first, release_slab_buffers
 from ..families.masking import mask_experts, unmask_router
 from ..families.model import Model
 from ..families.table import attr
@@ -109,6 +109,7 @@ class StreamRunner(Runs):
             raise BadInput(self.work_dir, f"hidden states for layer {start} are missing; delete the work dir and rerun")
         for i in range(start, stop):
             source = self.weights.experts(i) if i in self.fwd.blocks else None
+            read_first(source, self.fwd.chunk_bytes)
             names = self.weights.load(i, experts=source)
             self.fwd.sources = {i: source} if source is not None else {}
             router = attr(self.fwd.blocks[i], self.family.router) if i in self.fwd.blocks else None
