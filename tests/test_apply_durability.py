@@ -1,5 +1,6 @@
 """apply's outputs reach the disk while they are written (io.files.Flusher): write-back requested
-behind the copy, each file fsynced before the output is renamed into place, a write-back error a
+behind the copy, each file fsynced before the output is renamed into place (a safetensors
+directory or a GGUF's parts), a write-back error a
 failed run with one line and nothing left behind; and apply starts without importing what only
 other commands need."""
 from __future__ import annotations
@@ -14,7 +15,6 @@ from functools import partial
 import pytest
 
 import reap_stream.io.files as files
-import reap_stream.surgery.safetensors as st
 from cli_helpers import error_line, run as _run, tree_bytes
 from reap_stream.io.files import Flusher
 from test_apply import make_plan
@@ -44,7 +44,6 @@ def syncs(monkeypatch):
 def small_steps(monkeypatch):
     """Write-back asked for every 4 KiB, so that a tiny fixture sees it many times."""
     monkeypatch.setattr(files, "FLUSH_STEP", 4096)
-    monkeypatch.setattr(st, "FLUSH_STEP", 4096)
 
 
 def open_fds() -> set[str]:
@@ -102,6 +101,34 @@ def test_every_output_file_is_fsynced_before_the_output_appears(fixture_model, t
     assert len(shards) > 1 and len(every_file) > len(shards) + 2
     fsynced = {os.path.basename(path) for kind, _, path in at_rename if kind == "fsync"}
     assert set(every_file) <= fsynced and ".out.reap-tmp" in fsynced  # the files, then their directory
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names descriptors through /proc")
+def test_every_gguf_part_is_fsynced_by_its_flusher_before_its_rename(gguf_model, tmp_path, monkeypatch):
+    import threading
+
+    from test_gguf_apply import apply, mlx_plan
+
+    src = gguf_model("qwen3_moe", "f32", split=20)
+    synced: list[tuple[str, str]] = []   # (file, thread)
+    at_rename: dict[str, list] = {}
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.append((os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), threading.current_thread().name))
+        real_fsync(fd)
+
+    def replace(a, b):
+        at_rename[os.path.basename(b)] = list(synced)
+        return real_replace(a, b)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "replace", replace)
+    apply(src, mlx_plan("qwen3_moe"), tmp_path / "pruned.gguf", overwrite=False, dry_run=False)
+    parts = sorted(p.name for p in tmp_path.glob("pruned-*.gguf"))
+    assert len(parts) == 3
+    for name in parts:   # put on disk behind the copy, by the part's flusher, before it appears
+        assert at_rename[name].count((f".{name}.partial", "flusher")) == 1
 
 
 def test_a_failed_write_back_is_raised_by_wait_and_the_file_still_closed(tmp_path, monkeypatch, small_steps):

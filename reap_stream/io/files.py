@@ -12,7 +12,7 @@ import tempfile
 import threading
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from ..errors import BadInput, free_bytes, os_error
 
@@ -302,3 +302,38 @@ class Flusher:
             self._error = e
         finally:
             os.close(self.fd)
+
+
+def copy_flushed(src_fd: int, flusher: Flusher, start: int, end: int, buffer: memoryview, path,
+                 done: Callable[[int], object] = lambda n: None) -> None:
+    """copy_range of [start, end) into the file `flusher` holds, in FLUSH_STEP pieces that it puts
+    on disk behind the copy; `done(n)` after each piece (a progress bar's update)."""
+    for piece in range(start, end, FLUSH_STEP):
+        stop = min(end, piece + FLUSH_STEP)
+        copy_range(src_fd, flusher.fd, piece, stop, buffer, path)
+        flusher.written(stop - piece)
+        done(stop - piece)
+
+
+@contextlib.contextmanager
+def flushed_writes() -> Iterator[Callable[[Path], Flusher]]:
+    """Yields `create(path)`: a new file, truncated, behind its own Flusher (the caller finishes
+    it once written, so its last fsync overlaps the next file's copy). On leaving, every file is
+    on disk (a helper's error re-raised); if the body fails, they are closed unsynced and the
+    body's error is the one raised."""
+    flushing: list[Flusher] = []
+
+    def create(path: Path) -> Flusher:
+        flushing.append(Flusher(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)))
+        return flushing[-1]
+
+    try:
+        yield create
+        for flusher in flushing:
+            flusher.wait()
+    except BaseException:
+        for flusher in flushing:
+            flusher.finish(sync=False)
+            with contextlib.suppress(Exception):   # the error being raised is the one to report
+                flusher.wait()
+        raise

@@ -27,8 +27,8 @@ from ..families.model import Model
 from ..families.gguf_arch import GROUP_KEYS, Role, Roles, check_prunable
 from ..families.structure import gguf_roles, same_kind
 from ..families.table import FAMILIES
-from ..io.files import (MANIFEST_HASHES, check_manifest_hash, check_space, copy_range, hash_ranges, new_hash, write_all,
-                        write_text_atomic)
+from ..io.files import (MANIFEST_HASHES, Flusher, check_manifest_hash, check_space, copy_flushed, flushed_writes,
+                        hash_ranges, new_hash, write_all, write_text_atomic)
 from ..io.lock import exclusive, test_pause
 from ..io.reading import resolved
 from ..io.gguf import BLOCK_TENSOR, KV, SPLIT_PATTERN, GGUFFile, VType, align, split_name
@@ -228,17 +228,15 @@ def _digest(part: OutPart, buffer_bytes: int, algo: str) -> str:
     return sha.hexdigest()
 
 
-def _write_part(part: OutPart, tmp: Path, buf: memoryview, bar: tqdm) -> None:
-    # the safetensors apply's range copy: copy_file_range where it can, short writes retried
+def _write_part(part: OutPart, flusher: Flusher, buf: memoryview, bar: tqdm) -> None:
+    """Write `part` into the file `flusher` holds, put on disk behind the copy."""
     align = part.source.alignment
-    with open(part.source.path, "rb", buffering=0) as src, open(tmp, "wb", buffering=0) as dst:
-        write_all(dst.fileno(), part.header)
+    with open(part.source.path, "rb", buffering=0) as src:
+        write_all(flusher.fd, part.header)
         for t in part.tensors:
             for start, length in t.pieces:
-                copy_range(src.fileno(), dst.fileno(), start, start + length, buf, part.source.path)
-                bar.update(length)
-            write_all(dst.fileno(), bytes(-t.nbytes % align))
-        os.fsync(dst.fileno())
+                copy_flushed(src.fileno(), flusher, start, start + length, buf, part.source.path, bar.update)
+            write_all(flusher.fd, bytes(-t.nbytes % align))
 
 
 def apply_gguf(gm: Model, plan: Plan, out: Path, *, overwrite: bool, dry_run: bool,
@@ -324,12 +322,14 @@ def _write_parts(parts: list[OutPart], buffer_bytes: int, name: str, progress: b
     total = sum(t.nbytes for p in parts for t in p.tensors)
     files = {}
     try:
-        with ThreadPoolExecutor(max_workers=1) as pool, \
+        with flushed_writes() as create, ThreadPoolExecutor(max_workers=1) as pool, \
                 tqdm(total=total, unit="B", unit_scale=True, desc=f"apply {name}",
                      disable=None if progress else True) as bar:
             for p, tmp in zip(parts, tmps):
                 digest = pool.submit(_digest, p, len(buf), algo)
-                _write_part(p, tmp, buf, bar)
+                flusher = create(tmp)
+                _write_part(p, flusher, buf, bar)
+                flusher.finish()   # its fsync overlaps the next part's copy
                 files[p.path.name] = {algo: digest.result(), "size": os.stat(tmp).st_size}
         sidecar = manifest_path(parts[0].path)
         if os.path.lexists(sidecar):

@@ -8,7 +8,6 @@ index and the manifest are written last.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -24,8 +23,9 @@ from ..errors import BadInput, os_error
 from ..families.model import Model
 from ..families.table import (EXPERT_COUNT_KEYS, Family, classify, config_value, expert_rows, identity_rows,
                               set_config_value, text_config)
-from ..io.files import (FLUSH_STEP, MANIFEST_HASHES, Flusher, bytes_digest, check_manifest_hash, check_space, copy_range,
-                        file_digest, fsync_tree, hash_ranges, new_hash, recover_dir, replace_dir, write_all)
+from ..io.files import (MANIFEST_HASHES, Flusher, bytes_digest, check_manifest_hash, check_space, copy_flushed,
+                        file_digest, flushed_writes, fsync_tree, hash_ranges, new_hash, recover_dir, replace_dir,
+                        write_all)
 from ..io.lock import exclusive, test_pause
 from ..io.reading import readable_file, resolved
 from ..io.safetensors import INDEX_NAME, Checkpoint
@@ -222,8 +222,7 @@ def check_output_path(source: Path, out: Path, overwrite: bool) -> None:
 
 
 def _copy_shard(shard: OutShard, flusher: Flusher, buffer: memoryview, bar: tqdm) -> None:
-    """Write `shard` into the file `flusher` holds, in FLUSH_STEP pieces it puts on disk behind
-    the copy."""
+    """Write `shard` into the file `flusher` holds, put on disk behind the copy."""
     handles: dict[Path, int] = {}
     try:
         write_all(flusher.fd, shard.header())
@@ -231,11 +230,7 @@ def _copy_shard(shard: OutShard, flusher: Flusher, buffer: memoryview, bar: tqdm
             for path, start, end in t.ranges:
                 if path not in handles:
                     handles[path] = os.open(path, os.O_RDONLY)
-                for piece in range(start, end, FLUSH_STEP):
-                    stop = min(end, piece + FLUSH_STEP)
-                    copy_range(handles[path], flusher.fd, piece, stop, buffer, path)
-                    flusher.written(stop - piece)
-                    bar.update(stop - piece)
+                copy_flushed(handles[path], flusher, start, end, buffer, path, bar.update)
     finally:
         for fd in handles.values():
             os.close(fd)
@@ -313,24 +308,14 @@ def write_layout(layout: Layout, out: Path, *, overwrite: bool = False, buffer_b
 def _write_into(layout: Layout, tmp: Path, buffer_bytes: int, progress: bool, algo: str) -> dict:
     buffer = memoryview(bytearray(buffer_bytes))
     files: dict[str, dict] = {}
-    flushing: list[Flusher] = []  # each shard's last fsync overlaps the next shard's copy
-    try:
-        with ThreadPoolExecutor(max_workers=1) as pool, \
-                tqdm(total=layout.total_bytes, unit="B", unit_scale=True, desc="apply", disable=not progress) as bar:
-            for shard in layout.shards:
-                digest = pool.submit(_digest, shard, buffer_bytes, algo)
-                flushing.append(Flusher(os.open(tmp / shard.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)))
-                _copy_shard(shard, flushing[-1], buffer, bar)
-                flushing[-1].finish()
-                files[shard.name] = {algo: digest.result(), "size": (tmp / shard.name).stat().st_size}
-        for flusher in flushing:
-            flusher.wait()
-    except BaseException:
-        for flusher in flushing:
-            flusher.finish(sync=False)
-            with contextlib.suppress(Exception):  # the error being raised is the one to report
-                flusher.wait()
-        raise
+    with flushed_writes() as create, ThreadPoolExecutor(max_workers=1) as pool, \
+            tqdm(total=layout.total_bytes, unit="B", unit_scale=True, desc="apply", disable=not progress) as bar:
+        for shard in layout.shards:
+            digest = pool.submit(_digest, shard, buffer_bytes, algo)
+            flusher = create(tmp / shard.name)
+            _copy_shard(shard, flusher, buffer, bar)
+            flusher.finish()   # its fsync overlaps the next shard's copy
+            files[shard.name] = {algo: digest.result(), "size": (tmp / shard.name).stat().st_size}
     for name in layout.copied_files:
         shutil.copyfile(layout.source.root / name, tmp / name)
         files[name] = {algo: file_digest(tmp / name, algo), "size": (tmp / name).stat().st_size}
