@@ -63,7 +63,11 @@ def _glibc():
         return None
 
 
-def return_freed_memory(threshold: int = 16 << 20) -> None:
+# allocations this large get their own mapping in a layer-by-layer run (return_freed_memory)
+MMAP_THRESHOLD = 16 << 20
+
+
+def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> None:
     """Fix glibc's allocator for a layer-by-layer run: an allocation of `threshold` bytes or more
     (a layer's large tensors, a chunk's score matrices) gets its own mapping, returned when freed;
     smaller ones (an expert's float32 upcast, its rows' activations) come from heaps that keep

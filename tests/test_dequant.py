@@ -66,3 +66,37 @@ def test_other_widths_and_modes_are_mlx_own_dequantisation(bits, mode):
     ours = dequantize_float32(q, s, b, group_size=group, bits=bits, mode=mode)
     theirs = mx.dequantize(q, s, b, group_size=group, bits=bits, mode=mode, dtype=mx.float32)
     assert mx.array_equal(ours, theirs).item()
+
+
+@pytest.mark.parametrize("kind", ["bf16", "q4"])
+def test_a_large_expert_weight_is_converted_in_pieces_with_the_bits_of_a_whole_one(kind, monkeypatch):
+    from types import SimpleNamespace
+
+    from reap_stream.families import experts
+    from reap_stream.families.experts import PIECE_BYTES, _expert_linear, weight_pieces
+    from reap_stream.procstats import MMAP_THRESHOLD
+
+    rows, in_dims = 1024, 4096   # 16 MiB in float32: at the threshold
+    spans = weight_pieces(rows, in_dims)
+    assert len(spans) > 1 and spans[0][0] == 0 and spans[-1][1] == rows
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert all((hi - lo) * in_dims * 4 <= PIECE_BYTES for lo, hi in spans)
+    assert weight_pieces(rows, in_dims // 2) == [(0, rows)] and rows * in_dims // 2 * 4 < MMAP_THRESHOLD
+
+    w = mx.random.normal((2, rows, in_dims), key=mx.random.key(4)).astype(mx.bfloat16)
+    x = mx.random.normal((16, in_dims), key=mx.random.key(5)).astype(mx.bfloat16)
+    lin = SimpleNamespace(group_size=64, bits=4, mode="affine")
+    if kind == "q4":
+        q, s, b = mx.quantize(w, group_size=64, bits=4)
+        arrays = {"weight": q, "scales": s, "biases": b}
+        whole = dequantize_float32(q[1], s[1], b[1], group_size=64, bits=4)
+    else:
+        arrays = {"weight": w}
+        whole = w[1].astype(mx.float32)
+    converted = []
+    monkeypatch.setattr(experts, "dequantize_float32", lambda q, *a, **k: converted.append(q.shape[0]) or
+                        dequantize_float32(q, *a, **k))
+    got = _expert_linear(lin, arrays, 1, x)
+    assert got.shape == (16, rows)
+    assert converted == ([hi - lo for lo, hi in spans] if kind == "q4" else [])
+    np.testing.assert_array_equal(np.array(got), np.array(x.astype(mx.float32) @ whole.T))

@@ -28,6 +28,7 @@ import numpy as np
 from ..blas import blas_threads, lane_threads
 from .dequant import dequantize_float32
 from ..errors import BadInput
+from ..procstats import MMAP_THRESHOLD
 from .expert_source import ExpertSlab, ExpertSource, ModuleExperts, expert_ranges, experts_per_chunk, slabs
 from .routing import ROUTERS, Routed, combine
 from .stacks import expert_forward, out_dims, projections
@@ -42,18 +43,48 @@ def resolve_kernel(kernel: str) -> str:
     return kernel
 
 
+# A half-precision or quantised weight whose float32 form would be at least MMAP_THRESHOLD bytes
+# (hidden x width >= 4 M: DeepSeek-V3, Kimi-K2, Qwen3-235B) is converted in pieces of at most
+# PIECE_BYTES, each used before the next: whole, it would be a fresh mapping for every expert,
+# whose page faults cost most of the arithmetic's time (docs/memory.md); pieces reuse heap memory.
+PIECE_BYTES = 4 << 20
+
+
+def weight_pieces(rows: int, in_dims: int) -> list[tuple[int, int]]:
+    """[lo, hi) spans of a weight's output rows converted to float32 one at a time."""
+    if rows * in_dims * 4 < MMAP_THRESHOLD:
+        return [(0, rows)]
+    step = max(1, PIECE_BYTES // (4 * in_dims))
+    return [(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
+
+
 def _expert_linear(lin, arrays: dict, j: int, x: mx.array) -> mx.array:
     """x @ W_j^T (+ b_j) in float32 for expert j of a slab's projection (`lin`: the stack's
-    (Quantized)SwitchLinear, for its quantisation settings) as one dense BLAS matmul."""
+    (Quantized)SwitchLinear, for its quantisation settings) through the BLAS, the weight
+    upcast or dequantised to float32 (in pieces when large: weight_pieces)."""
+    weight = arrays["weight"][j]
     if "scales" in arrays:
         if getattr(lin, "global_scale", None) is not None:
             raise BadInput("model", "experts quantised with a global scale (nvfp4 per-expert) are not supported")
-        biases = arrays.get("biases")
-        w = dequantize_float32(arrays["weight"][j], arrays["scales"][j], None if biases is None else biases[j],
-                               group_size=lin.group_size, bits=lin.bits, mode=lin.mode)
-        y = x.astype(mx.float32) @ w.T
+        scales, biases = arrays["scales"][j], arrays.get("biases")
+        biases = None if biases is None else biases[j]
+
+        def float32(lo: int, hi: int) -> mx.array:
+            return dequantize_float32(weight[lo:hi], scales[lo:hi], None if biases is None else biases[lo:hi],
+                                      group_size=lin.group_size, bits=lin.bits, mode=lin.mode)
     else:
-        y = x.astype(mx.float32) @ arrays["weight"][j].astype(mx.float32).T
+        def float32(lo: int, hi: int) -> mx.array:
+            return weight[lo:hi].astype(mx.float32)
+    xf = x.astype(mx.float32)
+    spans = weight_pieces(weight.shape[0], x.shape[-1]) if weight.dtype != mx.float32 else [(0, weight.shape[0])]
+    if len(spans) == 1:
+        y = xf @ float32(0, weight.shape[0]).T
+    else:
+        parts = []
+        for lo, hi in spans:
+            parts.append(xf @ float32(lo, hi).T)
+            mx.eval(parts[-1])   # this piece's float32 weight is freed before the next is made
+        y = mx.concatenate(parts, axis=-1)
     if "bias" in arrays:
         y = y + arrays["bias"][j].astype(y.dtype)
     return y
