@@ -62,23 +62,23 @@ def _expert_linear(lin, arrays: dict, j: int, x: mx.array) -> mx.array:
     """x @ W_j^T (+ b_j) in float32 for expert j of a slab's projection (`lin`: the stack's
     (Quantized)SwitchLinear, for its quantisation settings) through the BLAS, the weight
     upcast or dequantised to float32 (in pieces when large: weight_pieces)."""
-    weight = arrays["weight"][j]
+    stack = arrays["weight"]   # indexed [j, lo:hi] in one go: stack[j] alone copies the expert's matrix
+    rows = stack.shape[1]
     if "scales" in arrays:
         if getattr(lin, "global_scale", None) is not None:
             raise BadInput("model", "experts quantised with a global scale (nvfp4 per-expert) are not supported")
-        scales, biases = arrays["scales"][j], arrays.get("biases")
-        biases = None if biases is None else biases[j]
+        scales, biases = arrays["scales"], arrays.get("biases")
 
         def float32(lo: int, hi: int) -> mx.array:
-            return dequantize_float32(weight[lo:hi], scales[lo:hi], None if biases is None else biases[lo:hi],
+            return dequantize_float32(stack[j, lo:hi], scales[j, lo:hi], None if biases is None else biases[j, lo:hi],
                                       group_size=lin.group_size, bits=lin.bits, mode=lin.mode)
     else:
         def float32(lo: int, hi: int) -> mx.array:
-            return weight[lo:hi].astype(mx.float32)
+            return stack[j, lo:hi].astype(mx.float32)
     xf = x.astype(mx.float32)
-    spans = weight_pieces(weight.shape[0], x.shape[-1]) if weight.dtype != mx.float32 else [(0, weight.shape[0])]
+    spans = weight_pieces(rows, x.shape[-1]) if stack.dtype != mx.float32 else [(0, rows)]
     if len(spans) == 1:
-        y = xf @ float32(0, weight.shape[0]).T
+        y = xf @ float32(0, rows).T
     else:
         parts = []
         for lo, hi in spans:
