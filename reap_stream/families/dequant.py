@@ -1,12 +1,11 @@
 """Quantised weights to float32 on the CPU, exactly and fast.
 
-MLX's CPU `dequantize` computes `scale * q + bias` in the scales' dtype (bf16 / fp16), so asked for
-float32 it returns the weight rounded to half precision, and takes ~4.5 ms for one 768 x 2048
-matrix (fp16: ~17 ms). For affine 4- and 8-bit weights, `dequantize_float32` unpacks the bytes and
-computes the same expression in float32 instead, as a GPU's float32 kernels do, in ~1.5 / ~0.8 ms:
-with half-precision scales the stored weight exactly (q <= 255 times such a scale fits float32's
-mantissa, so only the bias's addition rounds, once); with float32 scales MLX's own bits. Other
-modes and widths keep MLX's kernel.
+MLX's CPU `dequantize` computes `scale * q + bias` in the scales' dtype (bf16 / fp16): asked for
+float32, it returns each weight rounded to half precision, and it is slow (docs/memory.md). For
+affine 4- and 8-bit weights `dequantize_float32` unpacks the bytes and computes the expression in
+float32, as a GPU's float32 kernels do: with half-precision scales that is the stored weight
+exactly (q <= 255 times such a scale fits float32's mantissa, so only the bias's addition rounds,
+once); with float32 scales, MLX's own bits. Other modes and widths keep MLX's kernel.
 """
 from __future__ import annotations
 

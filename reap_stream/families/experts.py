@@ -26,9 +26,9 @@ import mlx.core as mx
 import numpy as np
 
 from ..blas import blas_threads, lane_threads
-from .dequant import dequantize_float32
 from ..errors import BadInput
 from ..procstats import MMAP_THRESHOLD
+from .dequant import dequantize_float32
 from .expert_source import ExpertSlab, ExpertSource, ModuleExperts, expert_ranges, experts_per_chunk, slabs
 from .routing import ROUTERS, Routed, combine
 from .stacks import expert_forward, out_dims, projections
