@@ -18,12 +18,10 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import click
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_models import REAL_MODELS  # noqa: E402
+from real_models import REAL_MODELS   # tools/, the script's own directory
 
 MODELS = ("Qwen3-30B-A3B", "MiniMax-M2", "Qwen3-235B-A22B", "DeepSeek-V3")
 
