@@ -337,7 +337,7 @@ def read_first(source: ExpertSource | None, chunk_bytes: int | None) -> None:
     _take_first(None, None)   # an earlier one writes into the same buffers
     ranges = expert_ranges(source.num_experts, experts_per_chunk(source, chunk_bytes))
     lo, hi = ranges[0]
-    into = _buffer_sets(source, hi - lo, 2 if len(ranges) >= 2 else 1)[0]
+    into = _buffer_sets(source, hi - lo, 1)[0]   # the set slabs() reads its first range into
     _first[0] = (source, lo, hi, _read_ahead(source.read, lo, hi, into))
 
 

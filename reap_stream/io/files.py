@@ -12,7 +12,7 @@ import tempfile
 import threading
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 
 from ..errors import BadInput, free_bytes, os_error
 
@@ -94,11 +94,11 @@ def check_space(path: Path, needed: int, what: str) -> None:
         raise BadInput(path, f"not enough space for the {what}: {needed:,} bytes needed, {free:,} free")
 
 
-def fsync_tree(path: Path) -> None:
-    """fsync every file under path, after all of them were written (one journal commit can then
-    cover them all, instead of one per file)."""
+def fsync_tree(path: Path, synced: Collection[str] = ()) -> None:
+    """fsync every file under path (but those named in `synced`, already on disk), after all of
+    them were written (one journal commit can then cover them all, instead of one per file)."""
     for p in sorted(Path(path).rglob("*")):
-        if p.is_file():
+        if p.is_file() and p.name not in synced:
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
 

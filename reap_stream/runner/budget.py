@@ -184,8 +184,10 @@ def gguf_shapes(model) -> Shapes:
     blocks: dict[int, int] = {}   # the GGUF's blk.N tensors
     for part in model.gguf_parts:
         for t in part.tensors:
-            if t.name.startswith("blk.") and t.name.split(".")[1].isdigit():
-                blocks[int(t.name.split(".")[1])] = blocks.get(int(t.name.split(".")[1]), 0) + t.nbytes
+            kind, _, rest = t.name.partition(".")
+            block = rest.partition(".")[0]
+            if kind == "blk" and block.isdigit():
+                blocks[int(block)] = blocks.get(int(block), 0) + t.nbytes
     s.file_layer_bytes = {i: blocks.get(i, 0) - s.experts.get(i, 0) * s.file_expert_bytes.get(i, 0) for i in s.layer_bytes}
     return s
 

@@ -327,7 +327,8 @@ def _write_into(layout: Layout, tmp: Path, buffer_bytes: int, progress: bool, al
         files[INDEX_NAME] = _write_json(tmp / INDEX_NAME, index, algo)
     _write_json(tmp / MANIFEST_NAME, {"format": MANIFEST_FORMAT, "tool_version": __version__, "hash": algo,
                                        "files": dict(sorted(files.items()))}, algo)
-    fsync_tree(tmp)  # the small files too (the shards' are done): none may come back empty after a crash
+    # the small files too (the shards' flushers did theirs): none may come back empty after a crash
+    fsync_tree(tmp, synced={shard.name for shard in layout.shards})
     _fsync_dir(tmp)
     return files
 
