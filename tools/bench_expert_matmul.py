@@ -95,6 +95,11 @@ def main(models: str, dtypes: str, rows: int, repeats: int, as_json: bool, child
         hidden, width, r, dtype, pieces, n = child_args
         print(json.dumps(child(int(hidden), int(width), int(r), dtype, pieces == "1", int(n))))
         return
+    unknown = [m for m in models.split(",") if m not in REAL_MODELS]
+    if unknown:
+        raise click.BadParameter(f"{', '.join(unknown)} (known: {', '.join(REAL_MODELS)})", param_hint="--models")
+    if not set(dtypes.split(",")) <= {"bf16", "q4"}:
+        raise click.BadParameter(f"{dtypes!r}: bf16 and q4 only", param_hint="--dtypes")
     results = []
     for model in models.split(","):
         hidden, width = _shape(model)
