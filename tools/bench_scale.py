@@ -11,11 +11,15 @@ process, started with the checkpoint dropped from the page cache, that runs
                           --max-tokens 2048 --ratio 0.5 --out OUT [--max-memory SIZE]
 
 and reports its peak RSS (VmHWM), wall time per stage, bytes read against the model's size, tokens/s,
-and collect's time against the read + compute bound (each layer's bytes at the disk rate measured
-here, cold, plus its matmul FLOPs at the measured float32 GEMM rate: reap_stream/runner/timing.py).
+and collect's time against the read + compute bound (each layer's bytes at the disk rate plus its
+matmul FLOPs at the float32 GEMM rate: reap_stream/runner/timing.py). Both rates are measured just
+before and just after each run (a cold read of the checkpoint, a GEMM) and the smaller of the two
+bounds is taken: on a shared machine the rates move from minute to minute, so each run is held
+against the machine as it was around it, at its faster. `--repeats N` runs each limit N times, in
+rotation, and prints the median ratio.
 
     python tools/bench_scale.py --layers 24 --limits none,1GB          # 29.9 GB bf16 (the README table)
-    python tools/bench_scale.py --layers 4 --bits 4 --limits none      # mlx 4-bit, 1.4 GB
+    python tools/bench_scale.py --layers 8 --bits 4 --limits none --repeats 3   # mlx 4-bit, 3.2 GB
     python tools/bench_scale.py --layers 2 --breakdown                 # where collect's time goes
 """
 from __future__ import annotations
@@ -25,6 +29,7 @@ import inspect
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -91,6 +96,8 @@ def run_full(ckpt: Path, calib: Path, out: Path, tokens: int, window: int, limit
 
 
 def bound(ckpt: Path, tokens: int, window: int):
+    """This machine's rates, measured now (a cold read of the checkpoint, a GEMM), and the read +
+    compute bound of collect at them."""
     from reap_stream.families.model import open_model
     from reap_stream.runner.budget import checkpoint_shapes
     from reap_stream.runner.timing import bound_seconds, measure
@@ -99,7 +106,7 @@ def bound(ckpt: Path, tokens: int, window: int):
     shapes = checkpoint_shapes(model.checkpoint, model.family, model.structure.top_k)
     files = sorted({r.file for r in model.checkpoint.tensors.values()})
     rates = measure(files)
-    return shapes, rates, bound_seconds(shapes, tokens, window, rates)
+    return rates, bound_seconds(shapes, tokens, window, rates)["total_s"]
 
 
 # ---------------------------------------------------------------- breakdown (one child)
@@ -194,6 +201,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--limits", default="none,1GB", help="--max-memory values, none for no limit")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each limit, in rotation")
     ap.add_argument("--breakdown", action="store_true", help="also time collect's stages (one more run)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
     ap.add_argument("--json", action="store_true")
@@ -207,15 +215,19 @@ def main() -> None:
     ckpt = make_checkpoint(args.root, args.model, args.layers, args.bits)
     calib = calibration_file(args.root)
     size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
-    shapes, rates, bnd = bound(ckpt, args.tokens, args.window)
-    rows = []
+    limits = [None if x == "none" else x for x in args.limits.split(",")]
+    runs = []
     try:
-        for limit in [None if x == "none" else x for x in args.limits.split(",")]:
-            out = args.root / "out"
-            res = run_full(ckpt, calib, out, args.tokens, args.window, limit)
-            for p in (out, out.with_name(out.name + ".reap-work")):
-                shutil.rmtree(p, ignore_errors=True)
-            rows.append((limit, res))
+        for _ in range(args.repeats):
+            for limit in limits:   # in rotation, each run next to its own measurement of the rates
+                before = bound(ckpt, args.tokens, args.window)
+                out = args.root / "out"
+                res = run_full(ckpt, calib, out, args.tokens, args.window, limit)
+                for p in (out, out.with_name(out.name + ".reap-work")):
+                    shutil.rmtree(p, ignore_errors=True)
+                rates, bnd = min(before, bound(ckpt, args.tokens, args.window), key=lambda rb: rb[1])
+                runs.append({"max_memory": limit, "read_bytes_per_s": rates.read_bytes_per_s,
+                             "gemm_flops_per_s": rates.gemm_flops_per_s, "bound_s": bnd, **res})
         breakdown = None
         if args.breakdown:
             drop_cache(ckpt)
@@ -228,28 +240,29 @@ def main() -> None:
             shutil.rmtree(ckpt, ignore_errors=True)
     load = os.getloadavg()
     report = {"model": args.model, "layers": args.layers, "dtype": "bf16" if args.bits is None else f"{args.bits}-bit",
-              "checkpoint_bytes": size, "tokens": args.tokens, "window": args.window,
-              "read_bytes_per_s": rates.read_bytes_per_s, "gemm_flops_per_s": rates.gemm_flops_per_s,
-              "bound_s": bnd["total_s"], "loadavg_after": load,
-              "runs": [{"max_memory": lim, **r} for lim, r in rows], "breakdown": breakdown}
+              "checkpoint_bytes": size, "tokens": args.tokens, "window": args.window, "loadavg_after": load,
+              "runs": runs, "breakdown": breakdown}
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return
     gb = 1e9
     print(f"{args.model} shapes, {args.layers} layers, {report['dtype']}: {size / gb:.1f} GB; {args.tokens} tokens in "
-          f"windows of {args.window}; disk {rates.read_bytes_per_s / 1e6:.0f} MB/s cold, BLAS "
-          f"{rates.gemm_flops_per_s / 1e9:.0f} GFLOP/s; bound {bnd['total_s']:.1f} s "
-          f"({bnd['total_s'] / args.layers:.2f} s/layer); load average after {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}\n")
-    print("| --max-memory | peak RSS (GB) | collect (s) | collect / bound | s per layer | tokenise / plan / apply (s) "
-          "| collect's reads / model size | tokens/s | verified |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for limit, r in rows:
+          f"windows of {args.window}; load average after {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}\n")
+    print("| --max-memory | disk (MB/s, cold) | BLAS (GFLOP/s) | bound (s) | collect (s) | collect / bound | peak RSS (GB) "
+          "| tokenise / plan / apply (s) | collect's reads / model size | tokens/s | verified |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in runs:
         s = r["summary"]
         sec = s["seconds"]
-        print(f"| {limit or 'none'} | {r['peak_rss'] / gb:.2f} | {sec['collect']:.0f} | {sec['collect'] / bnd['total_s']:.2f} "
-              f"| {sec['collect'] / args.layers:.1f} | {sec['tokenise']:.0f} / {sec['plan']:.1f} / {sec['apply']:.0f} "
+        print(f"| {r['max_memory'] or 'none'} | {r['read_bytes_per_s'] / 1e6:.0f} | {r['gemm_flops_per_s'] / 1e9:.0f} "
+              f"| {r['bound_s']:.1f} | {sec['collect']:.1f} | {sec['collect'] / r['bound_s']:.2f} | {r['peak_rss'] / gb:.2f} "
+              f"| {sec['tokenise']:.0f} / {sec['plan']:.1f} / {sec['apply']:.0f} "
               f"| {s['collect']['bytes_read'] / size:.2f} | {args.tokens * args.layers / sec['collect']:.0f} "
               f"| {'yes' if s['verified'] else 'NO'} |")
+    for limit in limits:
+        ratios = sorted(r["summary"]["seconds"]["collect"] / r["bound_s"] for r in runs if r["max_memory"] == limit)
+        print(f"--max-memory {limit or 'none'}: collect / bound median {statistics.median(ratios):.2f} "
+              f"(min {ratios[0]:.2f}, max {ratios[-1]:.2f}, {len(ratios)} runs)")
     if isinstance(breakdown, dict):
         total = breakdown["seconds"]
         print(f"\ncollect's stages ({total:.1f} s; inclusive, the reader thread overlaps the rest):")

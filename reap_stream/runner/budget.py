@@ -269,7 +269,10 @@ def _activations(s: Shapes, tokens: int, seq_len: int) -> float:
     batch = max(tokens // max(seq_len, 1), 1)
     hidden = t * d * (2 * s.act_bytes + 16)               # spilled in, residual, norms, out (float32 on the way)
     qkv = t * s.head_dim * (s.heads + 2 * s.kv_heads) * (s.act_bytes + 4)
-    scores = 1.5 * batch * s.heads * seq_len * seq_len * 4  # the CPU attention's score matrices
+    # the CPU attention's score matrices: all of them in float32 models (MLX's own attention),
+    # one (sequence, key head) group's at a time on each lane in half precision (runner/cpu.py)
+    groups = batch * s.heads if s.act_bytes == 4 else min(batch, 2) * s.heads // max(s.kv_heads, 1)
+    scores = 1.5 * groups * seq_len * seq_len * 4
     routing = t * max(s.experts.values(), default=1) * 12
     outputs = t * s.top_k * d * 4 + t * d * 8 + t * s.top_k * 32
     hot_rows = min(t, 4 * t * s.top_k / max(min(s.experts.values(), default=1), 1))

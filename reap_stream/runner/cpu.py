@@ -5,7 +5,8 @@ here) and quantised ones at 0.3-2 GFLOP/s, accumulating in the model's dtype (~1
 in bf16); its half-precision attention took 4x as long as float32. So on the CPU, a model's Linear
 and QuantizedLinear layers (`float32_linears`) and mlx_lm's attention (`float32_attention`) compute
 in float32, weights upcast or dequantised per call, and round the result to the dtype the layer
-returns, as a GPU's float32-accumulating kernels do. Float32 models run mlx's own code unchanged.
+returns, as a GPU's float32-accumulating kernels do; the attention's softmax runs in numpy (MLX's
+CPU `exp` is ~10x slower). Float32 models run mlx's own code unchanged.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import contextlib
 import functools
 import threading
 from typing import Iterator
+
+import numpy as np
 
 from ..blas import mlx_core
 from ..families.dequant import dequantize_float32
@@ -100,7 +103,8 @@ _attention_lock = threading.Lock()
 def float32_attention() -> Iterator[None]:
     """On the CPU, mlx_lm's attention (mx.fast.scaled_dot_product_attention, looked up at call
     time) runs in float32 for half-precision inputs, its result rounded back (MLX's CPU half
-    precision attention took 4x as long as float32 here). Re-entrant; the lanes share it."""
+    precision attention took 4x as long as float32 here), as `float32_sdpa` wherever it takes
+    the mask. Re-entrant; the lanes share it."""
     global _attention_depth
     mx = mlx_core()
     if mx.default_device() != mx.cpu:
@@ -134,7 +138,83 @@ def _install_attention(mx) -> None:
     def sdpa(q, k, v, *args, **kwargs):
         if q.dtype not in half:
             return original(q, k, v, *args, **kwargs)
+        plain = not args and "scale" in kwargs and set(kwargs) <= {"scale", "mask", "sinks"}
+        if plain and _numpy_mask_ok(kwargs.get("mask")):
+            return float32_sdpa(up(q), up(k), up(v), kwargs["scale"], kwargs.get("mask"),
+                                up(kwargs.get("sinks"))).astype(q.dtype)
         kwargs = {name: up(a) for name, a in kwargs.items()}
         return original(up(q), up(k), up(v), *args, **kwargs).astype(q.dtype)
 
     mx.fast.scaled_dot_product_attention = sdpa
+
+
+def _numpy_mask_ok(mask) -> bool:
+    """Masks float32_sdpa takes: none, "causal", or an array without a head axis (or with one head)."""
+    mx = mlx_core()
+    if mask is None or (isinstance(mask, str) and mask == "causal"):
+        return True
+    return isinstance(mask, mx.array) and (mask.ndim < 3 or (mask.ndim <= 4 and mask.shape[-3] == 1))
+
+
+def float32_sdpa(q, k, v, scale: float, mask, sinks=None):
+    """Attention as MLX's CPU composes it (q·scale @ kᵀ for the query heads sharing a key head, the
+    mask, softmax over the keys, @ v), one (sequence, key head) at a time, with the softmax in
+    numpy on the scores' own buffer: MLX's CPU `exp` costs ~12 ns an element, numpy's ~1, and its
+    batched matmul took twice as long as the same matmuls one by one (docs/memory.md).
+    q [B, Hq, L, D], k / v [B, Hkv, S, D], float32; `sinks` [Hq]: a logit per head that takes part
+    in the softmax's normalisation and sees no value (gpt-oss), as MLX's."""
+    mx = mlx_core()
+    b, hq, n, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    rep = hq // hkv
+    qs = (q * scale).reshape(b, hkv, rep * n, d)
+    add, keep = _numpy_mask(mask, b, n, s)
+    sink = None if sinks is None else np.array(sinks.astype(mx.float32), copy=False).reshape(hkv, rep, 1, 1)
+    outs = []
+    for i in range(b):
+        for h in range(hkv):
+            scores = qs[i, h] @ k[i, h].T
+            mx.eval(scores)
+            a = np.array(scores, copy=False)
+            if not (a.flags.c_contiguous and a.flags.writeable):
+                a = np.array(a)
+                scores = None
+            a3 = a.reshape(rep, n, s)
+            if add is not None:
+                a3 += add[i % len(add)]
+            if keep is not None:
+                np.copyto(a3, -np.inf, where=~keep[i % len(keep)])
+            top = a3.max(axis=-1, keepdims=True)
+            if sink is not None:
+                np.maximum(top, sink[h], out=top)
+            np.subtract(a3, top, out=a3)
+            np.exp(a3, out=a3)
+            total = a3.sum(axis=-1, keepdims=True)
+            if sink is not None:
+                total += np.exp(sink[h] - top)
+            np.divide(a3, total, out=a3)
+            outs.append((scores if scores is not None else mx.array(a)) @ v[i, h])
+            mx.eval(outs[-1])   # so one group's scores are alive at a time
+    return mx.stack(outs).reshape(b, hq, n, v.shape[-1])
+
+
+def _numpy_mask(mask, b: int, n: int, s: int) -> tuple:
+    """(added to the scores, or None; where they are kept, or None), each [1 or B, L, S]."""
+    mx = mlx_core()
+    if mask is None:
+        return None, None
+    if isinstance(mask, str):   # "causal": query i (at position i + s - n) sees keys up to it
+        return _causal(n, s)[None], None
+    m = mask if mask.ndim < 3 else mask.squeeze(-3)
+    m = m.reshape((1,) * (3 - m.ndim) + m.shape)
+    m = np.array(m if m.dtype in (mx.bool_, mx.float32) else m.astype(mx.float32), copy=False)
+    m = np.broadcast_to(m, (m.shape[0], n, s))
+    return (None, m) if m.dtype == np.bool_ else (m, None)
+
+
+@functools.lru_cache(maxsize=8)
+def _causal(n: int, s: int) -> np.ndarray:
+    """0 where query i may see key j (j <= i + s - n), -inf elsewhere; read-only, shared."""
+    m = np.where(np.arange(s)[None, :] > np.arange(n)[:, None] + (s - n), -np.inf, 0.0).astype(np.float32)
+    m.flags.writeable = False
+    return m

@@ -244,10 +244,16 @@ class SplitCheck:
             # before any rounding to the model's dtype, which would hide most differences
             call = getattr(module, "float32_call", module)
             whole = call(x)
-            mx.eval(whole)
-            with blas_threads(lane_threads()):  # as the lanes will run it
-                halves = mx.concatenate([call(x[:rows]), call(x[rows:])], axis=0)
-                mx.eval(halves)
+            mx.eval(x, whole, _own_arrays(module))   # the other lane may only use finished arrays
+
+            def half(part: slice):
+                def run():
+                    out = call(x[part])
+                    mx.eval(out)
+                    return out
+                return run
+            with blas_threads(lane_threads()):  # as the lanes will run it: at once, one on each
+                halves = mx.concatenate(shared_lanes().both(half(slice(0, rows)), half(slice(rows, None))), axis=0)
             self._verdicts[key] = bool(mx.array_equal(whole, halves, equal_nan=True).item())
         return self._verdicts[key]
 
