@@ -207,6 +207,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child-breakdown", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     if args.child_breakdown:
         c, cal, t, w, lim = args.child_breakdown
         return breakdown_child(c, cal, int(t), int(w), None if lim == "none" else lim)
