@@ -168,7 +168,7 @@ def float32_sdpa(q, k, v, scale: float, mask, sinks=None):
     hkv, s = k.shape[1], k.shape[2]
     rep = hq // hkv
     qs = (q * scale).reshape(b, hkv, rep * n, d)
-    add, keep = _numpy_mask(mask, b, n, s)
+    add, keep = _numpy_mask(mask, n, s)
     sink = None if sinks is None else np.array(sinks.astype(mx.float32), copy=False).reshape(hkv, rep, 1, 1)
     outs = []
     for i in range(b):
@@ -198,7 +198,7 @@ def float32_sdpa(q, k, v, scale: float, mask, sinks=None):
     return mx.stack(outs).reshape(b, hq, n, v.shape[-1])
 
 
-def _numpy_mask(mask, b: int, n: int, s: int) -> tuple:
+def _numpy_mask(mask, n: int, s: int) -> tuple:
     """(added to the scores, or None; where they are kept, or None), each [1 or B, L, S]."""
     mx = mlx_core()
     if mask is None:
