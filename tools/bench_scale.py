@@ -95,9 +95,10 @@ def run_full(ckpt: Path, calib: Path, out: Path, tokens: int, window: int, limit
     return {"wall": wall, "summary": summary, **json.loads(report.read_text())}
 
 
-def bound(ckpt: Path, tokens: int, window: int):
-    """This machine's rates, measured now (a cold read of the checkpoint, a GEMM), and the read +
-    compute bound of collect at them."""
+def bounder(ckpt: Path, tokens: int, window: int):
+    """A function that measures this machine's rates now (a cold read of the checkpoint, a GEMM)
+    and returns them with the read + compute bound of collect at them; the model's shapes are read
+    once."""
     from reap_stream.families.model import open_model
     from reap_stream.runner.budget import checkpoint_shapes
     from reap_stream.runner.timing import bound_seconds, measure
@@ -105,8 +106,11 @@ def bound(ckpt: Path, tokens: int, window: int):
     model = open_model(ckpt)
     shapes = checkpoint_shapes(model.checkpoint, model.family, model.structure.top_k)
     files = sorted({r.file for r in model.checkpoint.tensors.values()})
-    rates = measure(files)
-    return rates, bound_seconds(shapes, tokens, window, rates)["total_s"]
+
+    def bound():
+        rates = measure(files)
+        return rates, bound_seconds(shapes, tokens, window, rates)["total_s"]
+    return bound
 
 
 # ---------------------------------------------------------------- breakdown (one child)
@@ -219,15 +223,16 @@ def main() -> None:
     size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     limits = [None if x == "none" else x for x in args.limits.split(",")]
     runs = []
+    bound = bounder(ckpt, args.tokens, args.window)
     try:
         for _ in range(args.repeats):
             for limit in limits:   # in rotation, each run next to its own measurement of the rates
-                before = bound(ckpt, args.tokens, args.window)
+                before = bound()
                 out = args.root / "out"
                 res = run_full(ckpt, calib, out, args.tokens, args.window, limit)
                 for p in (out, out.with_name(out.name + ".reap-work")):
                     shutil.rmtree(p, ignore_errors=True)
-                rates, bnd = min(before, bound(ckpt, args.tokens, args.window), key=lambda rb: rb[1])
+                rates, bnd = min(before, bound(), key=lambda rb: rb[1])
                 runs.append({"max_memory": limit, "read_bytes_per_s": rates.read_bytes_per_s,
                              "gemm_flops_per_s": rates.gemm_flops_per_s, "bound_s": bnd, **res})
         breakdown = None
