@@ -195,8 +195,9 @@ def test_the_gather_kernel_gives_the_prune_sets_of_the_loop(family, variant, fix
 
 
 def test_an_expert_computed_wrongly_is_stopped_by_the_self_check(fixture_model, tmp_path, monkeypatch):
-    def swapped(switch, e, x, linear):   # gate and up exchanged
-        return linear(switch.down_proj, e, switch.activation(linear(switch.gate_proj, e, x), linear(switch.up_proj, e, x)))
+    def swapped(switch, e, x, linear, activation=None):   # gate and up exchanged
+        act = activation or switch.activation
+        return linear(switch.down_proj, e, act(linear(switch.gate_proj, e, x), linear(switch.up_proj, e, x)))
 
     monkeypatch.setattr(experts, "expert_forward", swapped)
     with pytest.raises(BadInput, match="layer 0: expert outputs differ from mlx_lm's own expert stack"):

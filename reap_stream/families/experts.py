@@ -31,7 +31,7 @@ from ..procstats import MMAP_THRESHOLD
 from .dequant import dequantize_float32
 from .expert_source import ExpertSlab, ExpertSource, ModuleExperts, expert_ranges, experts_per_chunk, slabs
 from .routing import ROUTERS, Routed, combine
-from .stacks import expert_forward, out_dims, projections
+from .stacks import expert_forward, loop_activation, out_dims, projections
 from .stacks import parameters as stack_parameters
 from .table import Family, attr
 
@@ -170,6 +170,7 @@ def _loop(switch, x: mx.array, source: ExpertSource, ranges: list, bounds: np.nd
     outputs = np.empty((int(bounds[-1]), out_dims(switch)), np.float32)
     counts = np.diff(bounds)
     names = {id(getattr(switch, p)): p for p in projections(switch)}
+    activation = loop_activation(switch)
 
     def share(slab: ExpertSlab, ids: np.ndarray) -> Callable[[], None]:
         def linear(lin, e: int, v: mx.array) -> mx.array:
@@ -178,7 +179,7 @@ def _loop(switch, x: mx.array, source: ExpertSource, ranges: list, bounds: np.nd
         def run() -> None:
             for e in map(int, ids):
                 lo, hi = int(bounds[e]), int(bounds[e + 1])
-                out = expert_forward(switch, e, _rows(x, tokens, scale, lo, hi), linear).astype(mx.float32)
+                out = expert_forward(switch, e, _rows(x, tokens, scale, lo, hi), linear, activation).astype(mx.float32)
                 outputs[lo:hi] = np.array(out)
         return run
 

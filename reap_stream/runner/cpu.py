@@ -6,7 +6,8 @@ in bf16); its half-precision attention took 4x as long as float32. So on the CPU
 and QuantizedLinear layers (`float32_linears`) and mlx_lm's attention (`float32_attention`) compute
 in float32, weights upcast or dequantised per call, and round the result to the dtype the layer
 returns, as a GPU's float32-accumulating kernels do; the attention's softmax runs in numpy (MLX's
-CPU `exp` is ~10x slower). Float32 models run mlx's own code unchanged.
+CPU `exp` is ~10x slower). Float32 models run mlx's own code unchanged. Inside `eager_linears`
+(the two lanes) each such matmul is evaluated as it is made.
 """
 from __future__ import annotations
 
@@ -35,6 +36,29 @@ def _linear_f32(module, x, w):
     return y
 
 
+_eager = threading.local()
+
+
+@contextlib.contextmanager
+def eager_linears() -> Iterator[None]:
+    """In this thread, evaluate each Float32Linear / Float32QuantizedLinear result as it is made.
+    Two lanes evaluating a layer as one lazy graph each took ~1.3x as long as one lane alone;
+    evaluated a matmul at a time, no longer than one lane (docs/memory.md). Not for tracing,
+    which builds the whole model lazily and evaluates only what it needs."""
+    before = getattr(_eager, "on", False)
+    _eager.on = True
+    try:
+        yield
+    finally:
+        _eager.on = before
+
+
+def _settled(y):
+    if getattr(_eager, "on", False):
+        mlx_core().eval(y)
+    return y
+
+
 class _Float32Linear:
     """nn.Linear on the CPU: half-precision weights upcast and run through the float32 BLAS
     (MLX's CPU half-precision matmul runs at ~5 GFLOP/s against ~60 for float32 here); the result
@@ -44,7 +68,7 @@ class _Float32Linear:
     def __call__(self, x):
         w = self["weight"]
         y = self.float32_call(x)
-        return y if w.dtype == mlx_core().float32 else y.astype(_float32_result(x, w))
+        return _settled(y if w.dtype == mlx_core().float32 else y.astype(_float32_result(x, w)))
 
     def float32_call(self, x):
         """The float32 result before rounding (what runner.lanes.SplitCheck compares bitwise:
@@ -62,7 +86,7 @@ class _Float32QuantizedLinear:
     dtype: ~10 % relative error in bf16); the result in the dtype the layer returns."""
 
     def __call__(self, x):
-        return self.float32_call(x).astype(_float32_result(x, self["scales"]))
+        return _settled(self.float32_call(x).astype(_float32_result(x, self["scales"])))
 
     def float32_call(self, x):
         w = dequantize_float32(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,

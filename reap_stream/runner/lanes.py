@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from ..blas import blas_threads, lane_threads, mlx_core, total_threads
-from .cpu import float32_attention
+from .cpu import eager_linears, float32_attention
 from .skeleton import Forward, MoEHook
 from .trace import trace_layers
 
@@ -289,8 +289,9 @@ def split_layer_forward(fwd: Forward, lanes: Lanes, i: int, h, tokens: np.ndarra
             if meet is not None:
                 meet.lane.part = part
             x = h[:rows] if part == 0 else h[rows:]
-            out = layer(x, *tracers[part].args, **tracers[part].kwargs)
-            mx.eval(out)
+            with eager_linears():
+                out = layer(x, *tracers[part].args, **tracers[part].kwargs)
+                mx.eval(out)
             return out
         return run
 
