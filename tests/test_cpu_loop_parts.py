@@ -31,7 +31,7 @@ def test_the_loop_computes_mlx_lm_swiglu_in_numpy_within_float32_rounding():
     theirs = np.array(switch.activation(mx.array(up), mx.array(gate)))
     assert ours.dtype == np.float32 and np.all(np.isfinite(ours))
     np.testing.assert_allclose(ours, theirs, rtol=2e-6, atol=1e-37)   # a few units in the last place: two exps
-    assert np.array_equal(np.signbit(ours[-1, :3]), np.signbit(theirs[-1, :3]))   # silu(-200) is -0.0 in both
+    assert np.array_equal(np.signbit(ours[-1, :3]), np.signbit(theirs[-1, :3]))   # where exp overflows: the zeros' signs too
 
 
 def test_the_inputs_of_the_numpy_swiglu_are_left_as_they_were():
@@ -50,23 +50,37 @@ def test_other_activations_keep_the_stack_own_module():
 
 
 def _counting_evals(monkeypatch) -> list:
+    """The threads mx.eval is called from, from now on."""
     mx = mlx_core()
     calls: list = []
     real = mx.eval
-    monkeypatch.setattr(mx, "eval", lambda *a: (calls.append(threading.get_ident()), real(*a))[1])
+
+    def counting(*arrays):
+        calls.append(threading.get_ident())
+        return real(*arrays)
+
+    monkeypatch.setattr(mx, "eval", counting)
     return calls
+
+
+def _bf16_linear(in_dims: int, out_dims: int, quantised: bool = False):
+    """A bf16 (or 4-bit) Linear as the CPU runs it: through the float32 BLAS."""
+    mx = mlx_core()
+    import mlx.nn as nn
+
+    layer = nn.Linear(in_dims, out_dims)
+    layer.update({"weight": layer.weight.astype(mx.bfloat16), "bias": layer.bias.astype(mx.bfloat16)})
+    if quantised:
+        nn.quantize(layer, group_size=64, bits=4)
+    float32_linears(layer)
+    mx.eval(layer.parameters())
+    return layer
 
 
 @pytest.mark.parametrize("quantised", [False, True])
 def test_inside_eager_linears_each_matmul_is_evaluated_as_it_is_made(monkeypatch, quantised):
     mx = mlx_core()
-    import mlx.nn as nn
-
-    layer = nn.Linear(64, 32)
-    layer.update({"weight": layer.weight.astype(mx.bfloat16), "bias": layer.bias.astype(mx.bfloat16)})
-    if quantised:
-        nn.quantize(layer, group_size=64, bits=4)
-    float32_linears(layer)
+    layer = _bf16_linear(64, 32, quantised)
     x = mx.array(np.random.default_rng(1).standard_normal((3, 64), dtype=np.float32)).astype(mx.bfloat16)
     lazy = layer(x)
     calls = _counting_evals(monkeypatch)
@@ -84,13 +98,9 @@ def test_inside_eager_linears_each_matmul_is_evaluated_as_it_is_made(monkeypatch
 
 def test_eager_linears_holds_for_its_own_thread_only(monkeypatch):
     mx = mlx_core()
-    import mlx.nn as nn
-
-    layer = nn.Linear(8, 8)
-    layer.update({"weight": layer.weight.astype(mx.bfloat16), "bias": layer.bias.astype(mx.bfloat16)})
-    float32_linears(layer)
+    layer = _bf16_linear(8, 8)
     x = mx.ones((2, 8), mx.bfloat16)
-    mx.eval(x, layer.parameters())
+    mx.eval(x)
     calls = _counting_evals(monkeypatch)
     inside, outside = threading.Event(), threading.Event()
 

@@ -41,10 +41,10 @@ _eager = threading.local()
 
 @contextlib.contextmanager
 def eager_linears() -> Iterator[None]:
-    """In this thread, evaluate each Float32Linear / Float32QuantizedLinear result as it is made.
-    Two lanes evaluating a layer as one lazy graph each took ~1.3x as long as one lane alone;
-    evaluated a matmul at a time, no longer than one lane (docs/memory.md). Not for tracing,
-    which builds the whole model lazily and evaluates only what it needs."""
+    """In this thread, evaluate each Float32Linear / Float32QuantizedLinear result as it is made:
+    two lanes each evaluating a layer as one lazy graph were slower than one lane alone, a matmul
+    at a time they are not (docs/memory.md). Not for tracing, which builds the whole model lazily
+    and evaluates only what it needs."""
     before = getattr(_eager, "on", False)
     _eager.on = True
     try:
