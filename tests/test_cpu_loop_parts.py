@@ -3,6 +3,7 @@ experts' loop kernel, and the float32 matmuls evaluated one at a time inside the
 from __future__ import annotations
 
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -32,6 +33,18 @@ def test_the_loop_computes_mlx_lm_swiglu_in_numpy_within_float32_rounding():
     assert ours.dtype == np.float32 and np.all(np.isfinite(ours))
     np.testing.assert_allclose(ours, theirs, rtol=2e-6, atol=1e-37)   # a few units in the last place: two exps
     assert np.array_equal(np.signbit(ours[-1, :3]), np.signbit(theirs[-1, :3]))   # where exp overflows: the zeros' signs too
+
+
+def test_non_finite_values_give_mlx_lm_values_and_no_warning():
+    mx = mlx_core()
+    gate = np.array([[-np.inf, np.inf, np.nan, 1.0, 1.0, -200.0]], np.float32)
+    up = np.array([[1.0, 1.0, 1.0, np.inf, np.nan, np.inf]], np.float32)
+    switch = _switch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # numpy's overflow / invalid-value warnings would reach the user
+        ours = np.array(loop_activation(switch)(mx.array(up), mx.array(gate)))
+    theirs = np.array(switch.activation(mx.array(up), mx.array(gate)))
+    assert np.array_equal(ours, theirs, equal_nan=True)
 
 
 def test_the_inputs_of_the_numpy_swiglu_are_left_as_they_were():

@@ -73,9 +73,10 @@ def loop_activation(switch):
 
 def _swiglu_numpy(up: mx.array, gate: mx.array) -> mx.array:
     g = np.array(gate.astype(mx.float32))   # a copy of our own, computed on in place
-    with np.errstate(over="ignore"):        # exp(-g) is inf below g = -88: silu is then -0.0, as MLX's
+    # exp(-g) is inf below g = -88: silu is then -0.0, and NaN at g = -inf, as MLX's (no warning)
+    with np.errstate(over="ignore", invalid="ignore"):
         s = np.exp(-g)
-    s += 1.0
-    np.divide(g, s, out=g)
-    g *= np.array(up.astype(mx.float32), copy=False)
+        s += 1.0
+        np.divide(g, s, out=g)
+        g *= np.array(up.astype(mx.float32), copy=False)
     return mx.array(g)
